@@ -1,0 +1,103 @@
+"""ONNX Runtime: the `cpu` target here and ARM boards (XNNPACK where the build has it)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+from ..profiles import Profile
+from .base import Artifact, Backend, Runner
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def session_options(threads: int | None, optimized_path: Path | None = None, level: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def providers_for(profile: Profile) -> list[str]:
+    """The profile's execution providers that this onnxruntime build has (CPU always last)."""
+    have = set(available_providers())
+    wanted = [p for p in (profile.execution_providers or ["CPUExecutionProvider"]) if p in have]
+    if "CPUExecutionProvider" not in wanted:
+        wanted.append("CPUExecutionProvider")
+    return wanted
+
+
+class OrtRunner(Runner):
+    def __init__(self, path: Path, threads: int | None, providers: list[str]):
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise ModelError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.input_shape = inp.name, tuple(inp.shape)
+        self.threads = threads or (os.cpu_count() or 1)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def describe(self) -> dict:
+        return {"providers": self.session.get_providers(), "threads": self.threads}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    extra = ""
+
+    def _compile(self, onnx_path: Path, profile: Profile, out_dir: Path, precision: str) -> Artifact:
+        import onnxruntime as ort
+
+        out = out_dir / f"model.{precision}.onnx"
+        # Offline graph optimisation at a portable level: 'all' would bake in x86 layouts (NCHWc),
+        # which an ARM board's runtime cannot run.
+        level = "extended" if profile.arch == "host" else "basic"
+        tmp = out_dir / f".{out.name}.tmp"
+        try:
+            ort.InferenceSession(str(onnx_path), session_options(1, tmp, level), providers=["CPUExecutionProvider"])
+            os.replace(tmp, out)
+        except Exception as e:  # noqa: BLE001
+            if tmp.exists():
+                tmp.unlink()
+            raise ModelError(f"onnxruntime cannot load {onnx_path}: {str(e).splitlines()[0][:200]}") from None
+        files = [out]
+        if profile.arch == "aarch64":
+            src = out_dir / f"model.{precision}.source.onnx"
+            shutil.copyfile(onnx_path, src)  # unoptimised original for runtimes that re-optimise
+            files.append(src)
+        return Artifact(path=out, backend=self.name, precision=precision, files=[out],
+                        info={"optimization_level": level, "providers": profile.execution_providers})
+
+    def _load(self, artifact: Artifact, profile: Profile, threads: int | None) -> Runner:
+        return OrtRunner(artifact.path, threads, providers_for(profile))
+
+    def versions(self) -> dict:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__}
+
+
+BACKEND = OnnxRuntimeBackend()

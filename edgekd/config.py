@@ -1,0 +1,220 @@
+"""Typed config models (unknown keys are errors), YAML loading and cross-field validation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+STAGES = ("distill", "prune", "quantize")
+STRATEGIES = ("kd", "multi_teacher", "self", "born_again", "mutual", "deit", "progressive", "selective",
+              "data_free")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "imagefolder"] = "digits"
+    root: str | None = None
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    labeled_fraction: float = Field(1.0, gt=0, le=1.0)
+    unlabeled_root: str | None = None
+    batch_size: int = Field(64, ge=1, le=4096)
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> DataConfig:
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("data.root is required when data.dataset is imagefolder")
+        return self
+
+
+class TeacherConfig(_Section):
+    model: str = "torchvision:resnet18"
+    checkpoint: str | None = None
+    trust_checkpoint: bool = False
+    train_epochs: int = Field(12, ge=0, le=1000)
+    lr: float = Field(2e-3, gt=0, le=10)
+
+
+class StudentConfig(_Section):
+    model: str = "small_cnn"
+
+
+class DistillConfig(_Section):
+    epochs: int = Field(30, ge=0, le=10000)
+    steps: int | None = Field(None, ge=1)
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1)
+    lr: float = Field(3e-3, gt=0, le=10)
+    strategy: str = "kd"
+    sweep: dict[str, list[float]] | None = None
+    baseline: bool = False
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> DistillConfig:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distill.strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.sweep:
+            bad = set(self.sweep) - {"temperature", "alpha"}
+            if bad:
+                raise ValueError(f"distill.sweep accepts temperature and alpha, not {', '.join(sorted(bad))}")
+        return self
+
+
+class PruneConfig(_Section):
+    ratio: float | None = Field(None, gt=0, lt=1)
+    target_macs: float | None = Field(None, gt=0, lt=1)
+    target_params: float | None = Field(None, gt=0, lt=1)
+    target_speedup: float | None = Field(None, gt=1, le=100)
+    target_latency_ms: float | None = Field(None, gt=0)
+    criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l2"
+    global_pruning: bool = False
+    ignored_layers: list[str] = []
+    steps: int = Field(1, ge=1, le=50)
+    finetune_epochs: int = Field(8, ge=0, le=1000)
+    lr: float = Field(1e-3, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> PruneConfig:
+        given = [k for k in ("ratio", "target_macs", "target_params", "target_speedup", "target_latency_ms")
+                 if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"prune: give one of ratio, target_macs, target_params, target_speedup, "
+                             f"target_latency_ms, not {' and '.join(given)}")
+        return self
+
+    def amount(self) -> tuple[str, float]:
+        """The pruning amount as (kind, value); defaults to a 0.3 channel ratio."""
+        for k in ("ratio", "target_macs", "target_params", "target_speedup", "target_latency_ms"):
+            v = getattr(self, k)
+            if v is not None:
+                return k, float(v)
+        return "ratio", 0.3
+
+
+class QuantizeConfig(_Section):
+    calibration_samples: int = Field(256, ge=1, le=100000)
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    symmetric_activations: bool | None = None
+    percentile: float = Field(99.999, gt=90, le=100)
+    max_accuracy_drop: float = Field(0.5, ge=0, le=100)
+    recipe: str | None = None
+
+
+class GatesConfig(_Section):
+    max_size_mb: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    percentile: Literal[50, 90, 99] = 90
+    min_accuracy: float | None = Field(None, ge=0, le=100)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=100)
+    max_regression: float | None = Field(None, ge=0)
+    baseline: str | None = None
+    min_accuracy_arm: float | None = Field(None, ge=0, le=100)
+    min_arm_agreement: float | None = Field(None, ge=0, le=100)
+
+
+class BenchConfig(_Section):
+    warmup: int = Field(20, ge=0)
+    iterations: int = Field(300, ge=1)
+    threads: int | None = Field(None, ge=1, le=256)
+
+
+class Config(_Section):
+    name: str = "demo"
+    seed: int = 0
+    stages: list[Literal["distill", "prune", "quantize"]] = list(STAGES)
+    target: str = "cpu"
+    verify_arm: bool = False
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    gates: GatesConfig = GatesConfig()
+    bench: BenchConfig = BenchConfig()
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> Config:
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError("stages lists a stage twice")
+        order = [s for s in STAGES if s in self.stages]
+        if list(self.stages) != order:
+            raise ValueError(f"stages must run in the order {', '.join(STAGES)}")
+        if self.student.model == "teacher" and "distill" in self.stages and self.distill.strategy == "kd" \
+                and "prune" not in self.stages:
+            raise ValueError("student.model: teacher with only distill would distil a model into itself; "
+                             "add prune to stages")
+        return self
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    where = f"{source}: {loc}" if loc else source
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def from_dict(raw: Any, source: str = "config") -> Config:
+    """Validate a plain dict into a Config; errors name the key path."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config file (or the embedded default when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "embedded default config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p}: cannot be read ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+        raw = dict(loaded or {})
+        base = p.parent
+        # Relative paths in a config are relative to the config file.
+        for sect, key in (("data", "root"), ("data", "unlabeled_root"), ("teacher", "checkpoint"),
+                          ("teacher", "model"), ("gates", "baseline")):
+            val = (raw.get(sect) or {}).get(key) if isinstance(raw.get(sect), dict) else None
+            if isinstance(val, str) and not val.startswith(("torchvision:", "/")) and ":" not in val \
+                    and (key != "model" or val.endswith((".pt", ".pth"))):
+                raw[sect] = {**raw[sect], key: str((base / val))}
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            raw[k] = v
+    return from_dict(raw, source)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a plain dict (for reports and cache keys)."""
+    return cfg.model_dump(mode="json")

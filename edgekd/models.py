@@ -1,0 +1,136 @@
+"""Model construction by name ('torchvision:NAME', built-in students, 'teacher'), checkpoints, counts."""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """A plain five-conv classifier: the embedded default's student (fast on every runtime)."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 32, 64, 64), in_channels: int = 3):
+        super().__init__()
+        strides = (1, 2, 1, 2, 1)
+        layers, cin = [], in_channels
+        for w, s in zip(widths, strides):
+            layers.append(_conv_bn(cin, w, s))
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+BUILTIN: dict[str, Callable[[int], nn.Module]] = {
+    "small_cnn": lambda n: SmallCNN(n),
+    "tiny_cnn": lambda n: SmallCNN(n, widths=(8, 16, 16, 32, 32)),
+    "wide_cnn": lambda n: SmallCNN(n, widths=(32, 64, 64, 128, 128)),
+}
+
+
+def build_model(spec: str, num_classes: int, *, trust_checkpoint: bool = False) -> nn.Module:
+    """Build a randomly initialised model: 'torchvision:NAME', a built-in name, or a trusted module file."""
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ModelError(f"model {spec!r}: torchvision has no classifier named {name!r}")
+        kwargs: dict = {"weights": None, "num_classes": num_classes}
+        if name.startswith(("googlenet", "inception")):
+            kwargs["aux_logits"] = False
+            kwargs["init_weights"] = True
+        return torchvision.models.get_model(name, **kwargs)
+    key = spec.removeprefix("edgekd:")
+    if key in BUILTIN:
+        return BUILTIN[key](num_classes)
+    path = Path(spec)
+    if path.suffix in (".pt", ".pth") or path.exists():
+        return load_module_file(path, trust_checkpoint)
+    raise ModelError(f"model {spec!r}: expected 'torchvision:NAME', one of {', '.join(BUILTIN)}, or a model file")
+
+
+def load_module_file(path: Path, trust: bool) -> nn.Module:
+    """Load a whole pickled nn.Module; refused unless the user trusts the file (pickle runs code)."""
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if not trust:
+        raise ModelError(f"model file {path}: a whole pickled module can run arbitrary code when loaded; "
+                         "pass --trust-checkpoint (or teacher.trust_checkpoint: true) if you trust it, or use "
+                         "'torchvision:NAME' with a state_dict checkpoint")
+    warnings.warn(f"loading {path} with full pickle (trusted by the user)", stacklevel=2)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted explicitly by the user
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"model file {path}: cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, nn.Module):
+        raise ModelError(f"model file {path}: holds a {type(obj).__name__}, not a torch nn.Module")
+    return obj
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint safely (weights_only=True); accepts a state_dict or {'state_dict'|'model': ...}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"checkpoint {p} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"checkpoint {p}: not a loadable weights-only checkpoint ({first[:160]})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint {p}: does not hold a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def apply_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state_dict checkpoint into `model`, naming mismatched keys on failure."""
+    sd = load_state_dict_file(path)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise ModelError(f"checkpoint {path} does not fit the model: {detail[:200]}") from None
+    return model
+
+
+def student_from(spec: str, teacher: nn.Module, num_classes: int) -> nn.Module:
+    """The student: a copy of the teacher ('teacher') or a freshly built model."""
+    if spec == "teacher":
+        return copy.deepcopy(teacher)
+    return build_model(spec, num_classes)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(macs)

@@ -1,0 +1,76 @@
+"""Per-target INT8 recipes: which types, symmetry and granularity suit each runtime and processor."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import QuantizeConfig
+from ..profiles import Profile
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved quantization recipe: enough to call the quantizer and to explain the choice."""
+
+    name: str
+    format: str
+    activation_type: str
+    weight_type: str
+    per_channel: bool
+    symmetric_activations: bool
+    symmetric_weights: bool
+    reduce_range: bool
+    method: str
+    why: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags of this machine (Linux /proc/cpuinfo), empty where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_vnni(flags: set[str] | None = None) -> bool:
+    """Whether this x86 CPU has VNNI (u8*s8 without intermediate saturation)."""
+    f = cpu_flags() if flags is None else flags
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & f)
+
+
+def host_arch() -> str:
+    m = platform.machine().lower()
+    return "aarch64" if m in ("aarch64", "arm64") else "x86_64"
+
+
+def resolve(profile: Profile, q: QuantizeConfig) -> Recipe:
+    """The recipe for this target and config: the profile's recipe, 'auto' resolved by this processor."""
+    name = q.recipe or profile.quantization.recipe
+    pq = profile.quantization
+    if name == "auto":
+        arch = host_arch() if profile.arch == "host" else profile.arch
+        name = "ort-arm" if arch == "aarch64" else "ort-x86"
+    per_channel = q.per_channel and pq.per_channel
+    sym_act = q.symmetric_activations if q.symmetric_activations is not None else pq.symmetric_activations
+    if name == "ort-x86":
+        vnni = has_vnni()
+        rr = (not vnni) if pq.reduce_range == "auto" else bool(pq.reduce_range)
+        why = ("x86 without VNNI: U8S8 with 7-bit weights (reduce_range) avoids u8*s8 saturation in AVX2 kernels"
+               if rr else "x86 with VNNI: U8S8, full-range weights")
+        return Recipe(name, "qdq", "uint8", "int8", per_channel, sym_act, True, rr, q.method, why)
+    if name == "ort-arm":
+        return Recipe(name, "qdq", "int8", "int8", per_channel, sym_act, True, False, q.method,
+                      "ARM: S8S8 QDQ with per-channel weights maps onto the int8 dot-product kernels")
+    if name == "openvino":
+        return Recipe(name, "qdq", "uint8", "int8", per_channel, sym_act, True, False, q.method,
+                      "OpenVINO fuses U8S8 QDQ into its int8 CPU kernels")
+    return Recipe(name, "qdq", "int8", "int8", True, True, True, False, q.method,
+                  "TensorRT explicit quantization: symmetric int8 activations and weights, zero points 0, "
+                  "per-channel weights on the output-channel axis")
