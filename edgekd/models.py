@@ -115,7 +115,10 @@ def apply_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 def student_from(spec: str, teacher: nn.Module, num_classes: int) -> nn.Module:
     """The student: a copy of the teacher ('teacher') or a freshly built model."""
     if spec == "teacher":
-        return copy.deepcopy(teacher)
+        student = copy.deepcopy(teacher)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        return student
     return build_model(spec, num_classes)
 
 

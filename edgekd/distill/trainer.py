@@ -120,7 +120,7 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
                 opt.step()
                 sched.step()
                 step += 1
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
                 bar.advance()
             result.epoch_seconds.append(time.perf_counter() - t0)

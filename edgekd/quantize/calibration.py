@@ -39,11 +39,18 @@ def _npy_member(zf: zipfile.ZipFile, key: str) -> zipfile.ZipInfo:
         raise DataError(f"{zf.filename}: no array named {key!r}") from None
 
 
+def _read_header(f, version: tuple[int, int]):
+    fmt = np.lib.format
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(f)
+    return fmt.read_array_header_2_0(f)
+
+
 def npz_shape(path: str | Path, key: str = "x") -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array in a .npz, read from its header only."""
     with zipfile.ZipFile(path) as zf, zf.open(_npy_member(zf, key)) as f:
         version = np.lib.format.read_magic(f)
-        shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+        shape, _, dtype = _read_header(f, version)
     return tuple(shape), np.dtype(dtype)
 
 
@@ -51,7 +58,7 @@ def iter_npz_batches(path: str | Path, batch_size: int, key: str = "x") -> Itera
     """Stream rows of array `key` from a .npz in batches, holding one batch in memory at a time."""
     with zipfile.ZipFile(path) as zf, zf.open(_npy_member(zf, key)) as f:
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+        shape, fortran, dtype = _read_header(f, version)
         if fortran:
             raise DataError(f"{path}: array {key!r} is Fortran-ordered; save it C-ordered")
         dtype = np.dtype(dtype)

@@ -1,0 +1,117 @@
+"""The `edgekd` command: parses arguments, calls the pipeline / bench / gate / report, maps errors to exit codes."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_STAGE_FAILED, EdgeKDError
+
+EXIT_CODES_HELP = "exit codes: 0 done, 1 a gate failed, 2 bad input, 3 a stage or a board failed"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekd", description="Compress a PyTorch classifier for an edge board.",
+                                epilog=EXIT_CODES_HELP)
+    p.add_argument("--version", action="version", version=f"edgekd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("compress", help="distill, prune, quantize, export, compile and measure for a target",
+                       epilog=EXIT_CODES_HELP)
+    c.add_argument("--config", help="YAML config (default: the embedded digits demo)")
+    c.add_argument("--target", help="target name, alias or profile file (default: the config's, else cpu)")
+    c.add_argument("--out", help="run directory (default: runs/<name>-<target>-<timestamp>/)")
+    c.add_argument("--seed", type=int, help="overrides the config's seed")
+    c.add_argument("--model", help="FP32 ONNX model to enter with (then --calib-data is required)")
+    c.add_argument("--calib-data", help="calibration inputs (.npz with array x)")
+    c.add_argument("--eval-data", help="held-out eval set (.npz with x and y)")
+    c.add_argument("--host", action="append", default=[], help="[user@]host[:port] of a board (repeatable)")
+    c.add_argument("--ssh-config", help="ssh config file for --host")
+    c.add_argument("--remote-python", help="python on the board (default: the profile's)")
+    c.add_argument("--verify-arm", action="store_true", help="evaluate the artifact on ARM kernels under emulation")
+    c.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow loading a whole pickled model file (runs code from the file: only for files you trust)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    t = sub.add_parser("targets", help="list target profiles and their aliases")
+    t.add_argument("--debug", action="store_true")
+    for mod, fn in (("edgekd.bench.cli", "add_parser"), ("edgekd.report.cli", "add_parsers")):
+        try:
+            getattr(__import__(mod, fromlist=[fn]), fn)(sub)
+        except ImportError:
+            pass
+    return p
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .profiles import list_profiles
+
+    table = Table(title="edgekd targets")
+    for col in ("name", "aliases", "backend", "device", "arch", "precisions", "latency measured"):
+        table.add_column(col)
+    for p in list_profiles():
+        where = "here" if p.measures_here else "on the board (--host); here only as measured_on: host"
+        table.add_row(p.name, ", ".join(p.aliases), p.backend, p.device, p.arch, " > ".join(p.precisions), where)
+    Console().print(table)
+    return EXIT_OK
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import Pipeline
+    from .progress import NullProgress, RichProgress
+    from .summary import print_summary
+
+    cfg = load_config(args.config, {"seed": args.seed})
+    progress = NullProgress() if args.quiet or not sys.stderr.isatty() and os.environ.get("CI") else RichProgress()
+    pipe = Pipeline(cfg, args.target, args.out, model_onnx=args.model, calib_data=args.calib_data,
+                    eval_data=args.eval_data, hosts=args.host, ssh_config=args.ssh_config,
+                    remote_python=args.remote_python, verify_arm=args.verify_arm,
+                    trust_checkpoint=args.trust_checkpoint, progress=progress)
+    report = pipe.run()
+    print_summary(report, pipe_run_dir(report, args))
+    return EXIT_OK if report.get("gates_passed", True) else EXIT_GATE_FAILED
+
+
+def pipe_run_dir(report: dict, args: argparse.Namespace) -> str:
+    return report.get("run_dir", args.out or "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    debug = getattr(args, "debug", False)
+    if not debug:
+        warnings.filterwarnings("ignore")
+    handlers = {"compress": _cmd_compress, "targets": _cmd_targets}
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return args.func(args)
+    except EdgeKDError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"edgekd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgekd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - an unexpected failure of a stage: one line, exit 3
+        if debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"edgekd: error: {type(e).__name__}: {msg[:300]} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Accuracy with the serving runtime and interleaved latency for several runners on one host."""
+from __future__ import annotations
+
+import numpy as np
+
+from .backends.base import Runner
+from .bench.harness import summarize, time_inference
+from .progress import NullProgress, Progress
+
+EVAL_BATCH = 64
+
+
+def predict(runner: Runner, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Logits of the runtime for every row of `x`."""
+    return np.concatenate([runner.infer(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy_of(logits: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(1) == y).mean() * 100)
+
+
+def agreement_of(a: np.ndarray, b: np.ndarray) -> float:
+    """Top-1 agreement in percent between two logit arrays."""
+    return float((a.argmax(1) == b.argmax(1)).mean() * 100)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of `candidate` against `reference` logits, in dB."""
+    noise = float(((reference - candidate) ** 2).sum())
+    signal = float((reference ** 2).sum())
+    return float("inf") if noise == 0 else 10 * float(np.log10(max(signal, 1e-30) / noise))
+
+
+def bench_interleaved(runners: dict[str, Runner], sample: np.ndarray, warmup: int, iterations: int,
+                      rounds: int = 5, progress: Progress | None = None) -> dict[str, dict]:
+    """Latency of each runner on one sample, measured in interleaved rounds (A B C A B C ...) so that a
+    drift in the machine's speed affects all alike. Returns summarize() per name plus the samples."""
+    progress = progress or NullProgress()
+    per_round = max(1, iterations // rounds)
+    times: dict[str, list[np.ndarray]] = {k: [] for k in runners}
+    for r in runners.values():
+        time_inference(r.infer, sample, warmup, 0)
+    with progress.task("benchmarking", per_round * rounds * len(runners)) as bar:
+        for _ in range(rounds):
+            for name, r in runners.items():
+                times[name].append(time_inference(r.infer, sample, 3, per_round, None))
+                bar.advance(per_round)
+    out = {}
+    for name, chunks in times.items():
+        t = np.concatenate(chunks)
+        out[name] = {**summarize(t), "iterations": int(len(t)), "warmup": warmup, "rounds": rounds,
+                     "samples_ms": [round(float(v), 4) for v in t]}
+    return out

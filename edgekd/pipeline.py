@@ -1,0 +1,239 @@
+"""The pipeline: runs the chosen stages in order and owns the run directory, caching and resume."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import reporting
+from .config import Config
+from .context import RunContext, usable_cores
+from .data import build_splits, load_npz
+from .deploy import Candidate, choose, compile_all, measure_all
+from .errors import BadInputError, StageError
+from .export import check_onnx_file, export_onnx, parity, torch_logits
+from .models import build_model, count_macs, count_params, student_from
+from .profiles import Profile, load_profile
+from .progress import NullProgress, Progress
+from .quantize.calibration import stratified_sample
+from .runs import ensure_writable_dir, hash_arrays, write_json, write_npz
+
+
+def default_run_dir(config: Config, profile: Profile, root: Path = Path("runs")) -> Path:
+    """runs/<name>-<target>-<timestamp>/, or the newest unfinished run of the same config (resume)."""
+    stem = f"{config.name}-{profile.name}"
+    cfg_key = reporting.config_key(config, profile)
+    if root.is_dir():
+        for d in sorted(root.glob(f"{stem}-*"), reverse=True):
+            meta = d / ".edgekd-run.json"
+            if meta.is_file() and not (d / "report.json").exists():
+                try:
+                    if json.loads(meta.read_text()).get("config_key") == cfg_key:
+                        return d
+                except ValueError:
+                    continue
+    return root / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+class Pipeline:
+    """distill -> prune -> export -> quantize -> compile -> bench -> report, for one config and target."""
+
+    def __init__(self, config: Config, target: str | None = None, out: str | Path | None = None, *,
+                 model_onnx: str | Path | None = None, calib_data: str | Path | None = None,
+                 eval_data: str | Path | None = None, hosts: list[str] | None = None,
+                 ssh_config: str | None = None, remote_python: str | None = None, verify_arm: bool = False,
+                 trust_checkpoint: bool = False, progress: Progress | None = None):
+        self.config = config
+        self.profile = load_profile(target or config.target)
+        self.out = Path(out) if out else None
+        self.model_onnx = Path(model_onnx) if model_onnx else None
+        self.calib_data = Path(calib_data) if calib_data else None
+        self.eval_data = Path(eval_data) if eval_data else None
+        self.hosts = list(hosts or [])
+        self.ssh_config, self.remote_python = ssh_config, remote_python
+        self.verify_arm = verify_arm or config.verify_arm or self.profile.verify_arm
+        self.trust_checkpoint = trust_checkpoint
+        self.progress = progress or NullProgress()
+        if (self.model_onnx is None) != (self.calib_data is None):
+            raise BadInputError("--model and --calib-data go together (the ONNX entry needs both)")
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict:
+        """Run every stage and return the report (also written as run_dir/report.json, last)."""
+        run_dir = self.out or default_run_dir(self.config, self.profile)
+        created = not run_dir.exists()
+        ensure_writable_dir(run_dir)
+        if (run_dir / "report.json").exists():
+            (run_dir / "report.json").unlink()  # a new run in the same folder: the old verdict no longer holds
+        threads = self.config.bench.threads or self.profile.threads or usable_cores()
+        ctx = RunContext(self.config, self.profile, run_dir, self.progress, threads=threads)
+        write_json(run_dir / ".edgekd-run.json", {"config_key": reporting.config_key(self.config, self.profile)})
+        torch.set_num_threads(usable_cores())
+        try:
+            report = self._onnx_entry(ctx) if self.model_onnx else self._torch_entry(ctx)
+        except BadInputError:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return reporting.finish(ctx, report, self.hosts)
+
+    # ---------------------------------------------------------------- entries
+    def _torch_entry(self, ctx: RunContext) -> dict:
+        cfg = self.config
+        splits = build_splits(cfg.data, cfg.seed)
+        ctx.splits = splits
+        from .teacher import get_teacher
+
+        teacher, tinfo = get_teacher(ctx, self.trust_checkpoint)
+        run = ctx.run_dir
+        eval_x, eval_y = splits.test.x.numpy(), splits.test.y.numpy()
+        write_npz(run / "eval.npz", x=eval_x, y=eval_y)
+        labels = splits.train.y.numpy()
+        calib_ids = stratified_sample(labels, cfg.quantize.calibration_samples, cfg.seed)
+        calib_x = splits.train.x.numpy()[calib_ids]
+        write_npz(run / "calib.npz", x=calib_x)
+        shape = splits.input_shape
+        stages: list[dict] = []
+        teacher_key = hash_arrays(*[p.detach().numpy() for p in teacher.state_dict().values()
+                                    if p.dtype.is_floating_point])
+        export_onnx(teacher, shape, run / "teacher.fp32.onnx", self.profile.opset)
+        teacher_logits_torch = torch_logits(teacher, eval_x)
+        stages.append(reporting.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
+                                            extra={"source": tinfo["source"]}))
+
+        torch.manual_seed(cfg.seed)
+        model = student_from(cfg.student.model, teacher, splits.num_classes)
+        upstream = ctx.key(teacher_key, cfg.student.model)
+        if "distill" in cfg.stages:
+            model, entry = self._distill(ctx, teacher, model, teacher_key)
+            upstream = entry.pop("_key")
+            stages.append(reporting.model_entry(ctx, "distill", model, ctx.stage_dir("distill") / "model.onnx",
+                                                eval_x, eval_y, extra=entry, teacher_logits=teacher_logits_torch))
+        if "prune" in cfg.stages:
+            model, entry = self._prune(ctx, teacher, model, upstream)
+            stages.append(reporting.model_entry(ctx, "prune", model, ctx.stage_dir("prune") / "model.onnx",
+                                                eval_x, eval_y, extra=entry))
+        fp32 = run / "model.fp32.onnx"
+        t0 = time.perf_counter()
+        export_onnx(model, shape, fp32, self.profile.opset)
+        stages.append(self._parity(ctx, model, fp32, eval_x, time.perf_counter() - t0))
+        report = reporting.skeleton(ctx, splits.description, splits)
+        report["teacher"] = reporting.teacher_block(stages[0], tinfo)
+        final_model_counts = {"params": count_params(model), "macs": count_macs(model, shape)}
+        return self._deploy(ctx, report, stages, fp32, eval_x, eval_y, final_model_counts)
+
+    def _onnx_entry(self, ctx: RunContext) -> dict:
+        run = ctx.run_dir
+        _, dims = check_onnx_file(self.model_onnx)  # type: ignore[arg-type]
+        calib_x, _ = load_npz(self.calib_data, "calibration data")  # type: ignore[arg-type]
+        if calib_x.ndim != len(dims):
+            raise BadInputError(f"calibration data {self.calib_data}: array 'x' has rank {calib_x.ndim}; the model's "
+                                f"input has rank {len(dims)}")
+        for i, d in enumerate(dims[1:], 1):
+            if isinstance(d, int) and d > 0 and calib_x.shape[i] != d:
+                raise BadInputError(f"calibration data {self.calib_data}: array 'x' has shape {calib_x.shape}; the "
+                                    f"model expects {tuple(dims)}")
+        eval_x = eval_y = None
+        if self.eval_data:
+            eval_x, eval_y = load_npz(self.eval_data, "eval data", need_labels=False)
+            if eval_x.shape[1:] != calib_x.shape[1:]:
+                raise BadInputError(f"eval data {self.eval_data}: 'x' has shape {eval_x.shape}, calibration has "
+                                    f"{calib_x.shape}")
+        shutil.copyfile(self.model_onnx, run / "model.fp32.onnx")  # type: ignore[arg-type]
+        # Without eval data, fidelity to FP32 on calibration inputs held out from calibration stands in.
+        if eval_x is None:
+            n_hold = max(1, len(calib_x) // 4) if len(calib_x) > 1 else 0
+            held, calib_x = (calib_x[:n_hold], calib_x[n_hold:]) if n_hold and len(calib_x) > 1 else (calib_x, calib_x)
+            write_npz(run / "eval.npz", x=held)
+            eval_x = held
+        else:
+            write_npz(run / "eval.npz", **({"x": eval_x, "y": eval_y} if eval_y is not None else {"x": eval_x}))
+        write_npz(run / "calib.npz", x=calib_x)
+        report = reporting.skeleton(ctx, f"ONNX entry: {self.model_onnx}", None)
+        report["teacher"] = {"not_measured": "ONNX entry: no PyTorch teacher", "accuracy": None, "params": None,
+                             "macs": None, "size_bytes": None, "latency_ms": None}
+        return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, reporting.onnx_counts(
+            run / "model.fp32.onnx", tuple(eval_x.shape[1:])))
+
+    # ---------------------------------------------------------------- stages
+    def _distill(self, ctx: RunContext, teacher: nn.Module, student: nn.Module, teacher_key: str):
+        from .distill.stage import distill_key, run_distill
+
+        key = distill_key(ctx, teacher_key, self.config.student.model)
+        hit = ctx.cached("distill", key)
+        if hit is not None:
+            student.load_state_dict(torch.load(ctx.stage_dir("distill") / "model.pt", weights_only=True))
+            ctx.notes.append("distill: resumed from the stored result")
+            return student, {**hit, "_key": key, "resumed": True}
+        student, metrics = run_distill(ctx, teacher, student, key)
+        ctx.mark_done("distill", key, metrics)
+        return student, {**metrics, "_key": key}
+
+    def _prune(self, ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: str):
+        from .prune_stage import run_prune
+
+        return run_prune(ctx, teacher, model, upstream)
+
+    def _parity(self, ctx: RunContext, model: nn.Module, fp32: Path, eval_x: np.ndarray, seconds: float) -> dict:
+        from .backends.onnxruntime import OrtRunner
+        from .measure import predict
+
+        ref = torch_logits(model, eval_x)
+        runner = OrtRunner(fp32, ctx.threads, ["CPUExecutionProvider"])
+        got = predict(runner, eval_x)
+        p = parity(ref, got)
+        scale = max(1.0, float(np.abs(ref).max()))
+        tol = ctx.profile.tolerances
+        entry = {"name": "export", "duration_s": round(seconds, 2), "opset": ctx.profile.opset,
+                 "parity": {**p, "relative_max_abs_diff": p["max_abs_diff"] / scale,
+                            "tolerance": tol.parity_max_abs, "min_agreement": tol.parity_min_agreement}}
+        if p["max_abs_diff"] / scale > tol.parity_max_abs or p["top1_agreement"] < tol.parity_min_agreement:
+            raise StageError(f"export: ONNX differs from PyTorch beyond the {ctx.profile.name} tolerance "
+                             f"(max abs diff {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.2f}%)")
+        return entry
+
+    def _deploy(self, ctx: RunContext, report: dict, stages: list[dict], fp32: Path, eval_x: np.ndarray,
+                eval_y: np.ndarray | None, counts: dict) -> dict:
+        run = ctx.run_dir
+        onnx_by_name: dict[str, Path] = {}
+        has_teacher = (run / "teacher.fp32.onnx").exists() and not self.model_onnx
+        if "quantize" in self.config.stages or self.model_onnx:
+            from .quantize.stage import run_quantize
+
+            q_entry = run_quantize(ctx, fp32, run / "calib.npz", run / "model.int8.onnx")
+            q_entry["calibration"] = reporting.calibration_info(ctx, run / "calib.npz")
+            stages.append(q_entry)
+            if "int8" in ctx.profile.precisions:
+                onnx_by_name["int8"] = run / "model.int8.onnx"
+        onnx_by_name["fp32"] = fp32
+        if "fp16" in ctx.profile.precisions and ctx.profile.backend != "onnxruntime":
+            onnx_by_name["fp16"] = fp32
+        if has_teacher:
+            onnx_by_name["teacher"] = run / "teacher.fp32.onnx"
+        t0 = time.perf_counter()
+        cands = compile_all(ctx, onnx_by_name)
+        stages.append({"name": "compile", "duration_s": round(time.perf_counter() - t0, 2),
+                       "backend": ctx.profile.backend,
+                       "artifacts": {k: str(c.artifact.path.relative_to(run)) for k, c in cands.items() if c.artifact}})
+        t0 = time.perf_counter()
+        measure_all(ctx, cands, eval_x, eval_y)
+        teacher_c = cands.pop("teacher", None)
+        measured_here = ctx.profile.measures_here and not self.hosts
+        max_drop = self.config.quantize.max_accuracy_drop
+        name, why, measured = choose(ctx, cands, max_drop, eval_y is not None, measured_here)
+        stages.append({"name": "bench", "duration_s": round(time.perf_counter() - t0, 2),
+                       "threads": ctx.threads, "measured_on": "host"})
+        for st in stages:
+            if st["name"] == "quantize":
+                st["candidates"] = [reporting.candidate_entry(ctx, n, c, n == name) for n, c in cands.items()]
+                st["choice"] = {"precision": cands[name].precision, "why": why, "measured": measured}
+        report["stages"] = stages
+        reporting.fill_final(ctx, report, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
+        return report

@@ -1,0 +1,227 @@
+"""Assembles report.json from what the stages measured, then writes report.json/md/html and gates."""
+from __future__ import annotations
+
+import copy
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from ._version import __version__
+from .config import Config
+from .context import RunContext
+from .data import Splits
+from .export import export_onnx, torch_logits
+from .measure import accuracy_of, agreement_of, bench_interleaved, predict
+from .models import count_macs, count_params
+from .profiles import Profile
+from .runs import hash_obj, sha256_file, write_json
+
+STAGE_BENCH_ITERATIONS = 150
+LAT_KEYS = ("p50", "p90", "p99", "mean")
+
+
+def config_key(config: Config, profile: Profile) -> str:
+    return hash_obj(config.model_dump(mode="json"), profile.model_dump(mode="json"))
+
+
+def _lat(summary: dict | None) -> dict | None:
+    return None if not summary else {k: round(summary[k], 4) for k in LAT_KEYS if k in summary}
+
+
+def model_entry(ctx: RunContext, name: str, model: nn.Module, onnx_path: Path, x: np.ndarray, y: np.ndarray,
+                extra: dict | None = None, teacher_logits: np.ndarray | None = None) -> dict:
+    """A stage's report entry for a torch model: exported, then measured with ONNX Runtime on this host."""
+    from .backends.onnxruntime import OrtRunner
+
+    shape = tuple(x.shape[1:])
+    if not onnx_path.exists():
+        export_onnx(copy.deepcopy(model).eval(), shape, onnx_path, ctx.profile.opset)
+    runner = OrtRunner(onnx_path, ctx.threads, ["CPUExecutionProvider"])
+    logits = predict(runner, x)
+    lat = bench_interleaved({name: runner}, x[:1], 10, STAGE_BENCH_ITERATIONS, rounds=1)[name]
+    entry = {"name": name, "duration_s": (extra or {}).pop("duration_s", 0.0), "accuracy": accuracy_of(logits, y),
+             "accuracy_runtime": "onnxruntime fp32 (this host)", "params": count_params(model),
+             "macs": count_macs(model, shape), "size_bytes": onnx_path.stat().st_size,
+             "latency_ms": _lat(lat), "measured_on": "host"}
+    if teacher_logits is not None:
+        entry["agreement"] = agreement_of(teacher_logits, logits)
+    entry.update(extra or {})
+    return entry
+
+
+def onnx_counts(path: Path, input_shape: tuple) -> dict:
+    """Parameter and MAC counts of an ONNX model (initializer sizes; MACs of Conv/Gemm/MatMul by shape)."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    m = shape_inference.infer_shapes(onnx.load(str(path)))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    params = int(sum(a.size for a in inits.values() if a.dtype.kind == "f"))
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        shapes[vi.name] = [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+    macs = 0
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
+            w = inits[n.input[1]]
+            out = shapes.get(n.output[0])
+            if out is None:
+                continue
+            if n.op_type == "Conv":
+                macs += int(np.prod(out)) * int(np.prod(w.shape[1:]))
+            else:
+                macs += int(np.prod(out)) * int(w.shape[0] if n.op_type == "MatMul" else w.shape[1])
+    return {"params": params, "macs": macs}
+
+
+def skeleton(ctx: RunContext, data_desc: str, splits: Splits | None) -> dict:
+    prof = ctx.profile
+    data = {"description": data_desc}
+    if splits is not None:
+        data.update({"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                     "num_classes": splits.num_classes, "skipped_files": len(splits.skipped_files),
+                     "labeled_train": int((splits.train.y >= 0).sum())})
+    return {
+        "schema_version": 1, "edgekd_version": __version__, "name": ctx.config.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": ctx.config_dict(),
+        "target": {"name": prof.name, "backend": prof.backend, "device": prof.device, "arch": prof.arch,
+                   "threads": ctx.threads, "measures_here": prof.measures_here, "source": prof.source},
+        "environment": ctx.environment(), "data": data,
+    }
+
+
+def teacher_block(entry: dict, info: dict) -> dict:
+    return {"model": info.get("model"), "source": info.get("source"), "accuracy": entry["accuracy"],
+            "params": entry["params"], "macs": entry["macs"], "size_bytes": entry["size_bytes"],
+            "latency_ms": entry["latency_ms"], "measured_on": "host"}
+
+
+def calibration_info(ctx: RunContext, calib: Path) -> dict:
+    with np.load(calib) as z:
+        n = int(len(z["x"]))
+    from .quantize.calibration import stratified_sample
+
+    info = {"samples": n, "method": ctx.config.quantize.method, "sha256": sha256_file(calib),
+            "source": "training split, class-stratified" if ctx.splits is not None else "user calibration file"}
+    if ctx.splits is not None:
+        ids = stratified_sample(ctx.splits.train.y.numpy(), ctx.config.quantize.calibration_samples, ctx.config.seed)
+        info["ids"] = [int(i) for i in ids]
+    return info
+
+
+def candidate_entry(ctx: RunContext, name: str, c, chosen: bool) -> dict:
+    e = {"precision": c.precision, "artifact": str(c.artifact.path.relative_to(ctx.run_dir)) if c.artifact else None,
+         "size_bytes": c.artifact.size_bytes() if c.artifact else None,
+         "accuracy": c.accuracy, "fidelity": c.fidelity or None, "latency_ms": _lat(c.latency),
+         "measured_on": "host" if c.latency else None, "chosen": chosen}
+    missing = {k: v for k, v in (c.not_measured or {}).items()}
+    for k in ("accuracy", "latency_ms", "fidelity", "measured_on", "artifact", "size_bytes"):
+        if e[k] is None and k not in missing:
+            missing[k] = "no eval labels given" if k == "accuracy" else "not measured here"
+    if missing:
+        e["not_measured"] = missing
+    return e
+
+
+def fill_final(ctx: RunContext, report: dict, c, teacher_c, counts: dict, why: str, measured: bool, fp32_c) -> None:
+    """The final block: the chosen candidate's figures, ratios to the teacher on the same runtime."""
+    run = ctx.run_dir
+    prof = ctx.profile
+    final: dict = {"artifact": str(c.artifact.path.relative_to(run)), "precision": c.precision,
+                   "backend": prof.backend, "files": [str(f.relative_to(run)) for f in c.artifact.files]}
+    nm: dict = {}
+    if c.accuracy is not None:
+        final["accuracy"] = c.accuracy
+        final["accuracy_source"] = "eval"
+    elif c.fidelity:
+        final["accuracy"] = None
+        final["accuracy_source"] = "fidelity"
+        final["fidelity"] = c.fidelity
+        nm["accuracy"] = "no labelled eval data: fidelity to the FP32 model on held-out calibration inputs stands in"
+    else:
+        final["accuracy"] = None
+        nm["accuracy"] = c.not_measured.get("accuracy", "not measured")
+    if fp32_c is not None and c.fidelity:
+        final["agreement_with_fp32"] = c.fidelity["top1_agreement"]
+    final["size_bytes"] = c.artifact.size_bytes()
+    final.update(counts)
+    final["latency_ms"] = _lat(c.latency)
+    if c.latency is None:
+        nm["latency_ms"] = c.not_measured.get("latency_ms", "not measured")
+    final["latency_samples_ms"] = c.latency.get("samples_ms") if c.latency else None
+    final["measured_on"] = "host" if c.latency else None
+    if not prof.measures_here and c.latency:
+        final["measured_on_note"] = (f"measured on this host ({ctx.environment()['cpu']}), not on a {prof.name}: "
+                                     "not the board's latency")
+    teacher = report.get("teacher") or {}
+    if teacher_c is not None:
+        teacher["accuracy"] = teacher_c.accuracy
+        teacher["latency_ms"] = _lat(teacher_c.latency)
+        teacher["latency_samples_ms"] = teacher_c.latency.get("samples_ms") if teacher_c.latency else None
+        teacher["size_bytes"] = teacher_c.artifact.size_bytes() if teacher_c.artifact else teacher.get("size_bytes")
+        teacher["accuracy_runtime"] = f"{prof.backend} fp32"
+        teacher["measured_on"] = "host" if teacher_c.latency else None
+        if teacher_c.not_measured:
+            teacher["not_measured"] = teacher_c.not_measured
+    if teacher.get("latency_ms") and final["latency_ms"]:
+        final["speedup_vs_teacher"] = round(teacher["latency_ms"]["p50"] / final["latency_ms"]["p50"], 3)
+    else:
+        final["speedup_vs_teacher"] = None
+        nm["speedup_vs_teacher"] = "needs both latencies measured on the same runtime"
+    if teacher.get("size_bytes"):
+        final["compression_vs_teacher"] = round(teacher["size_bytes"] / final["size_bytes"], 3)
+    else:
+        final["compression_vs_teacher"] = None
+        nm["compression_vs_teacher"] = "no teacher (ONNX entry)"
+    if teacher.get("accuracy") is not None and final.get("accuracy") is not None:
+        final["accuracy_drop_vs_teacher"] = round(teacher["accuracy"] - final["accuracy"], 3)
+    final["choice"] = {"why": why, "measured": measured}
+    if nm:
+        final["not_measured"] = nm
+    report["final"] = final
+
+
+def finish(ctx: RunContext, report: dict, hosts: list[str]) -> dict:
+    """Remote figures, ARM verification, gates; then report.md/html and, last, report.json."""
+    t0 = time.perf_counter()
+    run = ctx.run_dir
+    _strip_unexplained(report)
+    gates_passed = True
+    try:
+        from .report.cli import apply_gates  # type: ignore[import-not-found]
+
+        results, gates_passed = apply_gates(report, ctx.config.gates.model_dump(mode="json"), None)
+        report["gates"] = results
+    except ImportError:
+        pass
+    try:
+        from .report.render import write_html, write_markdown  # type: ignore[import-not-found]
+
+        write_markdown(report, run / "report.md")
+        write_html(report, run / "report.html")
+    except ImportError:
+        from .runs import write_text
+
+        write_text(run / "report.md", f"# edgekd report: {report['name']}\n\n```\n{report['final']}\n```\n")
+    report["report_seconds"] = round(time.perf_counter() - t0, 2)
+    report["run_dir"] = str(run)
+    report["gates_passed"] = gates_passed
+    write_json(run / "report.json", report)
+    return report
+
+
+def _strip_unexplained(node) -> None:
+    """Drop null keys that carry no meaning (optional extras), so every remaining null has a reason."""
+    if isinstance(node, dict):
+        explained = "not_measured" in node
+        for k in [k for k, v in node.items() if v is None and not explained]:
+            del node[k]
+        for v in node.values():
+            _strip_unexplained(v)
+    elif isinstance(node, list):
+        for v in node:
+            _strip_unexplained(v)

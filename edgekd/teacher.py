@@ -1,0 +1,54 @@
+"""The teacher: built, loaded from the user's checkpoint, or trained once and cached (embedded default)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .context import RunContext
+from .distill.trainer import train
+from .models import apply_checkpoint, build_model, load_state_dict_file
+from .runs import atomic_path, cache_dir, hash_obj
+
+
+def _cache_path(ctx: RunContext) -> Path:
+    cfg = ctx.config
+    key = hash_obj("teacher-v1", cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                   {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")})
+    return cache_dir() / "teachers" / f"{cfg.teacher.model.replace(':', '_').replace('/', '_')}-{key}.pt"
+
+
+def get_teacher(ctx: RunContext, trust_checkpoint: bool = False) -> tuple[nn.Module, dict]:
+    """The teacher model in eval mode, with where it came from for the report."""
+    cfg, splits = ctx.config, ctx.splits
+    if splits is None:
+        raise RuntimeError("teacher needs the data splits")
+    model = build_model(cfg.teacher.model, splits.num_classes,  # type: ignore[union-attr]
+                        trust_checkpoint=trust_checkpoint or cfg.teacher.trust_checkpoint)
+    info: dict = {"model": cfg.teacher.model}
+    if cfg.teacher.checkpoint:
+        apply_checkpoint(model, cfg.teacher.checkpoint)
+        info["source"] = f"checkpoint {cfg.teacher.checkpoint}"
+    elif cfg.teacher.train_epochs > 0 and not Path(cfg.teacher.model).suffix:
+        path = _cache_path(ctx)
+        if path.is_file():
+            model.load_state_dict(load_state_dict_file(path))
+            info["source"] = f"trained earlier, cached at {path}"
+        else:
+            t0 = time.perf_counter()
+            res = train(model, splits.train, splits.val, epochs=cfg.teacher.train_epochs,  # type: ignore[union-attr]
+                        lr=cfg.teacher.lr, seed=0, batch_size=cfg.data.batch_size, augment=cfg.data.augment,
+                        progress=ctx.progress, label="training teacher")
+            with atomic_path(path) as tmp:
+                torch.save(model.state_dict(), tmp)
+            info["source"] = f"trained here for {cfg.teacher.train_epochs} epochs, cached at {path}"
+            info["train_seconds"] = round(time.perf_counter() - t0, 2)
+            info["val_accuracy_torch"] = res.val_accuracy
+    else:
+        info["source"] = "random initialisation"
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, info
