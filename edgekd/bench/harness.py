@@ -1,33 +1,173 @@
-"""Latency measurement: warmup, timed iterations, percentiles."""
+"""Latency measurement: warmup, timed iterations, percentiles, intervals, interleaved A/B, local runs.
+
+The timing and statistics live in runner.py (the file copied to boards) and are imported from
+there, so a board and this host measure with the same code.
+"""
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import BadInputError, ModelError, StageError
+from ..profiles import Profile
+from .runner import (
+    EXIT_BAD_INPUT,
+    bootstrap_ci,
+    cold_start,
+    peak_rss_mb,
+    split_trials,
+    summarize,
+    throughput,
+    time_inference,
+)
 
-def time_inference(fn: Callable[[np.ndarray], object], sample: np.ndarray, warmup: int, iterations: int,
-                   on_iteration: Callable[[], None] | None = None) -> np.ndarray:
-    """Per-iteration wall times in milliseconds of `fn(sample)` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn(sample)
-    times = np.empty(iterations, dtype=np.float64)
-    clock = time.perf_counter
-    for i in range(iterations):
-        t0 = clock()
-        fn(sample)
-        times[i] = (clock() - t0) * 1e3
-        if on_iteration:
-            on_iteration()
-    return times
+__all__ = ["time_inference", "summarize", "throughput", "bootstrap_ci", "split_trials", "peak_rss_mb",
+           "cold_start", "measure_trials", "latency_with_ci", "interleaved", "ratio_ci", "artifact_size_bytes",
+           "runner_path", "runner_backend", "runner_arguments", "bench_local"]
+
+RUNNER = Path(__file__).with_name("runner.py")
 
 
-def summarize(times_ms: np.ndarray) -> dict:
-    """p50/p90/p95/p99, mean, std, min, max of per-iteration times (ms)."""
-    t = np.asarray(times_ms, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
-        "p95": float(np.percentile(t, 95)), "p99": float(np.percentile(t, 99)),
-        "mean": float(t.mean()), "std": float(t.std()), "min": float(t.min()), "max": float(t.max()),
-    }
+def measure_trials(fn: Callable[[np.ndarray], object], sample: np.ndarray, warmup: int, iterations: int,
+                   trials: int) -> list[np.ndarray]:
+    """`trials` repeated blocks of `iterations` timings each (ms), after one warmup."""
+    if trials < 1 or iterations < 1:
+        raise ValueError("measure_trials needs at least one trial of one iteration")
+    first = time_inference(fn, sample, warmup, iterations)
+    return [first] + [time_inference(fn, sample, 0, iterations) for _ in range(trials - 1)]
+
+
+def latency_with_ci(trials: list[np.ndarray], batch: int = 1) -> dict:
+    """Statistics of the pooled trials plus bootstrap 95% intervals of p50 and p90."""
+    pooled = np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in trials])
+    return {"latency_ms": summarize(pooled), "throughput": throughput(pooled, batch),
+            "latency_ci95": {"p50": bootstrap_ci(trials, 50), "p90": bootstrap_ci(trials, 90)},
+            "iterations": int(pooled.size), "trials": len(trials)}
+
+
+def interleaved(fns: Mapping[str, Callable[[np.ndarray], object]], sample: np.ndarray, warmup: int,
+                iterations: int, rounds: int) -> dict[str, np.ndarray]:
+    """Times of several functions measured in alternating rounds (A B, B A, A B ...), so a drift in
+    the machine's speed hits each alike. Returns {name: array of shape (rounds, iterations)} in ms;
+    each round re-warms its function with `warmup` untimed calls."""
+    names = list(fns)
+    if not names or rounds < 1 or iterations < 1:
+        raise ValueError("interleaved needs at least one function, one round and one iteration")
+    out = {n: np.empty((rounds, iterations), dtype=np.float64) for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            out[n][r] = time_inference(fns[n], sample, warmup, iterations)
+    return out
+
+
+def ratio_ci(times_a: np.ndarray, times_b: np.ndarray, confidence: float = 0.95, resamples: int = 2000,
+             seed: int = 0) -> dict:
+    """p50(a) / p50(b) with a bootstrap interval. Two (rounds, iterations) arrays from `interleaved`
+    are resampled round by round, paired, so the interval carries the drift between rounds;
+    1-D arrays are resampled as independent samples."""
+    a, b = np.asarray(times_a, dtype=np.float64), np.asarray(times_b, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("ratio_ci needs timings for both sides")
+    paired = a.ndim == 2 and b.ndim == 2 and a.shape[0] == b.shape[0]
+    ra = a if paired else a.reshape(1, -1)
+    rb = b if paired else b.reshape(1, -1)
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples, dtype=np.float64)
+    for i in range(resamples):
+        rows = rng.integers(0, ra.shape[0], ra.shape[0]) if paired else np.zeros(1, dtype=np.int64)
+        sa, sb = ra[rows], rb[rows]
+        pa = sa[np.arange(len(rows))[:, None], rng.integers(0, sa.shape[1], sa.shape)]
+        pb = sb[np.arange(len(rows))[:, None], rng.integers(0, sb.shape[1], sb.shape)]
+        ratios[i] = np.median(pa) / np.median(pb)
+    tail = (1.0 - confidence) / 2 * 100
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return {"ratio": float(np.median(a) / np.median(b)), "ci95": [float(lo), float(hi)],
+            "paired_rounds": int(ra.shape[0]) if paired else 0}
+
+
+def artifact_size_bytes(files: list[Path]) -> int:
+    """Bytes on disk of the files a board loads (weights included)."""
+    return int(sum(Path(f).stat().st_size for f in files if Path(f).is_file()))
+
+
+def runner_path() -> Path:
+    """The standalone runner that is copied to boards."""
+    return RUNNER
+
+
+def runner_backend(model: Path, profile: Profile) -> str:
+    """Which runtime the runner uses for this artifact: OpenVINO for IR (.xml) or an OpenVINO
+    profile, ONNX Runtime for other .onnx files."""
+    suffix = Path(model).suffix.lower()
+    if suffix == ".xml":
+        return "openvino"
+    if suffix == ".onnx":
+        return "openvino" if profile.backend == "openvino" else "onnxruntime"
+    raise BadInputError(f"bench: {model} is neither an ONNX model (.onnx) nor an OpenVINO IR (.xml); "
+                        "those are what the bench runner loads")
+
+
+def runner_arguments(model: str, profile: Profile, *, backend: str, eval_data: str | None = None,
+                     threads: int | None = None, warmup: int | None = None, iterations: int | None = None,
+                     duration_s: float | None = None, batch: int = 1) -> list[str]:
+    """The runner's command-line arguments for this profile (threads, providers, warmup, iterations)."""
+    args = ["--model", model, "--backend", backend, "--warmup", str(profile.bench.warmup if warmup is None else warmup),
+            "--batch", str(batch)]
+    threads = threads or profile.threads
+    if threads:
+        args += ["--threads", str(threads)]
+    if backend == "onnxruntime" and profile.execution_providers:
+        args += ["--providers", ",".join(profile.execution_providers)]
+    if backend == "openvino":
+        args += ["--device", profile.device]
+    if duration_s is not None:
+        args += ["--duration", str(duration_s)]
+    else:
+        args += ["--iterations", str(profile.bench.iterations if iterations is None else iterations)]
+    if eval_data:
+        args += ["--eval-data", eval_data]
+    return args
+
+
+def bench_local(model: Path, profile: Profile, *, eval_data: Path | None = None, threads: int | None = None,
+                warmup: int | None = None, iterations: int | None = None, duration_s: float | None = None,
+                batch: int = 1, timeout_s: float | None = None) -> dict:
+    """Run runner.py on this host in a fresh process (as a board would) and return its JSON plus
+    measured_on; a board profile measured here says so in `measured_on_note`."""
+    model = Path(model)
+    if not model.is_file():
+        raise ModelError(f"bench: artifact {model} does not exist")
+    if eval_data is not None and not Path(eval_data).is_file():
+        raise BadInputError(f"bench: eval data {eval_data} does not exist")
+    args = runner_arguments(str(model), profile, backend=runner_backend(model, profile),
+                            eval_data=str(eval_data) if eval_data else None, threads=threads, warmup=warmup,
+                            iterations=iterations, duration_s=duration_s, batch=batch)
+    env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
+    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        try:
+            proc = subprocess.run([sys.executable, str(RUNNER), *args, "--json", str(out)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  timeout=timeout_s or profile.remote.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StageError(f"bench: {model} did not finish within {timeout_s or profile.remote.timeout_s} s "
+                             "on this host") from None
+        if proc.returncode != 0:
+            line = (proc.stderr.strip().splitlines() or [f"runner exited with code {proc.returncode}"])[-1]
+            line = line.removeprefix("runner: ")
+            raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(f"bench on this host: {line}")
+        result = json.loads(out.read_text())
+    result["measured_on"] = "localhost"
+    if not profile.measures_here:
+        result["measured_on_note"] = (f"this host ({platform.machine()}), not a {profile.name} board: "
+                                      "its latency is not the board's")
+    return result
