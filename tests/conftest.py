@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated cache, tiny configs, and the edgekd command."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # One cache per test session: the demo teacher is trained once and reused by every test.
+    cache = tmp_path_factory.getbasetemp() / "edgekd-cache"
+    monkeypatch.setenv("EDGEKD_CACHE", str(cache))
+
+
+def run_edgekd(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run the edgekd command in a subprocess; returns CompletedProcess with text output."""
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgekd.cli", *args], cwd=cwd or ROOT, env=e, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+TINY_CONFIG = """
+name: tiny
+teacher: {train_epochs: 2}
+distill: {epochs: 2}
+prune: {finetune_epochs: 1}
+quantize: {calibration_samples: 64}
+bench: {iterations: 60, warmup: 5}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY_CONFIG)
+    return p

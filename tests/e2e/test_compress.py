@@ -1,0 +1,88 @@
+"""The default pipeline end to end on a tiny budget, checked against the run-directory contract."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import SHARED, run_edgekd
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tests.conftest import TINY_CONFIG
+
+    d = tmp_path_factory.mktemp("run")
+    cfg = d / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG)
+    out = d / "out"
+    r = run_edgekd("compress", "--config", str(cfg), "--target", "cpu", "--out", str(out), "--quiet",
+                   env={"EDGEKD_CACHE": str(d / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
+
+
+def test_run_directory_holds_the_contract(tiny_run):
+    out, _ = tiny_run
+    checker = SHARED / "tools" / "check_run.py"
+    if not checker.exists():
+        pytest.skip("../shared/tools/check_run.py not beside the clone")
+    r = subprocess.run([sys.executable, str(checker), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_report_figures_are_measured_with_the_runtime(tiny_run):
+    out, _ = tiny_run
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["schema_version"] == 1 and rep["target"]["name"] == "cpu"
+    f = rep["final"]
+    assert (out / f["artifact"]).exists()
+    assert f["precision"] in ("int8", "fp32")
+    # The final accuracy is recomputed here from eval.npz with onnxruntime on the artifact.
+    import onnxruntime as ort
+
+    with np.load(out / "eval.npz") as z:
+        x, y = z["x"], z["y"]
+    s = ort.InferenceSession(str(out / f["artifact"]), providers=["CPUExecutionProvider"])
+    pred = np.concatenate([s.run(None, {"input": x[i:i + 64]})[0] for i in range(0, len(x), 64)]).argmax(1)
+    assert abs(float((pred == y).mean() * 100) - f["accuracy"]) < 1e-6
+    assert f["latency_ms"]["p50"] > 0 and f["speedup_vs_teacher"] > 1
+    assert f["compression_vs_teacher"] > 20
+    names = [s["name"] for s in rep["stages"]]
+    assert names[:3] == ["teacher", "distill", "prune"] and "quantize" in names
+    prune = next(s for s in rep["stages"] if s["name"] == "prune")
+    assert prune["after"]["params"] < prune["before"]["params"]
+    distill = next(s for s in rep["stages"] if s["name"] == "distill")
+    assert distill["epoch_seconds"] and 0 <= distill["agreement"] <= 100
+    q = next(s for s in rep["stages"] if s["name"] == "quantize")
+    assert q["calibration"]["samples"] == 64 and sum(c["chosen"] for c in q["candidates"]) == 1
+
+
+def test_calibration_comes_from_training_data_not_test(tiny_run):
+    out, _ = tiny_run
+    with np.load(out / "calib.npz") as c, np.load(out / "eval.npz") as e:
+        calib = {r.tobytes() for r in c["x"]}
+        assert not any(r.tobytes() in calib for r in e["x"])
+
+
+def test_int8_model_is_qdq(tiny_run):
+    import onnx
+
+    out, _ = tiny_run
+    ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_summary_table_printed(tiny_run):
+    _, r = tiny_run
+    assert "speedup vs teacher" in r.stdout and "teacher" in r.stdout
+
+
+def test_targets_command_lists_profiles():
+    r = run_edgekd("targets")
+    assert r.returncode == 0
+    for name in ("cpu", "intel-cpu", "raspberry-pi-5", "jetson-orin-nano", "local", "rpi"):
+        assert name in r.stdout

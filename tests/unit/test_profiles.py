@@ -1,0 +1,27 @@
+import pytest
+
+from edgekd.errors import ConfigError
+from edgekd.profiles import list_profiles, load_profile
+
+
+def test_shipped_profiles_and_aliases():
+    names = {p.name for p in list_profiles()}
+    assert {"cpu", "intel-cpu", "raspberry-pi-5", "raspberry-pi-4", "jetson-orin-nano", "jetson-agx-orin"} <= names
+    for alias, name in [("local", "cpu"), ("jetson", "jetson-orin-nano"), ("rpi", "raspberry-pi-5"),
+                        ("raspberry-pi", "raspberry-pi-5"), ("openvino", "intel-cpu")]:
+        assert load_profile(alias).name == name
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown target 'nope'.*cpu"):
+        load_profile("nope")
+
+
+def test_user_profile_file(tmp_path):
+    p = tmp_path / "board.yaml"
+    p.write_text("backend: onnxruntime\narch: aarch64\nthreads: 4\n")
+    prof = load_profile(str(p))
+    assert prof.name == "board" and prof.threads == 4 and not prof.measures_here
+    p.write_text("backend: onnxruntime\nthreds: 4\n")
+    with pytest.raises(ConfigError, match="threds: unknown key"):
+        load_profile(str(p))
