@@ -166,8 +166,8 @@ def bench_local(model: Path, profile: Profile, *, eval_data: Path | None = None,
             line = line.removeprefix("runner: ")
             raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(f"bench on this host: {line}")
         result = json.loads(out.read_text())
-    result["measured_on"] = "localhost"
+    result["measured_on"] = "host"
     if not profile.measures_here:
-        result["measured_on_note"] = (f"this host ({platform.machine()}), not a {profile.name} board: "
-                                      "its latency is not the board's")
+        result["measured_on_note"] = (f"measured on this host ({platform.machine()}), not on a {profile.name}: "
+                                      "not the board's latency")
     return result

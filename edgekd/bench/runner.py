@@ -26,7 +26,13 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as missing:  # a board without numpy: one line and exit 3, like a missing runtime
+    if __name__ != "__main__":
+        raise
+    print(f"runner: numpy is not installed for {sys.executable} ({missing})", file=sys.stderr)
+    sys.exit(3)
 
 RUNNER_VERSION = 1
 EXIT_BAD_INPUT = 2
@@ -282,7 +288,7 @@ def load_onnxruntime(path: str, threads: int, providers: list) -> Session:
     available = ort.get_available_providers()
     chosen = [p for p in providers if p in available and p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions, reported in one line
     so.intra_op_num_threads = threads
     with_options: list = list(chosen)
     if "XnnpackExecutionProvider" in chosen:

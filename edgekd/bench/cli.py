@@ -1,0 +1,169 @@
+"""`edgekd bench ARTIFACT --target NAME`: latency, throughput, memory and accuracy of an artifact, here
+or on boards over SSH. Both paths run the same runner.py, so their JSON has the same fields."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_STAGE_FAILED, BadInputError, EdgeKDError, ModelError
+from ..profiles import Profile, load_profile
+from .harness import artifact_size_bytes, bench_local
+from .remote import bench_hosts
+
+EPILOG = "exit codes: 0 done, 2 bad input (artifact, data, arguments), 3 a board or the runtime failed"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `edgekd bench` on the main command's subparsers."""
+    p = subparsers.add_parser("bench", help="measure an artifact's latency and accuracy here or on boards",
+                              description="Benchmark an artifact with its runtime: warmup, timed iterations, "
+                                          "percentiles with bootstrap intervals, cold start, peak memory, accuracy.",
+                              epilog=EPILOG)
+    p.add_argument("artifact", metavar="ARTIFACT", help="a .onnx or OpenVINO .xml file, or a directory holding one")
+    p.add_argument("--target", required=True, help="target name, alias or profile file")
+    p.add_argument("--threads", type=int, help="inference threads (default: the profile's, else every usable core)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default: the profile's)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--iterations", type=int, help="timed calls (default: the profile's)")
+    group.add_argument("--duration", type=float, metavar="S", help="time calls for S seconds instead")
+    p.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
+    p.add_argument("--eval-data", help=".npz with x (float32 NCHW) and y: accuracy with the runtime")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON here")
+    p.add_argument("--host", action="append", default=[], metavar="[user@]host[:port]",
+                   help="benchmark on this board over SSH (repeatable: boards run in parallel); "
+                        "emulate:aarch64 runs under emulation")
+    p.add_argument("--ssh-config", help="ssh config file for --host")
+    p.add_argument("--remote-python", help="python on the board (default: the profile's)")
+    p.add_argument("--timeout", type=int, metavar="S", help="limit per board run (default: the profile's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+    return p
+
+
+def resolve_artifact(path: Path) -> tuple[Path, list[Path]]:
+    """(the model file to load, every file a board needs): .onnx plus its external data, .xml plus
+    its .bin, or the one model in a directory."""
+    if path.is_dir():
+        found = sorted(path.glob("*.xml")) or sorted(p for p in path.glob("*.onnx")
+                                                     if not p.name.endswith(".source.onnx"))
+        if len(found) != 1:
+            names = ", ".join(p.name for p in found) or "none"
+            raise BadInputError(f"bench: {path} must hold exactly one .xml or .onnx model (found: {names}); "
+                                "name the file instead")
+        path = found[0]
+    if not path.is_file():
+        raise ModelError(f"bench: artifact {path} does not exist")
+    if path.suffix.lower() == ".xml":
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            raise ModelError(f"bench: OpenVINO IR {path} has no weights file {weights.name} beside it")
+        return path, [path, weights]
+    if path.suffix.lower() != ".onnx":
+        raise BadInputError(f"bench: {path} is neither an ONNX model (.onnx) nor an OpenVINO IR (.xml)")
+    return path, [path, *_external_data(path)]
+
+
+def _external_data(path: Path) -> list[Path]:
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by the runner, with exit 2
+        return []
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return [path.parent / n for n in sorted(names) if (path.parent / n).is_file()]
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name, low in (("threads", 1), ("iterations", 1), ("batch", 1), ("warmup", 0), ("timeout", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise BadInputError(f"bench: --{name} must be at least {low}, got {value}")
+    if args.duration is not None and args.duration <= 0:
+        raise BadInputError(f"bench: --duration must be positive, got {args.duration}")
+    if args.eval_data and not Path(args.eval_data).is_file():
+        raise BadInputError(f"bench: --eval-data {args.eval_data} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `edgekd bench`; returns the exit code (errors of a single run are raised)."""
+    _check(args)
+    profile = load_profile(args.target)
+    model, files = resolve_artifact(Path(args.artifact))
+    eval_data = Path(args.eval_data) if args.eval_data else None
+    options = {"eval_data": eval_data, "threads": args.threads, "warmup": args.warmup,
+               "iterations": args.iterations, "duration_s": args.duration, "batch": args.batch,
+               "timeout_s": args.timeout}
+    if not args.host:
+        results: dict[str, dict | EdgeKDError] = {"host": bench_local(model, profile, **options)}
+    else:
+        results = bench_hosts(args.host, files, model.name, profile, ssh_config=args.ssh_config and Path(args.ssh_config),
+                              remote_python=args.remote_python, **options)
+    size = artifact_size_bytes(files)
+    for result in results.values():
+        if isinstance(result, dict):
+            result["artifact_bytes"] = size
+            result["target"] = {"name": profile.name, "backend": profile.backend, "device": profile.device,
+                                "measures_here": profile.measures_here}
+    if len(results) == 1:
+        only = next(iter(results.values()))
+        if isinstance(only, EdgeKDError):
+            raise only
+        _write(args.json_out, only)
+        print(describe(only, profile))
+        return EXIT_OK
+    _write(args.json_out, {"hosts": {h: r if isinstance(r, dict) else {"error": str(r), "exit_code": r.exit_code}
+                                     for h, r in results.items()}})
+    for result in results.values():
+        print(describe(result, profile) if isinstance(result, dict) else f"edgekd: error: {result}")
+    failed = [r.exit_code for r in results.values() if isinstance(r, EdgeKDError)]
+    if not failed:
+        return EXIT_OK
+    return EXIT_STAGE_FAILED if EXIT_STAGE_FAILED in failed else EXIT_BAD_INPUT
+
+
+def _write(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def _fmt(v: float | None, nd: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def describe(result: dict, profile: Profile) -> str:
+    """A few lines for a person: where and how it was measured, then the figures."""
+    env = result.get("environment", {})
+    runtime = result.get("backend", profile.backend)
+    providers = ", ".join(env.get("execution_providers", []))
+    where = result.get("measured_on", "host")
+    head = (f"{result.get('model')} on {profile.name}, measured on {where} "
+            f"({env.get('cpu_model', env.get('machine', '?'))}): {runtime} "
+            f"{result.get('versions', {}).get(runtime, '')}, {env.get('threads', '?')} threads"
+            + (f", {providers}" if providers else ""))
+    lines = [head]
+    if result.get("measured_on_note"):
+        lines.append(f"  note: {result['measured_on_note']}")
+    lat, ci = result.get("latency_ms"), result.get("latency_ci95") or {}
+    if lat:
+        lines.append(f"  latency ms  p50 {_fmt(lat['p50'])} [{_fmt(ci.get('p50', [None])[0])}, "
+                     f"{_fmt(ci.get('p50', [None, None])[1])}]  p90 {_fmt(lat['p90'])}  p95 {_fmt(lat['p95'])}  "
+                     f"p99 {_fmt(lat['p99'])}  mean {_fmt(lat['mean'])}  std {_fmt(lat['std'])}  "
+                     f"(batch {result.get('batch')}, warmup {result.get('warmup')}, "
+                     f"{result.get('iterations')} iterations)")
+        lines.append(f"  throughput {_fmt(result.get('throughput'), 1)} samples/s")
+    else:
+        lines.append(f"  latency not measured: {result.get('not_measured', 'unknown reason')}")
+    acc = result.get("accuracy")
+    lines.append(f"  cold start {_fmt(result.get('cold_start_ms'), 1)} ms · peak RSS "
+                 f"{_fmt(result.get('peak_rss_mb'), 1)} MiB · size {result.get('artifact_bytes')} bytes · accuracy "
+                 + (f"{acc:.2f}% on {result.get('eval_samples')} samples" if acc is not None
+                    else result.get("accuracy_not_measured", "n/a")))
+    return "\n".join(lines)
