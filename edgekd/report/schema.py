@@ -1,0 +1,137 @@
+"""report.json: read it, check it against the shipped JSON Schema and the not-measured rule."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInputError
+
+SCHEMA_VERSION = 1
+
+# Objects whose null figures must carry a not_measured reason beside them.
+_FIGURES = ("accuracy", "params", "macs", "size_bytes", "latency_ms", "accuracy_arm", "arm_agreement",
+            "agreement_with_fp32", "speedup_vs_teacher", "compression_vs_teacher")
+
+
+# Figures computed from others: when they are missing, the missing source's reason explains them.
+_DERIVED_FROM = {"speedup_vs_teacher": "latency_ms", "compression_vs_teacher": "size_bytes",
+                 "latency_ci_ms": "latency_ms", "latency_samples_ms": "latency_ms"}
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The JSON Schema (draft 2020-12) of report.json, as shipped in the package."""
+    text = resources.files("edgekd.report").joinpath("schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def read_report_json(path: str | Path) -> dict:
+    """Parse a report file and check its schema_version, without validating the rest."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"report {path}: no such file") from None
+    except IsADirectoryError:
+        raise BadInputError(f"report {path}: is a directory; expected a report.json file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"report {path}: cannot be read: {e}") from None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"report {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(report, dict):
+        raise BadInputError(f"report {path}: expected a JSON object, found {type(report).__name__}")
+    version = report.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise BadInputError(f"report {path} has schema_version {version}; this edgekd reads up to "
+                            f"{SCHEMA_VERSION} (upgrade edgekd to read it)")
+    return report
+
+
+def load_report(path: str | Path, *, validate: bool = True) -> dict:
+    """Read a report.json; a missing or unreadable file, a newer schema_version or (with `validate`)
+    a report that breaks the schema raises BadInputError naming the file and the problems."""
+    report = read_report_json(path)
+    if validate:
+        problems = validate_report(report)
+        if problems:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise BadInputError(f"report {path} is not a valid edgekd report:\n  {shown}{more}")
+    return report
+
+
+def validate_report(report: Any) -> list[str]:
+    """Every problem found in `report` (schema violations, then null figures without a reason);
+    empty when it is valid."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    problems = []
+    for err in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path))):
+        where = _json_path(err.absolute_path)
+        problems.append(f"{where}: {err.message}")
+    if isinstance(report, dict):
+        problems.extend(_unexplained_nulls(report))
+    return problems
+
+
+def _json_path(parts: Any) -> str:
+    out = "report"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _holders(report: dict) -> list[tuple[str, dict]]:
+    """The objects that hold measured figures, with their JSON paths."""
+    out: list[tuple[str, dict]] = []
+    for key in ("teacher", "final"):
+        if isinstance(report.get(key), dict):
+            out.append((f"report.{key}", report[key]))
+    for i, stage in enumerate(report.get("stages") or []):
+        if not isinstance(stage, dict):
+            continue
+        out.append((f"report.stages[{i}]", stage))
+        for j, cand in enumerate(stage.get("candidates") or []):
+            if isinstance(cand, dict):
+                out.append((f"report.stages[{i}].candidates[{j}]", cand))
+    for i, entry in enumerate(report.get("remote") or []):
+        if isinstance(entry, dict):
+            out.append((f"report.remote[{i}]", entry))
+    return out
+
+
+def _unexplained_nulls(report: dict) -> list[str]:
+    problems = []
+    for where, holder in _holders(report):
+        if holder.get("not_measured") or holder.get("error"):
+            continue
+        nulls = [k for k in _FIGURES if k in holder and holder[k] is None]
+        if nulls:
+            problems.append(f"{where}: {', '.join(nulls)} null without a not_measured reason beside it")
+    return problems
+
+
+def not_measured_reason(holder: dict | None, figure: str) -> str:
+    """Why `figure` of `holder` (final, teacher, a stage, a candidate) was not measured, as the report says."""
+    if not isinstance(holder, dict):
+        return "not in the report"
+    reason = holder.get("not_measured")
+    if isinstance(reason, dict):
+        base = figure.split(".")[0]
+        for key in (figure, base, _DERIVED_FROM.get(base, base)):
+            if reason.get(key):
+                return str(reason[key])
+        return "no reason recorded for " + figure
+    if isinstance(reason, str) and reason:
+        return reason
+    if holder.get("error"):
+        return str(holder["error"])
+    if figure.split(".")[0] not in holder:
+        return "not in the report"
+    return "no reason recorded"

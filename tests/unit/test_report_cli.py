@@ -1,0 +1,152 @@
+"""`edgekd gate` and `edgekd report`: exit codes, thresholds from config and command line, outputs."""
+from __future__ import annotations
+
+import argparse
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from edgekd.errors import BadInputError
+from edgekd.report.cli import add_parsers, run_gate, run_report
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "report_example.json"
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="edgekd")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args([str(a) for a in argv])
+
+
+def _report(tmp_path: Path, name: str = "report.json", **final) -> Path:
+    report = json.loads(FIXTURE.read_text())
+    report["final"].update(final)
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_gate_passes_with_config_gates(capsys):
+    args = _parse("gate", FIXTURE)
+    assert args.func is run_gate
+    assert run_gate(args) == 0
+    out = capsys.readouterr().out
+    assert "max_size_mb" in out and "all 4 gates passed" in out
+
+
+def test_failing_gate_exits_1_and_names_the_gate(capsys, tmp_path):
+    junit = tmp_path / "out" / "gates.xml"
+    code = run_gate(_parse("gate", FIXTURE, "--max-latency-ms", "0.3", "--percentile", "50", "--junit", junit))
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "gate failed: max_latency_ms" in out
+    cases = ET.parse(junit).getroot().find("testsuite").findall("testcase")
+    assert [c.get("name") for c in cases] == ["max_size_mb", "max_latency_ms", "min_accuracy", "max_accuracy_drop"]
+    assert [c.get("name") for c in cases if c.find("failure") is not None] == ["max_latency_ms"]
+
+
+def test_command_line_overrides_config(capsys):
+    assert run_gate(_parse("gate", FIXTURE, "--min-accuracy", "99")) == 1
+    assert "gate failed: min_accuracy" in capsys.readouterr().out
+
+
+def test_no_gates_is_bad_input(tmp_path):
+    report = json.loads(FIXTURE.read_text())
+    report["config"]["gates"] = {}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    with pytest.raises(BadInputError, match="no gates to check"):
+        run_gate(_parse("gate", path))
+
+
+def test_baseline_flags_need_each_other():
+    with pytest.raises(BadInputError, match="--max-regression needs --baseline"):
+        run_gate(_parse("gate", FIXTURE, "--max-regression", "5"))
+    with pytest.raises(BadInputError, match="--baseline needs --max-regression"):
+        run_gate(_parse("gate", FIXTURE, "--baseline", FIXTURE))
+
+
+def test_baseline_with_itself_passes(capsys):
+    assert run_gate(_parse("gate", FIXTURE, "--baseline", FIXTURE, "--max-regression", "5")) == 0
+    assert "max_regression" in capsys.readouterr().out
+
+
+def test_inconclusive_regression_exits_0_and_says_so(capsys, tmp_path):
+    lat = {"p50": 1.0, "p90": 1.1, "p99": 1.3, "mean": 1.02}
+    base = _report(tmp_path, "base.json", latency_ms=lat, latency_ci_ms={"p90": [1.0, 1.2]})
+    cur = _report(tmp_path, "cur.json", latency_ms={**lat, "p90": 1.16}, latency_ci_ms={"p90": [1.05, 1.3]})
+    assert run_gate(_parse("gate", cur, "--baseline", base, "--max-regression", "5")) == 0
+    assert "inconclusive (does not fail): max_regression" in capsys.readouterr().out
+
+
+def test_unmeasured_latency_fails_the_gate(capsys, tmp_path):
+    path = _report(tmp_path, latency_ms=None, speedup_vs_teacher=None, not_measured="board unreachable")
+    assert run_gate(_parse("gate", path)) == 1
+    assert "not measured: board unreachable" in capsys.readouterr().out
+
+
+def test_bad_threshold_is_an_argparse_error():
+    with pytest.raises(SystemExit) as e:
+        _parse("gate", FIXTURE, "--max-size-mb", "-1")
+    assert e.value.code == 2
+
+
+def test_render_md_and_html(tmp_path, capsys):
+    md, html = tmp_path / "r.md", tmp_path / "r.html"
+    assert run_report(_parse("report", "render", FIXTURE, "--format", "md", "--out", md)) == 0
+    assert run_report(_parse("report", "render", FIXTURE, "--out", html)) == 0
+    assert md.read_text().startswith("## edgekd report")
+    assert "<svg" in html.read_text()
+    with pytest.raises(BadInputError, match="cannot tell the format"):
+        run_report(_parse("report", "render", FIXTURE, "--out", tmp_path / "r.txt"))
+
+
+def test_validate(tmp_path, capsys):
+    assert run_report(_parse("report", "validate", FIXTURE)) == 0
+    assert "is valid (schema_version 1)" in capsys.readouterr().out
+    report = json.loads(FIXTURE.read_text())
+    del report["final"]["precision"]
+    del report["target"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report))
+    with pytest.raises(BadInputError, match=r"\(2 problems\)") as e:
+        run_report(_parse("report", "validate", bad))
+    assert "'precision' is a required property" in str(e.value) and e.value.exit_code == 2
+
+
+def test_compare_side_by_side_with_deltas(tmp_path, capsys):
+    report = json.loads(FIXTURE.read_text())
+    a_dir, b_dir = tmp_path / "main", tmp_path / "branch"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    (a_dir / "report.json").write_text(json.dumps(report))
+    report["final"]["accuracy"] = 97.28
+    report["final"]["latency_ms"]["p50"] *= 1.1
+    report["final"]["accuracy_arm"] = None
+    (b_dir / "report.json").write_text(json.dumps(report))
+    from rich.console import Console
+
+    import edgekd.report.compare as compare
+
+    console = Console(record=True, width=160)
+    compare.print_comparison(json.loads((a_dir / "report.json").read_text()), report, ("main", "branch"), console)
+    text = console.export_text()
+    assert "-0.50 pt" in text and "+10.0%" in text
+    assert "main" in text and "branch" in text
+    assert run_report(_parse("report", "compare", a_dir / "report.json", b_dir / "report.json")) == 0
+    assert "latency p50" in capsys.readouterr().out
+
+
+def test_example_workflow_compresses_gates_and_posts_the_report():
+    import yaml
+
+    workflow = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "github-actions.yml").read_text())
+    steps = workflow["jobs"]["compress"]["steps"]
+    scripts = "\n".join(step.get("run", "") for step in steps)
+    assert "edgekd compress" in scripts and "--target rpi --config edgekd.yaml" in scripts
+    assert "edgekd gate runs/ci/report.json" in scripts and "--junit runs/ci/gates.xml" in scripts
+    assert "--body-file runs/ci/report.md" in scripts
+    post = next(step for step in steps if "report.md" in step.get("name", ""))
+    assert post["if"].startswith("always()")  # the report is posted even when a gate fails
