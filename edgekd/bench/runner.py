@@ -322,9 +322,11 @@ def load_openvino(path: str, threads: int, device: str) -> Session:
         model = core.read_model(path)
     except Exception as e:  # noqa: BLE001
         raise RunnerError(f"openvino cannot read {path}: {_first_line(e)}", EXIT_BAD_INPUT) from None
+    config: dict = {"PERFORMANCE_HINT": "LATENCY"}
+    if device.upper().startswith("CPU"):
+        config["INFERENCE_NUM_THREADS"] = threads
     try:
-        compiled = core.compile_model(model, device, {"PERFORMANCE_HINT": "LATENCY",
-                                                      "INFERENCE_NUM_THREADS": threads})
+        compiled = core.compile_model(model, device, config)
     except Exception as e:  # noqa: BLE001
         raise RunnerError(f"openvino cannot compile {path} for {device}: {_first_line(e)}") from None
     request = compiled.create_infer_request()
