@@ -46,18 +46,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from .profiles import list_profiles
 
-    table = Table(title="edgekd targets")
-    for col in ("name", "aliases", "backend", "device", "arch", "precisions", "latency measured"):
-        table.add_column(col)
+    rows = [("NAME", "ALIASES", "BACKEND", "DEVICE", "ARCH", "PRECISIONS", "LATENCY MEASURED")]
     for p in list_profiles():
-        where = "here" if p.measures_here else "on the board (--host); here only as measured_on: host"
-        table.add_row(p.name, ", ".join(p.aliases), p.backend, p.device, p.arch, " > ".join(p.precisions), where)
-    Console().print(table)
+        where = "here" if p.measures_here else "on the board (--host)"
+        rows.append((p.name, ",".join(p.aliases) or "-", p.backend, p.device, p.arch, ">".join(p.precisions), where))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return EXIT_OK
 
 

@@ -79,8 +79,8 @@ class PruneConfig(_Section):
     global_pruning: bool = False
     ignored_layers: list[str] = []
     steps: int = Field(1, ge=1, le=50)
-    finetune_epochs: int = Field(8, ge=0, le=1000)
-    lr: float = Field(1e-3, gt=0, le=10)
+    finetune_epochs: int = Field(15, ge=0, le=1000)
+    lr: float = Field(3e-3, gt=0, le=10)
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneConfig:
@@ -92,12 +92,12 @@ class PruneConfig(_Section):
         return self
 
     def amount(self) -> tuple[str, float]:
-        """The pruning amount as (kind, value); defaults to a 0.3 channel ratio."""
+        """The pruning amount as (kind, value); defaults to a 0.25 channel ratio."""
         for k in ("ratio", "target_macs", "target_params", "target_speedup", "target_latency_ms"):
             v = getattr(self, k)
             if v is not None:
                 return k, float(v)
-        return "ratio", 0.3
+        return "ratio", 0.25
 
 
 class QuantizeConfig(_Section):

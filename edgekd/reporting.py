@@ -190,23 +190,18 @@ def finish(ctx: RunContext, report: dict, hosts: list[str]) -> dict:
     t0 = time.perf_counter()
     run = ctx.run_dir
     _strip_unexplained(report)
+    from .report import apply_gates, load_report
+
+    gates_cfg = ctx.config.gates.model_dump(mode="json")
+    baseline = load_report(gates_cfg["baseline"]) if gates_cfg.get("baseline") else None
     gates_passed = True
-    try:
-        from .report.cli import apply_gates  # type: ignore[import-not-found]
+    if any(v is not None for k, v in gates_cfg.items() if k not in ("percentile", "baseline")):
+        results, gates_passed = apply_gates(report, gates_cfg, baseline)
+        report["gates"] = [r.to_dict() for r in results]
+    from .report import write_html, write_markdown
 
-        results, gates_passed = apply_gates(report, ctx.config.gates.model_dump(mode="json"), None)
-        report["gates"] = results
-    except ImportError:
-        pass
-    try:
-        from .report.render import write_html, write_markdown  # type: ignore[import-not-found]
-
-        write_markdown(report, run / "report.md")
-        write_html(report, run / "report.html")
-    except ImportError:
-        from .runs import write_text
-
-        write_text(run / "report.md", f"# edgekd report: {report['name']}\n\n```\n{report['final']}\n```\n")
+    write_markdown(report, run / "report.md")
+    write_html(report, run / "report.html")
     report["report_seconds"] = round(time.perf_counter() - t0, 2)
     report["run_dir"] = str(run)
     report["gates_passed"] = gates_passed
