@@ -50,7 +50,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
     rows = [("NAME", "ALIASES", "BACKEND", "DEVICE", "ARCH", "PRECISIONS", "LATENCY MEASURED")]
     for p in list_profiles():
-        where = "here" if p.measures_here else "on the board (--host)"
+        where = "here" if p.arch == "host" else ("here (x86 host) or --host" if p.measures_here else "on the board (--host)")
         rows.append((p.name, ",".join(p.aliases) or "-", p.backend, p.device, p.arch, ">".join(p.precisions), where))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

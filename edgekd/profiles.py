@@ -66,12 +66,14 @@ class Profile(_P):
     dla_core: int | None = None
     workspace_mb: int = 1024
     verify_arm: bool = False
+    measure_on_matching_host: bool = False  # a host with the board's instruction set stands in for it
     source: str = ""
 
     @property
     def measures_here(self) -> bool:
-        """True when a latency measured on this host is this target's own (the `cpu` profile)."""
-        return self.arch == "host"
+        """True when latency measured on this host decides for this target: the `cpu` profile, or a profile
+        that accepts any host of its instruction set (intel-cpu on an x86 host)."""
+        return self.arch == "host" or (self.measure_on_matching_host and self.host_matches_arch())
 
     def host_matches_arch(self) -> bool:
         """Whether this machine has the board's instruction set (never that it is the board)."""
