@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.host:
         results: dict[str, dict | EdgeKDError] = {"host": bench_local(model, profile, **options)}
     else:
-        results = bench_hosts(args.host, files, model.name, profile, ssh_config=args.ssh_config and Path(args.ssh_config),
+        ssh_config = Path(args.ssh_config) if args.ssh_config else None
+        results = bench_hosts(args.host, files, model.name, profile, ssh_config=ssh_config,
                               remote_python=args.remote_python, **options)
     size = artifact_size_bytes(files)
     for result in results.values():

@@ -127,7 +127,8 @@ def test_runs_alone_from_a_copy(files, tmp_path):
 
 
 def test_imports_only_numpy_the_stdlib_and_the_runtimes():
-    tree = ast.parse(RUNNER.read_text())
+    """Boards get this one file; JetPack 5 ships Python 3.8, so its syntax must parse there too."""
+    tree = ast.parse(RUNNER.read_text(), feature_version=(3, 8))
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     outside = {n for n in names if n not in sys.stdlib_module_names}
@@ -189,3 +190,39 @@ def test_openvino_ir_gives_the_same_predictions(files, tmp_path):
     assert result["backend"] == "openvino" and result["versions"]["openvino"]
     assert result["predictions"] == [int(p) for p in pred]
     assert set(result["latency_ms"]) == LATENCY_KEYS
+
+
+def _bench_args(*argv: str):
+    import argparse
+
+    from edgekd.bench.cli import add_parser
+
+    parser = argparse.ArgumentParser(prog="edgekd")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_bench_command_locally_writes_the_runner_json(files, tmp_path, capsys):
+    from edgekd.bench.cli import run
+
+    _, model, data, _ = files
+    out = tmp_path / "bench.json"
+    code = run(_bench_args(str(model), "--target", "cpu", "--threads", "1", "--warmup", "2", "--iterations", "20",
+                           "--eval-data", str(data), "--json", str(out)))
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["measured_on"] == "host" and result["target"]["name"] == "cpu"
+    assert set(result["latency_ms"]) == LATENCY_KEYS and result["accuracy"] == pytest.approx(80.0)
+    assert result["artifact_bytes"] == model.stat().st_size
+    assert "p50" in capsys.readouterr().out
+
+
+def test_bench_command_corrupt_artifact_is_bad_input(tmp_path):
+    from edgekd.bench.cli import run
+    from edgekd.errors import ModelError
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ModelError) as err:
+        run(_bench_args(str(bad), "--target", "cpu", "--iterations", "2"))
+    assert err.value.exit_code == 2
