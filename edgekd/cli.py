@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"edgekd: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        return EXIT_OK
     except KeyboardInterrupt:
         print("edgekd: interrupted", file=sys.stderr)
         return 130

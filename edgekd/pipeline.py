@@ -82,7 +82,21 @@ class Pipeline:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        if self.hosts:
+            from .boards import bench_on_boards
+
+            bench_on_boards(ctx, report, self.hosts, self.ssh_config, self.remote_python)
+        if self.verify_arm:
+            self._verify_arm(ctx, report)
         return reporting.finish(ctx, report, self.hosts)
+
+    def _verify_arm(self, ctx: RunContext, report: dict) -> None:
+        """Evaluate the final artifact on the aarch64 runtime under emulation (accuracy only, never latency)."""
+        from .arm.emulate import apply_to_report, verify_arm
+
+        with ctx.progress.task("verifying on ARM kernels (emulated)", None):
+            result = verify_arm(ctx.run_dir, ctx.run_dir / report["final"]["artifact"], ctx.run_dir / "eval.npz")
+        apply_to_report(report, result)
 
     # ---------------------------------------------------------------- entries
     def _torch_entry(self, ctx: RunContext) -> dict:
