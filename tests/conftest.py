@@ -41,3 +41,16 @@ def tiny_config(tmp_path) -> Path:
     p = tmp_path / "tiny.yaml"
     p.write_text(TINY_CONFIG)
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted tiny run of the default pipeline for the cpu target: (run dir, process)."""
+    d = tmp_path_factory.mktemp("tiny-run")
+    cfg = d / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG)
+    out = d / "out"
+    r = run_edgekd("compress", "--config", str(cfg), "--target", "cpu", "--out", str(out), "--quiet",
+                   env={"EDGEKD_CACHE": str(tmp_path_factory.getbasetemp() / "edgekd-cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r

@@ -11,20 +11,6 @@ from tests.conftest import SHARED, run_edgekd
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from tests.conftest import TINY_CONFIG
-
-    d = tmp_path_factory.mktemp("run")
-    cfg = d / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG)
-    out = d / "out"
-    r = run_edgekd("compress", "--config", str(cfg), "--target", "cpu", "--out", str(out), "--quiet",
-                   env={"EDGEKD_CACHE": str(d / "cache")})
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out, r
-
-
 def test_run_directory_holds_the_contract(tiny_run):
     out, _ = tiny_run
     checker = SHARED / "tools" / "check_run.py"

@@ -1,0 +1,166 @@
+"""Table-driven bad input: each case exits with its documented code, one line naming what and where,
+no traceback, and no report.json left behind."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.cli import main
+from edgekd.models import SmallCNN
+
+pytestmark = pytest.mark.e2e
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/edgekd-pwned-marker",))
+
+
+def _onnx(path: Path, rank4: bool = True) -> Path:
+    if rank4:
+        m = SmallCNN(10).eval()
+        torch.onnx.export(m, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], dynamic_axes={"input": {0: "b"}})
+    else:
+        m = torch.nn.Linear(8, 3).eval()
+        torch.onnx.export(m, (torch.zeros(1, 8),), str(path), dynamo=False, opset_version=17, input_names=["input"])
+    return path
+
+
+def _setup(case: str, d: Path) -> list[str]:
+    """Build the files for one case; return the compress arguments."""
+    cfg = d / "c.yaml"
+    good_calib = d / "calib.npz"
+    np.savez(good_calib, x=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+
+    def config(text: str) -> list[str]:
+        cfg.write_text(text)
+        return ["--config", str(cfg)]
+
+    if case == "missing config":
+        return ["--config", str(d / "nope.yaml")]
+    if case == "malformed yaml":
+        return config("name: [oops\n")
+    if case == "config is a list":
+        return config("- a\n- b\n")
+    if case == "unknown key":
+        return config("distill: {epochz: 3}\n")
+    if case == "out of range":
+        return config("distill: {temperature: -1}\n")
+    if case == "wrong type":
+        return config("distill: {epochs: ten}\n")
+    if case == "stage order":
+        return config("stages: [quantize, distill]\n")
+    if case == "unknown target":
+        return ["--target", "toaster"]
+    if case == "bad profile file":
+        (d / "board.yaml").write_text("backend: tflite\n")
+        return ["--target", str(d / "board.yaml")]
+    if case == "missing data root":
+        return config(f"data: {{dataset: imagefolder, root: {d / 'absent'}}}\n")
+    if case == "empty data root":
+        (d / "empty").mkdir()
+        return config(f"data: {{dataset: imagefolder, root: {d / 'empty'}}}\n")
+    if case == "unreadable images":
+        for c in ("a", "b"):
+            (d / "imgs" / c).mkdir(parents=True)
+            for i in range(3):
+                (d / "imgs" / c / f"{i}.jpg").write_bytes(b"not a jpeg")
+        return config(f"data: {{dataset: imagefolder, root: {d / 'imgs'}}}\n")
+    if case == "missing checkpoint":
+        return config(f"teacher: {{checkpoint: {d / 'absent.pt'}}}\n")
+    if case == "checkpoint is not one":
+        (d / "junk.pt").write_bytes(b"\x00garbage" * 10)
+        return config(f"teacher: {{checkpoint: {d / 'junk.pt'}}}\n")
+    if case == "malicious checkpoint":
+        with open(d / "evil.pt", "wb") as f:
+            pickle.dump({"w": Evil()}, f)
+        return config(f"teacher: {{checkpoint: {d / 'evil.pt'}}}\n")
+    if case == "checkpoint of another model":
+        torch.save(SmallCNN(10).state_dict(), d / "other.pt")
+        return config(f"teacher: {{checkpoint: {d / 'other.pt'}}}\n")
+    if case == "unknown torchvision model":
+        return config("teacher: {model: 'torchvision:resnet9000'}\n")
+    if case == "pickled module without trust":
+        torch.save(SmallCNN(10), d / "whole.pt")
+        return config(f"teacher: {{model: {d / 'whole.pt'}}}\n")
+    if case == "calibration size 0":
+        return config("quantize: {calibration_samples: 0}\n")
+    if case == "model without calib":
+        return ["--model", str(_onnx(d / "m.onnx"))]
+    if case == "corrupt onnx":
+        (d / "bad.onnx").write_bytes(b"\x08\x01garbage")
+        return ["--model", str(d / "bad.onnx"), "--calib-data", str(good_calib)]
+    if case == "onnx of wrong rank":
+        return ["--model", str(_onnx(d / "lin.onnx", rank4=False)), "--calib-data", str(good_calib)]
+    if case == "calib with nan":
+        x = np.zeros((4, 3, 32, 32), np.float32)
+        x[1, 0, 0, 0] = np.nan
+        np.savez(d / "nan.npz", x=x)
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(d / "nan.npz")]
+    if case == "calib wrong shape":
+        np.savez(d / "shape.npz", x=np.zeros((4, 3, 16, 16), np.float32))
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(d / "shape.npz")]
+    if case == "calib empty":
+        np.savez(d / "empty.npz", x=np.zeros((0, 3, 32, 32), np.float32))
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(d / "empty.npz")]
+    if case == "calib wrong dtype":
+        np.savez(d / "int.npz", x=np.zeros((4, 3, 32, 32), np.int64))
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(d / "int.npz")]
+    if case == "calib not npz":
+        (d / "c.npz").write_text("hello")
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(d / "c.npz")]
+    if case == "eval shape mismatch":
+        np.savez(d / "ev.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--eval-data", str(d / "ev.npz")]
+    if case == "out not writable":
+        (d / "afile").write_text("x")
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--out", str(d / "afile" / "run")]
+    raise KeyError(case)
+
+
+CASES = [
+    ("missing config", "nope.yaml"), ("malformed yaml", "not valid YAML"), ("config is a list", "mapping"),
+    ("unknown key", "distill.epochz: unknown key"), ("out of range", "distill.temperature"),
+    ("wrong type", "distill.epochs"), ("stage order", "order"), ("unknown target", "unknown target 'toaster'"),
+    ("bad profile file", "backend"), ("missing data root", "absent"), ("empty data root", "no class folders"),
+    ("unreadable images", "none of the 6 images"), ("missing checkpoint", "absent.pt does not exist"),
+    ("checkpoint is not one", "junk.pt: not a loadable"), ("malicious checkpoint", "evil.pt"),
+    ("checkpoint of another model", "does not fit"), ("unknown torchvision model", "resnet9000"),
+    ("pickled module without trust", "--trust-checkpoint"), ("calibration size 0", "calibration_samples"),
+    ("model without calib", "--calib-data"), ("corrupt onnx", "bad.onnx"), ("onnx of wrong rank", "rank 2"),
+    ("calib with nan", "NaN/Inf"), ("calib wrong shape", "shape"), ("calib empty", "empty"),
+    ("calib wrong dtype", "dtype int64"), ("calib not npz", "not a readable .npz"),
+    ("eval shape mismatch", "ev.npz"), ("out not writable", "not writable"),
+]
+
+
+@pytest.mark.parametrize("case, message", CASES, ids=[c for c, _ in CASES])
+def test_bad_input_exits_2_with_one_line_and_no_report(case, message, tmp_path, capsys):
+    marker = Path("/tmp/edgekd-pwned-marker")
+    marker.unlink(missing_ok=True)
+    args = _setup(case, tmp_path)
+    out = tmp_path / "run"
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    code = main(["compress", "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgekd: error:"), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (out / "report.json").exists()
+    assert not list(tmp_path.rglob("report.json"))
+    assert not marker.exists()  # a malicious pickle is refused, never executed
+
+
+def test_trace_only_with_debug(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("distill: {epochz: 3}\n")
+    assert main(["compress", "--debug", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "Traceback" in capsys.readouterr().err
