@@ -12,6 +12,9 @@ from .errors import ConfigError
 STAGES = ("distill", "prune", "quantize")
 STRATEGIES = ("kd", "multi_teacher", "self", "born_again", "mutual", "deit", "progressive", "selective",
               "data_free")
+LOGIT_LOSSES = ("kd", "reverse_kl", "logit_mse")
+FEATURE_LOSSES = ("feature", "attention", "rkd_distance", "rkd_angle", "gram")
+DISTILL_LOSSES = LOGIT_LOSSES + FEATURE_LOSSES
 
 
 class _Section(BaseModel):
@@ -48,6 +51,13 @@ class StudentConfig(_Section):
     model: str = "small_cnn"
 
 
+class FeatureLayers(_Section):
+    """One student/teacher layer pair for feature terms, each a module path (e.g. 'features.3', 'layer3')."""
+
+    student: str = Field(min_length=1)
+    teacher: str = Field(min_length=1)
+
+
 class DistillConfig(_Section):
     epochs: int = Field(30, ge=0, le=10000)
     steps: int | None = Field(None, ge=1)
@@ -56,17 +66,56 @@ class DistillConfig(_Section):
     lr: float = Field(3e-3, gt=0, le=10)
     strategy: str = "kd"
     sweep: dict[str, list[float]] | None = None
+    sweep_epochs: int = Field(5, ge=1, le=10000)
     baseline: bool = False
+    # loss = (1 - alpha) * CE(labeled) + alpha * sum_k losses[k] * L_k
+    losses: dict[str, float] | None = None
+    feature_layers: FeatureLayers | list[FeatureLayers] | None = None
+    cache_topk: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     @model_validator(mode="after")
     def _known_strategy(self) -> DistillConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"distill.strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.sweep:
+        if self.sweep is not None:
             bad = set(self.sweep) - {"temperature", "alpha"}
             if bad:
                 raise ValueError(f"distill.sweep accepts temperature and alpha, not {', '.join(sorted(bad))}")
+            for k, values in self.sweep.items():
+                if not values:
+                    raise ValueError(f"distill.sweep.{k} is empty; list at least one value")
+                lo_ok = (lambda v: v > 0) if k == "temperature" else (lambda v: 0 <= v <= 1)
+                wrong = [v for v in values if not lo_ok(v)]
+                if wrong:
+                    rule = "> 0" if k == "temperature" else "between 0 and 1"
+                    raise ValueError(f"distill.sweep.{k}: {wrong[0]} is out of range (each must be {rule})")
+        if self.losses is not None:
+            unknown = sorted(set(self.losses) - set(DISTILL_LOSSES))
+            if unknown:
+                raise ValueError(f"distill.losses: unknown loss {unknown[0]!r} (known: {', '.join(DISTILL_LOSSES)})")
+            negative = [k for k, w in self.losses.items() if w < 0]
+            if negative:
+                raise ValueError(f"distill.losses.{negative[0]}: a weight must be >= 0")
+            if not any(w > 0 for w in self.losses.values()):
+                raise ValueError("distill.losses: every weight is 0; give one a weight > 0 (or set distill.alpha: 0)")
+            feats = [k for k, w in self.losses.items() if k in FEATURE_LOSSES and w > 0]
+            if feats and self.feature_layers is None:
+                raise ValueError(f"distill.losses.{feats[0]} needs distill.feature_layers "
+                                 "(e.g. {student: features.3, teacher: layer3})")
         return self
+
+    def loss_weights(self) -> dict[str, float]:
+        """The distillation terms and their weights ({kd: 1.0} unless distill.losses says otherwise)."""
+        return dict(self.losses) if self.losses is not None else {"kd": 1.0}
+
+    def layer_pairs(self) -> list[tuple[str, str]]:
+        """distill.feature_layers as (student path, teacher path) pairs."""
+        fl = self.feature_layers
+        if fl is None:
+            return []
+        return [(p.student, p.teacher) for p in (fl if isinstance(fl, list) else [fl])]
 
 
 class PruneConfig(_Section):
