@@ -45,12 +45,29 @@ def providers_for(profile: Profile) -> list[str]:
     return wanted
 
 
+def provider_settings(providers: list[str], threads: int | None, so) -> list:
+    """Providers with their options; XNNPACK gets the threads and the session's own pool drops to one.
+
+    ONNX Runtime's advice for XNNPACK: it has its own thread pool, so the session's intra-op pool is
+    set to 1 without spinning, or the two pools contend for the same cores."""
+    out: list = list(providers)
+    if "XnnpackExecutionProvider" in providers:
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        n = threads or (os.cpu_count() or 1)
+        out[providers.index("XnnpackExecutionProvider")] = ("XnnpackExecutionProvider", {"intra_op_num_threads": str(n)})
+    return out
+
+
 class OrtRunner(Runner):
+    """An ONNX Runtime session on the given providers (XNNPACK configured as its docs advise)."""
+
     def __init__(self, path: Path, threads: int | None, providers: list[str]):
         import onnxruntime as ort
 
+        so = session_options(threads)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+            self.session = ort.InferenceSession(str(path), so, providers=provider_settings(providers, threads, so))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise ModelError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         inp = self.session.get_inputs()[0]
@@ -88,8 +105,13 @@ class OnnxRuntimeBackend(Backend):
             src = out_dir / f"model.{precision}.source.onnx"
             shutil.copyfile(onnx_path, src)  # unoptimised original for runtimes that re-optimise
             files.append(src)
+        # No ORT-format (.ort) copy: with onnxruntime 1.31 (the full build pip installs) ORT-format
+        # resnet18/mobilenet_v2 sessions started 24-35% faster on an x86 host, but mobilenet_v2 then ran
+        # about 2x (FP32) and 3x (QDQ) slower per inference: the load-time optimisations an .onnx gets
+        # are not applied to an .ort model, and a board runs many inferences per start-up.
         return Artifact(path=out, backend=self.name, precision=precision, files=[out],
-                        info={"optimization_level": level, "providers": profile.execution_providers})
+                        info={"optimization_level": level, "providers": profile.execution_providers,
+                              "source_copy": files[1].name if len(files) > 1 else None})
 
     def _load(self, artifact: Artifact, profile: Profile, threads: int | None) -> Runner:
         return OrtRunner(artifact.path, threads, providers_for(profile))

@@ -4,6 +4,8 @@ With the default preset this is also the "NNCF default INT8 on OpenVINO" peer of
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,8 +64,10 @@ def quantize_nncf(fp32_onnx: Path, calib_npz: Path, out_xml: Path, subset_size: 
         raise DataError(f"{calib_npz}: array 'x' has shape {dataset.shape} (rank {len(dataset.shape)}); "
                         f"{fp32_onnx.name} expects rank {rank.get_length()}")
     try:
-        quantized = nncf.quantize(model, nncf.Dataset(dataset), preset=nncf.QuantizationPreset(preset),
-                                  subset_size=min(subset_size, len(dataset)))
+        # NNCF draws its own progress bars on stdout; stages report progress through the run context.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantized = nncf.quantize(model, nncf.Dataset(dataset), preset=nncf.QuantizationPreset(preset),
+                                      subset_size=min(subset_size, len(dataset)))
     except Exception as e:  # noqa: BLE001 - NNCF raises many types
         raise StageError(f"quantize: nncf.quantize failed on {fp32_onnx.name}: {_first_line(e)}") from None
     out_xml.parent.mkdir(parents=True, exist_ok=True)
