@@ -1,0 +1,53 @@
+"""`edgekd compress --host`: the final artifact measured on a board over SSH (a real sshd on loopback)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.models import SmallCNN
+from tests.conftest import run_edgekd
+from tests.e2e.sshd import SSHD, start_sshd
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not SSHD.exists(), reason=f"{SSHD} is missing (Debian package openssh-server)")]
+
+
+def test_compress_with_host_reports_the_boards_figures(tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN(10).eval()
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(onnx_path), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "b"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 3, 32, 32)).astype(np.float32))
+    x = rng.standard_normal((40, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    profile = tmp_path / "pi.yaml"
+    profile.write_text(f"name: test-pi\nbackend: onnxruntime\narch: aarch64\nthreads: 1\n"
+                       f"bench: {{warmup: 2, iterations: 20}}\nremote: {{workdir: {tmp_path}, timeout_s: 120, "
+                       f"connect_timeout_s: 5}}\n")
+    server = start_sshd(tmp_path / "sshd")
+    try:
+        out = tmp_path / "run"
+        r = run_edgekd("compress", "--model", str(onnx_path), "--calib-data", str(tmp_path / "calib.npz"),
+                       "--eval-data", str(tmp_path / "eval.npz"), "--target", str(profile), "--out", str(out),
+                       "--host", "board", "--ssh-config", str(server.ssh_config()), "--remote-python",
+                       sys.executable, "--quiet")
+        assert r.returncode == 0, r.stderr[-2000:]
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["final"]["measured_on"] == "board"
+        assert rep["final"]["latency_ms"]["p50"] > 0
+        assert rep["remote"][0]["host"] == "board" and rep["remote"][0]["accuracy"] is not None
+        bad = run_edgekd("compress", "--model", str(onnx_path), "--calib-data", str(tmp_path / "calib.npz"),
+                         "--target", str(profile), "--out", str(tmp_path / "run2"), "--host", "nosuchboard:1",
+                         "--ssh-config", str(server.ssh_config()), "--quiet", timeout=120)
+        assert bad.returncode == 3 and "nosuchboard" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "run2" / "report.json").exists()
+    finally:
+        server.stop()
