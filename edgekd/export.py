@@ -51,6 +51,15 @@ def check_onnx_file(path: Path) -> tuple[str, tuple]:
         proto = onnx.load(str(path))
     except Exception:  # noqa: BLE001
         raise ModelError(f"ONNX model {path}: not a readable ONNX file") from None
+    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    for node in proto.graph.node:
+        domain = node.domain or "ai.onnx"
+        if domain in ("ai.onnx", "ai.onnx.ml") and not onnx.defs.has(node.op_type, "" if domain == "ai.onnx" else domain):
+            raise ModelError(f"ONNX model {path}: node {node.name or '(unnamed)'!r} uses op {node.op_type!r}, "
+                             f"which is not an ONNX operator (opset {opsets.get(domain)})")
+        if domain not in ("ai.onnx", "ai.onnx.ml", "com.microsoft"):
+            raise ModelError(f"ONNX model {path}: node {node.name or '(unnamed)'!r} uses op {node.op_type!r} from "
+                             f"custom domain {domain!r}, which the target runtimes cannot run")
     try:
         onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001

@@ -98,6 +98,15 @@ def _setup(case: str, d: Path) -> list[str]:
         return ["--model", str(d / "bad.onnx"), "--calib-data", str(good_calib)]
     if case == "onnx of wrong rank":
         return ["--model", str(_onnx(d / "lin.onnx", rank4=False)), "--calib-data", str(good_calib)]
+    if case == "unsupported op":
+        import onnx
+        from onnx import TensorProto, helper
+
+        node = helper.make_node("FancyConv", ["input"], ["out"], name="fancy_1")
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 10])])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), d / "fancy.onnx")
+        return ["--model", str(d / "fancy.onnx"), "--calib-data", str(good_calib)]
     if case == "calib with nan":
         x = np.zeros((4, 3, 32, 32), np.float32)
         x[1, 0, 0, 0] = np.nan
@@ -134,6 +143,7 @@ CASES = [
     ("checkpoint of another model", "does not fit"), ("unknown torchvision model", "resnet9000"),
     ("pickled module without trust", "--trust-checkpoint"), ("calibration size 0", "calibration_samples"),
     ("model without calib", "--calib-data"), ("corrupt onnx", "bad.onnx"), ("onnx of wrong rank", "rank 2"),
+    ("unsupported op", "node 'fancy_1' uses op 'FancyConv'"),
     ("calib with nan", "NaN/Inf"), ("calib wrong shape", "shape"), ("calib empty", "empty"),
     ("calib wrong dtype", "dtype int64"), ("calib not npz", "not a readable .npz"),
     ("eval shape mismatch", "ev.npz"), ("out not writable", "not writable"),
