@@ -13,7 +13,7 @@ from .measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr
 
 @dataclass
 class Candidate:
-    """One precision compiled for the target and what was measured of it."""
+    """One model compiled for the target and what was measured of it."""
 
     precision: str
     onnx: Path
@@ -23,18 +23,27 @@ class Candidate:
     latency: dict | None = None
     logits: np.ndarray | None = None
     not_measured: dict = field(default_factory=dict)
+    label: str = ""
 
 
-def compile_all(ctx: RunContext, onnx_by_name: dict[str, Path]) -> dict[str, Candidate]:
-    """Compile each ONNX model with the target's backend into target/<name>/."""
+@dataclass(frozen=True)
+class Source:
+    """A model to compile as candidate: its precision, the file (ONNX, or an OpenVINO IR), a label."""
+
+    precision: str
+    path: Path
+    label: str = ""
+
+
+def compile_all(ctx: RunContext, sources: dict[str, Source | Path]) -> dict[str, Candidate]:
+    """Compile each model with the target's backend into target/<name>/ (a bare Path: precision = name)."""
     backend = get_backend(ctx.profile.backend)
     out: dict[str, Candidate] = {}
-    for name, path in onnx_by_name.items():
-        precision = "fp32" if name == "teacher" else name
-        if precision == "fp16" and "fp32" in onnx_by_name:
-            path = onnx_by_name["fp32"]
-        art = backend.compile(path, ctx.profile, ctx.run_dir / "target" / name, precision)
-        out[name] = Candidate(precision=precision, onnx=path, artifact=art)
+    for name, src in sources.items():
+        if not isinstance(src, Source):
+            src = Source("fp32" if name == "teacher" else name, Path(src))
+        art = backend.compile(src.path, ctx.profile, ctx.run_dir / "target" / name, src.precision)
+        out[name] = Candidate(precision=src.precision, onnx=src.path, artifact=art, label=src.label or src.precision)
     return out
 
 
@@ -68,40 +77,58 @@ def measure_all(ctx: RunContext, cands: dict[str, Candidate], x: np.ndarray, y: 
         r.close()
 
 
+def preference(ctx: RunContext, cands: dict[str, Candidate]) -> list[str]:
+    """Candidate names in the profile's precision order (within a precision, in the order produced)."""
+    order = list(ctx.profile.precisions)
+    names = [n for n in cands if n != "teacher"]
+    return sorted(names, key=lambda n: order.index(cands[n].precision) if cands[n].precision in order
+                  else len(order))
+
+
+def _budget(c: Candidate, ref: Candidate | None, max_drop: float, have_labels: bool) -> tuple[bool, str]:
+    """Whether `c` is within the accuracy budget of the FP32 reference, and the figure that says so."""
+    if c is ref or ref is None:
+        return True, "the reference"
+    if have_labels and c.accuracy is not None and ref.accuracy is not None:
+        drop = ref.accuracy - c.accuracy
+        return drop <= max_drop, f"accuracy drop {drop:.2f} pt vs fp32 (budget {max_drop})"
+    if c.fidelity:
+        dis = 100 - c.fidelity["top1_agreement"]
+        return dis <= max_drop, f"disagrees with fp32 on {dis:.2f}% of inputs (budget {max_drop})"
+    return True, "accuracy not measured here"
+
+
 def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float, have_labels: bool,
-           measured_here: bool) -> tuple[str, str, bool]:
+           measured_here: bool) -> tuple[str, str, bool, dict[str, str]]:
     """The final candidate: fastest measured within the accuracy budget of FP32, or, where latency on the
-    board could not be measured, the profile's preference order. Returns (name, why, measured)."""
-    names = [p for p in ctx.profile.precisions if p in cands] + [n for n in cands if n not in ctx.profile.precisions
-                                                                and n != "teacher"]
+    board could not be measured, the profile's preference order. Returns (name, why, measured, why
+    per candidate)."""
+    names = preference(ctx, cands)
     ref = cands.get("fp32")
-
-    def within_budget(c: Candidate) -> tuple[bool, str]:
-        if c is ref or ref is None:
-            return True, ""
-        if have_labels and c.accuracy is not None and ref.accuracy is not None:
-            drop = ref.accuracy - c.accuracy
-            return drop <= max_drop, f"accuracy drop {drop:.2f} pt vs fp32 (budget {max_drop})"
-        if c.fidelity:
-            dis = 100 - c.fidelity["top1_agreement"]
-            return dis <= max_drop, f"disagrees with fp32 on {dis:.2f}% of inputs (budget {max_drop})"
-        return True, "accuracy not measured here"
-
-    ok = [n for n in names if within_budget(cands[n])[0]]
+    verdict = {n: _budget(cands[n], ref, max_drop, have_labels) for n in names}
+    ok = [n for n in names if verdict[n][0]]
     if not ok:
         ok = ["fp32"] if "fp32" in cands else names[:1]
+    reasons = {n: f"over the accuracy budget: {verdict[n][1]}" for n in names if n not in ok}
     if measured_here and all(cands[n].latency for n in ok):
-        best = min(ok, key=lambda n: cands[n].latency["p50"])  # type: ignore[index]
-        parts = [f"{n} p50 {cands[n].latency['p50']:.3f} ms" for n in ok]  # type: ignore[index]
-        rejected = [f"{n} ({within_budget(cands[n])[1]})" for n in names if n not in ok]
-        why = f"fastest within the accuracy budget on {ctx.profile.name}: " + ", ".join(parts)
-        if rejected:
-            why += "; over budget: " + ", ".join(rejected)
-        return best, why, True
+        p50 = {n: cands[n].latency["p50"] for n in ok}  # type: ignore[index]
+        best = min(ok, key=lambda n: p50[n])
+        for n in ok:
+            reasons[n] = (f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms" if n == best
+                          else f"slower: p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best})")
+        why = (f"fastest within the accuracy budget, measured with {ctx.profile.backend} on this host for "
+               f"{ctx.profile.name}: " + ", ".join(f"{n} p50 {p50[n]:.3f} ms" for n in ok))
+        over = [n for n in names if n not in ok]
+        if over:
+            why += "; over budget: " + ", ".join(f"{n} ({verdict[n][1]})" for n in over)
+        return best, why, True, reasons
     best = ok[0]
     why = (f"not measured on the board: chosen by {ctx.profile.name}'s preference order "
-           f"({', '.join(ctx.profile.precisions)})")
-    rejected = [n for n in names if n not in ok]
-    if rejected:
-        why += f"; {', '.join(rejected)} left out: " + "; ".join(within_budget(cands[n])[1] for n in rejected)
-    return best, why, False
+           f"({', '.join(ctx.profile.precisions)}); latencies taken on this host do not decide for this board")
+    for n in ok:
+        reasons[n] = ("first in the preference order within the accuracy budget" if n == best
+                      else "later in the preference order")
+    over = [n for n in names if n not in ok]
+    if over:
+        why += f"; {', '.join(over)} left out: " + "; ".join(verdict[n][1] for n in over)
+    return best, why, False, reasons

@@ -16,13 +16,14 @@ from . import reporting
 from .config import Config
 from .context import RunContext, usable_cores
 from .data import build_splits, load_npz
-from .deploy import Candidate, choose, compile_all, measure_all
+from .deploy import Source, choose, compile_all, measure_all
 from .errors import BadInputError, StageError
 from .export import check_onnx_file, export_onnx, parity, torch_logits
 from .models import build_model, count_macs, count_params, student_from
 from .profiles import Profile, load_profile
 from .progress import NullProgress, Progress
 from .quantize.calibration import stratified_sample
+from .quantize.sensitivity import Validation
 from .runs import ensure_writable_dir, hash_arrays, write_json, write_npz
 
 
@@ -161,20 +162,30 @@ class Pipeline:
                 raise BadInputError(f"eval data {self.eval_data}: 'x' has shape {eval_x.shape}, calibration has "
                                     f"{calib_x.shape}")
         shutil.copyfile(self.model_onnx, run / "model.fp32.onnx")  # type: ignore[arg-type]
-        # Without eval data, fidelity to FP32 on calibration inputs held out from calibration stands in.
+        # A quarter of the calibration inputs (seeded) is held out from calibration: fidelity to FP32 on
+        # them decides the accuracy-aware fallback, and stands in for accuracy when no eval data is given.
+        n_hold = len(calib_x) // 4 if len(calib_x) >= 4 else 0
+        hold = np.sort(np.random.default_rng(self.config.seed).permutation(len(calib_x))[:n_hold])
+        held = calib_x[hold]
+        calib_x = np.delete(calib_x, hold, axis=0)
+        validation = Validation(held, None, f"{n_hold} calibration inputs held out from calibration") \
+            if n_hold else None
         if eval_x is None:
-            n_hold = max(1, len(calib_x) // 4) if len(calib_x) > 1 else 0
-            held, calib_x = (calib_x[:n_hold], calib_x[n_hold:]) if n_hold and len(calib_x) > 1 else (calib_x, calib_x)
-            write_npz(run / "eval.npz", x=held)
-            eval_x = held
+            eval_x = held if n_hold else calib_x
+            write_npz(run / "eval.npz", x=eval_x)
+            eval_source = (f"fidelity to FP32 on {n_hold} calibration inputs held out from calibration" if n_hold
+                           else "fidelity to FP32 on the calibration inputs (too few to hold any out)")
         else:
             write_npz(run / "eval.npz", **({"x": eval_x, "y": eval_y} if eval_y is not None else {"x": eval_x}))
+            eval_source = f"eval data {self.eval_data}" + ("" if eval_y is not None else " (no labels: fidelity)")
         write_npz(run / "calib.npz", x=calib_x)
         report = reporting.skeleton(ctx, f"ONNX entry: {self.model_onnx}", None)
+        report["data"].update({"calibration_inputs": int(len(calib_x)), "held_out_for_fidelity": int(n_hold),
+                               "eval": eval_source})
         report["teacher"] = {"not_measured": "ONNX entry: no PyTorch teacher", "accuracy": None, "params": None,
                              "macs": None, "size_bytes": None, "latency_ms": None}
         return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, reporting.onnx_counts(
-            run / "model.fp32.onnx", tuple(eval_x.shape[1:])))
+            run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)
 
     # ---------------------------------------------------------------- stages
     def _distill(self, ctx: RunContext, teacher: nn.Module, student: nn.Module, teacher_key: str):
@@ -214,40 +225,49 @@ class Pipeline:
         return entry
 
     def _deploy(self, ctx: RunContext, report: dict, stages: list[dict], fp32: Path, eval_x: np.ndarray,
-                eval_y: np.ndarray | None, counts: dict) -> dict:
+                eval_y: np.ndarray | None, counts: dict, validation: Validation | None = None) -> dict:
         run = ctx.run_dir
-        onnx_by_name: dict[str, Path] = {}
+        sources: dict[str, Source] = {}
         has_teacher = (run / "teacher.fp32.onnx").exists() and not self.model_onnx
+        measured_here = ctx.profile.measures_here and not self.hosts
+        if validation is None and ctx.splits is not None:
+            validation = Validation(ctx.splits.val.x.numpy(), ctx.splits.val.y.numpy(), "validation split")
         if "quantize" in self.config.stages or self.model_onnx:
             from .quantize.stage import run_quantize
 
-            q_entry = run_quantize(ctx, fp32, run / "calib.npz", run / "model.int8.onnx")
-            q_entry["calibration"] = reporting.calibration_info(ctx, run / "calib.npz")
-            stages.append(q_entry)
+            q = run_quantize(ctx, fp32, run / "calib.npz", run / "model.int8.onnx", validation, measured_here)
+            q.entry["calibration"] = {**reporting.calibration_info(ctx, run / "calib.npz"),
+                                      **q.entry.pop("calibration_plan", {})}
+            stages.append(q.entry)
             if "int8" in ctx.profile.precisions:
-                onnx_by_name["int8"] = run / "model.int8.onnx"
-        onnx_by_name["fp32"] = fp32
+                sources.update(q.sources)
+        sources["fp32"] = Source("fp32", fp32, "FP32")
         if "fp16" in ctx.profile.precisions and ctx.profile.backend != "onnxruntime":
-            onnx_by_name["fp16"] = fp32
+            sources["fp16"] = Source("fp16", fp32, "FP16")
         if has_teacher:
-            onnx_by_name["teacher"] = run / "teacher.fp32.onnx"
+            sources["teacher"] = Source("fp32", run / "teacher.fp32.onnx", "teacher FP32")
         t0 = time.perf_counter()
-        cands = compile_all(ctx, onnx_by_name)
+        cands = compile_all(ctx, sources)
         stages.append({"name": "compile", "duration_s": round(time.perf_counter() - t0, 2),
                        "backend": ctx.profile.backend,
                        "artifacts": {k: str(c.artifact.path.relative_to(run)) for k, c in cands.items() if c.artifact}})
         t0 = time.perf_counter()
         measure_all(ctx, cands, eval_x, eval_y)
         teacher_c = cands.pop("teacher", None)
-        measured_here = ctx.profile.measures_here and not self.hosts
         max_drop = self.config.quantize.max_accuracy_drop
-        name, why, measured = choose(ctx, cands, max_drop, eval_y is not None, measured_here)
+        name, why, measured, reasons = choose(ctx, cands, max_drop, eval_y is not None, measured_here)
         stages.append({"name": "bench", "duration_s": round(time.perf_counter() - t0, 2),
                        "threads": ctx.threads, "measured_on": "host"})
         for st in stages:
             if st["name"] == "quantize":
-                st["candidates"] = [reporting.candidate_entry(ctx, n, c, n == name) for n, c in cands.items()]
-                st["choice"] = {"precision": cands[name].precision, "why": why, "measured": measured}
+                st["candidates"] = [{"name": n, "label": c.label, **reporting.candidate_entry(ctx, n, c, n == name),
+                                     "why": reasons.get(n, "")} for n, c in cands.items()]
+                st["choice"] = {"candidate": name, "precision": cands[name].precision, "label": cands[name].label,
+                                "why": why, "measured": measured,
+                                "measured_where": "this host, with the target's runtime" if measured else
+                                "not measured on the board"}
         report["stages"] = stages
         reporting.fill_final(ctx, report, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
+        report["final"]["candidate"] = name
+        report["final"]["label"] = cands[name].label
         return report

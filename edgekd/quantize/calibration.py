@@ -25,7 +25,7 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     for i in np.argsort(-frac, kind="stable")[: n - quota.sum()]:
         quota[i] += 1
     chosen = []
-    for c, q in zip(classes, quota):
+    for c, q in zip(classes, quota, strict=True):
         ids = np.flatnonzero(labels == c)
         chosen.append(rng.choice(ids, min(q, len(ids)), replace=False))
     return np.sort(np.concatenate(chosen))
@@ -72,22 +72,56 @@ def iter_npz_batches(path: str | Path, batch_size: int, key: str = "x") -> Itera
 
 
 class NpzCalibrationReader:
-    """onnxruntime CalibrationDataReader over a .npz, streamed batch by batch."""
+    """onnxruntime CalibrationDataReader over a .npz, streamed batch by batch.
 
-    def __init__(self, path: str | Path, input_name: str, batch_size: int = 16, on_batch=None):
+    With `max_batches`, get_next() ends after that many batches although rows remain; `exhausted`
+    tells the two apart, so a calibrator can be fed chunk by chunk (see ptq.calibrate)."""
+
+    def __init__(self, path: str | Path, input_name: str, batch_size: int = 16, on_batch=None,
+                 max_batches: int | None = None):
         self.path, self.input_name, self.batch_size = Path(path), input_name, batch_size
         self._it: Iterator[np.ndarray] | None = None
+        self._next: np.ndarray | None = None
         self.on_batch = on_batch
+        self.max_batches = max_batches
+        self._given = 0
+        self.exhausted = False
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
+    def _peek(self) -> np.ndarray | None:
         if self._it is None:
             self._it = iter_npz_batches(self.path, self.batch_size)
-        batch = next(self._it, None)
+        if self._next is None and not self.exhausted:
+            self._next = next(self._it, None)
+            self.exhausted = self._next is None
+        return self._next
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next batch as {input name: array}, or None at the end of the data or of the chunk."""
+        if self.max_batches is not None and self._given >= self.max_batches:
+            return None
+        batch = self._peek()
         if batch is None:
             return None
+        self._next = None
+        self._given += 1
         if self.on_batch:
             self.on_batch(len(batch))
         return {self.input_name: batch}
 
+    def next_chunk(self) -> bool:
+        """Start the next chunk of `max_batches`; False when no rows remain."""
+        self._given = 0
+        return self._peek() is not None
+
     def rewind(self) -> None:
-        self._it = None
+        """Start again from the first row."""
+        self._it, self._next, self._given, self.exhausted = None, None, 0, False
+
+
+def calibration_plan(bytes_per_sample: int, memory_mb: float, batch_size: int = 16) -> tuple[int, int]:
+    """(batch size, batches held at once) so that the intermediate outputs a calibrator keeps stay
+    within `memory_mb`: histogram calibrators hold every output of a chunk before binning it."""
+    budget = max(1, int(memory_mb * 2**20))
+    per_sample = max(1, int(bytes_per_sample))
+    batch = max(1, min(batch_size, budget // per_sample))
+    return batch, max(1, budget // (per_sample * batch))

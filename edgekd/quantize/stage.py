@@ -1,29 +1,138 @@
-"""The quantize stage: static INT8 (QDQ) with the target's recipe and real calibration data."""
+"""The quantize stage: calibrate once, quantize with the target's recipe, keep the most sensitive nodes
+in float while INT8 is over the accuracy budget, and produce the INT8 candidates the target measures."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..context import RunContext
-from ..errors import StageError
-from .ptq import quantize_qdq, zero_points
-from .recipes import resolve
+from ..deploy import Source
+from ..errors import DataError, StageError
+from ..measure import predict
+from .calibration import npz_shape
+from .candidates import int8_specs
+from .ptq import calibrate, preprocess, quantize_with_ranges, zero_points
+from .recipes import Recipe, resolve
+from .sensitivity import Validation, fallback, sensitivity_table
 
 
-def run_quantize(ctx: RunContext, fp32_path: Path, calib_path: Path, out_path: Path) -> dict:
-    """Quantize `fp32_path` into `out_path`; returns the stage's report entry (recipe and calibration)."""
+@dataclass
+class QuantizeResult:
+    """The stage's report entry and the INT8 models to compile as candidates (name -> Source)."""
+
+    entry: dict
+    sources: dict[str, Source] = field(default_factory=dict)
+
+
+def evaluator(ctx: RunContext, x: np.ndarray) -> tuple[Callable[[Path], np.ndarray], str]:
+    """A function from a model file to its logits on `x`, with the target's runtime where it runs on
+    this host (OpenVINO for intel-cpu, ONNX Runtime otherwise), and a label saying which runtime."""
+    prof = ctx.profile
+    if prof.backend == "openvino":
+        from ..backends import get_backend
+
+        get_backend("openvino")  # a missing runtime is a clear error naming the extra
+        from ..backends.openvino import OpenVinoRunner
+
+        def run_ov(path: Path) -> np.ndarray:
+            runner = OpenVinoRunner(path, prof.device, "int8", ctx.threads)
+            try:
+                return predict(runner, x)
+            finally:
+                runner.close()
+
+        return run_ov, f"openvino {prof.device} on this host"
+    from ..backends.onnxruntime import OrtRunner, providers_for
+
+    providers = providers_for(prof) if prof.backend == "onnxruntime" else ["CPUExecutionProvider"]
+    label = f"onnxruntime {'/'.join(providers)} on this host"
+    if prof.backend != "onnxruntime":
+        label += f" (standing in for {prof.backend}, which does not run here)"
+    elif not prof.host_matches_arch():
+        label += f" (x86 kernels standing in for the {prof.arch} board's)"
+
+    def run_ort(path: Path) -> np.ndarray:
+        runner = OrtRunner(path, ctx.threads, providers)
+        try:
+            return predict(runner, x)
+        finally:
+            runner.close()
+
+    return run_ort, label
+
+
+def _sensitivity(ctx: RunContext, fp32_path: Path, src: Path, ranges: Path, recipe: Recipe, out_path: Path,
+                 validation: Validation) -> dict:
+    """Per-layer table and the accuracy-aware fallback; leaves the chosen INT8 model at `out_path`."""
+    evaluate, evaluated_with = evaluator(ctx, validation.x)
+    with ctx.progress.task("per-layer sensitivity", None):
+        table = sensitivity_table(src, out_path, validation.x, ctx.threads)
+        fp32_logits = evaluate(fp32_path)
+
+        def requantize(nodes: list[str], path: Path) -> Path:
+            return quantize_with_ranges(src, path, ranges, recipe, nodes_to_exclude=nodes)
+
+        res = fallback(fp32_logits, evaluate, requantize, out_path, table, validation,
+                       ctx.config.quantize.max_accuracy_drop)
+    return {"sensitivity": table, "kept_float": res.kept_float,
+            "fallback": {"validation": validation.source, "samples": int(len(validation.x)),
+                         "evaluated_with": evaluated_with, "metric": res.metric, "drop": res.drop,
+                         "max_accuracy_drop": ctx.config.quantize.max_accuracy_drop,
+                         "within_budget": res.within_budget, "steps": res.steps}}
+
+
+def run_quantize(ctx: RunContext, fp32_path: Path, calib_path: Path, out_path: Path,
+                 validation: Validation | None = None, measured: bool = False) -> QuantizeResult:
+    """Quantize `fp32_path` into `out_path` (QDQ, the target's recipe) and, when `measured`, the recipe's
+    alternatives; returns the report entry (recipe, calibration, sensitivity, kept_float) and sources."""
     t0 = time.perf_counter()
-    recipe = resolve(ctx.profile, ctx.config.quantize)
-    from .calibration import npz_shape
-
+    q = ctx.config.quantize
+    recipe = resolve(ctx.profile, q)
+    sd = ctx.stage_dir("quantize")
     n = npz_shape(calib_path)[0][0]
+    if n == 0:
+        raise DataError(f"calibration data {calib_path}: array 'x' is empty")
+    src = preprocess(fp32_path, sd / "model.pre.onnx")
+    ranges = sd / "ranges.json"
+    ranges.unlink(missing_ok=True)  # ranges of an earlier run must not be reused for new data
     with ctx.progress.task("calibrating", n) as bar:
-        quantize_qdq(fp32_path, out_path, calib_path, recipe, percentile=ctx.config.quantize.percentile,
-                     on_batch=bar.advance)
+        plan = calibrate(src, calib_path, ranges, recipe.method, symmetric=recipe.symmetric_activations,
+                         percentile=q.percentile, on_batch=bar.advance)
+    quantize_with_ranges(src, out_path, ranges, recipe)
+    entry: dict = {"name": "quantize", "recipe": recipe.as_dict(), "calibration_plan": plan,
+                   "sensitivity": [], "kept_float": []}
+    if validation is not None and len(validation.x):
+        entry.update(_sensitivity(ctx, fp32_path, src, ranges, recipe, out_path, validation))
+    else:
+        entry["not_measured"] = {"sensitivity": "no validation data (too few calibration inputs to hold any out)"}
+    kept = entry["kept_float"]
+    result = QuantizeResult(entry)
+    produced = []
+    for spec in int8_specs(recipe, measured):
+        if spec.quantizer == "qdq":
+            path = out_path
+        elif spec.quantizer == "qoperator":
+            path = quantize_with_ranges(src, sd / "model.int8.qoperator.onnx", ranges, recipe, fmt="qoperator",
+                                        nodes_to_exclude=kept)
+        else:
+            from .nncf_ov import quantize_nncf
+
+            with ctx.progress.task("NNCF quantization", None):
+                path = quantize_nncf(fp32_path, calib_path, sd / "nncf" / "model.int8.xml", subset_size=n)
+        result.sources[spec.name] = Source("int8", path, spec.label())
+        produced.append({"candidate": spec.name, "quantizer": spec.quantizer, "label": spec.label(),
+                         "file": str(path.relative_to(ctx.run_dir)) if path.is_relative_to(ctx.run_dir)
+                         else str(path)})
     if recipe.name == "tensorrt":
         bad = [z for z in zero_points(out_path) if z != 0]
         if bad:
             raise StageError(f"quantize: {out_path.name} has {len(bad)} non-zero zero points; TensorRT needs "
                              "symmetric int8")
-    return {"name": "quantize", "duration_s": round(time.perf_counter() - t0, 2), "recipe": recipe.as_dict(),
-            "kept_float": []}
+    entry["int8_models"] = produced
+    entry["alternatives_measured"] = measured
+    entry["duration_s"] = round(time.perf_counter() - t0, 2)
+    return result

@@ -1,0 +1,113 @@
+"""INT8 candidates per target, the choice between measured candidates, and the fallback's loop."""
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.config import Config, QuantizeConfig
+from edgekd.context import RunContext
+from edgekd.deploy import Candidate, choose, preference
+from edgekd.profiles import load_profile
+from edgekd.quantize.calibration import calibration_plan
+from edgekd.quantize.candidates import int8_specs
+from edgekd.quantize.recipes import resolve
+from edgekd.quantize.sensitivity import Validation, drop_of, fallback
+
+
+def _ctx(target: str, tmp_path: Path) -> RunContext:
+    return RunContext(Config(), load_profile(target), tmp_path)
+
+
+def test_x86_cpu_measures_qoperator_beside_qdq():
+    recipe = resolve(load_profile("cpu"), QuantizeConfig())
+    specs = int8_specs(recipe, measured=True)
+    if recipe.name == "ort-x86":
+        assert [s.name for s in specs] == ["int8", "int8-qoperator"]
+        assert specs[0].label().startswith("QDQ U8S8 per-channel")
+        assert specs[1].label().startswith("QOperator U8S8")
+    assert [s.name for s in int8_specs(recipe, measured=False)] == ["int8"]
+
+
+def test_openvino_measures_nncf_beside_qdq():
+    specs = int8_specs(resolve(load_profile("intel-cpu"), QuantizeConfig()), measured=True)
+    assert [(s.name, s.quantizer) for s in specs] == [("int8", "qdq"), ("int8-nncf", "nncf")]
+
+
+def test_boards_without_a_measurement_get_their_recipe_only():
+    arm = int8_specs(resolve(load_profile("raspberry-pi-5"), QuantizeConfig()), measured=False)
+    assert [s.name for s in arm] == ["int8"] and arm[0].label().startswith("QDQ S8S8 per-channel")
+    trt = int8_specs(resolve(load_profile("jetson"), QuantizeConfig()), measured=True)
+    assert [s.name for s in trt] == ["int8"] and "symmetric" in trt[0].label()
+
+
+def _cand(precision: str, p50: float | None, acc: float | None = None, agree: float | None = None) -> Candidate:
+    c = Candidate(precision=precision, onnx=Path("m.onnx"), accuracy=acc, label=precision)
+    if p50 is not None:
+        c.latency = {"p50": p50}
+    if agree is not None:
+        c.fidelity = {"top1_agreement": agree, "logit_sqnr_db": 30.0}
+    return c
+
+
+def test_fastest_within_budget_wins_when_measured(tmp_path):
+    ctx = _ctx("cpu", tmp_path)
+    cands = {"int8": _cand("int8", 5.0, acc=90.0), "int8-qoperator": _cand("int8", 4.0, acc=88.0),
+             "fp32": _cand("fp32", 9.0, acc=90.2)}
+    name, why, measured, reasons = choose(ctx, cands, 0.5, True, True)
+    assert (name, measured) == ("int8", True)
+    assert "over the accuracy budget" in reasons["int8-qoperator"]
+    assert reasons["fp32"].startswith("slower") and "fastest" in reasons["int8"]
+
+
+def test_fp32_wins_when_int8_is_slower(tmp_path):
+    ctx = _ctx("cpu", tmp_path)
+    cands = {"int8": _cand("int8", 7.0, agree=100.0), "fp32": _cand("fp32", 6.0)}
+    assert choose(ctx, cands, 0.5, False, True)[0] == "fp32"
+
+
+def test_board_without_measurement_follows_preference_order(tmp_path):
+    ctx = _ctx("raspberry-pi-5", tmp_path)
+    # An x86 measurement that favours fp32 must not decide for an ARM board.
+    cands = {"fp32": _cand("fp32", 1.0, acc=90.0), "int8": _cand("int8", 9.0, acc=89.9)}
+    assert preference(ctx, cands) == ["int8", "fp32"]
+    name, why, measured, _ = choose(ctx, cands, 0.5, True, False)
+    assert (name, measured) == ("int8", False) and "not measured on the board" in why
+
+
+def test_calibration_plan_stays_within_memory():
+    batch, chunk = calibration_plan(50 * 2**20, 1024, 16)
+    assert batch * chunk * 50 <= 1024 and (batch, chunk) == (16, 1)
+    assert calibration_plan(4 * 2**30, 1024, 16) == (1, 1)  # one sample at a time at least
+    assert calibration_plan(2**20, 64, 16) == (16, 4)
+
+
+def test_drop_is_disagreement_without_labels():
+    a = np.eye(4, dtype=np.float32)
+    b = a.copy()
+    b[0] = [0, 1, 0, 0]
+    assert drop_of(a, b, None) == (25.0, "top-1 disagreement with fp32 (%)")
+    assert drop_of(a, b, np.arange(4))[0] == 25.0
+
+
+def test_fallback_keeps_the_most_sensitive_nodes_until_within_budget(tmp_path):
+    fp32 = np.eye(8, dtype=np.float32)
+    table = [{"node": f"n{i}", "op_type": "Conv", "sqnr_db": 30.0, "sqnr_loss_db": 10.0 - i} for i in range(8)]
+    tried = []
+
+    def requantize(nodes, path):
+        tried.append(list(nodes))
+        path.write_text(",".join(nodes))
+        return path
+
+    def evaluate(path):  # INT8 flips one input until n0 and n1 are both kept in float
+        kept = set(Path(path).read_text().split(",")) if Path(path).read_text() else set()
+        out = fp32.copy()
+        if not {"n0", "n1"} <= kept:
+            out[0] = np.roll(out[0], 1)
+        return out
+
+    int8 = tmp_path / "int8.onnx"
+    int8.write_text("")
+    res = fallback(fp32, evaluate, requantize, int8, table, Validation(fp32, None, "held out"), 0.5)
+    assert res.within_budget and res.kept_float == ["n0", "n1"] and res.drop == 0.0
+    assert tried == [["n0"], ["n0", "n1"]] and int8.read_text() == "n0,n1"
+    assert [s["kept_float"] for s in res.steps] == [0, 1, 2]
