@@ -54,7 +54,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         rows.append((p.name, ",".join(p.aliases) or "-", p.backend, p.device, p.arch, ">".join(p.precisions), where))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return EXIT_OK
 
 

@@ -23,7 +23,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         strides = (1, 2, 1, 2, 1)
         layers, cin = [], in_channels
-        for w, s in zip(widths, strides):
+        for w, s in zip(widths, strides, strict=False):
             layers.append(_conv_bn(cin, w, s))
             cin = w
         self.features = nn.Sequential(*layers)

@@ -1,8 +1,9 @@
 """Progress reporting: stages report through this interface; the CLI draws bars, tests stay silent."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class Task(Protocol):

@@ -13,7 +13,7 @@ from ._version import __version__
 from .config import Config
 from .context import RunContext
 from .data import Splits
-from .export import export_onnx, torch_logits
+from .export import export_onnx
 from .measure import accuracy_of, agreement_of, bench_interleaved, predict
 from .models import count_macs, count_params
 from .profiles import Profile

@@ -51,7 +51,7 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most runtimes need nothing
         """Release the session."""
 
     def describe(self) -> dict:

@@ -7,7 +7,14 @@ import torch
 from edgekd.config import PruneConfig
 from edgekd.errors import ModelError
 from edgekd.export import export_onnx, parity, torch_logits
-from edgekd.models import SmallCNN, apply_checkpoint, build_model, count_macs, count_params, load_state_dict_file
+from edgekd.models import (
+    SmallCNN,
+    apply_checkpoint,
+    build_model,
+    count_macs,
+    count_params,
+    load_state_dict_file,
+)
 from edgekd.prune import load_pruned, prune, save_pruned
 
 
