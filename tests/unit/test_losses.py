@@ -156,8 +156,13 @@ def test_gram_relation_matches_formula():
 
 
 def test_combined_loss_weighs_terms_as_configured():
-    from edgekd.distill.losses import (attention_transfer_loss, combined_loss, cosine_feature_loss,
-                                       logit_mse_loss, soft_kl)
+    from edgekd.distill.losses import (
+        attention_transfer_loss,
+        combined_loss,
+        cosine_feature_loss,
+        logit_mse_loss,
+        soft_kl,
+    )
 
     g = torch.Generator().manual_seed(8)
     s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)

@@ -1,0 +1,133 @@
+"""Data-parallel distillation under torchrun: process-group set-up (gloo on CPU, nccl on GPU), the
+DistributedDataParallel wrapper, a teacher-logit cache computed once by rank 0, and an entry point:
+
+    torchrun --nproc_per_node 2 -m edgekd.distill.ddp --config my.yaml --out runs/ddp
+
+which trains the distill stage's student on every rank and writes, from rank 0, OUT/model.pt
+(a state_dict) and OUT/metrics.json. `train()` uses DDP by itself whenever a process group is up."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK), 0 outside torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment (a no-op without RANK/WORLD_SIZE).
+
+    Backend: nccl when CUDA is available, else gloo."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return rank_and_world()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+    return rank_and_world()
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` under DistributedDataParallel (SyncBatchNorm on GPU, so BN sees the global batch)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return DistributedDataParallel(module, device_ids=[device.index], output_device=device.index)
+    return DistributedDataParallel(module)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(total: float, count: int) -> float:
+    """sum(total) / sum(count) over the ranks: an epoch's mean loss over the global batch."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return total / max(count, 1)
+    t = torch.tensor([total, float(count)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def shared_cache(teacher: nn.Module, views: list[torch.Tensor], topk: int | None = None):
+    """A TeacherLogitCache computed once: rank 0 runs the teacher and stores the table; the other
+    ranks wait, then read it from disk."""
+    from .cache import TeacherLogitCache
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return TeacherLogitCache(teacher, views, topk=topk)
+    if rank == 0:
+        cache = TeacherLogitCache(teacher, views, topk=topk)
+        barrier()
+        return cache
+    barrier()
+    return TeacherLogitCache(teacher, views, topk=topk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for torchrun: the distill stage's training on every rank; rank 0 writes the results."""
+    parser = argparse.ArgumentParser(prog="python -m edgekd.distill.ddp",
+                                     description="Distil the configured student with DistributedDataParallel")
+    parser.add_argument("--config", help="YAML config (the embedded default when omitted)")
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--out", required=True, help="folder for model.pt and metrics.json")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    from ..config import load_config
+    from ..context import RunContext
+    from ..data import build_splits
+    from ..models import student_from
+    from ..profiles import load_profile
+    from ..runs import atomic_path, write_json
+    from ..teacher import get_teacher
+    from .stage import distill_student
+
+    rank, world = init_from_env()
+    cfg = load_config(args.config, {"seed": args.seed})
+    out = Path(args.out)
+    ctx = RunContext(cfg, load_profile(args.target or cfg.target), out / f"rank{rank}")
+    ctx.splits = build_splits(cfg.data, cfg.seed)
+    teacher, _ = get_teacher(ctx)
+    torch.manual_seed(cfg.seed)
+    student = student_from(cfg.student.model, teacher, ctx.splits.num_classes)
+    student, metrics = distill_student(ctx, teacher, student)
+    if rank == 0:
+        with atomic_path(out / "model.pt") as tmp:
+            torch.save(student.state_dict(), tmp)
+        write_json(out / "metrics.json", {**metrics, "world_size": world})
+    barrier()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

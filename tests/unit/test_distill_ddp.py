@@ -1,0 +1,71 @@
+"""DistributedDataParallel: two CPU processes with gloo give the result of one process."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from edgekd.data import ArrayDataset
+from edgekd.distill import ddp
+from edgekd.distill.trainer import train
+
+STEPS_EPOCHS, BATCH = 3, 16
+
+
+def _setup(unlabeled: bool):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 6, 6, generator=g)
+    y = (torch.arange(64) % 4).numpy()
+    if unlabeled:
+        y[::5] = -1  # some unlabeled samples: the teacher's soft targets stand in for them
+    ds = ArrayDataset(x.numpy(), y)
+    val = ArrayDataset(torch.randn(32, 3, 6, 6, generator=g).numpy(), (torch.arange(32) % 4).numpy())
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(108, 4))
+    with torch.no_grad():
+        teacher[1].weight.mul_(8)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.ReLU(), nn.Linear(16, 4))
+    return ds, val, teacher, student
+
+
+def _fit(student, ds, val, teacher):
+    return train(student, ds, val, epochs=STEPS_EPOCHS, lr=5e-3, seed=0, batch_size=BATCH, teacher=teacher,
+                 alpha=0.7, temperature=2.0, augment=True)
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        saved = {}
+        for unlabeled in (False, True):
+            ds, val, teacher, student = _setup(unlabeled)
+            res = _fit(student, ds, val, teacher)
+            saved[f"unlabeled={unlabeled}"] = {
+                "state": student.state_dict(), "steps": torch.tensor(res.steps),
+                "world": torch.tensor(res.world_size), "loss": torch.tensor(res.curve[-1]["loss"])}
+        if rank == 0:
+            torch.save(saved, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    saved = torch.load(out, weights_only=True)
+    # All labeled: each rank's half-batch mean, averaged by DDP, is the global batch mean (to rounding).
+    # With unlabeled samples CE averages over each rank's labeled ones, so the weighting moves a little.
+    for unlabeled, tol in ((False, 1e-5), (True, 1e-2)):
+        ds, val, teacher, student = _setup(unlabeled)
+        single = _fit(student, ds, val, teacher)
+        got = saved[f"unlabeled={unlabeled}"]
+        assert int(got["world"]) == 2 and int(got["steps"]) == single.steps == STEPS_EPOCHS * 4
+        for k, v in student.state_dict().items():
+            assert torch.allclose(got["state"][k], v, atol=tol, rtol=tol), (unlabeled, k)
+        assert abs(float(got["loss"]) - single.curve[-1]["loss"]) < tol * 10
+
+
+def test_without_a_process_group_it_is_one_rank():
+    assert ddp.rank_and_world() == (0, 1)
+    assert ddp.init_from_env() == (0, 1)  # no torchrun environment: nothing to join
+    assert ddp.mean_over_ranks(6.0, 3) == 2.0
