@@ -1,0 +1,40 @@
+"""Distillation strategies beyond plain KD, chosen by distill.strategy; each module's `run(ctx, teacher,
+student)` returns (the student to prune and export, the stage metrics) like the KD stage does.
+
+    multi_teacher  several teachers' (weighted) average as the soft target
+    self           auxiliary exits on intermediate layers, taught by the deepest exit; dropped at export
+    born_again     N generations of one architecture, each distilled from the previous
+    mutual         two students trained together, each distilling from the other
+    deit           a ViT student with a distillation token; inference averages its two heads
+    progressive    a schedule of (alpha, temperature) stages with temperature annealing
+    selective      soft targets where the teacher is confident and right, hard labels elsewhere
+    data_free      inputs synthesised from the teacher's BatchNorm statistics, then distilled
+"""
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from ...context import RunContext
+from ...errors import ConfigError
+
+MODULES = {"multi_teacher": "multi_teacher", "self": "self_distill", "born_again": "born_again",
+           "mutual": "mutual", "deit": "deit", "progressive": "progressive", "selective": "selective",
+           "data_free": "data_free"}
+
+__all__ = ["MODULES", "run_strategy"]
+
+
+def run_strategy(ctx: RunContext, teacher: nn.Module, student: nn.Module, key: str) -> tuple[nn.Module, dict]:
+    """Run the strategy distill.strategy names; returns (student, metrics for the report's distill entry).
+
+    `key` is the stage's cache key (the pipeline records it; the strategies need not)."""
+    name = ctx.config.distill.strategy
+    if name not in MODULES:
+        raise ConfigError(f"distill.strategy {name!r} is not one of kd, {', '.join(MODULES)}")
+    module = importlib.import_module(f"{__name__}.{MODULES[name]}")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return module.run(ctx, teacher, student)
