@@ -96,7 +96,8 @@ class Pipeline:
         from .arm.emulate import apply_to_report, verify_arm
 
         with ctx.progress.task("verifying on ARM kernels (emulated)", None):
-            result = verify_arm(ctx.run_dir, ctx.run_dir / report["final"]["artifact"], ctx.run_dir / "eval.npz")
+            result = verify_arm(ctx.run_dir, ctx.run_dir / report["final"]["artifact"], ctx.run_dir / "eval.npz",
+                                profile=ctx.profile, threads=ctx.threads)
         apply_to_report(report, result)
 
     # ---------------------------------------------------------------- entries
