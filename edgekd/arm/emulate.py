@@ -128,7 +128,7 @@ def _as_emulated(result: dict, cpu: str, sysroot: Sysroot) -> dict:
         result.pop(key, None)
     result["emulated"] = True
     result["not_measured"] = EMULATED_REASON
-    emulator = sysroot.manifest.get("qemu") or qemu_version()
+    emulator = qemu_version()
     env = result.setdefault("environment", {})
     if env.get("cpu_model"):
         env["host_cpu_model"] = env["cpu_model"]  # qemu-user shows the host's /proc/cpuinfo
