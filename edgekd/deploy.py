@@ -62,6 +62,8 @@ def measure_all(ctx: RunContext, cands: dict[str, Candidate], x: np.ndarray, y: 
         if y is not None:
             c.accuracy = accuracy_of(c.logits, y)
     ref = cands.get(reference)
+    if ref is not None and ref.logits is not None:
+        ref.fidelity = {"top1_agreement": 100.0, "is_reference": True}  # what the others are compared with
     for c in cands.values():
         if c.logits is not None and ref is not None and ref.logits is not None and c is not ref:
             c.fidelity = {"top1_agreement": agreement_of(ref.logits, c.logits),

@@ -11,6 +11,9 @@
     python tools/compare_quantizers.py compare --model /tmp/cmp/resnet18/model.onnx \\
         --calib-data /tmp/cmp/resnet18/calib.npz [--eval-data /tmp/cmp/resnet18/eval.npz] --target cpu
 
+    # the embedded default (PyTorch entry) against the same peers, on its own model, calib.npz, eval.npz
+    python tools/compare_quantizers.py compare --run runs/demo-cpu-...
+
 The calibration set every quantizer gets is the one edgekd calibrated on (the run's calib.npz: the
 given set less the quarter held out for fidelity), so all see the same inputs.
 """
@@ -106,9 +109,17 @@ def compare(args: argparse.Namespace) -> dict:
     from edgekd.quantize.ptq import quantize_ort_default
 
     out = Path(args.out)
-    run = out / f"edgekd-{args.target}"
-    report = Pipeline(load_config(None, {"seed": args.seed}), args.target, run, model_onnx=args.model,
-                      calib_data=args.calib_data, eval_data=args.eval_data).run()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.run:  # an existing run (e.g. the embedded default `edgekd compress --target cpu`)
+        run = Path(args.run)
+        report = json.loads((run / "report.json").read_text())
+        args.model, args.target = str(run / "model.fp32.onnx"), report["target"]["name"]
+    else:
+        if not (args.model and args.calib_data):
+            raise SystemExit("compare needs --model and --calib-data, or --run RUN_DIR")
+        run = out / f"edgekd-{args.target}"
+        report = Pipeline(load_config(None, {"seed": args.seed}), args.target, run, model_onnx=args.model,
+                          calib_data=args.calib_data, eval_data=args.eval_data).run()
     calib = run / "calib.npz"
     with np.load(run / "eval.npz") as z:
         x, y = z["x"], (z["y"] if "y" in z.files else None)
@@ -186,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--classes", type=int, default=10)
     m.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("compare", help="ORT default vs NNCF default vs edgekd on one model and calibration set")
-    c.add_argument("--model", required=True)
-    c.add_argument("--calib-data", required=True)
+    c.add_argument("--model")
+    c.add_argument("--calib-data")
+    c.add_argument("--run", help="compare against this finished run instead of running edgekd")
     c.add_argument("--eval-data")
     c.add_argument("--target", default="cpu")
     c.add_argument("--out", default="runs/compare-quantizers")
