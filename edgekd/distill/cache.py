@@ -105,7 +105,13 @@ class TeacherLogitCache:
         self.seconds = time.perf_counter() - t0
 
     def _compute(self, teacher: nn.Module, device: torch.device | None) -> None:
-        logits = torch.stack([teacher_outputs(teacher, v, device=device) for v in self.views])
+        home = next(iter(teacher.parameters()), torch.empty(0)).device
+        if device is not None and device != home:
+            teacher.to(device)  # one pass on the training device, then back where the caller keeps it
+        try:
+            logits = torch.stack([teacher_outputs(teacher, v, device=device) for v in self.views])
+        finally:
+            teacher.to(home)
         self.num_classes = int(logits.shape[-1])
         if self.topk is not None and self.topk < self.num_classes:
             self._topk = compress_topk(logits, self.topk)

@@ -74,20 +74,21 @@ def mean_over_ranks(total: float, count: int) -> float:
     return float(t[0] / t[1].clamp_min(1))
 
 
-def shared_cache(teacher: nn.Module, views: list[torch.Tensor], topk: int | None = None):
-    """A TeacherLogitCache computed once: rank 0 runs the teacher and stores the table; the other
-    ranks wait, then read it from disk."""
+def shared_cache(teacher: nn.Module, views: list[torch.Tensor], topk: int | None = None,
+                 device: torch.device | None = None):
+    """A TeacherLogitCache computed once (on `device` when given): rank 0 runs the teacher and stores the
+    table; the other ranks wait, then read it from disk."""
     from .cache import TeacherLogitCache
 
     rank, world = rank_and_world()
     if world == 1:
-        return TeacherLogitCache(teacher, views, topk=topk)
+        return TeacherLogitCache(teacher, views, topk=topk, device=device)
     if rank == 0:
-        cache = TeacherLogitCache(teacher, views, topk=topk)
+        cache = TeacherLogitCache(teacher, views, topk=topk, device=device)
         barrier()
         return cache
     barrier()
-    return TeacherLogitCache(teacher, views, topk=topk)
+    return TeacherLogitCache(teacher, views, topk=topk, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, _ = get_teacher(ctx)
     torch.manual_seed(cfg.seed)
     student = student_from(cfg.student.model, teacher, ctx.splits.num_classes)
-    student, metrics = distill_student(ctx, teacher, student)
+    student, metrics, _ = distill_student(ctx, teacher, student)
     if rank == 0:
         with atomic_path(out / "model.pt") as tmp:
             torch.save(student.state_dict(), tmp)

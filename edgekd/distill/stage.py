@@ -17,7 +17,7 @@ from ..data import ArrayDataset, Splits
 from ..runs import atomic_path
 from . import ddp
 from .sweep import run_sweep, sweep_grid
-from .trainer import AUG_DRAWS, TrainResult, augmented_views, train
+from .trainer import AUG_DRAWS, TrainResult, augmented_views, resolve_device, train
 
 
 def distill_key(ctx: RunContext, teacher_key: str, student_spec: str) -> str:
@@ -55,10 +55,11 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
     grid = sweep_grid(d.sweep, d.temperature, d.alpha) if d.sweep else []
     needs_teacher = d.alpha > 0 or any(a > 0 for _, a in grid)
     views = augmented_views(kd_set.x, cfg.seed, AUG_DRAWS, cfg.data.augment)
-    cache = ddp.shared_cache(teacher, views, topk=d.cache_topk) if needs_teacher else None
+    device = resolve_device(d.device)
+    cache = ddp.shared_cache(teacher, views, topk=d.cache_topk, device=device) if needs_teacher else None
     common = dict(lr=d.lr, seed=cfg.seed, batch_size=cfg.data.batch_size, teacher=teacher, augment=cfg.data.augment,
                   cache=cache, views=views, progress=ctx.progress, losses=d.loss_weights(),
-                  feature_layers=d.layer_pairs(), device=d.device, precision=d.precision)
+                  feature_layers=d.layer_pairs(), device=device, precision=d.precision)
 
     def fit(model: nn.Module, temperature: float, alpha: float, label: str, epochs: int,
             steps: int | None) -> TrainResult:
@@ -98,7 +99,7 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
         base = train(base_model, splits.train, splits.val, epochs=0, steps=res.steps, lr=d.lr, seed=cfg.seed,
                      batch_size=cfg.data.batch_size, teacher=None, alpha=0.0, augment=cfg.data.augment,
                      views=augmented_views(splits.train.x, cfg.seed, AUG_DRAWS, cfg.data.augment),
-                     progress=ctx.progress, label="baseline (no KD)", device=d.device, precision=d.precision)
+                     progress=ctx.progress, label="baseline (no KD)", device=device, precision=d.precision)
         metrics.update({"baseline_steps": base.steps, "baseline_epoch_seconds": _secs(base.epoch_seconds),
                         "baseline_curve": base.curve, "baseline_val_accuracy_torch": base.val_accuracy,
                         "baseline_samples": base.samples})

@@ -133,3 +133,26 @@ def test_pipeline_report_carries_the_distill_entry(tmp_path):
 
     assert validate_report(rep) == []
     assert np.isfinite(d["accuracy"])
+
+
+def test_the_baseline_is_the_alpha_zero_run(tmp_path, teacher):
+    _, _, base = distill_student(_ctx(tmp_path / "kd", epochs=1, baseline=True), teacher, _student())
+    alone, m, _ = distill_student(_ctx(tmp_path / "a0", epochs=1, alpha=0.0), teacher, _student())
+    for k, v in alone.state_dict().items():
+        assert torch.allclose(base.state_dict()[k].float(), v.float(), atol=1e-6), k
+    assert m["steps"] == 17
+
+
+def test_torchrun_entry_point_in_a_single_process(tmp_path):
+    import json
+
+    from edgekd.distill import ddp
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {image_size: 8}\nteacher: {model: small_cnn, train_epochs: 1}\n"
+                   "student: {model: tiny_cnn}\ndistill: {epochs: 1}\n")
+    assert ddp.main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["steps"] == 17
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert set(state) == set(build_model("tiny_cnn", 10).state_dict())

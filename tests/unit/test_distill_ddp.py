@@ -69,3 +69,14 @@ def test_without_a_process_group_it_is_one_rank():
     assert ddp.rank_and_world() == (0, 1)
     assert ddp.init_from_env() == (0, 1)  # no torchrun environment: nothing to join
     assert ddp.mean_over_ranks(6.0, 3) == 2.0
+
+
+def test_mixed_precision_only_on_gpu():
+    from edgekd.distill.trainer import autocast_dtype, resolve_device
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) is None
+    assert autocast_dtype("bf16", gpu) is torch.bfloat16 and autocast_dtype("fp16", gpu) is torch.float16
+    assert autocast_dtype("fp32", gpu) is None
+    assert resolve_device("cpu") == cpu
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
