@@ -156,3 +156,21 @@ def test_torchrun_entry_point_in_a_single_process(tmp_path):
     assert metrics["world_size"] == 1 and metrics["steps"] == 17
     state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     assert set(state) == set(build_model("tiny_cnn", 10).state_dict())
+
+
+def test_unlabeled_root_joins_the_transfer_set(tmp_path):
+    from PIL import Image
+
+    from edgekd.distill.stage import transfer_set
+
+    folder = tmp_path / "site" / "cam1"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = from_dict({"data": {**DATA, "unlabeled_root": str(tmp_path / "site")}})
+    splits = build_splits(cfg.data, 0)
+    ds = transfer_set(splits)
+    assert len(ds) == len(splits.train) + 5
+    assert (ds.y[-5:] == -1).all() and torch.equal(ds.y[:len(splits.train)], splits.train.y)
+    assert ds.x.shape[1:] == splits.train.x.shape[1:]
