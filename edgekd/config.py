@@ -117,11 +117,11 @@ class SelectiveOptions(_Section):
 
 
 class DataFreeOptions(_Section):
-    samples: int = Field(512, ge=2, le=1_000_000)
-    synthesis_steps: int = Field(200, ge=1, le=100_000)
+    samples: int = Field(256, ge=2, le=1_000_000)
+    synthesis_steps: int = Field(100, ge=1, le=100_000)
     batch_size: int = Field(64, ge=2, le=4096)
     lr: float = Field(0.1, gt=0, le=10)
-    bn_weight: float = Field(1.0, ge=0)
+    bn_weight: float = Field(0.05, ge=0)
     ce_weight: float = Field(1.0, ge=0)
     diversity_weight: float = Field(1.0, ge=0)
     tv_weight: float = Field(1e-3, ge=0)

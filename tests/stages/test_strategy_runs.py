@@ -183,7 +183,7 @@ def test_selective_counts_soft_and_hard_targets(tmp_path, teacher):
 
 def test_data_free_synthesis_matches_bn_statistics_and_the_student_sees_only_synthetic_inputs(
         tmp_path, teacher, monkeypatch):
-    opts = {"samples": 40, "synthesis_steps": 30, "batch_size": 20, "jitter": 1}
+    opts = {"samples": 40, "synthesis_steps": 30, "batch_size": 20, "jitter": 1, "bn_weight": 1.0}
     ctx = _ctx(tmp_path, "data_free", opts)
     x, _, history = data_free.synthesize(teacher, (3, 8, 8), 10, ctx.config.distill.strategy_options.data_free,
                                          seed=0)
