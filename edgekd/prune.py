@@ -1,7 +1,14 @@
-"""Structured channel pruning on torch-pruning's dependency graph, with KD fine-tuning and latency steps."""
+"""Structured channel pruning on torch-pruning's dependency graph, with KD fine-tuning and latency steps.
+
+Every torchvision classifier family goes through the same MetaPruner; what a family needs beyond the
+generic graph (parameters outside modules, attributes read in forward, ops the tracer cannot map)
+is collected in an `ArchPlan` by `arch_plan`.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +19,7 @@ from .errors import StageError
 from .models import count_macs, count_params
 
 MAX_STEPS = 40  # granularity of the search toward a MACs/params/latency target
+MAX_LAYER_RATIO = 0.95  # no layer loses more than this share of its channels
 
 
 @dataclass
@@ -48,54 +56,156 @@ def _importance(criterion: str):
     return tp.importance.RandomImportance()
 
 
-def _head_layers(model: nn.Module, num_classes: int, ignored: list[str]) -> list[nn.Module]:
-    """Layers kept whole: every layer producing the class logits, plus the user's ignored module names."""
+@dataclass
+class ArchPlan:
+    """What torch-pruning's dependency graph needs for one architecture, beyond the generic trace."""
+
+    family: str = "generic"
+    ignored: list[nn.Module] = field(default_factory=list)
+    unwrapped: list[tuple[nn.Parameter, int]] = field(default_factory=list)
+    round_to: int | None = None
+    after_step: list[Callable[[], None]] = field(default_factory=list)
+    # (namespace, attribute, stand-in) swapped in while the graph is traced
+    trace_patches: list[tuple[object, str, object]] = field(default_factory=list)
+    kept_whole: int = 0  # layers kept whole because their channel group could not be mapped
+
+
+def classifier_head(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """The last Conv2d/Linear that runs in a forward pass: the layer producing the class logits."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return order[-1] if order else None
+
+
+def _shuffle_stand_in(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x
+
+
+def arch_plan(model: nn.Module, example: torch.Tensor, round_to: int | None, ignored_names: list[str]) -> ArchPlan:
+    """The family-specific settings for pruning `model`: kept layers, unwrapped parameters, rounding, fixups."""
+    from torchvision.models import shufflenetv2
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    plan = ArchPlan(round_to=round_to)
     mods = dict(model.named_modules())
-    keep: list[nn.Module] = []
-    for name in ignored:
+    for name in ignored_names:
         if name not in mods:
             raise StageError(f"prune.ignored_layers: the model has no module named {name!r}")
-        keep.append(mods[name])
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.out_features == num_classes:
-            keep.append(m)
-        elif isinstance(m, nn.Conv2d) and m.out_channels == num_classes:
-            keep.append(m)
-    # Attention blocks (ViT) keep their fused qkv/out projections whole; MLPs are pruned.
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            keep.append(m)
-    return keep
+        plan.ignored.append(mods[name])
+    head = classifier_head(model, example)
+    if head is not None:
+        plan.ignored.append(head)
+    if isinstance(model, VisionTransformer):
+        # The residual width is also every attention's embed_dim, which must stay divisible by num_heads,
+        # and forward() reshapes with the hidden_dim attribute, so it follows conv_proj after each step.
+        heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        plan.family = "vit"
+        plan.round_to = math.lcm(round_to or 1, *heads)
+        plan.unwrapped += [(model.class_token, 2), (model.encoder.pos_embedding, 2)]
+        plan.after_step.append(lambda: setattr(model, "hidden_dim", model.conv_proj.out_channels))
+    elif any(isinstance(m, CNBlock) for m in model.modules()):
+        plan.family = "convnext"
+        plan.unwrapped += [(m.layer_scale, 0) for m in model.modules() if isinstance(m, CNBlock)]
+    elif isinstance(model, shufflenetv2.ShuffleNetV2):
+        # The channel shuffle is a reshape the tracer cannot map back to channels. Block outputs (the last
+        # conv of each branch) are kept whole, so nothing pruned crosses a shuffle and the graph may be
+        # traced with the shuffle left out; the bottleneck width inside each branch and the stem and
+        # final 1x1 conv are pruned.
+        plan.family = "shufflenet"
+        for m in model.modules():
+            if isinstance(m, shufflenetv2.InvertedResidual):
+                for branch in (m.branch1, m.branch2):
+                    convs = [c for c in branch.modules() if isinstance(c, nn.Conv2d)]
+                    if convs:
+                        plan.ignored.append(convs[-1])
+        plan.trace_patches.append((shufflenetv2, "channel_shuffle", _shuffle_stand_in))
+    return plan
 
 
-def _vit_extras(model: nn.Module) -> dict:
-    """torch-pruning needs the class token / positional embedding of torchvision ViTs as unwrapped params."""
-    extra = {}
-    if hasattr(model, "class_token") and hasattr(model, "encoder"):
-        extra[model.class_token] = 2
-        pos = getattr(model.encoder, "pos_embedding", None)
-        if pos is not None:
-            extra[pos] = 2
-    return extra
-
-
-def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, num_classes: int, round_to: int | None,
-                pruning_ratio: float, iterative_steps: int):
-    """A torch-pruning MetaPruner set up for this model, criterion, head and rounding."""
+def _unmappable_layers(model: nn.Module, example: torch.Tensor, plan: ArchPlan) -> list[nn.Module]:
+    """Layers whose channel group torch-pruning cannot map through the graph (reshapes, odd splits):
+    they are kept whole rather than failing the whole model."""
     import torch_pruning as tp
 
-    kwargs = dict(
-        importance=_importance(cfg.criterion), global_pruning=cfg.global_pruning, pruning_ratio=pruning_ratio,
-        iterative_steps=iterative_steps, ignored_layers=_head_layers(model, num_classes, cfg.ignored_layers),
-        round_to=round_to, max_pruning_ratio=0.95,
-    )
-    extras = _vit_extras(model)
-    if extras:
-        kwargs["unwrapped_parameters"] = list(extras.items())
+    dg = tp.DependencyGraph().build_dependency(model, example, unwrapped_parameters=plan.unwrapped or None)
+    bad = []
+    for m in dg.module2node:
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or m in plan.ignored:
+            continue
+        try:
+            dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels,
+                                 list(range(dg.get_out_channels(m))))
+        except Exception:  # noqa: BLE001 - any failure means this group cannot be pruned safely
+            bad.append(m)
+    return bad
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[object, str, object]]) -> Iterator[None]:
+    saved = [(ns, attr, getattr(ns, attr)) for ns, attr, _ in patches]
     try:
-        return tp.pruner.MetaPruner(model, example, **kwargs)
-    except Exception as e:  # noqa: BLE001 - the dependency graph fails in many ways on odd models
-        raise StageError(f"prune: torch-pruning could not trace {type(model).__name__}: {e}") from None
+        for ns, attr, stand_in in patches:
+            setattr(ns, attr, stand_in)
+        yield
+    finally:
+        for ns, attr, orig in saved:
+            setattr(ns, attr, orig)
+
+
+class StructuredPruner:
+    """torch-pruning's MetaPruner set up for one model, criterion, head and rounding, plus the
+    architecture's fixups after each step."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None,
+                 pruning_ratio: float, iterative_steps: int):
+        import torch_pruning as tp
+
+        self.model = model
+        self.plan = arch_plan(model, example, round_to, cfg.ignored_layers)
+        kwargs: dict = dict(
+            importance=_importance(cfg.criterion), global_pruning=cfg.global_pruning, pruning_ratio=pruning_ratio,
+            iterative_steps=iterative_steps, ignored_layers=self.plan.ignored, round_to=self.plan.round_to,
+            max_pruning_ratio=MAX_LAYER_RATIO,
+        )
+        if self.plan.unwrapped:
+            kwargs["unwrapped_parameters"] = self.plan.unwrapped
+        try:
+            with _patched(self.plan.trace_patches):
+                try:
+                    self.pruner = tp.pruner.MetaPruner(model, example, **kwargs)
+                except Exception:  # noqa: BLE001 - retried once with the unmappable groups kept whole
+                    unmappable = _unmappable_layers(model, example, self.plan)
+                    if not unmappable:
+                        raise
+                    self.plan.ignored += unmappable
+                    self.plan.kept_whole = len(unmappable)
+                    self.pruner = tp.pruner.MetaPruner(model, example, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the dependency graph fails in many ways on odd models
+            raise StageError(f"prune: torch-pruning could not trace {type(model).__name__}: "
+                             f"{type(e).__name__}: {str(e)[:200]}") from None
+
+    def step(self) -> None:
+        """Remove the next share of channels and bring the model's shape attributes up to date."""
+        self.pruner.step()
+        for fix in self.plan.after_step:
+            fix()
+
+
+def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None,
+                pruning_ratio: float, iterative_steps: int) -> StructuredPruner:
+    """A pruner for `model` that removes `pruning_ratio` of the channels over `iterative_steps` steps."""
+    return StructuredPruner(model, example, cfg, round_to, pruning_ratio, iterative_steps)
 
 
 def _taylor_grads(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -124,7 +234,7 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
     outcome = PruneOutcome(before={"params": base_params, "macs": base_macs}, after={})
     kind, amount = cfg.amount()
     if kind == "ratio":
-        pruner = make_pruner(model, example, cfg, num_classes, round_to, amount, cfg.steps)
+        pruner = make_pruner(model, example, cfg, round_to, amount, cfg.steps)
         for i in range(cfg.steps):
             _taylor_grads(model, grad_batch if cfg.criterion == "taylor" else None)
             pruner.step()
@@ -142,7 +252,7 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
             if measure_latency is None:
                 raise StageError("prune.target_latency_ms needs a latency measurement on the target")
             target_latency = amount
-        pruner = make_pruner(model, example, cfg, num_classes, round_to, 0.9, MAX_STEPS)
+        pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS)
         # Fine-tune at the configured number of checkpoints along the way, not after each micro-step.
         ft_every = max(1, MAX_STEPS // (cfg.steps * 4)) if target_latency is None else 2
         reached = False
