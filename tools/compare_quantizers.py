@@ -41,7 +41,7 @@ def synthetic_images(n: int, size: int, classes: int, seed: int) -> tuple[np.nda
     protos = np.random.default_rng(1234).uniform(0, 1, (classes, 3, 6, 6)).astype(np.float32)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, n)
-    low = 0.5 * protos[y] + 0.5 * rng.uniform(0, 1, (n, 3, 6, 6)).astype(np.float32)
+    low = 0.7 * protos[y] + 0.3 * rng.uniform(0, 1, (n, 3, 6, 6)).astype(np.float32)
     x = torch.nn.functional.interpolate(torch.from_numpy(low), size=(size, size), mode="bicubic",
                                         align_corners=False).numpy()
     x = np.clip(x + 0.03 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
@@ -78,7 +78,9 @@ def make_model(spec: str, out: Path, size: int, classes: int, seed: int) -> None
     mu, sd = f.mean(0), f.std(0) + 1e-6
     z = (f - mu) / sd
     target = torch.nn.functional.one_hot(torch.from_numpy(yt), classes).double() * 2 - 1
-    w = torch.linalg.solve(z.T @ z + 50.0 * torch.eye(z.shape[1], dtype=torch.float64), z.T @ target)
+    # A strong ridge keeps the head well conditioned, as a trained head is: it does not amplify the
+    # feature directions that barely vary (and that quantization noise would then dominate).
+    w = torch.linalg.solve(z.T @ z + 2000.0 * torch.eye(z.shape[1], dtype=torch.float64), z.T @ target)
     with torch.no_grad():  # fold the standardisation into the head; logits scaled to a few units
         head.weight.copy_((4 * w / sd[:, None]).T.float())
         head.bias.copy_((4 * (-(mu / sd) @ w)).float())
@@ -118,7 +120,7 @@ def compare(args: argparse.Namespace) -> dict:
         if not (args.model and args.calib_data):
             raise SystemExit("compare needs --model and --calib-data, or --run RUN_DIR")
         run = out / f"edgekd-{args.target}"
-        report = Pipeline(load_config(None, {"seed": args.seed}), args.target, run, model_onnx=args.model,
+        report = Pipeline(load_config(args.config, {"seed": args.seed}), args.target, run, model_onnx=args.model,
                           calib_data=args.calib_data, eval_data=args.eval_data).run()
     calib = run / "calib.npz"
     with np.load(run / "eval.npz") as z:
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--run", help="compare against this finished run instead of running edgekd")
     c.add_argument("--eval-data")
     c.add_argument("--target", default="cpu")
+    c.add_argument("--config", help="edgekd config for its run (e.g. fewer bench iterations)")
     c.add_argument("--out", default="runs/compare-quantizers")
     c.add_argument("--threads", type=int)
     c.add_argument("--warmup", type=int, default=20)
