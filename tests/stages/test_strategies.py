@@ -106,7 +106,9 @@ def test_deit_has_a_distillation_token_and_infers_with_the_mean_of_both_heads(tm
     import onnx
     import onnxruntime as ort
 
-    assert len(onnx.load(str(path)).graph.output) == 1
+    graph = onnx.load(str(path)).graph
+    assert len(graph.output) == 1
+    assert not [n.op_type for n in graph.node if n.op_type == "Shape"]  # static reshapes: batch as -1 only
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert np.allclose(got, out.numpy(), atol=1e-4)
     # hard distillation: the distillation head learns the teacher's top-1 class, the class head the label

@@ -153,6 +153,16 @@ def test_deit_trains_a_vit_whose_export_is_the_mean_of_its_heads(tmp_path, teach
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert np.allclose(got, ((c + d) / 2).numpy(), atol=1e-4)
     _measured(ctx, m)
+    # a resumed run rebuilds the same ViT for the stored weights
+    from edgekd.distill.strategies import student_for
+
+    again = student_for(ctx, _student())
+    again.load_state_dict(torch.load(ctx.stage_dir("distill") / "model.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), student(x), atol=1e-6)
+    plain = _ctx(tmp_path / "kd", "selective")
+    given = _student()
+    assert student_for(plain, given) is given
 
 
 def test_progressive_applies_the_schedule_at_every_step(tmp_path, teacher, monkeypatch):

@@ -23,7 +23,7 @@ MODULES = {"multi_teacher": "multi_teacher", "self": "self_distill", "born_again
            "mutual": "mutual", "deit": "deit", "progressive": "progressive", "selective": "selective",
            "data_free": "data_free"}
 
-__all__ = ["MODULES", "run_strategy"]
+__all__ = ["MODULES", "run_strategy", "student_for"]
 
 
 def run_strategy(ctx: RunContext, teacher: nn.Module, student: nn.Module, key: str) -> tuple[nn.Module, dict]:
@@ -38,3 +38,13 @@ def run_strategy(ctx: RunContext, teacher: nn.Module, student: nn.Module, key: s
     for p in teacher.parameters():
         p.requires_grad_(False)
     return module.run(ctx, teacher, student)
+
+
+def student_for(ctx: RunContext, student: nn.Module) -> nn.Module:
+    """The module whose weights the configured strategy returns, built from `student` (`student` itself
+    except for deit, whose ViT replaces a non-ViT student): what a resumed run loads model.pt into."""
+    if ctx.config.distill.strategy != "deit":
+        return student
+    from .deit import student_for as deit_student
+
+    return deit_student(ctx, student)
