@@ -232,3 +232,13 @@ def test_pipeline_report_for_a_strategy(tmp_path):
     assert d["strategy"] == "self" and d["exits"] and np.isfinite(d["accuracy"])
     assert validate_report(rep) == []
     assert _onnx_outputs(tmp_path / "run" / "model.fp32.onnx") == 1
+
+
+def test_a_zero_budget_returns_the_untrained_student_measured(tmp_path, teacher):
+    ctx = _ctx(tmp_path, "selective", steps=None, epochs=0)
+    given = _student()
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    student, m = run_distill(ctx, teacher, given, "k")
+    assert m["steps"] == 0 and m["curve"] == [] and 0 <= m["val_accuracy_torch"] <= 100
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert 0 <= m["accuracy"] <= 100

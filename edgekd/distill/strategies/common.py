@@ -77,7 +77,8 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
     if len(pool) == 0:
         raise ValueError("no training samples for this strategy (no labeled samples in the training split)")
     result = LoopResult()
-    if steps <= 0:
+    if steps <= 0:  # nothing to train: the watched models are scored as they are
+        result.best = {name: evaluate(model.to("cpu"), val_set)[0] for name, model in watch.items()}
         return result
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)

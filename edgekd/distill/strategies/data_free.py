@@ -18,7 +18,7 @@ from ...context import RunContext
 from ...data import ArrayDataset
 from ...errors import ConfigError
 from ...progress import NullProgress, Progress
-from ..trainer import augmented_views, predict_logits, train
+from ..trainer import AUG_DRAWS, augmented_views, predict_logits, train
 from .common import device_of, finish, splits_of
 
 __all__ = ["BatchNormStats", "run", "synthesize", "total_variation"]
@@ -133,7 +133,7 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     synth_val = ArrayDataset(x[val_idx].numpy(), teacher_pred[val_idx].numpy())
     res = train(student, synth_train, synth_val, epochs=d.epochs, steps=d.steps, lr=d.lr, seed=cfg.seed,
                 batch_size=cfg.data.batch_size, teacher=teacher, temperature=d.temperature, alpha=1.0,
-                views=augmented_views(synth_train.x, cfg.seed, 8, cfg.data.augment), progress=ctx.progress,
+                views=augmented_views(synth_train.x, cfg.seed, AUG_DRAWS, cfg.data.augment), progress=ctx.progress,
                 label="distilling student on synthetic inputs", device=device_of(ctx), precision=d.precision,
                 cache_topk=d.cache_topk)
     first = [h[0] for h in history]
