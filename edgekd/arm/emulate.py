@@ -221,7 +221,7 @@ def verify_arm(run_dir: Path, artifact: Path, eval_npz: Path, x86_predictions: o
         raise StageError(f"verify_arm: the aarch64 runner returned {len(arm_preds)} predictions for {samples} samples")
     same = arm_preds == x86
     result = {
-        "artifact": Path(artifact).name, "samples": samples,
+        "artifact": _relative(Path(artifact), run_dir), "samples": samples,
         "accuracy_arm": arm.get("accuracy"), "accuracy_x86": host.get("accuracy") if host else None,
         "arm_agreement": float(100.0 * same.mean()), "disagreements": int((~same).sum()),
         "runtime": arm.get("backend", "onnxruntime"), "runtime_version_arm": arm.get("runtime_version_arm"),
@@ -235,6 +235,13 @@ def verify_arm(run_dir: Path, artifact: Path, eval_npz: Path, x86_predictions: o
     write_json(run_dir / "verify_arm.json", {**result, "disagreeing_samples": np.flatnonzero(~same).tolist(),
                                              "predictions_arm": arm_preds.tolist(), "predictions_x86": x86.tolist()})
     return result
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return path.name
 
 
 def apply_to_report(report: dict, result: dict) -> None:

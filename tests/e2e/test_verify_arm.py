@@ -130,6 +130,9 @@ def test_sysroot_is_cached_and_records_its_versions(shared_cache):
     assert {"libc6", "python3.11-minimal", "libstdc++6"} <= set(m["debian_packages"])
     assert all(p["version"] and p["arch"] == "arm64" and len(p["sha256"]) == 64 for p in m["debian_packages"].values())
     assert m["qemu"].startswith("qemu-aarch64")
+    r = subprocess.run([sys.executable, "-m", "edgekd.arm.sysroot", "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(again.path), r.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -196,6 +199,11 @@ def test_errors_name_the_fix(tmp_path, monkeypatch):
     assert emulate._host_predictions(logits, 5, 3).tolist() == [3, 1, 4]
     with pytest.raises(BadInputError, match="4 x86 predictions"):
         emulate._host_predictions([1, 2, 3, 4], 5, 5)
+    report: dict = {"final": {"accuracy": 90.0}}
+    emulate.apply_to_report(report, {"accuracy_arm": None, "arm_agreement": 97.5, "emulated": True,
+                                     "accuracy_not_measured": "eval data has no labels (y)"})
+    assert report["final"]["not_measured"] == {"accuracy_arm": "eval data has no labels (y)"}
+    assert report["final"]["arm_agreement"] == 97.5 and not _latency_figures(report)
     monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "empty-cache"))
     if shutil.which(QEMU):
         with pytest.raises(RuntimeMissingError, match="python -m edgekd.arm.sysroot"):
