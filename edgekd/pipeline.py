@@ -183,7 +183,8 @@ class Pipeline:
         report = reporting.skeleton(ctx, f"ONNX entry: {self.model_onnx}", None)
         report["data"].update({"calibration_inputs": int(len(calib_x)), "held_out_for_fidelity": int(n_hold),
                                "eval": eval_source})
-        report["teacher"] = {"not_measured": "ONNX entry: no PyTorch teacher", "accuracy": None, "params": None,
+        report["teacher"] = {"model": "none (ONNX entry)", "not_measured": "ONNX entry: no PyTorch teacher",
+                             "accuracy": None, "params": None,
                              "macs": None, "size_bytes": None, "latency_ms": None}
         return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, reporting.onnx_counts(
             run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)

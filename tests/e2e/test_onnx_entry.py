@@ -69,6 +69,8 @@ def test_cpu_candidates_fidelity_and_contract(model_dir, tmp_path):
     if checker.exists():
         c = subprocess.run([sys.executable, str(checker), str(out), "--onnx-entry"], capture_output=True, text=True)
         assert c.returncode == 0, c.stdout
+    v = run_edgekd("report", "validate", str(out / "report.json"))
+    assert v.returncode == 0, v.stderr
     rep = json.loads((out / "report.json").read_text())
     q = _quantize_stage(rep)
     names = [c["name"] for c in q["candidates"]]
