@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bench.cli import resolve_artifact
 from ..bench.harness import bench_local, runner_arguments, runner_backend, runner_path
 from ..bench.runner import EMULATED_REASON, EXIT_BAD_INPUT
 from ..errors import BadInputError, DataError, ModelError, StageError
@@ -169,7 +170,8 @@ def _host_predictions(x86: object, total: int, samples: int) -> np.ndarray:
     return preds[:samples].astype(np.int64)
 
 
-def _eval_subset(eval_npz: Path, max_samples: int | None, out: Path) -> tuple[Path, int, int]:
+def _eval_subset(eval_npz: Path, max_samples: int | None, out: Path) -> tuple[Path, int, np.ndarray | None]:
+    """(the eval file to use, samples in the full set, the labels of the samples used or None)."""
     try:
         with np.load(eval_npz, allow_pickle=False) as z:
             arrays = {k: np.asarray(z[k]) for k in z.files if k in ("x", "y")}
@@ -178,12 +180,13 @@ def _eval_subset(eval_npz: Path, max_samples: int | None, out: Path) -> tuple[Pa
     if "x" not in arrays or len(arrays["x"]) == 0:
         raise DataError(f"verify_arm: eval data {eval_npz} has no samples in array x")
     total = len(arrays["x"])
+    labels = arrays["y"].astype(np.int64).ravel() if "y" in arrays else None
     if max_samples is not None and max_samples < 1:
         raise BadInputError(f"verify_arm: max_samples must be at least 1, got {max_samples}")
     if max_samples is None or max_samples >= total:
-        return eval_npz, total, total
+        return eval_npz, total, labels
     np.savez(out, **{k: v[:max_samples] for k, v in arrays.items()})
-    return out, total, max_samples
+    return out, total, None if labels is None else labels[:max_samples]
 
 
 def verify_arm(run_dir: Path, artifact: Path, eval_npz: Path, x86_predictions: object = None, *,
@@ -207,22 +210,27 @@ def verify_arm(run_dir: Path, artifact: Path, eval_npz: Path, x86_predictions: o
     sysroot = load_sysroot()
     cpu = board_cpu(profile)
     with tempfile.TemporaryDirectory(prefix="edgekd-verify-arm-") as tmp:
-        data, total, samples = _eval_subset(Path(eval_npz), max_samples, Path(tmp) / "eval.npz")
+        data, total, labels = _eval_subset(Path(eval_npz), max_samples, Path(tmp) / "eval.npz")
+        samples = min(total, max_samples or total)
         host = None
         if x86_predictions is None:
             host = bench_local(Path(artifact), profile, eval_data=data, threads=threads, warmup=0, iterations=1)
             x86 = np.asarray(host["predictions"], dtype=np.int64)
         else:
             x86 = _host_predictions(x86_predictions, total, samples)
-        arm = run_emulated([Path(artifact)], Path(artifact).name, profile, cpu=cpu, eval_data=data,
-                           threads=threads, timeout_s=timeout_s, sysroot=sysroot)
+        model, files = resolve_artifact(Path(artifact))
+        arm = run_emulated(files, model.name, profile, cpu=cpu, eval_data=data, threads=threads,
+                           timeout_s=timeout_s, sysroot=sysroot)
     arm_preds = np.asarray(arm.get("predictions", []), dtype=np.int64)
     if len(arm_preds) != samples:
         raise StageError(f"verify_arm: the aarch64 runner returned {len(arm_preds)} predictions for {samples} samples")
     same = arm_preds == x86
+    accuracy_x86 = host.get("accuracy") if host else None
+    if host is None and labels is not None and len(labels) == samples:
+        accuracy_x86 = float(100.0 * np.mean(x86 == labels))
     result = {
         "artifact": _relative(Path(artifact), run_dir), "samples": samples,
-        "accuracy_arm": arm.get("accuracy"), "accuracy_x86": host.get("accuracy") if host else None,
+        "accuracy_arm": arm.get("accuracy"), "accuracy_x86": accuracy_x86,
         "arm_agreement": float(100.0 * same.mean()), "disagreements": int((~same).sum()),
         "runtime": arm.get("backend", "onnxruntime"), "runtime_version_arm": arm.get("runtime_version_arm"),
         "runtime_version_x86": (host or {}).get("versions", {}).get("onnxruntime"),
