@@ -308,6 +308,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("arm-sysroot", help="build the aarch64 sysroot that ARM checks run in",
                               description=__doc__.splitlines()[0])
     _arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
     return p
 
