@@ -37,11 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     t = sub.add_parser("targets", help="list target profiles and their aliases")
     t.add_argument("--debug", action="store_true")
-    for mod, fn in (("edgekd.bench.cli", "add_parser"), ("edgekd.report.cli", "add_parsers")):
-        try:
-            getattr(__import__(mod, fromlist=[fn]), fn)(sub)
-        except ImportError:
-            pass
+    from .arm.sysroot import add_parser as add_arm_parser
+    from .bench.cli import add_parser as add_bench_parser
+    from .report.cli import add_parsers as add_report_parsers
+
+    add_bench_parser(sub)
+    add_report_parsers(sub)
+    add_arm_parser(sub)
     return p
 
 

@@ -68,6 +68,13 @@ class Pipeline:
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
         """Run every stage and return the report (also written as run_dir/report.json, last)."""
+        if self.verify_arm:
+            # Fail (or build the cached aarch64 sysroot, once) before minutes of training.
+            from .arm.emulate import check_profile
+            from .arm.sysroot import build_sysroot
+
+            check_profile(self.profile)
+            build_sysroot(log=self.progress.note)
         run_dir = self.out or default_run_dir(self.config, self.profile)
         created = not run_dir.exists()
         ensure_writable_dir(run_dir)
