@@ -232,6 +232,8 @@ class PruneConfig(_Section):
     steps: int = Field(1, ge=1, le=50)
     finetune_epochs: int = Field(15, ge=0, le=1000)
     lr: float = Field(3e-3, gt=0, le=10)
+    # prune faster where pruning saves more measured latency; None: on for latency targets only
+    latency_guided: bool | None = None
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneConfig:
@@ -249,6 +251,13 @@ class PruneConfig(_Section):
             if v is not None:
                 return k, float(v)
         return "ratio", 0.25
+
+    def guided(self, kind: str) -> bool:
+        """Whether stage ratios follow measured latency for this amount kind (never for a plain ratio)."""
+        if kind == "ratio":
+            return False
+        return self.latency_guided if self.latency_guided is not None else kind in ("target_speedup",
+                                                                                     "target_latency_ms")
 
 
 class QuantizeConfig(_Section):

@@ -7,6 +7,7 @@ is collected in an `ArchPlan` by `arch_plan`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,15 +32,24 @@ class PruneStep:
     macs: int
     latency_ms: float | None = None
     accuracy: float | None = None
+    speedup: float | None = None  # over the unpruned model, measured in the same interleaved rounds
 
 
 @dataclass
 class PruneOutcome:
+    """Before/after counts, the per-step table and what the pruning found on the way."""
+
     before: dict
     after: dict
     steps: list[PruneStep] = field(default_factory=list)
     reached: bool = True
     note: str = ""
+    family: str = "generic"
+    stage_latency_share: dict[str, float] = field(default_factory=dict)
+
+
+# (latency of the model in ms, latency of the unpruned model measured alongside in ms)
+LatencyFn = Callable[[nn.Module], tuple[float, float]]
 
 
 def _importance(criterion: str):
@@ -168,15 +178,18 @@ class StructuredPruner:
     architecture's fixups after each step."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None,
-                 pruning_ratio: float, iterative_steps: int):
+                 pruning_ratio: float, iterative_steps: int, stage_ratios: dict[str, float] | None = None):
         import torch_pruning as tp
 
         self.model = model
         self.plan = arch_plan(model, example, round_to, cfg.ignored_layers)
+        mods = dict(model.named_modules())
+        # a stage is one module name or several joined by '+', pruned to its own ratio
+        ratio_dict = {tuple(mods[n] for n in stage.split("+")): r for stage, r in (stage_ratios or {}).items()}
         kwargs: dict = dict(
             importance=_importance(cfg.criterion), global_pruning=cfg.global_pruning, pruning_ratio=pruning_ratio,
             iterative_steps=iterative_steps, ignored_layers=self.plan.ignored, round_to=self.plan.round_to,
-            max_pruning_ratio=MAX_LAYER_RATIO,
+            max_pruning_ratio=MAX_LAYER_RATIO, pruning_ratio_dict=ratio_dict or None,
         )
         if self.plan.unwrapped:
             kwargs["unwrapped_parameters"] = self.plan.unwrapped
@@ -203,9 +216,48 @@ class StructuredPruner:
 
 
 def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None,
-                pruning_ratio: float, iterative_steps: int) -> StructuredPruner:
-    """A pruner for `model` that removes `pruning_ratio` of the channels over `iterative_steps` steps."""
-    return StructuredPruner(model, example, cfg, round_to, pruning_ratio, iterative_steps)
+                pruning_ratio: float, iterative_steps: int,
+                stage_ratios: dict[str, float] | None = None) -> StructuredPruner:
+    """A pruner for `model` that removes `pruning_ratio` of the channels over `iterative_steps` steps
+    (`stage_ratios`: a ratio of its own for named stages)."""
+    return StructuredPruner(model, example, cfg, round_to, pruning_ratio, iterative_steps, stage_ratios)
+
+
+def latency_stages(model: nn.Module, plan: ArchPlan, most: int = 8) -> list[str]:
+    """The network cut into at most `most` consecutive stages with prunable layers: top-level children,
+    the largest split into its children until there are four, neighbours joined beyond `most`."""
+    def prunable(m: nn.Module) -> bool:
+        return any(isinstance(c, (nn.Conv2d, nn.Linear)) and c not in plan.ignored for c in m.modules())
+
+    stages = [(n, m) for n, m in model.named_children() if prunable(m)]
+    while len(stages) < 4:
+        splittable = [s for s in stages if any(prunable(c) for c in s[1].children())]
+        if not splittable:
+            break
+        big = max(splittable, key=lambda s: count_params(s[1]))
+        i = stages.index(big)
+        stages[i:i + 1] = [(f"{big[0]}.{n}", c) for n, c in big[1].named_children() if prunable(c)]
+    names = [n for n, _ in stages]
+    if len(names) > most:
+        per = math.ceil(len(names) / most)
+        names = ["+".join(names[i:i + per]) for i in range(0, len(names), per)]
+    return names
+
+
+def stage_latency_share(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None,
+                        measure: LatencyFn) -> dict[str, float]:
+    """For each stage, the share of the model's latency saved by pruning half of that stage's channels,
+    measured on the target (relative to the stage that saves most): where pruning pays off in time."""
+    probe_cfg = cfg.model_copy(update={"criterion": "l2", "global_pruning": False})
+    stages = latency_stages(model, arch_plan(model, example, round_to, cfg.ignored_layers))
+    saved = {}
+    for stage in stages:
+        trial = copy.deepcopy(model)
+        make_pruner(trial, example, probe_cfg, round_to, 0.0, 1, {stage: 0.5}).step()
+        latency, reference = measure(trial)
+        saved[stage] = max(0.0, 1.0 - latency / reference)
+    top = max(saved.values(), default=0.0)
+    return {k: (v / top if top > 0 else 1.0) for k, v in saved.items()}
 
 
 def _taylor_grads(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -218,61 +270,70 @@ def _taylor_grads(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | No
 
 
 def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_classes: int, round_to: int | None,
-          *, finetune: Callable[[nn.Module, int], float] | None = None,
-          measure_latency: Callable[[nn.Module], float] | None = None,
-          baseline_latency_ms: float | None = None,
+          *, finetune: Callable[[nn.Module, int], float] | None = None, measure_latency: LatencyFn | None = None,
           grad_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, PruneOutcome]:
     """Prune `model` in place to the configured amount; returns it with before/after figures and steps.
 
     ratio prunes that share of channels in `cfg.steps` steps; target_macs/target_params step until the
-    counted figure reaches the target; target_speedup/target_latency_ms step until the latency
-    measured by `measure_latency` (on the target's runtime) reaches it. `finetune(model, step)` runs KD
-    recovery after each step and returns the validation accuracy."""
+    counted figure reaches the target; target_speedup/target_latency_ms step until the latency measured
+    by `measure_latency` (on the target's runtime) reaches it. With latency guidance, stages that save
+    more measured latency are pruned faster. `finetune(model, step)` runs KD recovery at checkpoints and
+    returns the validation accuracy; `num_classes` is kept for callers, the head is found by tracing."""
     example = torch.zeros(1, *input_shape)
     model.eval()
     base_params, base_macs = count_params(model), count_macs(model, input_shape)
     outcome = PruneOutcome(before={"params": base_params, "macs": base_macs}, after={})
     kind, amount = cfg.amount()
+    on_latency = kind in ("target_speedup", "target_latency_ms")
+    if on_latency and measure_latency is None:
+        raise StageError(f"prune.{kind} needs a latency measurement on the target")
+
+    def one_step(pruner: StructuredPruner) -> tuple[int, int]:
+        _taylor_grads(model, grad_batch if cfg.criterion == "taylor" else None)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        return count_params(model), count_macs(model, input_shape)
+
+    def measured() -> tuple[float | None, float | None]:
+        if measure_latency is None:
+            return None, None
+        latency, reference = measure_latency(model)
+        return latency, reference / latency
+
     if kind == "ratio":
         pruner = make_pruner(model, example, cfg, round_to, amount, cfg.steps)
+        outcome.family = pruner.plan.family
         for i in range(cfg.steps):
-            _taylor_grads(model, grad_batch if cfg.criterion == "taylor" else None)
-            pruner.step()
-            model.zero_grad(set_to_none=True)
+            params, macs = one_step(pruner)
             acc = finetune(model, i) if finetune else None
-            lat = measure_latency(model) if measure_latency else None
-            outcome.steps.append(PruneStep(i + 1, count_params(model), count_macs(model, input_shape), lat, acc))
+            latency, speedup = measured()
+            outcome.steps.append(PruneStep(i + 1, params, macs, latency, acc, speedup))
     else:
-        target_latency = None
-        if kind == "target_speedup":
-            if baseline_latency_ms is None or measure_latency is None:
-                raise StageError("prune.target_speedup needs a measured baseline latency")
-            target_latency = baseline_latency_ms / amount
-        elif kind == "target_latency_ms":
-            if measure_latency is None:
-                raise StageError("prune.target_latency_ms needs a latency measurement on the target")
-            target_latency = amount
-        pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS)
+        stage_ratios = None
+        if cfg.guided(kind) and measure_latency is not None:
+            outcome.stage_latency_share = stage_latency_share(model, example, cfg, round_to, measure_latency)
+            # the stage that saves most time is pruned twice as fast as one that saves none
+            stage_ratios = {k: 0.9 * (0.5 + 0.5 * w) for k, w in outcome.stage_latency_share.items()}
+        pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS, stage_ratios)
+        outcome.family = pruner.plan.family
         # Fine-tune at the configured number of checkpoints along the way, not after each micro-step.
-        ft_every = max(1, MAX_STEPS // (cfg.steps * 4)) if target_latency is None else 2
+        ft_every = 2 if on_latency else max(1, MAX_STEPS // (cfg.steps * 4))
         reached = False
         for i in range(MAX_STEPS):
-            _taylor_grads(model, grad_batch if cfg.criterion == "taylor" else None)
-            pruner.step()
-            model.zero_grad(set_to_none=True)
-            params, macs = count_params(model), count_macs(model, input_shape)
-            lat = None
-            if target_latency is not None:
-                lat = measure_latency(model)  # type: ignore[misc]
-                reached = lat <= target_latency
+            params, macs = one_step(pruner)
+            latency = speedup = None
+            if on_latency:
+                latency, speedup = measured()
+                reached = (speedup >= amount) if kind == "target_speedup" else latency <= amount  # type: ignore[operator]
             elif kind == "target_macs":
                 reached = macs <= amount * base_macs
             else:
                 reached = params <= amount * base_params
-            acc = None
-            if finetune and (reached or (i + 1) % ft_every == 0):
-                acc = finetune(model, i)
-            outcome.steps.append(PruneStep(i + 1, params, macs, lat, acc))
+            checkpoint = reached or (i + 1) % ft_every == 0
+            acc = finetune(model, i) if finetune and checkpoint else None
+            if latency is None and checkpoint:
+                latency, speedup = measured()
+            outcome.steps.append(PruneStep(i + 1, params, macs, latency, acc, speedup))
             if reached:
                 break
         outcome.reached = reached

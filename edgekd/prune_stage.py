@@ -1,17 +1,20 @@
-"""The prune stage: torch-pruning with KD fine-tuning from the unpruned model, resumable."""
+"""The prune stage: torch-pruning with KD fine-tuning from the unpruned model, latency on the target, resumable."""
 from __future__ import annotations
 
 import copy
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from .context import RunContext
-from .distill.trainer import TeacherLogitCache, augmented_views, train, AUG_DRAWS
+from .distill.trainer import AUG_DRAWS, TeacherLogitCache, augmented_views, train
 from .models import build_model, student_from
-from .prune import load_pruned, prune, save_pruned
+from .prune import PruneStep, load_pruned, prune, save_pruned
 from .runs import atomic_path
+
+PROBE_ROUNDS, PROBE_ITERATIONS, PROBE_WARMUP = 4, 50, 10
 
 
 def _fresh(ctx: RunContext, teacher: nn.Module) -> nn.Module:
@@ -20,33 +23,58 @@ def _fresh(ctx: RunContext, teacher: nn.Module) -> nn.Module:
         else build_model(ctx.config.student.model, splits.num_classes)  # type: ignore[union-attr]
 
 
-def _latency_fn(ctx: RunContext):
-    """Latency of a torch model exported to ONNX and run on the target's runtime (this host)."""
-    from .backends import get_backend
-    from .bench.harness import time_inference
-    from .export import export_onnx
+class LatencyProbe:
+    """Latency of torch models exported to ONNX and run on the target's runtime, each measured in
+    interleaved rounds with the unpruned model, so a drift in the machine's speed cancels in the ratio.
 
-    backend = get_backend(ctx.profile.backend)
-    splits = ctx.splits
-    tmp = ctx.stage_dir("prune") / "probe"
+    Runs on this host: with the target's backend where the profile's latencies are real here (`cpu`,
+    an x86 host for intel-cpu), else with ONNX Runtime as a stand-in, labelled so in `measured_on`."""
 
-    def measure(model: nn.Module) -> float:
-        onnx_path = export_onnx(copy.deepcopy(model).eval(), splits.input_shape, tmp / "probe.onnx",  # type: ignore[union-attr]
-                                ctx.profile.opset)
-        art = backend.compile(onnx_path, ctx.profile, tmp / "compiled", "fp32")
-        runner = backend.load(art, ctx.profile, ctx.threads)
-        x = splits.test.x[:1].numpy()  # type: ignore[union-attr]
-        t = time_inference(runner.infer, x, 20, 200)
-        runner.close()
-        return float(torch.tensor(t).median())
+    def __init__(self, ctx: RunContext, reference: nn.Module):
+        from .backends import get_backend
 
-    return measure
+        self.ctx = ctx
+        self.here = ctx.profile.measures_here
+        self.backend = get_backend(ctx.profile.backend if self.here else "onnxruntime")
+        self.measured_on = (f"host ({ctx.profile.backend}, {ctx.threads} threads)" if self.here else
+                            f"host (onnxruntime, {ctx.threads} threads), standing in for {ctx.profile.name}")
+        self.dir = ctx.stage_dir("prune") / "probe"
+        self.sample = ctx.splits.test.x[:1].numpy()  # type: ignore[union-attr]
+        self.count = 0
+        self.reference = self._load(reference, "reference")
+
+    def _load(self, model: nn.Module, name: str):
+        from .export import export_onnx
+
+        out = self.dir / name
+        onnx_path = export_onnx(copy.deepcopy(model).eval(), self.ctx.splits.input_shape,  # type: ignore[union-attr]
+                                out / "model.onnx", self.ctx.profile.opset)
+        art = self.backend.compile(onnx_path, self.ctx.profile, out / "compiled", "fp32")
+        return self.backend.load(art, self.ctx.profile, self.ctx.threads)
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        """(p50 latency of `model`, p50 latency of the unpruned model) in ms, measured side by side."""
+        from .bench.harness import interleaved
+
+        self.count += 1
+        runner = self._load(model, "candidate")
+        try:
+            times = interleaved({"ref": self.reference.infer, "cand": runner.infer}, self.sample, PROBE_WARMUP,
+                                PROBE_ITERATIONS, PROBE_ROUNDS)
+        finally:
+            runner.close()
+        return float(np.median(times["cand"])), float(np.median(times["ref"]))
+
+    def close(self) -> None:
+        self.reference.close()
 
 
-def _step(s) -> dict:
-    row = {"step": s.step, "params": s.params, "macs": s.macs}
+def _step(s: PruneStep) -> dict:
+    row: dict = {"step": s.step, "params": s.params, "macs": s.macs}
     if s.latency_ms is not None:
         row["latency_ms"] = round(s.latency_ms, 4)
+    if s.speedup is not None:
+        row["speedup"] = round(s.speedup, 3)
     if s.accuracy is not None and s.accuracy == s.accuracy:
         row["val_accuracy_torch"] = s.accuracy
     return row
@@ -56,8 +84,8 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     """Prune `model` (fine-tuning with KD from its unpruned self) or reload a stored result."""
     cfg, splits = ctx.config, ctx.splits
     p = cfg.prune
-    key = ctx.key("prune-v1", upstream, p.model_dump(mode="json"), cfg.distill.temperature, cfg.distill.alpha,
-                  ctx.profile.round_to, ctx.profile.name if p.target_speedup or p.target_latency_ms else "")
+    key = ctx.key("prune-v2", upstream, p.model_dump(mode="json"), cfg.distill.temperature, cfg.distill.alpha,
+                  ctx.profile.round_to, ctx.profile.name, ctx.threads)
     out = ctx.stage_dir("prune")
     hit = ctx.cached("prune", key)
     if hit is not None:
@@ -69,37 +97,41 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     unpruned = copy.deepcopy(model).eval()
     for q in unpruned.parameters():
         q.requires_grad_(False)
-    views = augmented_views(splits.train.x, cfg.seed, AUG_DRAWS, cfg.data.augment)  # type: ignore[union-attr]
-    cache = TeacherLogitCache(unpruned, views)
     epochs_per_step = max(1, p.finetune_epochs // max(1, p.steps)) if p.finetune_epochs else 0
+    caches: list[TeacherLogitCache] = []
 
     def finetune(m: nn.Module, step: int) -> float:
         if epochs_per_step == 0:
             return float("nan")
+        if not caches:  # the unpruned model's logits on every augmented view, computed once when first needed
+            views = augmented_views(splits.train.x, cfg.seed, AUG_DRAWS, cfg.data.augment)  # type: ignore[union-attr]
+            caches.append(TeacherLogitCache(unpruned, views))
+        cache = caches[0]
         res = train(m, splits.train, splits.val, epochs=epochs_per_step, lr=p.lr, seed=cfg.seed + step,  # type: ignore[union-attr]
                     batch_size=cfg.data.batch_size, teacher=unpruned, temperature=cfg.distill.temperature,
                     alpha=max(cfg.distill.alpha, 0.5), augment=cfg.data.augment, cache=cache,
                     progress=ctx.progress, label=f"fine-tuning (step {step + 1})")
         return res.val_accuracy
 
-    kind, _ = p.amount()
-    measure = _latency_fn(ctx) if kind in ("target_speedup", "target_latency_ms") else None
-    baseline = measure(unpruned) if measure else None
+    probe = LatencyProbe(ctx, unpruned)
     grad_batch = (splits.train.x[:64], splits.train.y[:64]) if p.criterion == "taylor" else None  # type: ignore[union-attr]
-    model.train()
-    model, outcome = prune(model, splits.input_shape, p, splits.num_classes, ctx.profile.round_to,  # type: ignore[union-attr]
-                           finetune=finetune, measure_latency=measure, baseline_latency_ms=baseline,
-                           grad_batch=grad_batch)
+    try:
+        model, outcome = prune(model, splits.input_shape, p, splits.num_classes, ctx.profile.round_to,  # type: ignore[union-attr]
+                               finetune=finetune, measure_latency=probe, grad_batch=grad_batch)
+    finally:
+        probe.close()
     with atomic_path(out / "model.pt") as tmp:
         torch.save(save_pruned(model), tmp)
     metrics = {
-        "criterion": p.criterion, "amount": dict([p.amount()]), "round_to": ctx.profile.round_to,
+        "criterion": p.criterion, "global_pruning": p.global_pruning, "amount": dict([p.amount()]),
+        "round_to": ctx.profile.round_to, "family": outcome.family,
         "before": outcome.before, "after": outcome.after, "reached": outcome.reached,
         "steps": [_step(s) for s in outcome.steps],
+        "latency_measured_on": probe.measured_on, "latency_probes": probe.count,
         "duration_s": round(time.perf_counter() - t0, 2),
     }
-    if baseline is not None:
-        metrics["baseline_latency_ms"] = baseline
+    if outcome.stage_latency_share:
+        metrics["stage_latency_share"] = {k: round(v, 3) for k, v in outcome.stage_latency_share.items()}
     if outcome.note:
         metrics["note"] = outcome.note
     ctx.mark_done("prune", key, metrics)

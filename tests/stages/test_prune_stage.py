@@ -1,0 +1,135 @@
+"""The prune stage on digits: KD recovery, the per-step table with latency measured on the target's
+runtime, resume from the stored result, and the latency-target stepping with a controlled clock."""
+import pytest
+import torch
+
+from edgekd.config import PruneConfig, from_dict
+from edgekd.context import RunContext
+from edgekd.data import build_splits
+from edgekd.distill.trainer import evaluate, train
+from edgekd.models import build_model, count_macs
+from edgekd.profiles import load_profile
+from edgekd.prune import arch_plan, latency_stages, prune
+from edgekd.prune_stage import LatencyProbe, run_prune
+
+DATA = {"image_size": 16}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    splits = build_splits(from_dict({"data": DATA}).data, 0)
+    model = build_model("small_cnn", 10)
+    train(model, splits.train, splits.val, epochs=2, lr=1e-2, seed=0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _ctx(tmp_path, target="cpu", **prune_cfg) -> RunContext:
+    cfg = from_dict({"student": {"model": "teacher"}, "stages": ["prune"], "data": DATA, "prune": prune_cfg})
+    ctx = RunContext(cfg, load_profile(target), tmp_path / "run", threads=1)
+    ctx.splits = build_splits(cfg.data, cfg.seed)
+    return ctx
+
+
+def _student(teacher):
+    import copy
+
+    s = copy.deepcopy(teacher)
+    for p in s.parameters():
+        p.requires_grad_(True)
+    return s
+
+
+def test_target_macs_with_kd_recovery_steps_and_resume(tmp_path, teacher):
+    ctx = _ctx(tmp_path, target_macs=0.5, finetune_epochs=2)
+    model, m = run_prune(ctx, teacher, _student(teacher), "up")
+    assert m["before"]["macs"] == count_macs(teacher, (3, 16, 16))
+    assert m["after"]["macs"] <= 0.5 * m["before"]["macs"] and m["reached"]
+    assert m["after"]["params"] < m["before"]["params"]
+    steps = m["steps"]
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1]["macs"] == m["after"]["macs"]
+    # the last step was fine-tuned with KD and measured on the target's runtime beside the unpruned model
+    last = steps[-1]
+    assert last["latency_ms"] > 0 and last["speedup"] > 0 and "val_accuracy_torch" in last
+    assert m["latency_measured_on"].startswith("host (onnxruntime")
+    teacher_acc, _ = evaluate(teacher, ctx.splits.val)
+    assert last["val_accuracy_torch"] >= teacher_acc - 5.0
+    # resume: the stored description rebuilds the same model without pruning again
+    again, hit = run_prune(ctx, teacher, _student(teacher), "up")
+    assert hit["resumed"] and hit["after"] == m["after"]
+    x = ctx.splits.test.x[:8]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), again.eval()(x))
+
+
+def test_ratio_steps_each_report_latency(tmp_path, teacher):
+    ctx = _ctx(tmp_path, ratio=0.4, steps=2, finetune_epochs=0)
+    _, m = run_prune(ctx, teacher, _student(teacher), "up")
+    assert len(m["steps"]) == 2 and m["latency_probes"] == 2
+    assert all(s["latency_ms"] > 0 and s["speedup"] > 0 for s in m["steps"])
+    assert m["steps"][1]["macs"] < m["steps"][0]["macs"] < m["before"]["macs"]
+
+
+def test_board_profile_latency_is_labelled_as_a_stand_in(tmp_path, teacher):
+    ctx = _ctx(tmp_path, "raspberry-pi-5", ratio=0.3)
+    probe = LatencyProbe(ctx, teacher)
+    try:
+        latency, reference = probe(teacher)
+    finally:
+        probe.close()
+    assert latency > 0 and reference > 0
+    assert "standing in for raspberry-pi-5" in probe.measured_on
+
+
+SHAPE = (3, 16, 16)
+
+
+def _mac_clock(model_ref):
+    """A latency 'measurement' proportional to MACs: deterministic stepping without a noisy clock."""
+    base = count_macs(model_ref, SHAPE)
+    calls = []
+
+    def measure(m):
+        calls.append(1)
+        return count_macs(m, SHAPE) / 1e6, base / 1e6
+
+    return measure, calls
+
+
+def test_target_speedup_steps_until_the_measured_ratio_is_reached():
+    torch.manual_seed(0)
+    model = build_model("wide_cnn", 10)
+    measure, calls = _mac_clock(model)
+    cfg = PruneConfig(target_speedup=2.0, latency_guided=False)
+    model, out = prune(model, SHAPE, cfg, 10, 8, measure_latency=measure)
+    assert out.reached and out.steps[-1].speedup >= 2.0
+    assert all(s.speedup < 2.0 for s in out.steps[:-1])
+    assert all(s.latency_ms is not None for s in out.steps) and len(calls) == len(out.steps)
+
+
+def test_latency_guidance_prunes_the_stages_that_save_most_time_faster():
+    torch.manual_seed(0)
+    model = build_model("wide_cnn", 10)
+    stages = latency_stages(model, arch_plan(model, torch.zeros(1, *SHAPE), 8, []))
+    assert stages == [f"features.{i}" for i in range(5)]
+
+    def last_block_clock(m):  # only the last block's width costs time
+        return float(m.features[4][0].out_channels), 128.0
+
+    model, out = prune(model, SHAPE, PruneConfig(target_speedup=1.5), 10, 8, measure_latency=last_block_clock)
+    share = out.stage_latency_share
+    assert share["features.4"] == 1.0 and all(share[f"features.{i}"] == 0.0 for i in range(4))
+    assert out.reached and out.steps[-1].speedup >= 1.5
+    assert model.features[4][0].out_channels / 128 < model.features[3][0].out_channels / 128
+
+
+def test_latency_target_without_a_measurement_is_an_error():
+    from edgekd.errors import StageError
+
+    with pytest.raises(StageError, match="target_latency_ms needs a latency measurement"):
+        prune(build_model("small_cnn", 10), (3, 16, 16), PruneConfig(target_latency_ms=1.0), 10, 8)

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Pruning benchmarks: the figures the prune stage claims, each from `edgekd compress` runs.
+
+    python tools/prune_benchmarks.py half-macs [--out DIR] [--threads N] [--rounds 20] [--set prune.KEY=VALUE]
+    python tools/prune_benchmarks.py archs [--out DIR] [--archs resnet18 vit_b_16 ...]
+
+half-macs: the embedded default's teacher (ResNet-18, trained once and cached) pruned to half its MACs
+with KD fine-tuning (`student.model: teacher`, `stages: [prune]`, `prune.target_macs: 0.5`). The
+teacher's and the pruned model's FP32 ONNX files from the run directory are then timed with ONNX
+Runtime in this process, same threads, in interleaved rounds (teacher, pruned, pruned, teacher, ...),
+and the accuracies come from report.json (ONNX Runtime on the held-out test split).
+
+archs: every torchvision family from random initial weights through `stages: [prune, quantize]`
+(`prune.ratio`, no fine-tuning, 64x64 inputs; vit_b_16 at its 224x224), with params and MACs removed
+and the chosen artifact's measured latency from report.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
+         "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "convnext_tiny",
+         "vit_b_16"]
+IMAGE_SIZE = {"vit_b_16": 224}
+
+
+def compress(config: dict, out: Path, log: Path) -> tuple[list[str], float, int]:
+    """Write `config` beside `out` and run `edgekd compress` on the cpu target; (command, seconds, exit code)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = out.with_suffix(".yaml")
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "edgekd.cli", "compress", "--config", str(cfg_path), "--target", "cpu",
+           "--out", str(out), "--quiet"]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    return cmd, time.perf_counter() - t0, rc
+
+
+def _set(config: dict, assignments: list[str]) -> dict:
+    for a in assignments:
+        key, _, value = a.partition("=")
+        *path, last = key.split(".")
+        node = config
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    return config
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return lambda x: s.run(None, {name: x})
+
+
+def half_macs(args: argparse.Namespace) -> int:
+    from edgekd.bench.harness import interleaved, ratio_ci
+
+    out = Path(args.out) / "half-macs"
+    config = _set({"student": {"model": "teacher"}, "stages": ["prune"], "prune": {"target_macs": 0.5}}, args.set)
+    cmd, seconds, rc = compress(config, out, out.with_suffix(".log"))
+    print("config:", json.dumps(config))
+    print("command:", " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", ""), f"({seconds:.0f} s, exit {rc})")
+    if rc != 0:
+        print(out.with_suffix(".log").read_text()[-3000:])
+        return 1
+    report = json.loads((out / "report.json").read_text())
+    prune = next(s for s in report["stages"] if s["name"] == "prune")
+    threads = args.threads or report["environment"]["threads"]
+    x = np.load(out / "eval.npz")["x"][:1]
+    sessions = {"teacher": session(out / "teacher.fp32.onnx", threads), "pruned": session(out / "model.fp32.onnx",
+                                                                                         threads)}
+    times = interleaved(sessions, x, 20, args.iterations, args.rounds)
+    p50 = {k: float(np.median(v)) for k, v in times.items()}
+    speed = ratio_ci(times["teacher"], times["pruned"])
+    t_acc, p_acc = report["teacher"]["accuracy"], prune["accuracy"]
+    print(f"\nResNet-18 teacher pruned to half its MACs, {x.shape[2]}x{x.shape[3]} input, ONNX Runtime "
+          f"{threads} thread(s), {args.rounds} interleaved rounds x {args.iterations} iterations\n")
+    print("| model | params | MACs | FP32 ONNX p50 ms | accuracy % (ORT, test split) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| teacher | {prune['before']['params']:,} | {prune['before']['macs']:,} | {p50['teacher']:.3f} | "
+          f"{t_acc:.2f} |")
+    print(f"| pruned + KD | {prune['after']['params']:,} | {prune['after']['macs']:,} | {p50['pruned']:.3f} | "
+          f"{p_acc:.2f} |")
+    print(f"\nspeedup p50 {speed['ratio']:.2f}x (95% CI {speed['ci95'][0]:.2f}-{speed['ci95'][1]:.2f}); "
+          f"MACs kept {prune['after']['macs'] / prune['before']['macs']:.3f}, params kept "
+          f"{prune['after']['params'] / prune['before']['params']:.3f}; accuracy change {p_acc - t_acc:+.2f} pt")
+    print("\nsteps (validation accuracy in PyTorch at fine-tuning checkpoints; latency beside the unpruned model):")
+    print("| step | params | MACs | latency ms | speedup | val acc % |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for s in prune["steps"]:
+        print(f"| {s['step']} | {s['params']:,} | {s['macs']:,} | {s.get('latency_ms', '')} | {s.get('speedup', '')} "
+              f"| {s.get('val_accuracy_torch', '')} |")
+    ok = speed["ratio"] >= 1.6 and p_acc >= t_acc - 0.5
+    print(f"\n{'PASS' if ok else 'FAIL'}: >= 1.6x and within 0.5 point of the teacher")
+    return 0 if ok else 1
+
+
+def archs(args: argparse.Namespace) -> int:
+    rows, failed = [], 0
+    for name in args.archs:
+        size = IMAGE_SIZE.get(name, 64)
+        config = _set({
+            "name": f"prune-{name}", "stages": ["prune", "quantize"],
+            "data": {"image_size": size, "augment": False, "val_fraction": 0.05, "test_fraction": 0.05},
+            "teacher": {"model": f"torchvision:{name}", "train_epochs": 0}, "student": {"model": "teacher"},
+            "prune": {"ratio": args.ratio, "finetune_epochs": 0},
+            "quantize": {"calibration_samples": 32}, "bench": {"iterations": 50, "warmup": 5},
+        }, args.set)
+        out = Path(args.out) / "archs" / name
+        cmd, seconds, rc = compress(config, out, out.with_suffix(".log"))
+        if rc != 0:
+            failed += 1
+            tail = out.with_suffix(".log").read_text().strip().splitlines()[-1:]
+            rows.append(f"| {name} | {size} | failed (exit {rc}): {' '.join(tail)[:120]} ||||||| {seconds:.0f} |")
+            continue
+        report = json.loads((out / "report.json").read_text())
+        prune = next(s for s in report["stages"] if s["name"] == "prune")
+        b, a, final = prune["before"], prune["after"], report["final"]
+        dp, dm = 1 - a["params"] / b["params"], 1 - a["macs"] / b["macs"]
+        lat = (final.get("latency_ms") or {}).get("p50")
+        ok = dp >= 0.2 and dm >= 0.2 and lat is not None
+        failed += not ok
+        rows.append(f"| {name} | {size} | {prune.get('family', '')} | {b['params']:,} -> {a['params']:,} ({dp:.0%}) | "
+                    f"{b['macs']:,} -> {a['macs']:,} ({dm:.0%}) | {final['precision']} | "
+                    f"{lat if lat is not None else 'n/a'} | {final.get('measured_on', '')} | "
+                    f"{'ok' if ok else 'FAIL'} | {seconds:.0f} |")
+        print(f"{name}: done in {seconds:.0f} s", file=sys.stderr)
+    print(f"\ntorchvision classifiers, random init, stages [prune, quantize], prune.ratio {args.ratio}, cpu target "
+          f"(ONNX Runtime on this host)\n")
+    print("| model | input | family plan | params removed | MACs removed | chosen | p50 ms | measured on | >=20% | "
+          "run s |")
+    print("|---|---:|---|---|---|---|---:|---|---|---:|")
+    print("\n".join(rows))
+    print("\ncommand per model: python -m edgekd.cli compress --config <out>/archs/<model>.yaml --target cpu "
+          "--out <out>/archs/<model> --quiet")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    h = sub.add_parser("half-macs", help="ResNet-18 teacher to half its MACs: speedup and accuracy")
+    h.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the run's)")
+    h.add_argument("--rounds", type=int, default=20)
+    h.add_argument("--iterations", type=int, default=200)
+    a = sub.add_parser("archs", help="every family through prune and quantize")
+    a.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
+    a.add_argument("--ratio", type=float, default=0.35)
+    for p in (h, a):
+        p.add_argument("--out", default="runs/prune-benchmarks")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra config, e.g. prune.latency_guided=true")
+    args = ap.parse_args(argv)
+    return half_macs(args) if args.what == "half-macs" else archs(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
