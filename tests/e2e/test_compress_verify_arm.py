@@ -1,0 +1,26 @@
+"""`edgekd compress --target raspberry-pi-5 --verify-arm`: the final artifact evaluated on ARM kernels."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_edgekd
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
+                                                  reason="qemu-aarch64-static is missing (Debian qemu-user-static)")]
+
+
+def test_verify_arm_reports_arm_accuracy_and_agreement_without_latency(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "rpi"
+    r = run_edgekd("compress", "--model", str(run / "model.fp32.onnx"), "--calib-data", str(run / "calib.npz"),
+                   "--eval-data", str(run / "eval.npz"), "--target", "raspberry-pi-5", "--verify-arm",
+                   "--out", str(out), "--quiet", timeout=1500)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = json.loads((out / "report.json").read_text())["final"]
+    assert final["precision"] == "int8"  # the Pi's preference order, not an x86 measurement
+    assert abs(final["accuracy_arm"] - final["accuracy"]) <= 1.0
+    assert final["arm_agreement"] >= 99.0
+    assert "latency_ms" not in final["arm"] or final["arm"]["latency_ms"] is None
