@@ -45,6 +45,7 @@ class PruneOutcome:
     reached: bool = True
     note: str = ""
     family: str = "generic"
+    kept_whole: int = 0  # layers whose channel group could not be mapped, left unpruned
     stage_latency_share: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,12 +119,12 @@ def arch_plan(model: nn.Module, example: torch.Tensor, round_to: int | None, ign
         plan.ignored.append(head)
     if isinstance(model, VisionTransformer):
         # The residual width is also every attention's embed_dim, which must stay divisible by num_heads,
-        # and forward() reshapes with the hidden_dim attribute, so it follows conv_proj after each step.
+        # and forward() reshapes with the hidden_dim attribute, so it follows the class token after each step.
         heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         plan.family = "vit"
         plan.round_to = math.lcm(round_to or 1, *heads)
         plan.unwrapped += [(model.class_token, 2), (model.encoder.pos_embedding, 2)]
-        plan.after_step.append(lambda: setattr(model, "hidden_dim", model.conv_proj.out_channels))
+        plan.after_step.append(lambda: setattr(model, "hidden_dim", model.class_token.shape[-1]))
     elif any(isinstance(m, CNBlock) for m in model.modules()):
         plan.family = "convnext"
         plan.unwrapped += [(m.layer_scale, 0) for m in model.modules() if isinstance(m, CNBlock)]
@@ -302,7 +303,7 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
 
     if kind == "ratio":
         pruner = make_pruner(model, example, cfg, round_to, amount, cfg.steps)
-        outcome.family = pruner.plan.family
+        outcome.family, outcome.kept_whole = pruner.plan.family, pruner.plan.kept_whole
         for i in range(cfg.steps):
             params, macs = one_step(pruner)
             acc = finetune(model, i) if finetune else None
@@ -315,7 +316,7 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
             # the stage that saves most time is pruned twice as fast as one that saves none
             stage_ratios = {k: 0.9 * (0.5 + 0.5 * w) for k, w in outcome.stage_latency_share.items()}
         pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS, stage_ratios)
-        outcome.family = pruner.plan.family
+        outcome.family, outcome.kept_whole = pruner.plan.family, pruner.plan.kept_whole
         # Fine-tune at the configured number of checkpoints along the way, not after each micro-step.
         ft_every = 2 if on_latency else max(1, MAX_STEPS // (cfg.steps * 4))
         reached = False

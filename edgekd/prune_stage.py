@@ -130,6 +130,8 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
         "latency_measured_on": probe.measured_on, "latency_probes": probe.count,
         "duration_s": round(time.perf_counter() - t0, 2),
     }
+    if outcome.kept_whole:
+        metrics["kept_whole_layers"] = outcome.kept_whole
     if outcome.stage_latency_share:
         metrics["stage_latency_share"] = {k: round(v, 3) for k, v in outcome.stage_latency_share.items()}
     if outcome.note:

@@ -81,6 +81,8 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+FAMILY = {"vit": "vit", "convnext": "convnext", "shufflenet_v2_x0_5": "shufflenet"}
+
 
 def _ort_logits(path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
@@ -100,6 +102,7 @@ def test_family_prunes_reloads_and_runs_in_onnxruntime(arch, tmp_path):
     head = classifier_head(model, torch.zeros(1, *shape))
     head_weight = head.weight.detach().clone()
     model, out = prune(model, shape, PruneConfig(ratio=0.3), NUM_CLASSES, round_to=8)
+    assert out.family == FAMILY.get(arch, "generic")
     assert out.after["params"] <= 0.8 * out.before["params"], out
     assert out.after["macs"] <= 0.8 * out.before["macs"], out
     assert out.after["params"] == count_params(model) and out.after["macs"] == count_macs(model, shape)
