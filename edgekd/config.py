@@ -127,6 +127,7 @@ class DataFreeOptions(_Section):
     tv_weight: float = Field(1e-3, ge=0)
     l2_weight: float = Field(0.0, ge=0)
     jitter: int = Field(2, ge=0, le=64)
+    clamp: bool = True  # keep inputs within the preprocessing's value range
 
 
 class StrategyOptions(_Section):

@@ -166,6 +166,17 @@ def test_selective_mask_and_loss_on_a_hand_built_batch():
     assert torch.isclose(loss, (sum(soft) + sum(hard)) / 4, atol=1e-6)
 
 
+def test_data_free_input_bounds_come_from_the_preprocessing():
+    from edgekd.data import IMAGENET_MEAN, IMAGENET_STD
+    from edgekd.distill.strategies.data_free import input_bounds
+
+    lo, hi = input_bounds(from_dict({}).data, 3)
+    assert lo.tolist() == [-1.0] * 3 and hi.tolist() == [1.0] * 3
+    lo, hi = input_bounds(from_dict({"data": {"dataset": "imagefolder", "root": "x"}}).data, 3)
+    assert torch.allclose(lo, -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
+    assert torch.allclose(hi, (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+
+
 def test_strategy_options_are_checked():
     cfg = from_dict({"distill": {"strategy": "born_again", "strategy_options": {"born_again": {"generations": 2}}}})
     assert cfg.distill.strategy_options.born_again.generations == 2

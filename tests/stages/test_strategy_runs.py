@@ -196,7 +196,7 @@ def test_data_free_synthesis_matches_bn_statistics_and_the_student_sees_only_syn
     opts = {"samples": 40, "synthesis_steps": 30, "batch_size": 20, "jitter": 1, "bn_weight": 1.0}
     ctx = _ctx(tmp_path, "data_free", opts)
     x, _, history = data_free.synthesize(teacher, (3, 8, 8), 10, ctx.config.distill.strategy_options.data_free,
-                                         seed=0)
+                                         seed=0, bounds=data_free.input_bounds(ctx.config.data, 3))
     for curve in history:  # the BatchNorm-statistics loss falls over the synthesis steps
         assert len(curve) == 30 and np.mean(curve[-5:]) < 0.75 * np.mean(curve[:5])
     assert all(not mod._forward_hooks for mod in teacher.modules())
@@ -212,6 +212,7 @@ def test_data_free_synthesis_matches_bn_statistics_and_the_student_sees_only_syn
     synth = seen["train"].x.flatten(1)
     assert len(synth) == 36 and len(seen["val"]) == 4 and (seen["train"].y == -1).all()
     assert torch.cdist(synth, real).min() > 1e-3  # none of the real images is among the inputs
+    assert synth.min() >= -1 and synth.max() <= 1  # clamped to the digits' preprocessing range
     assert torch.allclose(synth[:4], x[torch.randperm(40, generator=torch.Generator().manual_seed(0))[4:8]].flatten(1))
     assert seen["teacher"] is teacher and seen["alpha"] == 1.0
     assert m["transfer_set"] == {"images": 36, "synthetic": True, "real_training_images": 0}

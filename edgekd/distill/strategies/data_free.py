@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import DataFreeOptions
+from ...config import DataConfig, DataFreeOptions
 from ...context import RunContext
-from ...data import ArrayDataset
+from ...data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset
 from ...errors import ConfigError
 from ...progress import NullProgress, Progress
 from ..trainer import AUG_DRAWS, augmented_views, predict_logits, train
 from .common import device_of, finish, splits_of
 
-__all__ = ["BatchNormStats", "run", "synthesize", "total_variation"]
+__all__ = ["BatchNormStats", "input_bounds", "run", "synthesize", "total_variation"]
 
 HOLD_OUT = 0.1  # share of the synthetic inputs kept for model selection
 
@@ -69,17 +69,29 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
 
 
+def input_bounds(data: DataConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds of a preprocessed input, from the preprocessing alone (no images read):
+    [-1, 1] for the digits demo, ImageNet normalisation of [0, 1] pixels for image folders."""
+    if data.dataset == "digits":
+        return torch.full((channels,), -1.0), torch.full((channels,), 1.0)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return (0 - mean) / std, (1 - mean) / std
+
+
 def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opts: DataFreeOptions, *, seed: int,
-               progress: Progress | None = None, device: torch.device | None = None
+               progress: Progress | None = None, device: torch.device | None = None,
+               bounds: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
     """`opts.samples` inputs synthesised from the frozen `teacher`, their assigned classes, and for each
-    synthesis batch the BatchNorm-statistics loss at every step."""
+    synthesis batch the BatchNorm-statistics loss at every step. With `bounds` (per-channel low and
+    high), the inputs start inside them and are clamped to them after every step."""
     progress = progress or NullProgress()
     dev = device or torch.device("cpu")
     teacher.eval().to(dev)
     gen = torch.Generator().manual_seed(seed)
     stats = BatchNormStats(teacher)
     images, classes, history = [], [], []
+    lo, hi = ((b.view(1, -1, 1, 1).to(dev) for b in bounds) if bounds is not None else (None, None))
     batches = math.ceil(opts.samples / opts.batch_size)
     try:
         with progress.task("synthesising inputs from the teacher", batches * opts.synthesis_steps) as bar:
@@ -87,7 +99,10 @@ def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opt
                 n = min(opts.batch_size, opts.samples - b * opts.batch_size)
                 target = (torch.arange(n) + b * opts.batch_size) % num_classes
                 target = target[torch.randperm(n, generator=gen)].to(dev)
-                x = torch.randn(n, *shape, generator=gen).to(dev).requires_grad_(True)
+                x = torch.randn(n, *shape, generator=gen).to(dev)
+                if lo is not None and hi is not None:
+                    x = torch.max(torch.min(x * (hi - lo) / 4 + (hi + lo) / 2, hi), lo)
+                x.requires_grad_(True)
                 opt = torch.optim.Adam([x], lr=opts.lr, betas=(0.5, 0.9))
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, opts.synthesis_steps)
                 curve = []
@@ -105,6 +120,9 @@ def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opt
                     loss.backward()
                     opt.step()
                     sched.step()
+                    if lo is not None and hi is not None:
+                        with torch.no_grad():
+                            x.copy_(torch.max(torch.min(x, hi), lo))
                     curve.append(float(bn.detach()))
                     bar.advance()
                 images.append(x.detach().cpu())
@@ -122,8 +140,9 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     cfg, splits = ctx.config, splits_of(ctx)
     d, opts = cfg.distill, cfg.distill.strategy_options.data_free
     t0 = time.perf_counter()
+    bounds = input_bounds(cfg.data, splits.input_shape[0]) if opts.clamp else None
     x, assigned, history = synthesize(teacher, splits.input_shape, splits.num_classes, opts, seed=cfg.seed,
-                                      progress=ctx.progress, device=device_of(ctx))
+                                      progress=ctx.progress, device=device_of(ctx), bounds=bounds)
     synthesis_s = time.perf_counter() - t0
     teacher_pred = predict_logits(teacher, x).argmax(1)
     n_val = max(1, int(len(x) * HOLD_OUT))
