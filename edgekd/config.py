@@ -128,6 +128,8 @@ class DataFreeOptions(_Section):
     l2_weight: float = Field(0.0, ge=0)
     jitter: int = Field(2, ge=0, le=64)
     clamp: bool = True  # keep inputs within the preprocessing's value range
+    # optimise inputs at 1/downsample of the resolution, upsampled; unset: from the preprocessing
+    downsample: int | None = Field(None, ge=1, le=64)
 
 
 class StrategyOptions(_Section):

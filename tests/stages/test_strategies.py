@@ -166,12 +166,17 @@ def test_selective_mask_and_loss_on_a_hand_built_batch():
     assert torch.isclose(loss, (sum(soft) + sum(hard)) / 4, atol=1e-6)
 
 
-def test_data_free_input_bounds_come_from_the_preprocessing():
+def test_data_free_input_bounds_and_resolution_come_from_the_preprocessing():
     from edgekd.data import IMAGENET_MEAN, IMAGENET_STD
     from edgekd.distill.strategies.data_free import input_bounds
 
     lo, hi = input_bounds(from_dict({}).data, 3)
     assert lo.tolist() == [-1.0] * 3 and hi.tolist() == [1.0] * 3
+    from edgekd.distill.strategies.data_free import native_downsample
+
+    assert native_downsample(from_dict({}).data) == 4  # 8x8 digits enlarged to 32x32
+    assert native_downsample(from_dict({"data": {"image_size": 8}}).data) == 1
+    assert native_downsample(from_dict({"data": {"dataset": "imagefolder", "root": "x"}}).data) == 1
     lo, hi = input_bounds(from_dict({"data": {"dataset": "imagefolder", "root": "x"}}).data, 3)
     assert torch.allclose(lo, -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
     assert torch.allclose(hi, (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))

@@ -217,6 +217,7 @@ def test_data_free_synthesis_matches_bn_statistics_and_the_student_sees_only_syn
     assert seen["teacher"] is teacher and seen["alpha"] == 1.0
     assert m["transfer_set"] == {"images": 36, "synthetic": True, "real_training_images": 0}
     assert m["synthesis"]["bn_loss_last"] < m["synthesis"]["bn_loss_first"]
+    assert m["synthesis"]["downsample"] == 1 and m["synthesis"]["clamped"]
     _measured(ctx, m)
 
 

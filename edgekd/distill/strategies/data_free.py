@@ -1,9 +1,10 @@
 """Data-free KD (DeepInversion, Yin et al. 2020): inputs are synthesised from the teacher alone, by
 optimising random noise so that the batch statistics at every BatchNorm layer match the layer's running
 statistics, each image is classified as an assigned class (cross-entropy), the batch covers the classes
-(entropy of the mean prediction) and images stay smooth (total variation). The student then learns
-from the teacher's outputs on those inputs only: the training split is never read (model selection
-uses held-out synthetic inputs labelled by the teacher); the test split still measures the result."""
+(entropy of the mean prediction), and images stay smooth (total variation; optimised at the native
+resolution where the preprocessing upsamples) and within the preprocessing's value range. The student
+then learns from the teacher's outputs on those inputs only: the training split is never read (model
+selection uses held-out synthetic inputs labelled by the teacher); the test split measures the result."""
 from __future__ import annotations
 
 import math
@@ -21,9 +22,10 @@ from ...progress import NullProgress, Progress
 from ..trainer import AUG_DRAWS, augmented_views, predict_logits, train
 from .common import device_of, finish, splits_of
 
-__all__ = ["BatchNormStats", "input_bounds", "run", "synthesize", "total_variation"]
+__all__ = ["BatchNormStats", "input_bounds", "native_downsample", "run", "synthesize", "total_variation"]
 
 HOLD_OUT = 0.1  # share of the synthetic inputs kept for model selection
+DIGITS_NATIVE = 8  # scikit-learn's digits are 8x8 images
 
 
 class BatchNormStats:
@@ -78,6 +80,12 @@ def input_bounds(data: DataConfig, channels: int) -> tuple[torch.Tensor, torch.T
     return (0 - mean) / std, (1 - mean) / std
 
 
+def native_downsample(data: DataConfig) -> int:
+    """How much the preprocessing upsamples the images, from the preprocessing alone: the digits demo
+    enlarges 8x8 images to data.image_size; image folders are resized from unknown sizes (1)."""
+    return max(1, data.image_size // DIGITS_NATIVE) if data.dataset == "digits" else 1
+
+
 def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opts: DataFreeOptions, *, seed: int,
                progress: Progress | None = None, device: torch.device | None = None,
                bounds: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,6 +100,13 @@ def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opt
     stats = BatchNormStats(teacher)
     images, classes, history = [], [], []
     lo, hi = ((b.view(1, -1, 1, 1).to(dev) for b in bounds) if bounds is not None else (None, None))
+    # inputs are optimised at 1/downsample of the resolution and upsampled bilinearly (a smoothness prior)
+    low = tuple(max(1, round(s / (opts.downsample or 1))) for s in shape[1:])
+
+    def upsample(t: torch.Tensor) -> torch.Tensor:
+        return t if low == tuple(shape[1:]) else F.interpolate(t, size=shape[1:], mode="bilinear",
+                                                              align_corners=False)
+
     batches = math.ceil(opts.samples / opts.batch_size)
     try:
         with progress.task("synthesising inputs from the teacher", batches * opts.synthesis_steps) as bar:
@@ -99,7 +114,7 @@ def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opt
                 n = min(opts.batch_size, opts.samples - b * opts.batch_size)
                 target = (torch.arange(n) + b * opts.batch_size) % num_classes
                 target = target[torch.randperm(n, generator=gen)].to(dev)
-                x = torch.randn(n, *shape, generator=gen).to(dev)
+                x = torch.randn(n, shape[0], *low, generator=gen).to(dev)
                 if lo is not None and hi is not None:
                     x = torch.max(torch.min(x * (hi - lo) / 4 + (hi + lo) / 2, hi), lo)
                 x.requires_grad_(True)
@@ -109,13 +124,14 @@ def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opt
                 for _ in range(opts.synthesis_steps):
                     dx, dy = (torch.randint(-opts.jitter, opts.jitter + 1, (2,), generator=gen).tolist()
                               if opts.jitter else (0, 0))
-                    logits = teacher(torch.roll(x, shifts=(dx, dy), dims=(2, 3)))
+                    full = upsample(x)
+                    logits = teacher(torch.roll(full, shifts=(dx, dy), dims=(2, 3)))
                     bn = stats.loss()
                     mean_p = F.softmax(logits, dim=1).mean(0)
                     diversity = math.log(num_classes) + (mean_p * mean_p.clamp_min(1e-8).log()).sum()
                     loss = (opts.bn_weight * bn + opts.ce_weight * F.cross_entropy(logits, target)
-                            + opts.diversity_weight * diversity + opts.tv_weight * total_variation(x)
-                            + opts.l2_weight * x.pow(2).mean())
+                            + opts.diversity_weight * diversity + opts.tv_weight * total_variation(full)
+                            + opts.l2_weight * full.pow(2).mean())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -125,7 +141,7 @@ def synthesize(teacher: nn.Module, shape: tuple[int, ...], num_classes: int, opt
                             x.copy_(torch.max(torch.min(x, hi), lo))
                     curve.append(float(bn.detach()))
                     bar.advance()
-                images.append(x.detach().cpu())
+                images.append(upsample(x.detach()).cpu())
                 classes.append(target.cpu())
                 history.append(curve)
     finally:
@@ -141,6 +157,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     d, opts = cfg.distill, cfg.distill.strategy_options.data_free
     t0 = time.perf_counter()
     bounds = input_bounds(cfg.data, splits.input_shape[0]) if opts.clamp else None
+    if opts.downsample is None:
+        opts = opts.model_copy(update={"downsample": native_downsample(cfg.data)})
     x, assigned, history = synthesize(teacher, splits.input_shape, splits.num_classes, opts, seed=cfg.seed,
                                       progress=ctx.progress, device=device_of(ctx), bounds=bounds)
     synthesis_s = time.perf_counter() - t0
@@ -159,6 +177,7 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     last = [h[-1] for h in history]
     metrics = {"strategy": "data_free", "temperature": d.temperature, "alpha": 1.0,
                "synthesis": {"samples": len(x), "steps": opts.synthesis_steps, "seconds": round(synthesis_s, 2),
+                             "downsample": opts.downsample, "clamped": bounds is not None,
                              "bn_loss_first": round(sum(first) / len(first), 5),
                              "bn_loss_last": round(sum(last) / len(last), 5),
                              "teacher_agrees_with_assigned_class": round(
