@@ -371,7 +371,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             val = (raw.get(sect) or {}).get(key) if isinstance(raw.get(sect), dict) else None
             if isinstance(val, str) and not val.startswith(("torchvision:", "/")) and ":" not in val \
                     and (key != "model" or val.endswith((".pt", ".pth"))):
-                raw[sect] = {**raw[sect], key: str((base / val))}
+                raw[sect] = {**raw[sect], key: str(base / val)}
     for k, v in (overrides or {}).items():
         if v is not None:
             raw[k] = v

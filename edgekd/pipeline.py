@@ -1,11 +1,10 @@
 """The pipeline: runs the chosen stages in order and owns the run directory, caching and resume."""
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from .data import build_splits, load_npz
 from .deploy import Source, choose, compile_all, measure_all
 from .errors import BadInputError, StageError
 from .export import check_onnx_file, export_onnx, parity, torch_logits
-from .models import build_model, count_macs, count_params, student_from
+from .models import count_macs, count_params, student_from
 from .profiles import Profile, load_profile
 from .progress import NullProgress, Progress
 from .quantize.calibration import stratified_sample
