@@ -89,6 +89,24 @@ def test_board_profile_latency_is_labelled_as_a_stand_in(tmp_path, teacher):
 SHAPE = (3, 16, 16)
 
 
+def test_probe_exports_a_frozen_vit(tmp_path):
+    from torchvision.models import VisionTransformer
+
+    cfg = from_dict({"student": {"model": "teacher"}, "stages": ["prune"], "data": {"image_size": 32}})
+    ctx = RunContext(cfg, load_profile("cpu"), tmp_path / "run", threads=1)
+    ctx.splits = build_splits(cfg.data, cfg.seed)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=32,
+                            num_classes=10).eval()
+    for p in vit.parameters():  # frozen like the unpruned reference: eval mode takes the fused attention kernel
+        p.requires_grad_(False)
+    probe = LatencyProbe(ctx, vit)
+    try:
+        latency, reference = probe(vit)
+    finally:
+        probe.close()
+    assert latency > 0 and reference > 0
+
+
 def _mac_clock(model_ref):
     """A latency 'measurement' proportional to MACs: deterministic stepping without a noisy clock."""
     base = count_macs(model_ref, SHAPE)
