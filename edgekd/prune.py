@@ -317,8 +317,9 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
             stage_ratios = {k: 0.9 * (0.5 + 0.5 * w) for k, w in outcome.stage_latency_share.items()}
         pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS, stage_ratios)
         outcome.family, outcome.kept_whole = pruner.plan.family, pruner.plan.kept_whole
-        # Fine-tune at the configured number of checkpoints along the way, not after each micro-step.
-        ft_every = 2 if on_latency else max(1, MAX_STEPS // (cfg.steps * 4))
+        # Fine-tune at checkpoints along the way (four per configured step of the 40), not after each
+        # micro-step; latency does not depend on the weights, so it is measured before recovery.
+        ft_every = max(1, MAX_STEPS // (cfg.steps * 4))
         reached = False
         for i in range(MAX_STEPS):
             params, macs = one_step(pruner)
