@@ -60,7 +60,7 @@ class LoopResult:
 
 def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, val_set: ArrayDataset, *,
         watch: Mapping[str, nn.Module], views: list[torch.Tensor], steps: int, lr: float, seed: int,
-        batch_size: int, labeled_only: bool = False, progress: Progress | None = None, label: str = "training",
+        batch_size: int, progress: Progress | None = None, label: str = "training",
         device: torch.device | None = None) -> LoopResult:
     """Train the parameters of `trainable` (AdamW, one-cycle schedule) for `steps` steps of `loss_fn`.
 
@@ -73,9 +73,9 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
     params = list({id(p): p for m in trainable for p in m.parameters() if p.requires_grad}.values())
     for m in trainable:
         m.to(dev)
-    pool = torch.nonzero(train_set.y >= 0).flatten() if labeled_only else torch.arange(len(train_set))
+    pool = torch.arange(len(train_set))  # every sample: unlabeled ones (-1) get the loss's label-free terms
     if len(pool) == 0:
-        raise ValueError("no training samples for this strategy (no labeled samples in the training split)")
+        raise ValueError("no training samples")
     result = LoopResult()
     if steps <= 0:  # nothing to train: the watched models are scored as they are
         result.best = {name: evaluate(model.to("cpu"), val_set)[0] for name, model in watch.items()}
