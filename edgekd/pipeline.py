@@ -202,6 +202,9 @@ class Pipeline:
         key = distill_key(ctx, teacher_key, self.config.student.model)
         hit = ctx.cached("distill", key)
         if hit is not None:
+            from .distill.strategies import student_for
+
+            student = student_for(ctx, student)  # a strategy may train another architecture (deit: a ViT)
             student.load_state_dict(torch.load(ctx.stage_dir("distill") / "model.pt", weights_only=True))
             ctx.notes.append("distill: resumed from the stored result")
             return student, {**hit, "_key": key, "resumed": True}
