@@ -12,6 +12,7 @@
       of epoch_seconds from (a), and the same measured in interleaved rounds (KD, no-KD, KD, ...).
 
     python tools/distill_benchmarks.py [--seeds 0 1 2] [--parts a b c] [--out runs/distill-bench]
+                                       [--teacher-epochs N]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgekd import Pipeline, load_config  # noqa: E402
+from edgekd import Pipeline  # noqa: E402
 from edgekd.config import from_dict  # noqa: E402
 
 BENCH = {"iterations": 50, "warmup": 5}  # the stages' latency is not what this measures
@@ -54,10 +55,14 @@ def _mean(rows: list[dict], key: str) -> float:
     return round(statistics.mean(r[key] for r in rows), 3)
 
 
-def part_a(seeds: list[int], out: Path) -> dict:
+def _teacher(epochs: int | None) -> dict:
+    return {} if epochs is None else {"teacher": {"train_epochs": epochs}}
+
+
+def part_a(seeds: list[int], out: Path, teacher_epochs: int | None = None) -> dict:
     """KD vs alpha 0 at the embedded default's budget."""
     rows = [_run({"name": f"kd-default-s{s}", "seed": s, "stages": ["distill"], "bench": BENCH,
-                  "distill": {"baseline": True}}, out / f"a-seed{s}") for s in seeds]
+                  "distill": {"baseline": True}, **_teacher(teacher_epochs)}, out / f"a-seed{s}") for s in seeds]
     kd, base, teacher = (_mean(rows, k) for k in ("accuracy", "baseline_accuracy", "teacher_accuracy"))
     gap = round(100 * (kd - base) / (teacher - base), 1) if teacher > base else None
     ratios = [r["kd_epoch_s"] / r["base_epoch_s"] for r in rows]
@@ -66,7 +71,7 @@ def part_a(seeds: list[int], out: Path) -> dict:
             "epoch_time_ratio_median": round(statistics.median(ratios), 3)}
 
 
-def default_teacher_checkpoint(out: Path) -> Path:
+def default_teacher_checkpoint(out: Path, teacher_epochs: int | None = None) -> Path:
     """The embedded default's teacher (trained on the fully labeled training split), as a state_dict file."""
     import torch
 
@@ -75,7 +80,7 @@ def default_teacher_checkpoint(out: Path) -> Path:
     from edgekd.profiles import load_profile
     from edgekd.teacher import get_teacher
 
-    cfg = load_config(None)
+    cfg = from_dict(_teacher(teacher_epochs))
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
     ctx.splits = build_splits(cfg.data, cfg.seed)
     teacher, _ = get_teacher(ctx)
@@ -85,9 +90,9 @@ def default_teacher_checkpoint(out: Path) -> Path:
     return path
 
 
-def part_b(seeds: list[int], out: Path, steps: int) -> dict:
+def part_b(seeds: list[int], out: Path, steps: int, teacher_epochs: int | None = None) -> dict:
     """labeled_fraction 0.1: KD on all images vs the labeled 10% alone, equal optimizer steps."""
-    ckpt = default_teacher_checkpoint(out)
+    ckpt = default_teacher_checkpoint(out, teacher_epochs)
     rows = [_run({"name": f"kd-transfer-s{s}", "seed": s, "stages": ["distill"], "bench": BENCH,
                   "data": {"labeled_fraction": 0.1}, "teacher": {"checkpoint": str(ckpt)},
                   "distill": {"baseline": True, "steps": steps}}, out / f"b-seed{s}") for s in seeds]
@@ -96,7 +101,7 @@ def part_b(seeds: list[int], out: Path, steps: int) -> dict:
             "gain_points": round(kd - base, 3), "teacher": "embedded default teacher, fully labeled training split"}
 
 
-def part_c(out: Path, rounds: int) -> dict:
+def part_c(out: Path, rounds: int, teacher_epochs: int | None = None) -> dict:
     """Interleaved KD and no-KD epochs of the default student (teacher logits cached)."""
     import copy
 
@@ -110,7 +115,7 @@ def part_c(out: Path, rounds: int) -> dict:
     from edgekd.profiles import load_profile
     from edgekd.teacher import get_teacher
 
-    cfg = load_config(None)
+    cfg = from_dict(_teacher(teacher_epochs))
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
     ctx.splits = splits = build_splits(cfg.data, cfg.seed)
     teacher, _ = get_teacher(ctx)
@@ -143,26 +148,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/distill-bench"))
     p.add_argument("--steps", type=int, default=510, help="optimizer steps for (b); 510 = the default's 30 epochs")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds for (c)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="teacher.train_epochs for every part (default: the embedded default's)")
     args = p.parse_args(argv)
-    results: dict = {"seeds": args.seeds}
+    results: dict = {"seeds": args.seeds, "teacher_epochs": args.teacher_epochs}
     path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
     if "a" in args.parts:
         print("(a) embedded default, KD vs alpha 0", flush=True)
-        results["a"] = a = part_a(args.seeds, args.out)
+        results["a"] = a = part_a(args.seeds, args.out, args.teacher_epochs)
         print(f"(a) KD {a['kd_accuracy']:.2f}% vs no KD {a['no_kd_accuracy']:.2f}% (teacher {a['teacher_accuracy']:.2f}%):"
               f" {a['kd_minus_no_kd']:+.2f} points, gap recovered {a['gap_recovered_of_means']}%,"
               f" KD/no-KD epoch time {a['epoch_time_ratio_median']}x", flush=True)
         path.write_text(json.dumps(results, indent=2))
     if "b" in args.parts:
         print("(b) labeled_fraction 0.1, KD on all images vs labeled 10% alone", flush=True)
-        results["b"] = b = part_b(args.seeds, args.out, args.steps)
+        results["b"] = b = part_b(args.seeds, args.out, args.steps, args.teacher_epochs)
         print(f"(b) KD over all images {b['kd_all_images_accuracy']:.2f}% vs labeled only "
               f"{b['labeled_only_accuracy']:.2f}% at {b['steps']} steps: {b['gain_points']:+.2f} points", flush=True)
         path.write_text(json.dumps(results, indent=2))
     if "c" in args.parts:
         print("(c) KD epoch vs no-KD epoch, interleaved", flush=True)
-        results["c"] = c = part_c(args.out, args.rounds)
+        results["c"] = c = part_c(args.out, args.rounds, args.teacher_epochs)
         print(f"(c) KD epoch {c['kd_epoch_median_s']}s vs no-KD epoch {c['no_kd_epoch_median_s']}s: "
               f"{c['ratio']}x", flush=True)
         path.write_text(json.dumps(results, indent=2))

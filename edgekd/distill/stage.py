@@ -172,6 +172,9 @@ def run_distill(ctx: RunContext, teacher: nn.Module, student: nn.Module, key: st
         if metrics["gap_recovered"] is None:
             metrics["not_measured"] = {"gap_recovered": "the student without KD is already as accurate as the "
                                                         "teacher: there is no gap to recover"}
+            ctx.progress.note(f"distill: the student trained without KD ({base_acc:.2f}%) is at least as accurate "
+                              f"as the teacher ({teacher_acc:.2f}%): the teacher has little to teach; train it "
+                              "longer (teacher.train_epochs) or use a larger one")
     else:
         metrics["gap_recovered"] = None
         metrics["not_measured"] = {"gap_recovered": "needs distill.baseline: true (a student trained without KD)"}
