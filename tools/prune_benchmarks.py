@@ -112,7 +112,7 @@ def half_macs(args: argparse.Namespace) -> int:
 
 
 def archs(args: argparse.Namespace) -> int:
-    rows, failed = [], 0
+    rows, failed, stages = [], 0, []
     for name in args.archs:
         size = IMAGE_SIZE.get(name, 64)
         config = _set({
@@ -122,6 +122,7 @@ def archs(args: argparse.Namespace) -> int:
             "prune": {"ratio": args.ratio, "finetune_epochs": 0},
             "quantize": {"calibration_samples": 32}, "bench": {"iterations": 50, "warmup": 5},
         }, args.set)
+        stages = config["stages"]
         out = Path(args.out) / "archs" / name
         cmd, seconds, rc = compress(config, out, out.with_suffix(".log"))
         if rc != 0:
@@ -142,8 +143,8 @@ def archs(args: argparse.Namespace) -> int:
                     f"{lat if lat is not None else 'n/a'} | {final.get('speedup_vs_teacher')} | {final.get('measured_on', '')} | "
                     f"{'ok' if ok else 'FAIL'} | {seconds:.0f} |")
         print(f"{name}: done in {seconds:.0f} s", file=sys.stderr)
-    print(f"\ntorchvision classifiers, random init, stages [prune, quantize], prune.ratio {args.ratio}, cpu target "
-          f"(ONNX Runtime on this host)\n")
+    print(f"\ntorchvision classifiers, random init, stages [{', '.join(stages)}], prune.ratio {args.ratio}, cpu "
+          f"target (ONNX Runtime on this host)\n")
     print("| model | input | family plan | params removed | MACs removed | chosen | p50 ms | x teacher | measured on "
           "| >=20% | run s |")
     print("|---|---:|---|---|---|---|---:|---:|---|---|---:|")
