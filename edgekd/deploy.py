@@ -79,6 +79,10 @@ def measure_all(ctx: RunContext, cands: dict[str, Candidate], x: np.ndarray, y: 
         r.close()
 
 
+# Relative p50 band within which two candidates count as equally fast (run-to-run noise on a shared host).
+LATENCY_TIE = 0.10
+
+
 def preference(ctx: RunContext, cands: dict[str, Candidate]) -> list[str]:
     """Candidate names in the profile's precision order (within a precision, in the order produced)."""
     order = list(ctx.profile.precisions)
@@ -114,12 +118,26 @@ def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float, have_l
     reasons = {n: f"over the accuracy budget: {verdict[n][1]}" for n in names if n not in ok}
     if measured_here and all(cands[n].latency for n in ok):
         p50 = {n: cands[n].latency["p50"] for n in ok}  # type: ignore[index]
-        best = min(ok, key=lambda n: p50[n])
+        fastest = min(p50.values())
+        # Within the noise band of the fastest, latencies do not separate candidates run after run: the
+        # preference order decides among them, so the same seed gives the same final artifact.
+        tied = [n for n in ok if p50[n] <= fastest * (1 + LATENCY_TIE)]
+        best = tied[0]
         for n in ok:
-            reasons[n] = (f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms" if n == best
-                          else f"slower: p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best})")
+            if n == best:
+                reasons[n] = (f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms"
+                              + (f"; {', '.join(t for t in tied if t != n)} within {LATENCY_TIE:.0%} of it, "
+                                 "earlier in the preference order wins" if len(tied) > 1 else ""))
+            elif n in tied:
+                reasons[n] = (f"as fast within noise (p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms, band "
+                              f"{LATENCY_TIE:.0%}); later in the preference order than {best}")
+            else:
+                reasons[n] = f"slower: p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best})"
         why = (f"fastest within the accuracy budget, measured with {ctx.profile.backend} on this host for "
                f"{ctx.profile.name}: " + ", ".join(f"{n} p50 {p50[n]:.3f} ms" for n in ok))
+        if len(tied) > 1:
+            why += (f"; {', '.join(tied)} are within {LATENCY_TIE:.0%} of each other (measurement noise), "
+                    f"so the preference order ({', '.join(ctx.profile.precisions)}) picks {best}")
         over = [n for n in names if n not in ok]
         if over:
             why += "; over budget: " + ", ".join(f"{n} ({verdict[n][1]})" for n in over)

@@ -64,6 +64,21 @@ def test_fp32_wins_when_int8_is_slower(tmp_path):
     assert choose(ctx, cands, 0.5, False, True)[0] == "fp32"
 
 
+def test_latencies_within_the_noise_band_leave_the_choice_to_the_preference_order(tmp_path):
+    ctx = _ctx("cpu", tmp_path)
+    # QOperator measured 5% faster than QDQ: noise on a shared host, so the same seed must give the
+    # same artifact run after run; the earlier candidate in the preference order wins the tie.
+    cands = {"int8": _cand("int8", 0.160, acc=90.0), "int8-qoperator": _cand("int8", 0.152, acc=90.0),
+             "fp32": _cand("fp32", 0.193, acc=90.0)}
+    name, why, measured, reasons = choose(ctx, cands, 0.5, True, True)
+    assert (name, measured) == ("int8", True)
+    assert "as fast within noise" in reasons["int8-qoperator"] and reasons["fp32"].startswith("slower")
+    assert "preference order" in why
+    # Beyond the band the faster one wins.
+    cands["int8-qoperator"].latency = {"p50": 0.120}
+    assert choose(ctx, cands, 0.5, True, True)[0] == "int8-qoperator"
+
+
 def test_board_without_measurement_follows_preference_order(tmp_path):
     ctx = _ctx("raspberry-pi-5", tmp_path)
     # An x86 measurement that favours fp32 must not decide for an ARM board.
