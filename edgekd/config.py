@@ -322,14 +322,25 @@ class Config(_Section):
 
 def _format_error(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(_key_text(p) for p in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
     where = f"{source}: {loc}" if loc else source
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{where}: {msg}{more}"
+    return _one_line(f"{where}: {msg}{more}")
+
+
+def _key_text(part: Any) -> str:
+    """A key path part as written in YAML; quoted when it has spaces, dots or unprintable characters."""
+    text = str(part)
+    return text if text and text.isprintable() and not any(c in text for c in " .:") else repr(text)
+
+
+def _one_line(text: str) -> str:
+    """The error on one line: control characters from user input are escaped, never printed raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def from_dict(raw: Any, source: str = "config") -> Config:
