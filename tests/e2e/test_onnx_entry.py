@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgekd.deploy import LATENCY_TIE
+
 from tests.conftest import SHARED, run_edgekd
 
 pytestmark = pytest.mark.e2e
@@ -89,9 +91,9 @@ def test_cpu_candidates_fidelity_and_contract(model_dir, tmp_path):
     assert isinstance(q["kept_float"], list)
     assert q["calibration"]["sha256"] == hashlib.sha256((out / "calib.npz").read_bytes()).hexdigest()
     assert q["calibration"]["samples"] == 24
-    # The choice is never slower than FP32 as measured in the same interleaved run.
+    # The choice is never slower than FP32 beyond the noise band, as measured in the same interleaved run.
     p50 = {c["name"]: c["latency_ms"]["p50"] for c in q["candidates"]}
-    assert f["latency_ms"]["p50"] <= p50["fp32"]
+    assert f["latency_ms"]["p50"] <= p50["fp32"] * (1 + LATENCY_TIE)
 
 
 def test_raspberry_pi_5_gets_the_arm_recipe_unmeasured(model_dir, tmp_path):
