@@ -48,7 +48,7 @@ class TeacherConfig(_Section):
 
 
 class StudentConfig(_Section):
-    model: str = "small_cnn"
+    model: str = "edge_cnn"
 
 
 class FeatureLayers(_Section):

@@ -83,6 +83,32 @@ def measure_all(ctx: RunContext, cands: dict[str, Candidate], x: np.ndarray, y: 
 LATENCY_TIE = 0.10
 
 
+def _rounds(latency: dict) -> np.ndarray | None:
+    """The interleaved samples as (rounds, iterations), or None when only the summary is known."""
+    samples, rounds = latency.get("samples_ms"), latency.get("rounds")
+    if not samples or not rounds or len(samples) % rounds:
+        return None
+    return np.asarray(samples, dtype=np.float64).reshape(rounds, -1)
+
+
+def _faster(a: Candidate, b: Candidate) -> dict:
+    """Whether `a` is faster than `b` beyond noise: p50(a)/p50(b) with its interval, and the verdict."""
+    from .bench.harness import ratio_ci
+
+    ra, rb = _rounds(a.latency or {}), _rounds(b.latency or {})
+    if ra is not None and rb is not None:
+        out = ratio_ci(ra, rb)
+        out["faster"] = out["ci95"][1] < 1 / (1 + LATENCY_TIE)
+        return out
+    ratio = a.latency["p50"] / b.latency["p50"]  # type: ignore[index]
+    return {"ratio": ratio, "faster": ratio < 1 / (1 + LATENCY_TIE)}
+
+
+def _ci_text(cmp: dict) -> str:
+    ci = cmp.get("ci95")
+    return f"{cmp['ratio']:.3f}" + (f" [95% {ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
+
+
 def preference(ctx: RunContext, cands: dict[str, Candidate]) -> list[str]:
     """Candidate names in the profile's precision order (within a precision, in the order produced)."""
     order = list(ctx.profile.precisions)
@@ -118,26 +144,30 @@ def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float, have_l
     reasons = {n: f"over the accuracy budget: {verdict[n][1]}" for n in names if n not in ok}
     if measured_here and all(cands[n].latency for n in ok):
         p50 = {n: cands[n].latency["p50"] for n in ok}  # type: ignore[index]
-        fastest = min(p50.values())
-        # Within the noise band of the fastest, latencies do not separate candidates run after run: the
-        # preference order decides among them, so the same seed gives the same final artifact.
-        tied = [n for n in ok if p50[n] <= fastest * (1 + LATENCY_TIE)]
-        best = tied[0]
+        # The preference order holds unless a later candidate is faster beyond measurement noise: its p50
+        # over the current choice's, with a 95% bootstrap interval over the interleaved rounds, must lie
+        # below 1/(1 + LATENCY_TIE). Equal-speed candidates thus never swap run after run (same seed, same
+        # artifact), while a real speedup always wins.
+        best = ok[0]
+        for n in ok[1:]:
+            if _faster(cands[n], cands[best])["faster"]:
+                best = n
         for n in ok:
             if n == best:
-                reasons[n] = (f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms"
-                              + (f"; {', '.join(t for t in tied if t != n)} within {LATENCY_TIE:.0%} of it, "
-                                 "earlier in the preference order wins" if len(tied) > 1 else ""))
-            elif n in tied:
-                reasons[n] = (f"as fast within noise (p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms, band "
-                              f"{LATENCY_TIE:.0%}); later in the preference order than {best}")
+                reasons[n] = f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms"
+                continue
+            cmp = _faster(cands[n], cands[best])
+            ratio = f"p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best}), ratio {_ci_text(cmp)}"
+            if ok.index(n) < ok.index(best):
+                reasons[n] = f"slower beyond noise: {ratio}"
+            elif cmp["ratio"] >= 1:
+                reasons[n] = f"slower: {ratio}"
             else:
-                reasons[n] = f"slower: p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best})"
+                reasons[n] = f"not faster beyond noise: {ratio}; the preference order keeps {best}"
         why = (f"fastest within the accuracy budget, measured with {ctx.profile.backend} on this host for "
-               f"{ctx.profile.name}: " + ", ".join(f"{n} p50 {p50[n]:.3f} ms" for n in ok))
-        if len(tied) > 1:
-            why += (f"; {', '.join(tied)} are within {LATENCY_TIE:.0%} of each other (measurement noise), "
-                    f"so the preference order ({', '.join(ctx.profile.precisions)}) picks {best}")
+               f"{ctx.profile.name}: " + ", ".join(f"{n} p50 {p50[n]:.3f} ms" for n in ok)
+               + f"; a candidate displaces an earlier one in the preference order only when faster beyond "
+               f"noise (95% interval of the p50 ratio below {1 / (1 + LATENCY_TIE):.3f})")
         over = [n for n in names if n not in ok]
         if over:
             why += "; over budget: " + ", ".join(f"{n} ({verdict[n][1]})" for n in over)

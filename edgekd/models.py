@@ -17,11 +17,12 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """A plain five-conv classifier: the embedded default's student (fast on every runtime)."""
+    """A plain five-conv classifier (fast on every runtime). The strides set where resolution drops:
+    edge_cnn, the embedded default's student, halves it at the first conv, as ResNet's stem does."""
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 32, 64, 64), in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 32, 64, 64), in_channels: int = 3,
+                 strides: tuple[int, ...] = (1, 2, 1, 2, 1)):
         super().__init__()
-        strides = (1, 2, 1, 2, 1)
         layers, cin = [], in_channels
         for w, s in zip(widths, strides, strict=False):
             layers.append(_conv_bn(cin, w, s))
@@ -36,6 +37,7 @@ class SmallCNN(nn.Module):
 
 BUILTIN: dict[str, Callable[[int], nn.Module]] = {
     "small_cnn": lambda n: SmallCNN(n),
+    "edge_cnn": lambda n: SmallCNN(n, strides=(2, 2, 1, 2, 1)),
     "tiny_cnn": lambda n: SmallCNN(n, widths=(8, 16, 16, 32, 32)),
     "wide_cnn": lambda n: SmallCNN(n, widths=(32, 64, 64, 128, 128)),
 }

@@ -35,8 +35,8 @@ def run_edgekd(*args: str, cwd: Path | None = None, env: dict | None = None, tim
 TINY_CONFIG = """
 name: tiny
 teacher: {train_epochs: 2}
-distill: {epochs: 2}
-prune: {finetune_epochs: 1}
+distill: {epochs: 8}
+prune: {finetune_epochs: 2}
 quantize: {calibration_samples: 64}
 bench: {iterations: 60, warmup: 5}
 """

@@ -61,15 +61,19 @@ def _notes(name: str, m: dict) -> str:
     return f"T {m.get('temperature')}, alpha {m.get('alpha')}"
 
 
-def run_one(name: str, steps: int, out: Path, teacher: torch.nn.Module, splits) -> dict:
-    """Distil the embedded default's student with strategy `name` for `steps` student optimizer steps."""
+def run_one(name: str, steps: int, out: Path, teacher: torch.nn.Module, splits, student_model: str | None) -> dict:
+    """Distil the student (the embedded default's unless named) with strategy `name` for `steps` student
+    optimizer steps."""
     from edgekd.distill.stage import run_distill
 
     distill: dict = {"strategy": name, "steps": steps}
     if name == "born_again":
         gens = load_config(None).distill.strategy_options.born_again.generations
         distill["steps"] = max(1, steps // gens)
-    cfg = load_config(None, {"stages": ["distill"], "distill": distill})
+    overrides: dict = {"stages": ["distill"], "distill": distill}
+    if student_model:
+        overrides["student"] = {"model": student_model}
+    cfg = load_config(None, overrides)
     ctx = RunContext(cfg, load_profile("cpu"), out / name, threads=1)
     ctx.splits = splits
     torch.manual_seed(cfg.seed)
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, kd included")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady on a shared CPU)")
     parser.add_argument("--out", default="runs/strategy-benchmarks")
+    parser.add_argument("--student", default=None, help="student model spec (default: the embedded default's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_one(name, steps, out, teacher, splits)
+        results[name] = run_one(name, steps, out, teacher, splits, args.student)
         (out / "metrics.json").write_text(json.dumps(results, indent=1, default=str))
     kd = results.get("kd", {}).get("accuracy")
     teacher_acc = next(iter(results.values()))["teacher_accuracy"] if results else None

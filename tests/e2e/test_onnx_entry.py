@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.deploy import LATENCY_TIE
-
 from tests.conftest import SHARED, run_edgekd
 
 pytestmark = pytest.mark.e2e
@@ -91,9 +89,10 @@ def test_cpu_candidates_fidelity_and_contract(model_dir, tmp_path):
     assert isinstance(q["kept_float"], list)
     assert q["calibration"]["sha256"] == hashlib.sha256((out / "calib.npz").read_bytes()).hexdigest()
     assert q["calibration"]["samples"] == 24
-    # The choice is never slower than FP32 beyond the noise band, as measured in the same interleaved run.
-    p50 = {c["name"]: c["latency_ms"]["p50"] for c in q["candidates"]}
-    assert f["latency_ms"]["p50"] <= p50["fp32"] * (1 + LATENCY_TIE)
+    # No other candidate within budget was faster than the choice beyond noise in the same interleaved run.
+    for c in q["candidates"]:
+        if c["name"] != q["choice"]["candidate"] and not c["why"].startswith("over the accuracy budget"):
+            assert c["why"].startswith(("slower", "not faster beyond noise")), c["why"]
 
 
 def test_raspberry_pi_5_gets_the_arm_recipe_unmeasured(model_dir, tmp_path):
