@@ -63,10 +63,28 @@ def _with_outputs(path: Path, names: list[str], out: Path) -> Path:
 
     m = onnx.load(str(path))
     have = {o.name for o in m.graph.output}
+    types = _elem_types(m)
     for name in names:
         if name not in have:
-            m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            # Declared with the inferred type: a Shape or ArgMax output is int64, never float.
+            m.graph.output.append(helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None))
     onnx.save(m, str(out))
+    return out
+
+
+def _elem_types(m) -> dict[str, int]:
+    """Element type of every tensor whose type ONNX shape inference can tell."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+    except Exception:  # noqa: BLE001 - an uninferable graph keeps the declared types only
+        inferred = m
+    g = inferred.graph
+    out = {t.name: t.data_type for t in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out[vi.name] = vi.type.tensor_type.elem_type
     return out
 
 

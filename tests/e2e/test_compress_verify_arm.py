@@ -15,7 +15,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("qemu-aarch64-sta
 def test_verify_arm_reports_arm_accuracy_and_agreement_without_latency(tiny_run, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "rpi"
-    r = run_edgekd("compress", "--model", str(run / "model.fp32.onnx"), "--calib-data", str(run / "calib.npz"),
+    # The tiny model is trained for seconds: INT8 may cost it two of 360 images, more than the default
+    # 0.5-point budget. A wider budget keeps the question this test asks: the Pi's preference order decides.
+    cfg = tmp_path / "budget.yaml"
+    cfg.write_text("quantize: {max_accuracy_drop: 2.0}\n")
+    r = run_edgekd("compress", "--config", str(cfg), "--model", str(run / "model.fp32.onnx"), "--calib-data", str(run / "calib.npz"),
                    "--eval-data", str(run / "eval.npz"), "--target", "raspberry-pi-5", "--verify-arm",
                    "--out", str(out), "--quiet", timeout=1500)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -62,6 +62,19 @@ def test_relative_paths_resolve_against_config_file(tmp_path):
     assert load_config(p).data.root == str(tmp_path / "imgs")
 
 
+def test_strategy_teachers_and_model_files_resolve_against_config_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("student: {model: nets/student.pt}\n"
+                 "distill: {strategy: multi_teacher, strategy_options: {multi_teacher: {teachers: "
+                 "[{model: wide_cnn, checkpoint: ckpt/wide.pt}, {model: nets/other.pth}]}, mutual: {peer: tiny_cnn}}}\n")
+    cfg = load_config(p)
+    teachers = cfg.distill.strategy_options.multi_teacher.teachers
+    assert cfg.student.model == str(tmp_path / "nets/student.pt")
+    assert teachers[0].checkpoint == str(tmp_path / "ckpt/wide.pt") and teachers[0].model == "wide_cnn"
+    assert teachers[1].model == str(tmp_path / "nets/other.pth")
+    assert cfg.distill.strategy_options.mutual.peer == "tiny_cnn"
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.text(min_size=1, max_size=8), st.integers() | st.text(max_size=5) | st.none(), max_size=4))
 def test_arbitrary_top_level_mappings_load_or_fail_cleanly(raw):

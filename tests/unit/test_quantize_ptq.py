@@ -91,3 +91,34 @@ def test_sensitivity_table_lists_every_quantized_node(tiny):
     assert {r["node"] for r in table} == set(quantized_nodes(qdq))
     assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_loss_db"] >= 0 for r in table)
     assert table == sorted(table, key=lambda r: -r["sqnr_loss_db"])
+
+
+def test_sensitivity_handles_models_with_shape_ops(tmp_path):
+    # A flatten written as reshape(x.shape[0], -1) exports Shape/Gather (int64) beside the float nodes.
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 8 * 8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(y.reshape(y.shape[0], -1))
+
+    torch.manual_seed(0)
+    raw = tmp_path / "shape.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 8, 8), str(raw), input_names=["input"], dynamo=False,
+                      opset_version=17, dynamic_axes={"input": {0: "n"}})
+    import onnx
+
+    assert any(n.op_type == "Shape" for n in onnx.load(str(raw)).graph.node)
+    src = preprocess(raw, tmp_path / "pre.onnx")
+    x = np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    calibrate(src, tmp_path / "calib.npz", tmp_path / "r.json", "minmax")
+    qdq = quantize_with_ranges(src, tmp_path / "q.onnx", tmp_path / "r.json",
+                               resolve(load_profile("cpu"), QuantizeConfig()))
+    table = sensitivity_table(src, qdq, x[:3])
+    assert table and all(np.isfinite(r["sqnr_db"]) for r in table)
