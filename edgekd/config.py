@@ -7,6 +7,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .config_paths import resolve_paths
 from .errors import ConfigError
 
 STAGES = ("distill", "prune", "quantize")
@@ -375,45 +376,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
         raw = dict(loaded or {})
-        _resolve_paths(raw, p.parent)
+        resolve_paths(raw, p.parent)
     for k, v in (overrides or {}).items():
         if v is not None:
             raw[k] = v
     return from_dict(raw, source)
-
-
-def _relative_to(base: Path, val: Any, is_model: bool) -> Any:
-    """`val` joined to `base` when it is a relative file path (model specs: only .pt/.pth/.py files)."""
-    if not isinstance(val, str) or not val or val.startswith(("torchvision:", "edgekd:", "/")) or ":" in val:
-        return val
-    if is_model and not val.endswith((".pt", ".pth", ".py")):
-        return val
-    return str(base / val)
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    """Relative paths in a config are relative to the config file: data roots, checkpoints, model files,
-    the gate baseline, and the extra teachers and peer of the distillation strategies."""
-    def fix(section: Any, key: str, is_model: bool = False) -> None:
-        if isinstance(section, dict) and key in section:
-            section[key] = _relative_to(base, section[key], is_model)
-
-    for sect, key in (("data", "root"), ("data", "unlabeled_root"), ("teacher", "checkpoint"), ("gates", "baseline")):
-        if isinstance(raw.get(sect), dict):
-            raw[sect] = dict(raw[sect])
-            fix(raw[sect], key)
-    for sect in ("teacher", "student"):
-        if isinstance(raw.get(sect), dict):
-            raw[sect] = dict(raw[sect])
-            fix(raw[sect], "model", is_model=True)
-    distill = raw.get("distill")
-    options = distill.get("strategy_options") if isinstance(distill, dict) else None
-    if isinstance(options, dict):
-        multi = options.get("multi_teacher")
-        for t in (multi.get("teachers") or []) if isinstance(multi, dict) else []:
-            fix(t, "checkpoint")
-            fix(t, "model", is_model=True)
-        fix(options.get("mutual"), "peer", is_model=True)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
