@@ -12,7 +12,7 @@
       of epoch_seconds from (a), and the same measured in interleaved rounds (KD, no-KD, KD, ...).
 
     python tools/distill_benchmarks.py [--seeds 0 1 2] [--parts a b c] [--out runs/distill-bench]
-                                       [--teacher-epochs N]
+                                       [--teacher-epochs N] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,8 +38,22 @@ def _distill_entry(report: dict) -> dict:
     return next(s for s in report["stages"] if s["name"] == "distill")
 
 
+EXTRA: dict = {}  # --set KEY=VALUE assignments, merged into every part's config
+
+
+def _merged(raw: dict) -> dict:
+    """`raw` with the --set assignments applied on top (nested keys merge)."""
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return merge(raw, EXTRA)
+
+
 def _run(raw: dict, out: Path) -> dict:
-    cfg = from_dict(raw, "benchmark config")
+    cfg = from_dict(_merged(raw), "benchmark config")
     t0 = time.perf_counter()
     d = _distill_entry(Pipeline(cfg, out=out).run())
     row = {k: d.get(k) for k in ("accuracy", "baseline_accuracy", "teacher_accuracy", "gap_recovered",
@@ -80,7 +96,7 @@ def default_teacher_checkpoint(out: Path, teacher_epochs: int | None = None) -> 
     from edgekd.profiles import load_profile
     from edgekd.teacher import get_teacher
 
-    cfg = from_dict(_teacher(teacher_epochs))
+    cfg = from_dict({**_teacher(teacher_epochs), "data": _merged({}).get("data", {})})
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
     ctx.splits = build_splits(cfg.data, cfg.seed)
     teacher, _ = get_teacher(ctx)
@@ -115,7 +131,7 @@ def part_c(out: Path, rounds: int, teacher_epochs: int | None = None) -> dict:
     from edgekd.profiles import load_profile
     from edgekd.teacher import get_teacher
 
-    cfg = from_dict(_teacher(teacher_epochs))
+    cfg = from_dict(_merged(_teacher(teacher_epochs)))
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
     ctx.splits = splits = build_splits(cfg.data, cfg.seed)
     teacher, _ = get_teacher(ctx)
@@ -150,8 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds for (c)")
     p.add_argument("--teacher-epochs", type=int, default=None,
                    help="teacher.train_epochs for every part (default: the embedded default's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config assignment for every part, e.g. student.model=small_cnn (YAML values)")
     args = p.parse_args(argv)
-    results: dict = {"seeds": args.seeds, "teacher_epochs": args.teacher_epochs}
+    for a in args.set:
+        key, _, value = a.partition("=")
+        *path_, last = key.split(".")
+        node = EXTRA
+        for k in path_:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
+    results: dict = {"seeds": args.seeds, "teacher_epochs": args.teacher_epochs, "set": args.set}
     path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
     if "a" in args.parts:
