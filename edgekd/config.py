@@ -236,7 +236,8 @@ class PruneConfig(_Section):
     steps: int = Field(1, ge=1, le=50)
     finetune_epochs: int = Field(15, ge=0, le=1000)
     lr: float = Field(3e-3, gt=0, le=10)
-    # prune faster where pruning saves more measured latency; None: on for latency targets only
+    # prune faster where pruning saves more measured latency; None: on for every target (MACs, params,
+    # speedup, latency), off for a plain ratio. At equal MACs it buys real speed: BENCHMARKS.md (issue 6)
     latency_guided: bool | None = None
 
     @model_validator(mode="after")
@@ -260,8 +261,7 @@ class PruneConfig(_Section):
         """Whether stage ratios follow measured latency for this amount kind (never for a plain ratio)."""
         if kind == "ratio":
             return False
-        return self.latency_guided if self.latency_guided is not None else kind in ("target_speedup",
-                                                                                     "target_latency_ms")
+        return self.latency_guided if self.latency_guided is not None else True
 
 
 class QuantizeConfig(_Section):
