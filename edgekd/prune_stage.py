@@ -16,7 +16,11 @@ from .models import build_model, student_from
 from .prune import PruneStep, load_pruned, prune, save_pruned
 from .runs import atomic_path
 
-PROBE_ROUNDS, PROBE_ITERATIONS, PROBE_WARMUP = 4, 50, 10
+# Each probe: PROBE_ROUNDS interleaved rounds of about PROBE_ROUND_S seconds per model (iterations
+# bounded below and above), so a fast model gets enough samples to see a 5% change through the noise
+# and a slow one costs no more than before.
+PROBE_ROUNDS, PROBE_WARMUP, PROBE_ROUND_S = 6, 10, 0.25
+PROBE_MIN_ITERATIONS, PROBE_MAX_ITERATIONS = 20, 400
 
 
 def _fresh(ctx: RunContext, teacher: nn.Module) -> nn.Module:
@@ -57,6 +61,15 @@ class LatencyProbe:
         self.sample = ctx.splits.test.x[:1].numpy()  # type: ignore[union-attr]
         self.count = 0
         self.reference = self._load(reference, "reference")
+        self.iterations = self._iterations()
+
+    def _iterations(self) -> int:
+        """Iterations per round: about PROBE_ROUND_S of the unpruned model's time, within bounds."""
+        from .bench.harness import time_inference
+
+        per_call_ms = float(np.median(time_inference(self.reference.infer, self.sample, PROBE_WARMUP, 10)))
+        n = int(PROBE_ROUND_S * 1000 / max(per_call_ms, 1e-3))
+        return max(PROBE_MIN_ITERATIONS, min(PROBE_MAX_ITERATIONS, n))
 
     def _load(self, model: nn.Module, name: str):
         from .export import export_onnx
@@ -76,7 +89,7 @@ class LatencyProbe:
         runner = self._load(model, "candidate")
         try:
             times = interleaved({"ref": self.reference.infer, "cand": runner.infer}, self.sample, PROBE_WARMUP,
-                                PROBE_ITERATIONS, PROBE_ROUNDS)
+                                self.iterations, PROBE_ROUNDS)
         finally:
             runner.close()
         return float(np.median(times["cand"])), float(np.median(times["ref"]))
