@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,19 @@ from .runs import atomic_path
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
+@contextmanager
+def without_attention_fastpath() -> Iterator[None]:
+    """torch's fused attention kernel, taken in eval mode (nn.MultiheadAttention without grad), has no
+    ONNX export; the plain path computes the same."""
+    mha = torch.backends.mha
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> Path:
     """Export `model` (eval mode, batch dimension dynamic) to `path` and check it with onnx.checker."""
     import onnx
@@ -22,7 +37,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
     model = model.eval()
     example = torch.zeros(1, *input_shape)
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), without_attention_fastpath():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],

@@ -1,10 +1,8 @@
 """The prune stage: torch-pruning with KD fine-tuning from the unpruned model, latency on the target, resumable."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,19 +25,6 @@ def _fresh(ctx: RunContext, teacher: nn.Module) -> nn.Module:
     splits = ctx.splits
     return student_from(ctx.config.student.model, teacher, splits.num_classes) if ctx.config.student.model == "teacher" \
         else build_model(ctx.config.student.model, splits.num_classes)  # type: ignore[union-attr]
-
-
-@contextlib.contextmanager
-def _without_attention_fastpath() -> Iterator[None]:
-    """torch's fused attention kernel, taken in eval mode by weights without grad (the unpruned copy),
-    has no ONNX export; the plain path computes the same."""
-    mha = torch.backends.mha
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
 
 
 class LatencyProbe:
@@ -75,9 +60,8 @@ class LatencyProbe:
         from .export import export_onnx
 
         out = self.dir / name
-        with _without_attention_fastpath():
-            onnx_path = export_onnx(copy.deepcopy(model).eval(), self.ctx.splits.input_shape,  # type: ignore[union-attr]
-                                    out / "model.onnx", self.ctx.profile.opset)
+        onnx_path = export_onnx(copy.deepcopy(model).eval(), self.ctx.splits.input_shape,  # type: ignore[union-attr]
+                                out / "model.onnx", self.ctx.profile.opset)
         art = self.backend.compile(onnx_path, self.ctx.profile, out / "compiled", "fp32")
         return self.backend.load(art, self.ctx.profile, self.ctx.threads)
 

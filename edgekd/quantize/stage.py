@@ -85,6 +85,25 @@ def _sensitivity(ctx: RunContext, fp32_path: Path, src: Path, ranges: Path, reci
                          "within_budget": res.within_budget, "steps": res.steps}}
 
 
+def _alternative(ctx: RunContext, quantizer: str, src: Path, fp32_path: Path, calib_path: Path, ranges: Path,
+                 recipe, kept: list[str], n: int) -> Path:
+    """An alternative INT8 model to measure beside the recipe's QDQ one (QOperator or NNCF), checked to load."""
+    sd = ctx.stage_dir("quantize")
+    if quantizer == "qoperator":
+        path = quantize_with_ranges(src, sd / "model.int8.qoperator.onnx", ranges, recipe, fmt="qoperator",
+                                    nodes_to_exclude=kept)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # ORT rejects some QOperator graphs
+        return path
+    from .nncf_ov import quantize_nncf
+
+    with ctx.progress.task("NNCF quantization", None):
+        return quantize_nncf(fp32_path, calib_path, sd / "nncf" / "model.int8.xml", subset_size=n)
+
+
 def run_quantize(ctx: RunContext, fp32_path: Path, calib_path: Path, out_path: Path,
                  validation: Validation | None = None, measured: bool = False) -> QuantizeResult:
     """Quantize `fp32_path` into `out_path` (QDQ, the target's recipe) and, when `measured`, the recipe's
@@ -111,18 +130,18 @@ def run_quantize(ctx: RunContext, fp32_path: Path, calib_path: Path, out_path: P
         entry["not_measured"] = {"sensitivity": "no validation data (too few calibration inputs to hold any out)"}
     kept = entry["kept_float"]
     result = QuantizeResult(entry)
-    produced = []
+    produced, dropped = [], []
     for spec in int8_specs(recipe, measured):
         if spec.quantizer == "qdq":
             path = out_path
-        elif spec.quantizer == "qoperator":
-            path = quantize_with_ranges(src, sd / "model.int8.qoperator.onnx", ranges, recipe, fmt="qoperator",
-                                        nodes_to_exclude=kept)
         else:
-            from .nncf_ov import quantize_nncf
-
-            with ctx.progress.task("NNCF quantization", None):
-                path = quantize_nncf(fp32_path, calib_path, sd / "nncf" / "model.int8.xml", subset_size=n)
+            try:
+                path = _alternative(ctx, spec.quantizer, src, fp32_path, calib_path, ranges, recipe, kept, n)
+            except Exception as e:  # noqa: BLE001 - an alternative that fails leaves the others to compare
+                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                dropped.append({"candidate": spec.name, "why": first})
+                ctx.notes.append(f"quantize: {spec.name} left out: {first}")
+                continue
         result.sources[spec.name] = Source("int8", path, spec.label())
         produced.append({"candidate": spec.name, "quantizer": spec.quantizer, "label": spec.label(),
                          "file": str(path.relative_to(ctx.run_dir)) if path.is_relative_to(ctx.run_dir)
@@ -133,6 +152,8 @@ def run_quantize(ctx: RunContext, fp32_path: Path, calib_path: Path, out_path: P
             raise StageError(f"quantize: {out_path.name} has {len(bad)} non-zero zero points; TensorRT needs "
                              "symmetric int8")
     entry["int8_models"] = produced
+    if dropped:
+        entry["alternatives_dropped"] = dropped
     entry["alternatives_measured"] = measured
     entry["duration_s"] = round(time.perf_counter() - t0, 2)
     return result

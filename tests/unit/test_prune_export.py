@@ -91,3 +91,30 @@ def test_counts():
     m = SmallCNN(10)
     assert count_params(m) == sum(p.numel() for p in m.parameters())
     assert count_macs(m, (3, 32, 32)) > 1e6
+
+
+def test_attention_models_export_in_eval_mode_without_the_fused_kernel(tmp_path):
+    # nn.MultiheadAttention in eval mode without grad takes torch's fused kernel, which has no ONNX
+    # export (torchvision's ViT does); export_onnx takes the plain path, with the same numbers.
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 16, 4, stride=4)
+            self.enc = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+            self.head = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            return self.head(self.enc(t).mean(1))
+
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    path = export_onnx(m, (3, 16, 16), tmp_path / "vit.onnx", 17)
+    x = np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(got - torch_logits(m, x)).max() < 1e-4
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
