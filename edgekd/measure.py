@@ -1,6 +1,8 @@
 """Accuracy with the serving runtime and interleaved latency for several runners on one host."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backends.base import Runner
@@ -32,6 +34,9 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * float(np.log10(max(signal, 1e-30) / noise))
 
 
+MIN_ROUND_S, MAX_ROUND_CALLS = 0.1, 2000
+
+
 def bench_interleaved(runners: dict[str, Runner], sample: np.ndarray, warmup: int, iterations: int,
                       rounds: int = 5, progress: Progress | None = None) -> dict[str, dict]:
     """Latency of each runner on one sample, measured in interleaved rounds (A B C A B C ...) so that a
@@ -39,13 +44,18 @@ def bench_interleaved(runners: dict[str, Runner], sample: np.ndarray, warmup: in
     progress = progress or NullProgress()
     per_round = max(1, iterations // rounds)
     times: dict[str, list[np.ndarray]] = {k: [] for k in runners}
-    for r in runners.values():
+    counts = {}
+    for name, r in runners.items():
         time_inference(r.infer, sample, warmup, 0)
-    with progress.task("benchmarking", per_round * rounds * len(runners)) as bar:
+        # A round lasts at least MIN_ROUND_S per runner: a sub-millisecond model gets enough calls per
+        # round that one scheduler hiccup cannot decide a comparison; a slow model keeps `iterations`.
+        per_call = float(np.median(time_inference(r.infer, sample, 0, 5)))
+        counts[name] = max(per_round, min(MAX_ROUND_CALLS, math.ceil(MIN_ROUND_S * 1000 / max(per_call, 1e-3))))
+    with progress.task("benchmarking", sum(counts.values()) * rounds) as bar:
         for _ in range(rounds):
             for name, r in runners.items():
-                times[name].append(time_inference(r.infer, sample, 3, per_round, None))
-                bar.advance(per_round)
+                times[name].append(time_inference(r.infer, sample, 3, counts[name], None))
+                bar.advance(counts[name])
     out = {}
     for name, chunks in times.items():
         t = np.concatenate(chunks)
