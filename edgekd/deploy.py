@@ -146,17 +146,24 @@ def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float, have_l
         p50 = {n: cands[n].latency["p50"] for n in ok}  # type: ignore[index]
         # The preference order holds unless a later candidate is faster beyond measurement noise: its p50
         # over the current choice's, with a 95% bootstrap interval over the interleaved rounds, must lie
-        # below 1/(1 + LATENCY_TIE). Equal-speed candidates thus never swap run after run (same seed, same
-        # artifact), while a real speedup always wins.
+        # below 1/(1 + LATENCY_TIE). Equal-speed candidates thus do not swap run after run (same seed, same
+        # artifact), while a clear speedup wins.
+        compared: dict[tuple[str, str], dict] = {}
+
+        def versus(n: str, other: str) -> dict:
+            if (n, other) not in compared:  # a bootstrap over every sample: computed once per pair
+                compared[(n, other)] = _faster(cands[n], cands[other])
+            return compared[(n, other)]
+
         best = ok[0]
         for n in ok[1:]:
-            if _faster(cands[n], cands[best])["faster"]:
+            if versus(n, best)["faster"]:
                 best = n
         for n in ok:
             if n == best:
                 reasons[n] = f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms"
                 continue
-            cmp = _faster(cands[n], cands[best])
+            cmp = versus(n, best)
             ratio = f"p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best}), ratio {_ci_text(cmp)}"
             if ok.index(n) < ok.index(best):
                 reasons[n] = f"slower beyond noise: {ratio}"
