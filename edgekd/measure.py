@@ -1,12 +1,10 @@
 """Accuracy with the serving runtime and interleaved latency for several runners on one host."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .backends.base import Runner
-from .bench.harness import summarize, time_inference
+from .bench.harness import calls_for, summarize, time_inference
 from .progress import NullProgress, Progress
 
 EVAL_BATCH = 64
@@ -49,8 +47,7 @@ def bench_interleaved(runners: dict[str, Runner], sample: np.ndarray, warmup: in
         time_inference(r.infer, sample, warmup, 0)
         # A round lasts at least MIN_ROUND_S per runner: a sub-millisecond model gets enough calls per
         # round that one scheduler hiccup cannot decide a comparison; a slow model keeps `iterations`.
-        per_call = float(np.median(time_inference(r.infer, sample, 0, 5)))
-        counts[name] = max(per_round, min(MAX_ROUND_CALLS, math.ceil(MIN_ROUND_S * 1000 / max(per_call, 1e-3))))
+        counts[name] = calls_for(r.infer, sample, MIN_ROUND_S, per_round, max(per_round, MAX_ROUND_CALLS))
     with progress.task("benchmarking", sum(counts.values()) * rounds) as bar:
         for _ in range(rounds):
             for name, r in runners.items():

@@ -36,6 +36,7 @@ class LatencyProbe:
 
     def __init__(self, ctx: RunContext, reference: nn.Module):
         from .backends import get_backend
+        from .bench.harness import calls_for
 
         self.ctx = ctx
         self.here = ctx.profile.measures_here
@@ -46,15 +47,8 @@ class LatencyProbe:
         self.sample = ctx.splits.test.x[:1].numpy()  # type: ignore[union-attr]
         self.count = 0
         self.reference = self._load(reference, "reference")
-        self.iterations = self._iterations()
-
-    def _iterations(self) -> int:
-        """Iterations per round: about PROBE_ROUND_S of the unpruned model's time, within bounds."""
-        from .bench.harness import time_inference
-
-        per_call_ms = float(np.median(time_inference(self.reference.infer, self.sample, PROBE_WARMUP, 10)))
-        n = int(PROBE_ROUND_S * 1000 / max(per_call_ms, 1e-3))
-        return max(PROBE_MIN_ITERATIONS, min(PROBE_MAX_ITERATIONS, n))
+        self.iterations = calls_for(self.reference.infer, self.sample, PROBE_ROUND_S, PROBE_MIN_ITERATIONS,
+                                    PROBE_MAX_ITERATIONS, PROBE_WARMUP)
 
     def _load(self, model: nn.Module, name: str):
         from .export import export_onnx

@@ -6,6 +6,7 @@ there, so a board and this host measure with the same code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -51,6 +52,14 @@ def latency_with_ci(trials: list[np.ndarray], batch: int = 1) -> dict:
     return {"latency_ms": summarize(pooled), "throughput": throughput(pooled, batch),
             "latency_ci95": {"p50": bootstrap_ci(trials, 50), "p90": bootstrap_ci(trials, 90)},
             "iterations": int(pooled.size), "trials": len(trials)}
+
+
+def calls_for(fn: Callable[[np.ndarray], object], sample: np.ndarray, seconds: float, least: int, most: int,
+              warmup: int = 0) -> int:
+    """How many calls of `fn(sample)` take about `seconds` (from the median of a few timed calls),
+    within [least, most]: enough samples for a fast model, no more time than asked for a slow one."""
+    per_call_ms = float(np.median(time_inference(fn, sample, warmup, 5)))
+    return max(least, min(most, math.ceil(seconds * 1000 / max(per_call_ms, 1e-3))))
 
 
 def interleaved(fns: Mapping[str, Callable[[np.ndarray], object]], sample: np.ndarray, warmup: int,

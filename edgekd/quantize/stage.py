@@ -92,11 +92,9 @@ def _alternative(ctx: RunContext, quantizer: str, src: Path, fp32_path: Path, ca
     if quantizer == "qoperator":
         path = quantize_with_ranges(src, sd / "model.int8.qoperator.onnx", ranges, recipe, fmt="qoperator",
                                     nodes_to_exclude=kept)
-        import onnxruntime as ort
+        from ..backends.onnxruntime import OrtRunner
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # ORT rejects some QOperator graphs
+        OrtRunner(path, 1, ["CPUExecutionProvider"]).close()  # ORT rejects some QOperator graphs
         return path
     from .nncf_ov import quantize_nncf
 
