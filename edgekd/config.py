@@ -235,7 +235,11 @@ class PruneConfig(_Section):
     ignored_layers: list[str] = []
     steps: int = Field(1, ge=1, le=50)
     finetune_epochs: int = Field(15, ge=0, le=1000)
-    lr: float = Field(3e-3, gt=0, le=10)
+    # Recovery is gentle and leans on the unpruned model: a pruned network that stays close to the model
+    # it came from keeps its accuracy (BENCHMARKS.md, issue 6); kd_alpha weighs its soft targets
+    # against the labels' cross-entropy.
+    lr: float = Field(1e-3, gt=0, le=10)
+    kd_alpha: float = Field(0.9, ge=0, le=1)
     # prune faster where pruning saves more measured latency; None: on for every target (MACs, params,
     # speedup, latency), off for a plain ratio. At equal MACs it buys real speed: BENCHMARKS.md (issue 6)
     latency_guided: bool | None = None

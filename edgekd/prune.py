@@ -47,10 +47,13 @@ class PruneOutcome:
     family: str = "generic"
     kept_whole: int = 0  # layers whose channel group could not be mapped, left unpruned
     stage_latency_share: dict[str, float] = field(default_factory=dict)
+    allocation_search: list[dict] = field(default_factory=list)  # candidates timed for a MACs/params target
 
 
 # (latency of the model in ms, latency of the unpruned model measured alongside in ms)
 LatencyFn = Callable[[nn.Module], tuple[float, float]]
+# the same for several models timed together: {name: model} -> {name: (latency, unpruned latency)}
+ManyLatencyFn = Callable[[dict[str, nn.Module]], dict[str, tuple[float, float]]]
 
 
 def _importance(criterion: str):
@@ -272,14 +275,17 @@ def _taylor_grads(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | No
 
 def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_classes: int, round_to: int | None,
           *, finetune: Callable[[nn.Module, int], float] | None = None, measure_latency: LatencyFn | None = None,
+          measure_many: ManyLatencyFn | None = None,
           grad_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, PruneOutcome]:
     """Prune `model` in place to the configured amount; returns it with before/after figures and steps.
 
     ratio prunes that share of channels in `cfg.steps` steps; target_macs/target_params step until the
     counted figure reaches the target; target_speedup/target_latency_ms step until the latency measured
-    by `measure_latency` (on the target's runtime) reaches it. With latency guidance, stages that save
-    more measured latency are pruned faster. `finetune(model, step)` runs KD recovery at checkpoints and
-    returns the validation accuracy; `num_classes` is kept for callers, the head is found by tracing."""
+    by `measure_latency` (on the target's runtime) reaches it. With latency guidance, a MACs/params target
+    takes the fastest of several stage allocations, each pruned to the target on a copy and timed
+    together (`measure_many`, else one by one), and a latency target prunes faster the stages whose
+    probes saved more time. `finetune(model, step)` runs KD recovery at checkpoints and returns the
+    validation accuracy; `num_classes` is kept for callers, the head is found by tracing."""
     example = torch.zeros(1, *input_shape)
     model.eval()
     base_params, base_macs = count_params(model), count_macs(model, input_shape)
@@ -301,6 +307,9 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
         latency, reference = measure_latency(model)
         return latency, reference / latency
 
+    def counted_target(params: int, macs: int) -> bool:
+        return macs <= amount * base_macs if kind == "target_macs" else params <= amount * base_params
+
     if kind == "ratio":
         pruner = make_pruner(model, example, cfg, round_to, amount, cfg.steps)
         outcome.family, outcome.kept_whole = pruner.plan.family, pruner.plan.kept_whole
@@ -311,10 +320,16 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
             outcome.steps.append(PruneStep(i + 1, params, macs, latency, acc, speedup))
     else:
         stage_ratios = None
-        if cfg.guided(kind) and measure_latency is not None:
+        if cfg.guided(kind) and measure_latency is not None and on_latency:
             outcome.stage_latency_share = stage_latency_share(model, example, cfg, round_to, measure_latency)
             # the stage that saves most time is pruned twice as fast as one that saves none
             stage_ratios = {k: 0.9 * (0.5 + 0.5 * w) for k, w in outcome.stage_latency_share.items()}
+        elif cfg.guided(kind) and measure_latency is not None:
+            from .prune_allocation import one_at_a_time, search
+
+            stages = latency_stages(model, arch_plan(model, example, round_to, cfg.ignored_layers))
+            stage_ratios, outcome.allocation_search = search(
+                model, example, cfg, round_to, stages, counted_target, measure_many or one_at_a_time(measure_latency))
         pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS, stage_ratios)
         outcome.family, outcome.kept_whole = pruner.plan.family, pruner.plan.kept_whole
         # Fine-tune at checkpoints along the way (four per configured step of the 40), not after each
@@ -327,10 +342,8 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
             if on_latency:
                 latency, speedup = measured()
                 reached = (speedup >= amount) if kind == "target_speedup" else latency <= amount  # type: ignore[operator]
-            elif kind == "target_macs":
-                reached = macs <= amount * base_macs
             else:
-                reached = params <= amount * base_params
+                reached = counted_target(params, macs)
             checkpoint = reached or (i + 1) % ft_every == 0
             acc = finetune(model, i) if finetune and checkpoint else None
             if latency is None and checkpoint:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 
 import numpy as np
@@ -61,16 +62,27 @@ class LatencyProbe:
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         """(p50 latency of `model`, p50 latency of the unpruned model) in ms, measured side by side."""
+        return self.many({"candidate": model})["candidate"]
+
+    def many(self, models: dict[str, nn.Module]) -> dict[str, tuple[float, float]]:
+        """{name: (p50 latency, p50 of the unpruned model)} in ms for several models timed in the same
+        interleaved rounds (the unpruned model's p50 is the same for all)."""
         from .bench.harness import interleaved
 
-        self.count += 1
-        runner = self._load(model, "candidate")
+        self.count += len(models)
+        runners = {}
         try:
-            times = interleaved({"ref": self.reference.infer, "cand": runner.infer}, self.sample, PROBE_WARMUP,
-                                self.iterations, PROBE_ROUNDS)
+            for i, (name, model) in enumerate(models.items()):
+                runners[name] = self._load(model, f"candidate-{i}")
+            fns = {"\0reference": self.reference.infer, **{n: r.infer for n, r in runners.items()}}
+            times = interleaved(fns, self.sample, PROBE_WARMUP, self.iterations, PROBE_ROUNDS)
         finally:
-            runner.close()
-        return float(np.median(times["cand"])), float(np.median(times["ref"]))
+            for r in runners.values():
+                r.close()
+            for i in range(len(models)):  # exported only to be timed
+                shutil.rmtree(self.dir / f"candidate-{i}", ignore_errors=True)
+        ref = float(np.median(times["\0reference"]))
+        return {n: (float(np.median(times[n])), ref) for n in models}
 
     def close(self) -> None:
         self.reference.close()
@@ -91,7 +103,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     """Prune `model` (fine-tuning with KD from its unpruned self) or reload a stored result."""
     cfg, splits = ctx.config, ctx.splits
     p = cfg.prune
-    key = ctx.key("prune-v2", upstream, p.model_dump(mode="json"), cfg.distill.temperature, cfg.distill.alpha,
+    key = ctx.key("prune-v3", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
                   ctx.profile.round_to, ctx.profile.name, ctx.threads)
     out = ctx.stage_dir("prune")
     hit = ctx.cached("prune", key)
@@ -116,7 +128,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
         cache = caches[0]
         res = train(m, splits.train, splits.val, epochs=epochs_per_step, lr=p.lr, seed=cfg.seed + step,  # type: ignore[union-attr]
                     batch_size=cfg.data.batch_size, teacher=unpruned, temperature=cfg.distill.temperature,
-                    alpha=max(cfg.distill.alpha, 0.5), augment=cfg.data.augment, cache=cache,
+                    alpha=p.kd_alpha, augment=cfg.data.augment, cache=cache,
                     progress=ctx.progress, label=f"fine-tuning (step {step + 1})")
         return res.val_accuracy
 
@@ -124,7 +136,8 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     grad_batch = (splits.train.x[:64], splits.train.y[:64]) if p.criterion == "taylor" else None  # type: ignore[union-attr]
     try:
         model, outcome = prune(model, splits.input_shape, p, splits.num_classes, ctx.profile.round_to,  # type: ignore[union-attr]
-                               finetune=finetune, measure_latency=probe, grad_batch=grad_batch)
+                               finetune=finetune, measure_latency=probe, measure_many=probe.many,
+                               grad_batch=grad_batch)
     finally:
         probe.close()
     with atomic_path(out / "model.pt") as tmp:
@@ -139,6 +152,8 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     }
     if outcome.kept_whole:
         metrics["kept_whole_layers"] = outcome.kept_whole
+    if outcome.allocation_search:
+        metrics["allocation_search"] = outcome.allocation_search
     if outcome.stage_latency_share:
         metrics["stage_latency_share"] = {k: round(v, 3) for k, v in outcome.stage_latency_share.items()}
     if outcome.note:

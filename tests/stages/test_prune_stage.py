@@ -56,6 +56,15 @@ def test_target_macs_with_kd_recovery_steps_and_resume(tmp_path, teacher):
     last = steps[-1]
     assert last["latency_ms"] > 0 and last["speedup"] > 0 and "val_accuracy_torch" in last
     assert m["latency_measured_on"].startswith("host (onnxruntime")
+    # latency guidance timed every candidate allocation on the target's runtime and ran the fastest
+    search = m["allocation_search"]
+    assert {r["allocation"] for r in search} >= {"uniform", "favour features.0"}
+    chosen = [r for r in search if r["chosen"]]
+    assert len(chosen) == 1 and all(r["latency_ms"] > 0 for r in search)
+    assert chosen[0]["latency_ms"] / chosen[0]["speedup"] == pytest.approx(min(r["latency_ms"] / r["speedup"]
+                                                                               for r in search), rel=0.01)
+    assert chosen[0]["macs"] == m["after"]["macs"] and chosen[0]["params"] == m["after"]["params"]
+    assert not list((ctx.run_dir / "prune" / "probe").glob("candidate-*"))
     teacher_acc, _ = evaluate(teacher, ctx.splits.val)
     assert last["val_accuracy_torch"] >= teacher_acc - 5.0
     # resume: the stored description rebuilds the same model without pruning again
@@ -144,6 +153,24 @@ def test_latency_guidance_prunes_the_stages_that_save_most_time_faster():
     assert share["features.4"] == 1.0 and all(share[f"features.{i}"] == 0.0 for i in range(4))
     assert out.reached and out.steps[-1].speedup >= 1.5
     assert model.features[4][0].out_channels / 128 < model.features[3][0].out_channels / 128
+
+
+def test_a_macs_target_runs_the_allocation_that_measured_fastest():
+    torch.manual_seed(0)
+    model = build_model("wide_cnn", 10)
+    base = count_macs(model, SHAPE)
+
+    def last_block_clock(m):  # only the last block's width costs time
+        return float(m.features[4][0].out_channels), 128.0
+
+    model, out = prune(model, SHAPE, PruneConfig(target_macs=0.6), 10, 8, measure_latency=last_block_clock)
+    rows = {r["allocation"]: r for r in out.allocation_search}
+    assert rows["favour features.4"]["chosen"] and sum(r["chosen"] for r in rows.values()) == 1
+    assert rows["favour features.4"]["latency_ms"] < rows["uniform"]["latency_ms"]
+    assert all(r["macs"] <= 0.6 * base for r in rows.values())
+    # the real run reaches exactly the shapes the search timed
+    assert out.after["macs"] == rows["favour features.4"]["macs"]
+    assert model.features[4][0].out_channels == rows["favour features.4"]["latency_ms"]
 
 
 def test_latency_target_without_a_measurement_is_an_error():

@@ -1,0 +1,69 @@
+"""Where to prune for a MACs or params target: candidate allocations of the pruning across the
+network's stages, each pruned on a copy to the target, timed side by side on the target's runtime;
+the fastest is the one the prune stage then runs with fine-tuning.
+
+At equal MACs, latency still differs by where the channels go: layers at low resolution hold most of
+the weights (memory traffic), small convolutions parallelise badly, and channel counts meet the
+kernels' blocking or not. Measuring the finished shapes captures all of that at once. Channel counts
+under per-layer pruning depend on the stage ratios and the step alone, not on the weights, so the
+pruned shapes found here are the shapes the real run reaches (under global pruning, nearly)."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .models import count_macs, count_params
+from .prune import MAX_STEPS, LatencyFn, ManyLatencyFn, make_pruner
+
+FAST, SLOW = 0.9, 0.4  # a favoured stage's channel ratio at the end of the schedule, and the others'
+
+
+def candidates(stages: list[str]) -> dict[str, dict[str, float] | None]:
+    """Uniform pruning, then each stage and each pair of neighbouring stages pruned faster than the rest."""
+    out: dict[str, dict[str, float] | None] = {"uniform": None}
+    groups = [[s] for s in stages] + [[a, b] for a, b in zip(stages, stages[1:])]
+    for group in groups:
+        out["favour " + ", ".join(group)] = {s: FAST if s in group else SLOW for s in stages}
+    return out
+
+
+def search(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None, stages: list[str],
+           reached: Callable[[int, int], bool], measure_many: ManyLatencyFn) -> tuple[dict[str, float] | None, list[dict]]:
+    """Prune a copy of `model` under each candidate allocation until `reached(params, macs)`, time the
+    results together, and return (the fastest allocation's stage ratios, one report row per candidate)."""
+    shape = tuple(example.shape[1:])
+    # The criterion decides which channels go, not how many: magnitude stands in for one that needs data.
+    sim_cfg = cfg.model_copy(update={"criterion": "l2"}) if cfg.criterion == "taylor" else cfg
+    pruned: dict[str, nn.Module] = {}
+    rows: dict[str, dict] = {}
+    plans = candidates(stages)
+    for name, ratios in plans.items():
+        trial = copy.deepcopy(model).eval()
+        for p in trial.parameters():
+            p.requires_grad_(True)
+        pruner = make_pruner(trial, example, sim_cfg, round_to, 0.9, MAX_STEPS, ratios)
+        for step in range(1, MAX_STEPS + 1):
+            pruner.step()
+            params, macs = count_params(trial), count_macs(trial, shape)
+            if reached(params, macs):
+                pruned[name] = trial
+                rows[name] = {"allocation": name, "stage_ratios": ratios, "steps": step, "params": params, "macs": macs}
+                break
+    if not pruned:
+        return None, []
+    timed = measure_many(pruned)
+    for name, (latency, reference) in timed.items():
+        rows[name].update(latency_ms=round(latency, 4), speedup=round(reference / latency, 3))
+    best = min(timed, key=lambda n: (timed[n][0] / timed[n][1], n != "uniform"))
+    for name, row in rows.items():
+        row["chosen"] = name == best
+    return plans[best], list(rows.values())
+
+
+def one_at_a_time(measure: LatencyFn) -> ManyLatencyFn:
+    """A ManyLatencyFn from a single-model measurement (each candidate timed beside its own reference)."""
+    return lambda models: {name: measure(m) for name, m in models.items()}
