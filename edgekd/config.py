@@ -1,6 +1,8 @@
 """Typed config models (unknown keys are errors), YAML loading and cross-field validation."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,6 +165,9 @@ class StrategyOptions(_Section):
         return self
 
 
+DEFAULT_SWEEP = {"temperature": [1.0, 2.0, 4.0], "alpha": [0.5, 0.9]}
+
+
 class DistillConfig(_Section):
     epochs: int = Field(30, ge=0, le=10000)
     steps: int | None = Field(None, ge=1)
@@ -171,8 +176,11 @@ class DistillConfig(_Section):
     lr: float = Field(3e-3, gt=0, le=10)
     strategy: str = "kd"
     strategy_options: StrategyOptions = StrategyOptions()
+    # Unless the config sets them (or `sweep: null`), plain KD chooses temperature and alpha on the
+    # validation split from DEFAULT_SWEEP; each point trains for `sweep_epochs` (default: a sixth of
+    # `epochs`, so the whole search costs about one full run).
     sweep: dict[str, list[float]] | None = None
-    sweep_epochs: int = Field(5, ge=1, le=10000)
+    sweep_epochs: int | None = Field(None, ge=1, le=10000)
     baseline: bool = False
     # loss = (1 - alpha) * CE(labeled) + alpha * sum_k losses[k] * L_k
     losses: dict[str, float] | None = None
@@ -180,6 +188,18 @@ class DistillConfig(_Section):
     cache_topk: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sweep(cls, data: Any) -> Any:
+        """Plain KD sweeps the temperature and alpha the config leaves out (none when alpha is 0: no KD).
+        Written into the config itself, so a saved config reloads to the same search."""
+        if not isinstance(data, dict) or "sweep" in data or data.get("strategy", "kd") != "kd":
+            return data
+        if "alpha" in data and isinstance(data["alpha"], (int, float)) and data["alpha"] == 0:
+            return data
+        grid = {k: list(v) for k, v in DEFAULT_SWEEP.items() if k not in data}
+        return {**data, "sweep": grid} if grid else data
 
     @model_validator(mode="after")
     def _known_strategy(self) -> DistillConfig:
@@ -211,6 +231,10 @@ class DistillConfig(_Section):
                 raise ValueError(f"distill.losses.{feats[0]} needs distill.feature_layers "
                                  "(e.g. {student: features.3, teacher: layer3})")
         return self
+
+    def sweep_budget(self) -> int:
+        """Epochs per sweep point: sweep_epochs, or a sixth of the full run's epochs (at least one)."""
+        return self.sweep_epochs if self.sweep_epochs is not None else max(1, math.ceil(self.epochs / 6))
 
     def loss_weights(self) -> dict[str, float]:
         """The distillation terms and their weights ({kd: 1.0} unless distill.losses says otherwise)."""

@@ -69,8 +69,9 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
     temperature, alpha = d.temperature, d.alpha
     sweep = None
     if grid:
-        sweep = run_sweep(student, lambda m, t, a: fit(m, t, a, f"sweep T={t:g} alpha={a:g}", d.sweep_epochs, None),
-                          grid, d.sweep_epochs)
+        budget = d.sweep_budget()
+        sweep = run_sweep(student, lambda m, t, a: fit(m, t, a, f"sweep T={t:g} alpha={a:g}", budget, None),
+                          grid, budget)
         temperature, alpha = sweep["best"]["temperature"], sweep["best"]["alpha"]
     res = fit(student, temperature, alpha, "distilling student", d.epochs, d.steps)
     labeled = int((kd_set.y >= 0).sum())

@@ -9,7 +9,31 @@ def test_defaults_are_plain_hinton_kd():
     d = from_dict({}).distill
     assert d.loss_weights() == {"kd": 1.0}
     assert d.layer_pairs() == []
-    assert (d.cache_topk, d.device, d.precision, d.sweep_epochs) == (None, "auto", "auto", 5)
+    assert (d.cache_topk, d.device, d.precision, d.sweep_epochs) == (None, "auto", "auto", None)
+
+
+@pytest.mark.parametrize("given, sweep", [
+    ({}, {"temperature": [1.0, 2.0, 4.0], "alpha": [0.5, 0.9]}),
+    ({"alpha": 0.7}, {"temperature": [1.0, 2.0, 4.0]}),
+    ({"temperature": 3}, {"alpha": [0.5, 0.9]}),
+    ({"temperature": 3, "alpha": 0.7}, None),
+    ({"alpha": 0}, None),  # no KD: nothing to choose
+    ({"sweep": None}, None),
+    ({"strategy": "self"}, None),
+    ({"sweep": {"temperature": [6]}}, {"temperature": [6.0]}),
+])
+def test_kd_chooses_on_validation_what_the_config_leaves_open(given, sweep):
+    d = from_dict({"distill": given}).distill
+    assert d.sweep == sweep
+    # the choice is written into the config, so a saved config reloads to the same search
+    assert from_dict({"distill": d.model_dump(mode="json")}).distill.sweep == sweep
+
+
+def test_sweep_budget_is_a_sixth_of_the_run_unless_given():
+    assert from_dict({}).distill.sweep_budget() == 5
+    assert from_dict({"distill": {"epochs": 8}}).distill.sweep_budget() == 2
+    assert from_dict({"distill": {"epochs": 1}}).distill.sweep_budget() == 1
+    assert from_dict({"distill": {"sweep_epochs": 3}}).distill.sweep_budget() == 3
 
 
 def test_losses_and_feature_layers_parse():
