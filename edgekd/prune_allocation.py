@@ -25,7 +25,7 @@ FAST, SLOW = 0.9, 0.4  # a favoured stage's channel ratio at the end of the sche
 def candidates(stages: list[str]) -> dict[str, dict[str, float] | None]:
     """Uniform pruning, then each stage and each pair of neighbouring stages pruned faster than the rest."""
     out: dict[str, dict[str, float] | None] = {"uniform": None}
-    groups = [[s] for s in stages] + [[a, b] for a, b in zip(stages, stages[1:])]
+    groups = [[s] for s in stages] + [[a, b] for a, b in zip(stages, stages[1:], strict=False)]
     for group in groups:
         out["favour " + ", ".join(group)] = {s: FAST if s in group else SLOW for s in stages}
     return out

@@ -11,6 +11,7 @@ from .render import (
     fmt_count,
     fmt_ms,
     fmt_pct,
+    fmt_ratio,
     gate_table,
     headline,
     latency,
@@ -172,6 +173,15 @@ def _prune(report: dict) -> list[str]:
             table.rows.append([Cell(str(s.get("step"))), figure(s, "params", fmt_count),
                                figure(s, "macs", fmt_count), figure(s, "accuracy", fmt_pct), lat_cell])
         out += [""] + _table(table)
+    search = p.get("allocation_search") or []
+    if search:
+        table = Table(["Allocation", "Params", "MACs", "Latency", "Speedup"])
+        for r in search:
+            name = f"**{r.get('allocation')}** (chosen)" if r.get("chosen") else str(r.get("allocation"))
+            table.rows.append([Cell(name), figure(r, "params", fmt_count), figure(r, "macs", fmt_count),
+                               figure(r, "latency_ms", fmt_ms), figure(r, "speedup", fmt_ratio)])
+        out += ["", "<details><summary>Where to prune: allocations timed on the target</summary>", ""]
+        out += _table(table) + ["", "</details>"]
     return out + [""]
 
 

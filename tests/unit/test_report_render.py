@@ -132,3 +132,17 @@ def test_plot_helpers():
     front = pareto_front([Point(1, 90, "a", "g"), Point(2, 95, "b", "g"), Point(3, 94, "c", "g")])
     assert [p.label for p in front] == ["a", "b"]
     assert "<rect" in histogram({"x": [1.0, 1.1, 1.2], "y": [5.0, 5.5]}, "t", "ms")
+
+
+def test_prune_allocation_search_is_tabled_with_the_chosen_one_marked(report):
+    prune = next(s for s in report["stages"] if s["name"] == "prune")
+    prune["allocation_search"] = [
+        {"allocation": "uniform", "stage_ratios": None, "steps": 12, "params": 5727858, "macs": 17848890,
+         "latency_ms": 0.597, "speedup": 1.498, "chosen": False},
+        {"allocation": "favour layer3", "stage_ratios": {"layer3": 0.9}, "steps": 24, "params": 5252762,
+         "macs": 18152970, "latency_ms": 0.4386, "speedup": 2.039, "chosen": True}]
+    md = render_markdown(report)
+    assert "Where to prune: allocations timed on the target" in md
+    row = next(line for line in md.splitlines() if "favour layer3" in line)
+    assert "(chosen)" in row and "0.439 ms" in row and "2.04×" in row and "5.25 M" in row
+    assert "(chosen)" not in next(line for line in md.splitlines() if line.startswith("| uniform"))
