@@ -126,7 +126,7 @@ def part_c(out: Path, rounds: int, teacher_epochs: int | None = None) -> dict:
     from edgekd.context import RunContext
     from edgekd.data import build_splits
     from edgekd.distill.cache import TeacherLogitCache
-    from edgekd.distill.trainer import AUG_DRAWS, augmented_views, train
+    from edgekd.distill.trainer import augmented_views, kd_draws, train
     from edgekd.models import build_model
     from edgekd.profiles import load_profile
     from edgekd.teacher import get_teacher
@@ -135,7 +135,7 @@ def part_c(out: Path, rounds: int, teacher_epochs: int | None = None) -> dict:
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
     ctx.splits = splits = build_splits(cfg.data, cfg.seed)
     teacher, _ = get_teacher(ctx)
-    views = augmented_views(splits.train.x, cfg.seed, AUG_DRAWS, cfg.data.augment)
+    views = augmented_views(splits.train.x, cfg.seed, kd_draws(splits.train.x), cfg.data.augment)
     cache = TeacherLogitCache(teacher, views)
     torch.manual_seed(0)
     kd_model = build_model(cfg.student.model, splits.num_classes)

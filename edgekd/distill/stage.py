@@ -17,7 +17,7 @@ from ..data import ArrayDataset, Splits
 from ..runs import atomic_path
 from . import ddp
 from .sweep import run_sweep, sweep_grid
-from .trainer import AUG_DRAWS, TrainResult, augmented_views, resolve_device, train
+from .trainer import TrainResult, augmented_views, kd_draws, resolve_device, train
 
 
 def distill_key(ctx: RunContext, teacher_key: str, student_spec: str) -> str:
@@ -54,7 +54,8 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
     initial = copy.deepcopy(student)
     grid = sweep_grid(d.sweep, d.temperature, d.alpha) if d.sweep else []
     needs_teacher = d.alpha > 0 or any(a > 0 for _, a in grid)
-    views = augmented_views(kd_set.x, cfg.seed, AUG_DRAWS, cfg.data.augment)
+    draws = kd_draws(kd_set.x)  # the no-KD twin gets as many
+    views = augmented_views(kd_set.x, cfg.seed, draws, cfg.data.augment)
     device = resolve_device(d.device)
     cache = ddp.shared_cache(teacher, views, topk=d.cache_topk, device=device) if needs_teacher else None
     common = dict(lr=d.lr, seed=cfg.seed, batch_size=cfg.data.batch_size, teacher=teacher, augment=cfg.data.augment,
@@ -99,7 +100,7 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
         base_model = initial
         base = train(base_model, splits.train, splits.val, epochs=0, steps=res.steps, lr=d.lr, seed=cfg.seed,
                      batch_size=cfg.data.batch_size, teacher=None, alpha=0.0, augment=cfg.data.augment,
-                     views=augmented_views(splits.train.x, cfg.seed, AUG_DRAWS, cfg.data.augment),
+                     views=augmented_views(splits.train.x, cfg.seed, draws, cfg.data.augment),
                      progress=ctx.progress, label="baseline (no KD)", device=device, precision=d.precision)
         metrics.update({"baseline_steps": base.steps, "baseline_epoch_seconds": _secs(base.epoch_seconds),
                         "baseline_curve": base.curve, "baseline_val_accuracy_torch": base.val_accuracy,

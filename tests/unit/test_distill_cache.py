@@ -129,3 +129,12 @@ def test_a_truncated_file_is_recomputed(tmp_path):
     first.path.write_bytes(b"not a checkpoint")
     again = TeacherLogitCache(teacher, [ds.x], directory=tmp_path)
     assert not again.hit and torch.equal(again.all_logits(), first.all_logits())
+
+
+def test_kd_draws_fill_the_view_budget_and_never_fall_below_the_default():
+    from edgekd.distill.trainer import AUG_DRAWS, KD_DRAWS, KD_VIEWS_BYTES, kd_draws
+
+    assert kd_draws(torch.zeros(1077, 3, 32, 32)) == KD_DRAWS  # the embedded default: 13 MB a view
+    per_view = KD_VIEWS_BYTES // 12  # twelve views fit
+    assert kd_draws(torch.empty(per_view // 4, device="meta")) == 12
+    assert kd_draws(torch.empty(10**6, 3, 224, 224, device="meta")) == AUG_DRAWS  # 600 GB a view
