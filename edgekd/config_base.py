@@ -1,0 +1,6 @@
+"""The base of every config section: unknown keys are errors and a parsed config does not change."""
+from pydantic import BaseModel, ConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
