@@ -28,8 +28,8 @@ AUG_DRAWS = 8  # augmentation draws per sample whose teacher logits are cached a
 KD_DRAWS, KD_VIEWS_BYTES = 30, 1 << 30
 NEAR_UNIFORM = 0.95  # soft targets whose mean entropy exceeds this share of log C carry little signal
 
-__all__ = ["AUG_DRAWS", "KD_DRAWS", "KD_VIEWS_BYTES", "TeacherLogitCache", "TrainResult", "accuracy", "agreement", "augmented_views",
-           "evaluate", "kd_draws", "predict_logits", "train"]
+__all__ = ["AUG_DRAWS", "KD_DRAWS", "KD_VIEWS_BYTES", "TeacherLogitCache", "TrainResult", "accuracy", "agreement",
+           "augmented_views", "evaluate", "kd_draws", "predict_logits", "train"]
 
 
 @dataclass
