@@ -289,6 +289,19 @@ def from_dict(raw: Any, source: str = "config") -> Config:
         raise ConfigError(_format_error(e, source)) from None
 
 
+def assign(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """`raw` with dotted KEY=VALUE assignments applied in place (values parsed as YAML), e.g.
+    `prune.latency_guided=true` or `distill.sweep={temperature: [1, 2]}`; returns `raw`."""
+    for a in assignments:
+        key, _, value = a.partition("=")
+        *path, last = key.split(".")
+        node = raw
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a YAML config file (or the embedded default when `path` is None) and apply overrides."""
     raw: dict[str, Any] = {}

@@ -23,13 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgekd import Pipeline  # noqa: E402
-from edgekd.config import from_dict  # noqa: E402
+from edgekd.config import assign, from_dict  # noqa: E402
 
 BENCH = {"iterations": 50, "warmup": 5}  # the stages' latency is not what this measures
 
@@ -169,13 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config assignment for every part, e.g. student.model=small_cnn (YAML values)")
     args = p.parse_args(argv)
-    for a in args.set:
-        key, _, value = a.partition("=")
-        *path_, last = key.split(".")
-        node = EXTRA
-        for k in path_:
-            node = node.setdefault(k, {})
-        node[last] = yaml.safe_load(value)
+    assign(EXTRA, args.set)
     results: dict = {"seeds": args.seeds, "teacher_epochs": args.teacher_epochs, "set": args.set}
     path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,10 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgekd.config import assign  # noqa: E402
+
 ARCHS = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
          "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "convnext_tiny",
          "vit_b_16"]
@@ -46,17 +50,6 @@ def compress(config: dict, out: Path, log: Path) -> tuple[list[str], float, int]
     return cmd, time.perf_counter() - t0, rc
 
 
-def _set(config: dict, assignments: list[str]) -> dict:
-    for a in assignments:
-        key, _, value = a.partition("=")
-        *path, last = key.split(".")
-        node = config
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    return config
-
-
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -72,7 +65,7 @@ def half_macs(args: argparse.Namespace) -> int:
     from edgekd.bench.harness import interleaved, ratio_ci
 
     out = Path(args.out) / "half-macs"
-    config = _set({"student": {"model": "teacher"}, "stages": ["prune"], "prune": {"target_macs": 0.5}}, args.set)
+    config = assign({"student": {"model": "teacher"}, "stages": ["prune"], "prune": {"target_macs": 0.5}}, args.set)
     cmd, seconds, rc = compress(config, out, out.with_suffix(".log"))
     print("config:", json.dumps(config))
     print("command:", " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", ""), f"({seconds:.0f} s, exit {rc})")
@@ -115,7 +108,7 @@ def archs(args: argparse.Namespace) -> int:
     rows, failed, stages = [], 0, []
     for name in args.archs:
         size = IMAGE_SIZE.get(name, 64)
-        config = _set({
+        config = assign({
             "name": f"prune-{name}", "stages": ["prune", "quantize"],
             "data": {"image_size": size, "augment": False, "val_fraction": 0.05, "test_fraction": 0.05},
             "teacher": {"model": f"torchvision:{name}", "train_epochs": 0}, "student": {"model": "teacher"},

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekd.config import Config, from_dict, load_config
+from edgekd.config import Config, assign, from_dict, load_config
 from edgekd.errors import ConfigError
 
 
@@ -95,3 +95,11 @@ def test_distill_numbers_validated(t, a):
         assert "distill." in str(e)
     else:
         assert 0 < cfg.distill.temperature <= 100 and 0 <= cfg.distill.alpha <= 1
+
+
+def test_dotted_assignments_set_nested_keys_with_yaml_values():
+    raw = assign({"prune": {"target_macs": 0.5}},
+                 ["prune.latency_guided=true", "distill.sweep={temperature: [1, 2]}", "seed=3"])
+    assert raw == {"prune": {"target_macs": 0.5, "latency_guided": True},
+                   "distill": {"sweep": {"temperature": [1, 2]}}, "seed": 3}
+    assert from_dict(raw).prune.latency_guided is True
