@@ -8,21 +8,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config_base import _Section
+from .config_base import Section
 from .config_paths import resolve_paths
-from .config_strategies import (  # noqa: F401 - re-exported: strategies and tests import them from here
-    BornAgainOptions,
-    DataFreeOptions,
-    DeitOptions,
-    ExtraTeacher,
-    MultiTeacherOptions,
-    MutualOptions,
-    ProgressiveOptions,
-    ProgressiveStage,
-    SelectiveOptions,
-    SelfOptions,
-    StrategyOptions,
-)
+from .config_strategies import StrategyOptions
 from .errors import ConfigError
 
 STAGES = ("distill", "prune", "quantize")
@@ -33,7 +21,7 @@ FEATURE_LOSSES = ("feature", "attention", "rkd_distance", "rkd_angle", "gram")
 DISTILL_LOSSES = LOGIT_LOSSES + FEATURE_LOSSES
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     dataset: Literal["digits", "imagefolder"] = "digits"
     root: str | None = None
     image_size: int = Field(32, ge=8, le=1024)
@@ -51,7 +39,7 @@ class DataConfig(_Section):
         return self
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     model: str = "torchvision:resnet18"
     checkpoint: str | None = None
     trust_checkpoint: bool = False
@@ -59,11 +47,11 @@ class TeacherConfig(_Section):
     lr: float = Field(2e-3, gt=0, le=10)
 
 
-class StudentConfig(_Section):
+class StudentConfig(Section):
     model: str = "edge_cnn"
 
 
-class FeatureLayers(_Section):
+class FeatureLayers(Section):
     """One student/teacher layer pair for feature terms, each a module path (e.g. 'features.3', 'layer3')."""
 
     student: str = Field(min_length=1)
@@ -73,7 +61,7 @@ class FeatureLayers(_Section):
 DEFAULT_SWEEP = {"temperature": [1.0, 2.0, 4.0], "alpha": [0.5, 0.9]}
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     epochs: int = Field(30, ge=0, le=10000)
     steps: int | None = Field(None, ge=1)
     temperature: float = Field(4.0, gt=0, le=100)
@@ -153,7 +141,7 @@ class DistillConfig(_Section):
         return [(p.student, p.teacher) for p in (fl if isinstance(fl, list) else [fl])]
 
 
-class PruneConfig(_Section):
+class PruneConfig(Section):
     ratio: float | None = Field(None, gt=0, lt=1)
     target_macs: float | None = Field(None, gt=0, lt=1)
     target_params: float | None = Field(None, gt=0, lt=1)
@@ -197,7 +185,7 @@ class PruneConfig(_Section):
         return self.latency_guided if self.latency_guided is not None else True
 
 
-class QuantizeConfig(_Section):
+class QuantizeConfig(Section):
     calibration_samples: int = Field(256, ge=1, le=100000)
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
@@ -207,7 +195,7 @@ class QuantizeConfig(_Section):
     recipe: str | None = None
 
 
-class GatesConfig(_Section):
+class GatesConfig(Section):
     max_size_mb: float | None = Field(None, gt=0)
     max_latency_ms: float | None = Field(None, gt=0)
     percentile: Literal[50, 90, 99] = 90
@@ -219,13 +207,13 @@ class GatesConfig(_Section):
     min_arm_agreement: float | None = Field(None, ge=0, le=100)
 
 
-class BenchConfig(_Section):
+class BenchConfig(Section):
     warmup: int = Field(20, ge=0)
     iterations: int = Field(300, ge=1)
     threads: int | None = Field(None, ge=1, le=256)
 
 
-class Config(_Section):
+class Config(Section):
     name: str = "demo"
     seed: int = 0
     stages: list[Literal["distill", "prune", "quantize"]] = list(STAGES)

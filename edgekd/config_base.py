@@ -2,5 +2,5 @@
 from pydantic import BaseModel, ConfigDict
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

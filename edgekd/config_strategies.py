@@ -5,10 +5,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .config_base import _Section
+from .config_base import Section
 
 
-class ExtraTeacher(_Section):
+class ExtraTeacher(Section):
     """One more teacher for distill.strategy multi_teacher: a model spec, a state_dict checkpoint (or trained
     here on the training split, cached), and its weight in the average."""
 
@@ -18,28 +18,28 @@ class ExtraTeacher(_Section):
     train_epochs: int = Field(8, ge=0, le=1000)
 
 
-class MultiTeacherOptions(_Section):
+class MultiTeacherOptions(Section):
     teachers: list[ExtraTeacher] = [ExtraTeacher(model="wide_cnn")]
     teacher_weight: float = Field(1.0, ge=0)  # weight of the configured teacher; 0 leaves it out
     average: Literal["probabilities", "logits"] = "probabilities"
 
 
-class SelfOptions(_Section):
+class SelfOptions(Section):
     exits: list[str] = Field(["features.1", "features.3"], min_length=1)  # student module paths
     head_width: int = Field(64, ge=1, le=4096)
 
 
-class BornAgainOptions(_Section):
+class BornAgainOptions(Section):
     generations: int = Field(3, ge=1, le=20)
     first_teacher: Literal["teacher", "labels"] = "teacher"
     keep: Literal["last", "best"] = "best"
 
 
-class MutualOptions(_Section):
+class MutualOptions(Section):
     peer: str | None = None  # the second student's model spec; the student's own when unset
 
 
-class DeitOptions(_Section):
+class DeitOptions(Section):
     patch_size: int = Field(4, ge=1, le=64)
     hidden_dim: int = Field(64, ge=8, le=4096)
     depth: int = Field(4, ge=1, le=48)
@@ -48,25 +48,25 @@ class DeitOptions(_Section):
     distillation: Literal["hard", "soft"] = "hard"
 
 
-class ProgressiveStage(_Section):
+class ProgressiveStage(Section):
     until: float = Field(gt=0, le=1)  # share of training at which this stage ends
     alpha: float = Field(ge=0, le=1)
     temperature: float | None = Field(None, gt=0, le=100)
 
 
-class ProgressiveOptions(_Section):
+class ProgressiveOptions(Section):
     stages: list[ProgressiveStage] = [ProgressiveStage(until=0.5, alpha=0.9), ProgressiveStage(until=1.0, alpha=0.5)]
     temperature_start: float | None = Field(8.0, gt=0, le=100)
     temperature_end: float | None = Field(2.0, gt=0, le=100)
     anneal: Literal["linear", "cosine"] = "linear"
 
 
-class SelectiveOptions(_Section):
+class SelectiveOptions(Section):
     threshold: float = Field(0.8, ge=0, le=1)  # the teacher's top-1 probability (T = 1) to trust it
     require_correct: bool = True
 
 
-class DataFreeOptions(_Section):
+class DataFreeOptions(Section):
     samples: int = Field(256, ge=2, le=1_000_000)
     synthesis_steps: int = Field(100, ge=1, le=100_000)
     batch_size: int = Field(64, ge=2, le=4096)
@@ -82,7 +82,7 @@ class DataFreeOptions(_Section):
     downsample: int | None = Field(None, ge=1, le=64)
 
 
-class StrategyOptions(_Section):
+class StrategyOptions(Section):
     """distill.strategy_options: the settings of each strategy other than plain KD (the chosen one is used)."""
 
     multi_teacher: MultiTeacherOptions = MultiTeacherOptions()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import ExtraTeacher
+from ...config_strategies import ExtraTeacher
 from ...context import RunContext
 from ...errors import ConfigError
 from ...models import apply_checkpoint, build_model, load_state_dict_file

@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from ...config import ProgressiveOptions
+from ...config_strategies import ProgressiveOptions
 from ...context import RunContext
 from ..losses import hinton_kd_loss
 from .common import (
