@@ -18,6 +18,7 @@ from torch import nn
 from .config import PruneConfig
 from .errors import StageError
 from .models import count_macs, count_params
+from .prune_concat import fast_patches
 
 MAX_STEPS = 40  # granularity of the search toward a MACs/params/latency target
 MAX_LAYER_RATIO = 0.95  # no layer loses more than this share of its channels
@@ -198,7 +199,7 @@ class StructuredPruner:
         if self.plan.unwrapped:
             kwargs["unwrapped_parameters"] = self.plan.unwrapped
         try:
-            with _patched(self.plan.trace_patches):
+            with _patched(self.plan.trace_patches + fast_patches()):
                 try:
                     self.pruner = tp.pruner.MetaPruner(model, example, **kwargs)
                 except Exception:  # noqa: BLE001 - retried once with the unmappable groups kept whole
@@ -214,7 +215,8 @@ class StructuredPruner:
 
     def step(self) -> None:
         """Remove the next share of channels and bring the model's shape attributes up to date."""
-        self.pruner.step()
+        with _patched(fast_patches()):
+            self.pruner.step()
         for fix in self.plan.after_step:
             fix()
 
