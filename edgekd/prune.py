@@ -331,7 +331,8 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
 
             stages = latency_stages(model, arch_plan(model, example, round_to, cfg.ignored_layers))
             stage_ratios, outcome.allocation_search = search(
-                model, example, cfg, round_to, stages, counted_target, measure_many or one_at_a_time(measure_latency))
+                model, example, cfg, round_to, stages, counted_target, measure_many or one_at_a_time(measure_latency),
+                "macs" if kind == "target_macs" else "params")
         pruner = make_pruner(model, example, cfg, round_to, 0.9, MAX_STEPS, stage_ratios)
         outcome.family, outcome.kept_whole = pruner.plan.family, pruner.plan.kept_whole
         # Fine-tune at checkpoints along the way (four per configured step of the 40), not after each

@@ -20,6 +20,11 @@ from .models import count_macs, count_params
 from .prune import MAX_STEPS, LatencyFn, ManyLatencyFn, make_pruner
 
 FAST, SLOW = 0.9, 0.4  # a favoured stage's channel ratio at the end of the schedule, and the others'
+# Channel counts move in steps of round_to, so on narrow layers (DenseNet's 32-channel convolutions)
+# one pruning step can overshoot the target by a lot. Pruning further than asked buys speed with
+# accuracy the target did not give up, so only candidates that kept within this share of the least
+# pruned one's MACs (params) compete on latency.
+NEAR_TARGET = 0.95
 
 
 def candidates(stages: list[str]) -> dict[str, dict[str, float] | None]:
@@ -32,9 +37,11 @@ def candidates(stages: list[str]) -> dict[str, dict[str, float] | None]:
 
 
 def search(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: int | None, stages: list[str],
-           reached: Callable[[int, int], bool], measure_many: ManyLatencyFn) -> tuple[dict[str, float] | None, list[dict]]:
+           reached: Callable[[int, int], bool], measure_many: ManyLatencyFn,
+           counted: str = "macs") -> tuple[dict[str, float] | None, list[dict]]:
     """Prune a copy of `model` under each candidate allocation until `reached(params, macs)`, time the
-    results together, and return (the fastest allocation's stage ratios, one report row per candidate)."""
+    results together, and return (the stage ratios of the fastest allocation near the target, one
+    report row per candidate). `counted` ("macs" or "params") is what the target counts."""
     shape = tuple(example.shape[1:])
     # The criterion decides which channels go, not how many: magnitude stands in for one that needs data.
     sim_cfg = cfg.model_copy(update={"criterion": "l2"}) if cfg.criterion == "taylor" else cfg
@@ -58,8 +65,11 @@ def search(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: 
     timed = measure_many(pruned)
     for name, (latency, reference) in timed.items():
         rows[name].update(latency_ms=round(latency, 4), speedup=round(reference / latency, 3))
-    best = min(timed, key=lambda n: (timed[n][0] / timed[n][1], n != "uniform"))
+    closest = max(rows[n][counted] for n in timed)
+    near = [n for n in timed if rows[n][counted] >= NEAR_TARGET * closest]
+    best = min(near, key=lambda n: (timed[n][0] / timed[n][1], n != "uniform"))
     for name, row in rows.items():
+        row["near_target"] = name in near
         row["chosen"] = name == best
     return plans[best], list(rows.values())
 

@@ -103,7 +103,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     """Prune `model` (fine-tuning with KD from its unpruned self) or reload a stored result."""
     cfg, splits = ctx.config, ctx.splits
     p = cfg.prune
-    key = ctx.key("prune-v3", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
+    key = ctx.key("prune-v4", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
                   ctx.profile.round_to, ctx.profile.name, ctx.threads)
     out = ctx.stage_dir("prune")
     hit = ctx.cached("prune", key)

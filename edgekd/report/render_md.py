@@ -178,6 +178,8 @@ def _prune(report: dict) -> list[str]:
         table = Table(["Allocation", "Params", "MACs", "Latency", "Speedup"])
         for r in search:
             name = f"**{r.get('allocation')}** (chosen)" if r.get("chosen") else str(r.get("allocation"))
+            if r.get("near_target") is False:
+                name += " (pruned past the target: not compared)"
             table.rows.append([Cell(name), figure(r, "params", fmt_count), figure(r, "macs", fmt_count),
                                figure(r, "latency_ms", fmt_ms), figure(r, "speedup", fmt_ratio)])
         out += ["", "<details><summary>Where to prune: allocations timed on the target</summary>", ""]

@@ -61,8 +61,10 @@ def test_target_macs_with_kd_recovery_steps_and_resume(tmp_path, teacher):
     assert {r["allocation"] for r in search} >= {"uniform", "favour features.0"}
     chosen = [r for r in search if r["chosen"]]
     assert len(chosen) == 1 and all(r["latency_ms"] > 0 for r in search)
+    assert chosen[0]["near_target"]
     assert chosen[0]["latency_ms"] / chosen[0]["speedup"] == pytest.approx(min(r["latency_ms"] / r["speedup"]
-                                                                               for r in search), rel=0.01)
+                                                                               for r in search if r["near_target"]),
+                                                                           rel=0.01)
     assert chosen[0]["macs"] == m["after"]["macs"] and chosen[0]["params"] == m["after"]["params"]
     assert not list((ctx.run_dir / "prune" / "probe").glob("candidate-*"))
     teacher_acc, _ = evaluate(teacher, ctx.splits.val)
@@ -171,6 +173,25 @@ def test_a_macs_target_runs_the_allocation_that_measured_fastest():
     # the real run reaches exactly the shapes the search timed
     assert out.after["macs"] == rows["favour features.4"]["macs"]
     assert model.features[4][0].out_channels == rows["favour features.4"]["latency_ms"]
+
+
+def test_candidates_pruned_past_the_target_do_not_compete():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10)
+    base = count_macs(model, SHAPE)
+
+    def macs_clock(m):  # fewer MACs, less time: the most pruned candidate is the fastest
+        return float(count_macs(m, SHAPE)), float(base)
+
+    model, out = prune(model, SHAPE, PruneConfig(target_macs=0.5), 10, 8, measure_latency=macs_clock)
+    rows = out.allocation_search
+    closest = max(r["macs"] for r in rows)
+    assert all(r["near_target"] == (r["macs"] >= 0.95 * closest) for r in rows)
+    assert not all(r["near_target"] for r in rows)  # some overshot the target in this setting
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["near_target"] and chosen["macs"] == min(r["macs"] for r in rows if r["near_target"])
+    assert chosen["macs"] > min(r["macs"] for r in rows)  # the overall fastest went too far
+    assert out.after["macs"] == chosen["macs"] <= 0.5 * base
 
 
 def test_latency_target_without_a_measurement_is_an_error():

@@ -140,9 +140,12 @@ def test_prune_allocation_search_is_tabled_with_the_chosen_one_marked(report):
         {"allocation": "uniform", "stage_ratios": None, "steps": 12, "params": 5727858, "macs": 17848890,
          "latency_ms": 0.597, "speedup": 1.498, "chosen": False},
         {"allocation": "favour layer3", "stage_ratios": {"layer3": 0.9}, "steps": 24, "params": 5252762,
-         "macs": 18152970, "latency_ms": 0.4386, "speedup": 2.039, "chosen": True}]
+         "macs": 18152970, "latency_ms": 0.4386, "speedup": 2.039, "chosen": True, "near_target": True},
+        {"allocation": "favour layer1", "stage_ratios": {"layer1": 0.9}, "steps": 26, "params": 5000000,
+         "macs": 16543810, "latency_ms": 0.42, "speedup": 2.1, "chosen": False, "near_target": False}]
     md = render_markdown(report)
     assert "Where to prune: allocations timed on the target" in md
     row = next(line for line in md.splitlines() if "favour layer3" in line)
     assert "(chosen)" in row and "0.439 ms" in row and "2.04×" in row and "5.25 M" in row
     assert "(chosen)" not in next(line for line in md.splitlines() if line.startswith("| uniform"))
+    assert "pruned past the target: not compared" in next(line for line in md.splitlines() if "favour layer1" in line)
