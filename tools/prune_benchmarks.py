@@ -3,6 +3,7 @@
 
     python tools/prune_benchmarks.py half-macs [--out DIR] [--threads N ...] [--rounds 20] [--set prune.KEY=VALUE]
     python tools/prune_benchmarks.py archs [--out DIR] [--archs resnet18 vit_b_16 ...]
+    python tools/prune_benchmarks.py step-time [--arch densenet121] [--size 224] [--steps 3] [--rounds 2]
 
 half-macs: the embedded default's teacher (ResNet-18, trained once and cached) pruned to half its MACs
 with KD fine-tuning (`student.model: teacher`, `stages: [prune]`, `prune.target_macs: 0.5`). The
@@ -13,6 +14,10 @@ and the accuracies come from report.json (ONNX Runtime on the held-out test spli
 archs: every torchvision family from random initial weights through `stages: [prune, quantize]`
 (`prune.ratio`, no fine-tuning, 64x64 inputs; vit_b_16 at its 224x224), with params and MACs removed
 and the chosen artifact's measured latency from report.json.
+
+step-time: seconds per pruning step with torch-pruning's own concat index mapping and with edgekd's
+linear-time one (edgekd/prune_concat.py), in interleaved rounds on the same model, and whether the two
+pruned models are identical.
 """
 from __future__ import annotations
 
@@ -147,6 +152,45 @@ def archs(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def step_time(args: argparse.Namespace) -> int:
+    import copy
+    import statistics
+
+    import torch
+
+    import edgekd.prune as prune_mod
+    from edgekd.config import PruneConfig
+    from edgekd.models import build_model
+
+    torch.manual_seed(0)
+    base = build_model(f"torchvision:{args.arch}", 10).eval()
+    example = torch.zeros(1, 3, args.size, args.size)
+    linear = prune_mod.fast_patches
+    per_step: dict[str, list[float]] = {"torch-pruning": [], "edgekd": []}
+    states: dict[str, dict] = {}
+    try:
+        for r in range(args.rounds):
+            for name in (("edgekd", "torch-pruning") if r % 2 == 0 else ("torch-pruning", "edgekd")):
+                prune_mod.fast_patches = linear if name == "edgekd" else list
+                model = copy.deepcopy(base)
+                pruner = prune_mod.make_pruner(model, example, PruneConfig(), None, 0.9, prune_mod.MAX_STEPS)
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    pruner.step()
+                per_step[name].append((time.perf_counter() - t) / args.steps)
+                states[name] = model.state_dict()
+    finally:
+        prune_mod.fast_patches = linear
+    a, b = states["edgekd"], states["torch-pruning"]
+    same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    print(f"{args.arch} at {args.size}x{args.size}, {args.steps} steps x {args.rounds} interleaved rounds")
+    for name, v in per_step.items():
+        print(f"  {name} concat mapping: median {med[name]:.3f} s/step ({', '.join(f'{x:.3f}' for x in v)})")
+    print(f"  ratio: {med['torch-pruning'] / med['edgekd']:.2f}x; pruned models identical: {same}")
+    return 0 if same else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -158,12 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("archs", help="every family through prune and quantize")
     a.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
     a.add_argument("--ratio", type=float, default=0.35)
+    t = sub.add_parser("step-time", help="seconds per pruning step, torch-pruning's concat mapping vs edgekd's")
+    t.add_argument("--arch", default="densenet121", choices=ARCHS)
+    t.add_argument("--size", type=int, default=224)
+    t.add_argument("--steps", type=int, default=3)
+    t.add_argument("--rounds", type=int, default=2)
     for p in (h, a):
         p.add_argument("--out", default="runs/prune-benchmarks")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="extra config, e.g. prune.latency_guided=true")
     args = ap.parse_args(argv)
-    return half_macs(args) if args.what == "half-macs" else archs(args)
+    return {"half-macs": half_macs, "archs": archs, "step-time": step_time}[args.what](args)
 
 
 if __name__ == "__main__":
