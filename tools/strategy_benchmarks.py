@@ -1,5 +1,6 @@
 """Each distillation strategy against plain KD at an equal training budget on the embedded default
-(torchvision resnet18 teacher trained once and cached, small_cnn student, digits at 32x32).
+(torchvision resnet18 teacher trained once and cached, the default student or --student, digits at
+32x32).
 
 Equal budget means the same number of optimizer steps for the student: every strategy gets
 --steps (default: the embedded default's distill.epochs over the training split); born_again splits
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     kd = results.get("kd", {}).get("accuracy")
     teacher_acc = next(iter(results.values()))["teacher_accuracy"] if results else None
     lines = [f"Embedded default: teacher {cfg.teacher.model} ({teacher_acc:.2f}% test, ONNX Runtime; "
-             f"{info['source'].split(',')[0]}), student {cfg.student.model}, digits "
+             f"{info['source'].split(',')[0]}), student {args.student or cfg.student.model}, digits "
              f"{cfg.data.image_size}x{cfg.data.image_size}, {len(splits.train)} training / {len(splits.test)} "
              f"test images, {steps} student optimizer steps each, {args.threads} torch thread(s), "
              f"seed {cfg.seed}.", "",
