@@ -3,8 +3,10 @@ DistributedDataParallel wrapper, a teacher-logit cache computed once by rank 0, 
 
     torchrun --nproc_per_node 2 -m edgekd.distill.ddp --config my.yaml --out runs/ddp
 
-which trains the distill stage's student on every rank and writes, from rank 0, OUT/model.pt
-(a state_dict) and OUT/metrics.json. `train()` uses DDP by itself whenever a process group is up."""
+which trains the distill stage's student (plain KD or distill.strategy) on every rank and writes, from rank 0, OUT/model.pt
+(a state_dict) and OUT/metrics.json. `train()` uses DDP by itself whenever a process group is up, and
+so does the strategies' shared loop (`strategies.common.fit`, with `average_gradients` and
+`broadcast_buffers`), so every distill.strategy runs data-parallel too."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +76,42 @@ def mean_over_ranks(total: float, count: int) -> float:
     return float(t[0] / t[1].clamp_min(1))
 
 
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """What DistributedDataParallel does after backward, for loops that drive several modules through
+    their own loss: each gradient becomes its mean over the ranks. A parameter that no rank gave a
+    gradient keeps none (the optimizer skips it, as in one process)."""
+    import torch.distributed as dist
+
+    world = rank_and_world()[1]
+    if world == 1 or not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has)
+    used = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
+    if not used:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in used])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in used:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
+
+
+def broadcast_buffers(modules: list[nn.Module]) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank, as DistributedDataParallel keeps
+    them, so that all ranks evaluate, and choose their best epoch on, the same model."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return
+    for m in modules:
+        for b in m.buffers():
+            dist.broadcast(b, src=0)
+
+
 def shared_cache(teacher: nn.Module, views: list[torch.Tensor], topk: int | None = None,
                  device: torch.device | None = None):
     """A TeacherLogitCache computed once (on `device` when given): rank 0 runs the teacher and stores the
@@ -117,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher, _ = get_teacher(ctx)
     torch.manual_seed(cfg.seed)
     student = student_from(cfg.student.model, teacher, ctx.splits.num_classes)
-    student, metrics, _ = distill_student(ctx, teacher, student)
+    if cfg.distill.strategy == "kd":
+        student, metrics, _ = distill_student(ctx, teacher, student)
+    else:  # trained data-parallel by the strategies' shared loop, measured on each rank's own run folder
+        from .strategies import run_strategy
+
+        student, metrics = run_strategy(ctx, teacher, student, "")
     if rank == 0:
         with atomic_path(out / "model.pt") as tmp:
             torch.save(student.state_dict(), tmp)

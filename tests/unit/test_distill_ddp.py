@@ -80,3 +80,59 @@ def test_mixed_precision_only_on_gpu():
     assert autocast_dtype("fp32", gpu) is None
     assert resolve_device("cpu") == cpu
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fit_two(bn: bool):
+    """The strategies' shared loop on two modules (a student and a peer, as mutual learning has), with
+    a per-sample target looked up by index, as the teacher-logit table is."""
+    from edgekd.distill.strategies.common import fit
+
+    ds, val, _, student = _setup(False)
+    torch.manual_seed(1)
+    peer = nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.BatchNorm1d(16) if bn else nn.Identity(), nn.ReLU(),
+                         nn.Linear(16, 4))
+    soft = torch.softmax(torch.randn(len(ds), 4, generator=torch.Generator().manual_seed(2)), 1)
+
+    def loss_fn(step, xb, yb, idx, draw):
+        a, b = student(xb), peer(xb)
+        kl = nn.functional.kl_div(torch.log_softmax(a, 1), soft[idx], reduction="batchmean")
+        mutual = nn.functional.kl_div(torch.log_softmax(b, 1), torch.softmax(a.detach(), 1), reduction="batchmean")
+        return nn.functional.cross_entropy(a, yb) + kl + nn.functional.cross_entropy(b, yb) + mutual
+
+    views = [ds.x, ds.x + 0.1]
+    res = fit([student, peer], loss_fn, ds, val, watch={"student": student, "peer": peer}, views=views,
+              steps=STEPS_EPOCHS * 4, lr=5e-3, seed=0, batch_size=BATCH)
+    return student, peer, res
+
+
+def _fit_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        saved = {}
+        for bn in (False, True):
+            student, peer, res = _fit_two(bn)
+            saved[f"bn={bn}"] = {"student": student.state_dict(), "peer": peer.state_dict(),
+                                 "steps": torch.tensor(res.steps), "loss": torch.tensor(res.curve[-1]["loss"])}
+        torch.save(saved, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_strategy_loop_two_gloo_processes_match_one_process(tmp_path):
+    out = tmp_path / "fit.pt"
+    mp.spawn(_fit_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
+    # every rank ends with the same weights and buffers, BatchNorm included (rank 0's statistics)
+    for bn in (False, True):
+        for name in ("student", "peer"):
+            a, b = ranks[0][f"bn={bn}"][name], ranks[1][f"bn={bn}"][name]
+            assert all(torch.equal(a[k], b[k]) for k in a), (bn, name)
+    # without BatchNorm, two half batches with averaged gradients are one process's global batch
+    student, peer, single = _fit_two(False)
+    got = ranks[0]["bn=False"]
+    assert int(got["steps"]) == single.steps == STEPS_EPOCHS * 4
+    for name, model in (("student", student), ("peer", peer)):
+        for k, v in model.state_dict().items():
+            assert torch.allclose(got[name][k], v, atol=1e-5, rtol=1e-5), (name, k)
+    assert abs(float(got["loss"]) - single.curve[-1]["loss"]) < 1e-4

@@ -66,8 +66,14 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
 
     Each epoch visits the samples in a seeded order, taking epoch e's inputs from augmentation draw
     e mod len(views); after each epoch every watched model is scored on `val_set`, and each ends
-    with its best-validation weights (ties go to the lower validation loss)."""
-    progress = progress or NullProgress()
+    with its best-validation weights (ties go to the lower validation loss).
+
+    Under torchrun each global batch is split across the ranks; gradients are averaged over them and
+    rank 0's buffers shared after every step, as DistributedDataParallel does."""
+    from .. import ddp
+
+    rank, world = ddp.rank_and_world()
+    progress = (progress or NullProgress()) if rank == 0 else NullProgress()
     dev = device or torch.device("cpu")
     torch.manual_seed(seed)
     params = list({id(p): p for m in trainable for p in m.parameters() if p.requires_grad}.values())
@@ -97,18 +103,24 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
                 if step >= steps:
                     break
                 idx = order[i:i + batch_size]
+                if world > 1:
+                    if len(idx) < world:
+                        continue  # every rank skips alike: they share the order
+                    idx = idx[rank::world]
                 xb, yb = views[draw][idx].to(dev), train_set.y[idx].to(dev)
                 loss = loss_fn(step, xb, yb, idx, draw)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                ddp.average_gradients(params)
                 opt.step()
+                ddp.broadcast_buffers(trainable)
                 sched.step()
                 step += 1
                 loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
                 bar.advance()
             result.epoch_seconds.append(time.perf_counter() - t0)
-            row: dict = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5),
+            row: dict = {"epoch": epoch + 1, "loss": round(ddp.mean_over_ranks(loss_sum, seen), 5),
                          "seconds": round(result.epoch_seconds[-1], 4)}
             for name, model in watch.items():
                 acc, vloss = evaluate(model, val_set)
