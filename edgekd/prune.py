@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +54,8 @@ class PruneOutcome:
 # (latency of the model in ms, latency of the unpruned model measured alongside in ms)
 LatencyFn = Callable[[nn.Module], tuple[float, float]]
 # the same for several models timed together: {name: model} -> {name: (latency, unpruned latency)}
-ManyLatencyFn = Callable[[dict[str, nn.Module]], dict[str, tuple[float, float]]]
+# several (name, model) pairs, consumed one at a time so that only one torch copy lives at once
+ManyLatencyFn = Callable[[Iterable[tuple[str, nn.Module]]], dict[str, tuple[float, float]]]
 
 
 def _importance(criterion: str):

@@ -10,7 +10,7 @@ pruned shapes found here are the shapes the real run reaches (under global pruni
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,24 +45,28 @@ def search(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: 
     shape = tuple(example.shape[1:])
     # The criterion decides which channels go, not how many: magnitude stands in for one that needs data.
     sim_cfg = cfg.model_copy(update={"criterion": "l2"}) if cfg.criterion == "taylor" else cfg
-    pruned: dict[str, nn.Module] = {}
     rows: dict[str, dict] = {}
     plans = candidates(stages)
-    for name, ratios in plans.items():
-        trial = copy.deepcopy(model).eval()
-        for p in trial.parameters():
-            p.requires_grad_(True)
-        pruner = make_pruner(trial, example, sim_cfg, round_to, 0.9, MAX_STEPS, ratios)
-        for step in range(1, MAX_STEPS + 1):
-            pruner.step()
-            params, macs = count_params(trial), count_macs(trial, shape)
-            if reached(params, macs):
-                pruned[name] = trial
-                rows[name] = {"allocation": name, "stage_ratios": ratios, "steps": step, "params": params, "macs": macs}
-                break
-    if not pruned:
+
+    def pruned() -> Iterator[tuple[str, nn.Module]]:  # one copy at a time, handed on to be timed
+        for name, ratios in plans.items():
+            trial = copy.deepcopy(model).eval()
+            for p in trial.parameters():
+                p.requires_grad_(True)
+            pruner = make_pruner(trial, example, sim_cfg, round_to, 0.9, MAX_STEPS, ratios)
+            for step in range(1, MAX_STEPS + 1):
+                pruner.step()
+                params, macs = count_params(trial), count_macs(trial, shape)
+                if reached(params, macs):
+                    rows[name] = {"allocation": name, "stage_ratios": ratios, "steps": step, "params": params,
+                                  "macs": macs}
+                    yield name, trial
+                    break
+            del trial, pruner
+
+    timed = measure_many(pruned())
+    if not timed:
         return None, []
-    timed = measure_many(pruned)
     for name, (latency, reference) in timed.items():
         rows[name].update(latency_ms=round(latency, 4), speedup=round(reference / latency, 3))
     closest = max(rows[n][counted] for n in timed)
@@ -76,4 +80,4 @@ def search(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, round_to: 
 
 def one_at_a_time(measure: LatencyFn) -> ManyLatencyFn:
     """A ManyLatencyFn from a single-model measurement (each candidate timed beside its own reference)."""
-    return lambda models: {name: measure(m) for name, m in models.items()}
+    return lambda models: {name: measure(m) for name, m in models}

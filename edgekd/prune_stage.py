@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -62,27 +63,29 @@ class LatencyProbe:
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         """(p50 latency of `model`, p50 latency of the unpruned model) in ms, measured side by side."""
-        return self.many({"candidate": model})["candidate"]
+        return self.many([("candidate", model)])["candidate"]
 
-    def many(self, models: dict[str, nn.Module]) -> dict[str, tuple[float, float]]:
+    def many(self, models: Iterable[tuple[str, nn.Module]]) -> dict[str, tuple[float, float]]:
         """{name: (p50 latency, p50 of the unpruned model)} in ms for several models timed in the same
-        interleaved rounds (the unpruned model's p50 is the same for all)."""
+        interleaved rounds (the unpruned model's p50 is the same for all). Each model is exported and
+        loaded on the runtime as it comes, and let go before the next one is taken."""
         from .bench.harness import interleaved
 
-        self.count += len(models)
         runners = {}
         try:
-            for i, (name, model) in enumerate(models.items()):
-                runners[name] = self._load(model, f"candidate-{i}")
+            for name, model in models:
+                runners[name] = self._load(model, f"candidate-{len(runners)}")
+                del model
+            self.count += len(runners)
             fns = {"\0reference": self.reference.infer, **{n: r.infer for n, r in runners.items()}}
             times = interleaved(fns, self.sample, PROBE_WARMUP, self.iterations, PROBE_ROUNDS)
         finally:
             for r in runners.values():
                 r.close()
-            for i in range(len(models)):  # exported only to be timed
+            for i in range(len(runners) + 1):  # exported only to be timed (the last one perhaps half-way)
                 shutil.rmtree(self.dir / f"candidate-{i}", ignore_errors=True)
         ref = float(np.median(times["\0reference"]))
-        return {n: (float(np.median(times[n])), ref) for n in models}
+        return {n: (float(np.median(times[n])), ref) for n in runners}
 
     def close(self) -> None:
         self.reference.close()
