@@ -53,8 +53,7 @@ class PruneOutcome:
 
 # (latency of the model in ms, latency of the unpruned model measured alongside in ms)
 LatencyFn = Callable[[nn.Module], tuple[float, float]]
-# the same for several models timed together: {name: model} -> {name: (latency, unpruned latency)}
-# several (name, model) pairs, consumed one at a time so that only one torch copy lives at once
+# several models timed together: (name, model) pairs, taken one at a time -> {name: (latency, unpruned)}
 ManyLatencyFn = Callable[[Iterable[tuple[str, nn.Module]]], dict[str, tuple[float, float]]]
 
 
