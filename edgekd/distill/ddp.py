@@ -4,9 +4,9 @@ DistributedDataParallel wrapper, a teacher-logit cache computed once by rank 0, 
     torchrun --nproc_per_node 2 -m edgekd.distill.ddp --config my.yaml --out runs/ddp
 
 which trains the distill stage's student (plain KD or distill.strategy) on every rank and writes,
-from rank 0, OUT/model.pt (a state_dict) and OUT/metrics.json. `train()` uses DDP by itself whenever a process group is up, and
-so does the strategies' shared loop (`strategies.common.fit`, with `average_gradients` and
-`broadcast_buffers`), so every distill.strategy runs data-parallel too."""
+from rank 0, OUT/model.pt (a state_dict) and OUT/metrics.json. `train()` uses DDP by itself whenever
+a process group is up, and so does the strategies' shared loop (`strategies.common.fit`, with
+`average_gradients` and `broadcast_buffers`), so every distill.strategy runs data-parallel too."""
 from __future__ import annotations
 
 import argparse
