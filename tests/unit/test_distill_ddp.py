@@ -82,7 +82,7 @@ def test_mixed_precision_only_on_gpu():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _fit_two(bn: bool):
+def _fit_two(bn: bool, precision: str = "fp32"):
     """The strategies' shared loop on two modules (a student and a peer, as mutual learning has), with
     a per-sample target looked up by index, as the teacher-logit table is."""
     from edgekd.distill.strategies.common import fit
@@ -101,7 +101,7 @@ def _fit_two(bn: bool):
 
     views = [ds.x, ds.x + 0.1]
     res = fit([student, peer], loss_fn, ds, val, watch={"student": student, "peer": peer}, views=views,
-              steps=STEPS_EPOCHS * 4, lr=5e-3, seed=0, batch_size=BATCH)
+              steps=STEPS_EPOCHS * 4, lr=5e-3, seed=0, batch_size=BATCH, precision=precision)
     return student, peer, res
 
 
@@ -136,3 +136,10 @@ def test_strategy_loop_two_gloo_processes_match_one_process(tmp_path):
         for k, v in model.state_dict().items():
             assert torch.allclose(got[name][k], v, atol=1e-5, rtol=1e-5), (name, k)
     assert abs(float(got["loss"]) - single.curve[-1]["loss"]) < 1e-4
+
+
+def test_strategy_loop_asks_for_autocast_only_on_gpu():
+    student, _, res = _fit_two(False, precision="bf16")
+    assert res.precision == "fp32"  # no autocast on the CPU: the same weights as an fp32 run
+    again, _, _ = _fit_two(False, precision="fp32")
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values(), strict=True))

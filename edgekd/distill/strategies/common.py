@@ -7,6 +7,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from ...data import ArrayDataset, Splits
 from ...progress import NullProgress, Progress
 from ...runs import atomic_path
 from ..cache import TeacherLogitCache
-from ..trainer import AUG_DRAWS, augmented_views, evaluate, resolve_device
+from ..trainer import AUG_DRAWS, augmented_views, autocast_dtype, evaluate, resolve_device
 
 # loss(step, inputs, labels, sample indices, augmentation draw) -> scalar loss
 StepLoss = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -56,12 +57,13 @@ class LoopResult:
     epoch_seconds: list[float] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
 
 
 def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, val_set: ArrayDataset, *,
         watch: Mapping[str, nn.Module], views: list[torch.Tensor], steps: int, lr: float, seed: int,
         batch_size: int, progress: Progress | None = None, label: str = "training",
-        device: torch.device | None = None) -> LoopResult:
+        device: torch.device | None = None, precision: str = "fp32") -> LoopResult:
     """Train the parameters of `trainable` (AdamW, one-cycle schedule) for `steps` steps of `loss_fn`.
 
     Each epoch visits the samples in a seeded order, taking epoch e's inputs from augmentation draw
@@ -69,7 +71,9 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
     with its best-validation weights (ties go to the lower validation loss).
 
     Under torchrun each global batch is split across the ranks; gradients are averaged over them and
-    rank 0's buffers shared after every step, as DistributedDataParallel does."""
+    rank 0's buffers shared after every step, as DistributedDataParallel does. On GPU, `precision`
+    (distill.precision) runs the forward passes and losses under bf16/fp16 autocast, fp16 with a
+    gradient scaler; on the CPU training stays in fp32."""
     from .. import ddp
 
     rank, world = ddp.rank_and_world()
@@ -86,6 +90,9 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
     if steps <= 0:  # nothing to train: the watched models are scored as they are
         result.best = {name: evaluate(model.to("cpu"), val_set)[0] for name, model in watch.items()}
         return result
+    amp = autocast_dtype(precision, dev)
+    result.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
@@ -108,11 +115,18 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
                         continue  # every rank skips alike: they share the order
                     idx = idx[rank::world]
                 xb, yb = views[draw][idx].to(dev), train_set.y[idx].to(dev)
-                loss = loss_fn(step, xb, yb, idx, draw)
+                with torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext():
+                    loss = loss_fn(step, xb, yb, idx, draw)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                ddp.average_gradients(params)
-                opt.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    ddp.average_gradients(params)  # scaled, as DDP does: every rank then sees the same infs
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    ddp.average_gradients(params)
+                    opt.step()
                 ddp.broadcast_buffers(trainable)
                 sched.step()
                 step += 1
@@ -183,4 +197,4 @@ def finish(ctx: RunContext, teacher: nn.Module, student: nn.Module, metrics: dic
 def loop_metrics(strategy: str, res: LoopResult, **extra: object) -> dict:
     """The stage metrics every strategy reports about its training run."""
     return {"strategy": strategy, "steps": res.steps, "epoch_seconds": [round(s, 4) for s in res.epoch_seconds],
-            "curve": res.curve, **extra}
+            "curve": res.curve, "precision": res.precision, **extra}

@@ -141,7 +141,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     steps = total_steps(d.steps, d.epochs, len(kd_set), cfg.data.batch_size)
     res = fit([student], loss_fn, kd_set, splits.val, watch={"student": student}, views=views, steps=steps, lr=d.lr,
               seed=cfg.seed, batch_size=cfg.data.batch_size, progress=ctx.progress,
-              label="distilling ViT student (DeiT token)", device=device_of(ctx))
+              label="distilling ViT student (DeiT token)", device=device_of(ctx),
+              precision=ctx.config.distill.precision)
     head_acc = _head_accuracies(student, splits.val.x, splits.val.y)
     metrics = loop_metrics("deit", res, temperature=d.temperature, alpha=d.alpha, distillation=opts.distillation,
                            val_accuracy_torch=res.best["student"], heads_val_accuracy_torch=head_acc,

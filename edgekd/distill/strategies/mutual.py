@@ -50,7 +50,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     res = fit([student, peer], loss_fn, kd_set, splits.val, watch={"student": student, "peer": peer},
               views=transfer_views(ctx, kd_set), steps=steps, lr=d.lr, seed=cfg.seed,
               batch_size=cfg.data.batch_size, progress=ctx.progress, label="mutual learning (two students)",
-              device=device_of(ctx))
+              device=device_of(ctx),
+              precision=ctx.config.distill.precision)
     peer_acc, _ = onnx_logits(ctx, peer.eval(), "peer")
     metrics = loop_metrics("mutual", res, temperature=d.temperature, alpha=d.alpha,
                            val_accuracy_torch=res.best["student"],

@@ -79,7 +79,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
 
     res = fit([student], loss_fn, kd_set, splits.val, watch={"student": student}, views=views, steps=steps, lr=d.lr,
               seed=cfg.seed, batch_size=cfg.data.batch_size, progress=ctx.progress,
-              label="distilling student (progressive)", device=device_of(ctx))
+              label="distilling student (progressive)", device=device_of(ctx),
+              precision=ctx.config.distill.precision)
     metrics = loop_metrics("progressive", res, schedule=schedule_table(steps, opts, d.alpha, d.temperature),
                            anneal=opts.anneal if opts.temperature_start is not None else None,
                            val_accuracy_torch=res.best["student"], teacher_cache_seconds=round(cache.seconds, 3))

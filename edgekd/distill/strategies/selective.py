@@ -76,7 +76,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     steps = total_steps(d.steps, d.epochs, len(kd_set), cfg.data.batch_size)
     res = fit([student], loss_fn, kd_set, splits.val, watch={"student": student}, views=views, steps=steps, lr=d.lr,
               seed=cfg.seed, batch_size=cfg.data.batch_size, progress=ctx.progress,
-              label="distilling student (selective)", device=device_of(ctx))
+              label="distilling student (selective)", device=device_of(ctx),
+              precision=ctx.config.distill.precision)
     seen = max(counts["soft"] + counts["hard"], 1)
     metrics = loop_metrics("selective", res, temperature=d.temperature, threshold=opts.threshold,
                            require_correct=opts.require_correct, soft_target_share=round(counts["soft"] / seen, 4),

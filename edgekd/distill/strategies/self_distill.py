@@ -92,7 +92,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
     try:
         res = fit([net], loss_fn, kd_set, splits.val, watch={"student": student}, views=views, steps=steps, lr=d.lr,
                   seed=cfg.seed, batch_size=cfg.data.batch_size, progress=ctx.progress,
-                  label="self-distilling student", device=device_of(ctx))
+                  label="self-distilling student", device=device_of(ctx),
+                  precision=ctx.config.distill.precision)
         exit_acc = _exit_accuracies(net, splits.val.x, splits.val.y)
     finally:
         student = net.detach_student()
