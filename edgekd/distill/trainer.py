@@ -116,6 +116,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> report
+
+
 def warn_if_near_uniform(cache: TeacherLogitCache, temperature: float, progress: Progress) -> float:
     """Mean normalised entropy of the soft targets at `temperature`; warns when close to log C."""
     ratio = soft_target_entropy(cache.all_logits(0), temperature)
@@ -176,7 +179,7 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
     trainable.to(dev)
     net = ddp.wrap(trainable, dev) if world > 1 else trainable
     amp = autocast_dtype(precision, dev)
-    result.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    result.precision = PRECISION_NAMES[amp]
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     opt = torch.optim.AdamW(trainable.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.15)

@@ -19,7 +19,7 @@ from ...data import ArrayDataset, Splits
 from ...progress import NullProgress, Progress
 from ...runs import atomic_path
 from ..cache import TeacherLogitCache
-from ..trainer import AUG_DRAWS, augmented_views, autocast_dtype, evaluate, resolve_device
+from ..trainer import AUG_DRAWS, PRECISION_NAMES, augmented_views, autocast_dtype, evaluate, resolve_device
 
 # loss(step, inputs, labels, sample indices, augmentation draw) -> scalar loss
 StepLoss = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -91,7 +91,7 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
         result.best = {name: evaluate(model.to("cpu"), val_set)[0] for name, model in watch.items()}
         return result
     amp = autocast_dtype(precision, dev)
-    result.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    result.precision = PRECISION_NAMES[amp]
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
