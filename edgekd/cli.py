@@ -37,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     t = sub.add_parser("targets", help="list target profiles and their aliases")
     t.add_argument("--debug", action="store_true")
-    from .arm.sysroot import add_parser as add_arm_parser
     from .bench.cli import add_parser as add_bench_parser
+    from .bench.sysroot import add_parser as add_arm_parser
     from .report.cli import add_parsers as add_report_parsers
 
     add_bench_parser(sub)
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from .profiles import list_profiles
+    from .config.profiles import list_profiles
 
     rows = [("NAME", "ALIASES", "BACKEND", "DEVICE", "ARCH", "PRECISIONS", "LATENCY MEASURED")]
     for p in list_profiles():
@@ -64,7 +64,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .config import load_config
     from .pipeline import Pipeline
     from .progress import NullProgress, RichProgress
-    from .summary import print_summary
+    from .report.summary import print_summary
 
     cfg = load_config(args.config, {"seed": args.seed})
     progress = NullProgress() if args.quiet or not sys.stderr.isatty() and os.environ.get("CI") else RichProgress()

@@ -11,8 +11,8 @@ from typing import Any
 
 from ._version import __version__
 from .config import Config, to_dict
+from .config.profiles import Profile
 from .data import Splits
-from .profiles import Profile
 from .progress import NullProgress, Progress
 from .runs import hash_obj, write_json
 

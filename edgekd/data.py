@@ -213,3 +213,12 @@ def load_npz(path: str | Path, what: str, need_labels: bool = False) -> tuple[np
             raise DataError(f"{what} {p}: array 'y' has dtype {y.dtype}; expected integer labels")
         y = y.astype(np.int64)
     return x, y
+
+
+def transfer_set(splits: Splits) -> ArrayDataset:
+    """What distillation trains on: the training split (unlabeled samples carry -1) plus data.unlabeled_root."""
+    if splits.unlabeled is None or len(splits.unlabeled) == 0:
+        return splits.train
+    x = torch.cat([splits.train.x, splits.unlabeled.x]).numpy()
+    y = torch.cat([splits.train.y, splits.unlabeled.y]).numpy()
+    return ArrayDataset(x, y)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Artifact, get_backend
+from .backends.base import Source
+from .bench.measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr_db
 from .context import RunContext
-from .measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr_db
 
 
 @dataclass
@@ -23,15 +24,6 @@ class Candidate:
     latency: dict | None = None
     logits: np.ndarray | None = None
     not_measured: dict = field(default_factory=dict)
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class Source:
-    """A model to compile as candidate: its precision, the file (ONNX, or an OpenVINO IR), a label."""
-
-    precision: str
-    path: Path
     label: str = ""
 
 

@@ -1,6 +1,8 @@
-"""torch -> ONNX export, onnx.checker, and parity of the ONNX model against PyTorch."""
+"""torch -> ONNX export, onnx.checker, and what a runtime on this host says of the export: parity against
+PyTorch and accuracy. The one place that opens a session on this host (through the backend interface)."""
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from collections.abc import Iterator
@@ -11,6 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backends.base import Runner
+from .bench.measure import accuracy_of, predict
+from .config.profiles import Profile
+from .context import RunContext
 from .errors import ModelError, StageError
 from .runs import atomic_path
 
@@ -103,3 +109,34 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "max_abs_diff": float(np.abs(reference - candidate).max()),
         "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean() * 100),
     }
+
+
+def host_session(path: Path, threads: int | None, profile: Profile | None = None, precision: str = "fp32") -> Runner:
+    """A session on this host for the model file at `path`, through the backend interface: the profile's
+    backend when it runs here (ONNX Runtime, OpenVINO), else ONNX Runtime's CPU provider."""
+    from .backends import Artifact, get_backend
+    from .config.profiles import load_profile
+
+    if profile is None or profile.backend not in ("onnxruntime", "openvino"):
+        profile = load_profile("cpu")
+    backend = get_backend(profile.backend)
+    return backend.load(Artifact(Path(path), backend.name, precision), profile, threads)
+
+
+def onnx_accuracy(ctx: RunContext, model: nn.Module | None, path: Path, x: np.ndarray, y: np.ndarray
+                  ) -> tuple[float, np.ndarray]:
+    """Export `model` to `path` (replacing any older file) and measure top-1 accuracy with ONNX Runtime."""
+    if model is not None:
+        export_onnx(copy.deepcopy(model).eval(), tuple(x.shape[1:]), path, ctx.profile.opset)
+    logits = host_predict(path, x, ctx.threads)
+    return accuracy_of(logits, y), logits
+
+
+def host_predict(path: Path, x: np.ndarray, threads: int | None, profile: Profile | None = None,
+                 precision: str = "fp32") -> np.ndarray:
+    """Logits of the model at `path` on `x`, from a host session that is closed afterwards."""
+    runner = host_session(path, threads, profile, precision)
+    try:
+        return predict(runner, x)
+    finally:
+        runner.close()

@@ -1,45 +1,28 @@
 """The pipeline: runs the chosen stages in order and owns the run directory, caching and resume."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import reporting
+from .backends.base import Artifact, Source
 from .config import Config
+from .config.profiles import load_profile
 from .context import RunContext, usable_cores
 from .data import build_splits, load_npz
-from .deploy import Source, choose, compile_all, measure_all
+from .deploy import Candidate, choose, compile_all, measure_all
 from .errors import BadInputError, StageError
-from .export import check_onnx_file, export_onnx, parity, torch_logits
+from .export import check_onnx_file, export_onnx, host_predict, parity, torch_logits
 from .models import count_macs, count_params, student_from
-from .profiles import Profile, load_profile
 from .progress import NullProgress, Progress
 from .quantize.calibration import stratified_sample
 from .quantize.sensitivity import Validation
-from .runs import ensure_writable_dir, hash_arrays, write_json, write_npz
-
-
-def default_run_dir(config: Config, profile: Profile, root: Path = Path("runs")) -> Path:
-    """runs/<name>-<target>-<timestamp>/, or the newest unfinished run of the same config (resume)."""
-    stem = f"{config.name}-{profile.name}"
-    cfg_key = reporting.config_key(config, profile)
-    if root.is_dir():
-        for d in sorted(root.glob(f"{stem}-*"), reverse=True):
-            meta = d / ".edgekd-run.json"
-            if meta.is_file() and not (d / "report.json").exists():
-                try:
-                    if json.loads(meta.read_text()).get("config_key") == cfg_key:
-                        return d
-                except ValueError:
-                    continue
-    return root / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+from .report import assemble
+from .runs import config_key, default_run_dir, ensure_writable_dir, hash_arrays, write_json, write_npz
 
 
 class Pipeline:
@@ -61,6 +44,7 @@ class Pipeline:
         self.verify_arm = verify_arm or config.verify_arm or self.profile.verify_arm
         self.trust_checkpoint = trust_checkpoint
         self.progress = progress or NullProgress()
+        self.teacher_artifact: Artifact | None = None
         if (self.model_onnx is None) != (self.calib_data is None):
             raise BadInputError("--model and --calib-data go together (the ONNX entry needs both)")
 
@@ -69,8 +53,8 @@ class Pipeline:
         """Run every stage and return the report (also written as run_dir/report.json, last)."""
         if self.verify_arm:
             # Fail (or build the cached aarch64 sysroot, once) before minutes of training.
-            from .arm.emulate import check_profile
-            from .arm.sysroot import build_sysroot
+            from .bench.emulate import check_profile
+            from .bench.sysroot import build_sysroot
 
             check_profile(self.profile)
             build_sysroot(log=self.progress.note)
@@ -81,37 +65,38 @@ class Pipeline:
             (run_dir / "report.json").unlink()  # a new run in the same folder: the old verdict no longer holds
         threads = self.config.bench.threads or self.profile.threads or usable_cores()
         ctx = RunContext(self.config, self.profile, run_dir, self.progress, threads=threads)
-        write_json(run_dir / ".edgekd-run.json", {"config_key": reporting.config_key(self.config, self.profile)})
+        write_json(run_dir / ".edgekd-run.json", {"config_key": config_key(self.config, self.profile)})
         torch.set_num_threads(usable_cores())
         try:
-            report = self._onnx_entry(ctx) if self.model_onnx else self._torch_entry(ctx)
+            report, chosen = self._onnx_entry(ctx) if self.model_onnx else self._torch_entry(ctx)
         except BadInputError:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         if self.hosts:
-            from .boards import bench_on_boards
+            from .bench.boards import bench_on_boards
 
-            bench_on_boards(ctx, report, self.hosts, self.ssh_config, self.remote_python)
+            results, teacher_results = bench_on_boards(ctx, chosen.artifact, self.teacher_artifact, self.hosts,
+                                                       self.ssh_config, self.remote_python)
+            assemble.apply_boards(report, results, teacher_results)
         if self.verify_arm:
-            self._verify_arm(ctx, report)
-        return reporting.finish(ctx, report, self.hosts)
+            assemble.apply_arm(report, self._verify_arm(ctx, chosen.artifact))
+        return assemble.finish(ctx, report, self.hosts)
 
-    def _verify_arm(self, ctx: RunContext, report: dict) -> None:
+    def _verify_arm(self, ctx: RunContext, artifact: Artifact) -> dict:
         """Evaluate the final artifact on the aarch64 runtime under emulation (accuracy only, never latency)."""
-        from .arm.emulate import apply_to_report, verify_arm
+        from .bench.emulate import verify_arm
 
         with ctx.progress.task("verifying on ARM kernels (emulated)", None):
-            result = verify_arm(ctx.run_dir, ctx.run_dir / report["final"]["artifact"], ctx.run_dir / "eval.npz",
-                                profile=ctx.profile, threads=ctx.threads)
-        apply_to_report(report, result)
+            return verify_arm(ctx.run_dir, artifact.path, ctx.run_dir / "eval.npz", profile=ctx.profile,
+                              threads=ctx.threads)
 
     # ---------------------------------------------------------------- entries
-    def _torch_entry(self, ctx: RunContext) -> dict:
+    def _torch_entry(self, ctx: RunContext) -> tuple[dict, Candidate]:
         cfg = self.config
         splits = build_splits(cfg.data, cfg.seed)
         ctx.splits = splits
-        from .teacher import get_teacher
+        from .distill.teacher import get_teacher
 
         teacher, tinfo = get_teacher(ctx, self.trust_checkpoint)
         run = ctx.run_dir
@@ -127,7 +112,7 @@ class Pipeline:
                                     if p.dtype.is_floating_point])
         export_onnx(teacher, shape, run / "teacher.fp32.onnx", self.profile.opset)
         teacher_logits_torch = torch_logits(teacher, eval_x)
-        stages.append(reporting.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
+        stages.append(assemble.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
                                             extra={"source": tinfo["source"]}))
 
         torch.manual_seed(cfg.seed)
@@ -136,22 +121,21 @@ class Pipeline:
         if "distill" in cfg.stages:
             model, entry = self._distill(ctx, teacher, model, teacher_key)
             upstream = entry.pop("_key")
-            stages.append(reporting.model_entry(ctx, "distill", model, ctx.stage_dir("distill") / "model.onnx",
+            stages.append(assemble.model_entry(ctx, "distill", model, ctx.stage_dir("distill") / "model.onnx",
                                                 eval_x, eval_y, extra=entry, teacher_logits=teacher_logits_torch))
         if "prune" in cfg.stages:
             model, entry = self._prune(ctx, teacher, model, upstream)
-            stages.append(reporting.model_entry(ctx, "prune", model, ctx.stage_dir("prune") / "model.onnx",
+            stages.append(assemble.model_entry(ctx, "prune", model, ctx.stage_dir("prune") / "model.onnx",
                                                 eval_x, eval_y, extra=entry))
         fp32 = run / "model.fp32.onnx"
         t0 = time.perf_counter()
         export_onnx(model, shape, fp32, self.profile.opset)
         stages.append(self._parity(ctx, model, fp32, eval_x, time.perf_counter() - t0))
-        report = reporting.skeleton(ctx, splits.description, splits)
-        report["teacher"] = reporting.teacher_block(stages[0], tinfo)
+        report = assemble.skeleton(ctx, splits.description, splits, teacher=assemble.teacher_block(stages[0], tinfo))
         final_model_counts = {"params": count_params(model), "macs": count_macs(model, shape)}
         return self._deploy(ctx, report, stages, fp32, eval_x, eval_y, final_model_counts)
 
-    def _onnx_entry(self, ctx: RunContext) -> dict:
+    def _onnx_entry(self, ctx: RunContext) -> tuple[dict, Candidate]:
         run = ctx.run_dir
         _, dims = check_onnx_file(self.model_onnx)  # type: ignore[arg-type]
         calib_x, _ = load_npz(self.calib_data, "calibration data")  # type: ignore[arg-type]
@@ -168,31 +152,36 @@ class Pipeline:
             if eval_x.shape[1:] != calib_x.shape[1:]:
                 raise BadInputError(f"eval data {self.eval_data}: 'x' has shape {eval_x.shape}, calibration has "
                                     f"{calib_x.shape}")
-        shutil.copyfile(self.model_onnx, run / "model.fp32.onnx")  # type: ignore[arg-type]
-        # A quarter of the calibration inputs (seeded) is held out from calibration: fidelity to FP32 on
-        # them decides the accuracy-aware fallback, and stands in for accuracy when no eval data is given.
-        n_hold = len(calib_x) // 4 if len(calib_x) >= 4 else 0
-        hold = np.sort(np.random.default_rng(self.config.seed).permutation(len(calib_x))[:n_hold])
-        held = calib_x[hold]
-        calib_x = np.delete(calib_x, hold, axis=0)
-        validation = Validation(held, None, f"{n_hold} calibration inputs held out from calibration") \
-            if n_hold else None
+        from .quantize.onnx_input import normalise_onnx, split_inputs
+
+        with ctx.progress.task("reading the ONNX model", None):
+            onnx_input = normalise_onnx(self.model_onnx, run / "model.fp32.onnx", calib_x[:8],  # type: ignore[arg-type]
+                                        ctx.profile.opset)
+        # Validation chooses, test reports: a seeded quarter of the calibration inputs decides the fallback
+        # and the precision choice; without eval data another quarter, never used to choose, is reported.
+        cal_ids, sel_ids, rep_ids = split_inputs(len(calib_x), self.config.seed, hold_report=eval_x is None)
+        selection_source = (f"{len(sel_ids)} calibration inputs held out from calibration for selection, "
+                            "never reported" if len(sel_ids) else
+                            "none: too few calibration inputs to hold any out (no accuracy-aware fallback)")
+        validation = Validation(calib_x[sel_ids], None, selection_source) if len(sel_ids) else None
         if eval_x is None:
-            eval_x = held if n_hold else calib_x
+            eval_x = calib_x[rep_ids] if len(rep_ids) else calib_x[cal_ids]
             write_npz(run / "eval.npz", x=eval_x)
-            eval_source = (f"fidelity to FP32 on {n_hold} calibration inputs held out from calibration" if n_hold
-                           else "fidelity to FP32 on the calibration inputs (too few to hold any out)")
+            eval_source = (f"fidelity to FP32 on {len(rep_ids)} calibration inputs held out from calibration and "
+                           "selection" if len(rep_ids) else
+                           "fidelity to FP32 on the calibration inputs (too few to hold any out)")
         else:
             write_npz(run / "eval.npz", **({"x": eval_x, "y": eval_y} if eval_y is not None else {"x": eval_x}))
             eval_source = f"eval data {self.eval_data}" + ("" if eval_y is not None else " (no labels: fidelity)")
+        calib_x = calib_x[cal_ids]
         write_npz(run / "calib.npz", x=calib_x)
-        report = reporting.skeleton(ctx, f"ONNX entry: {self.model_onnx}", None)
-        report["data"].update({"calibration_inputs": int(len(calib_x)), "held_out_for_fidelity": int(n_hold),
-                               "eval": eval_source})
-        report["teacher"] = {"model": "none (ONNX entry)", "not_measured": "ONNX entry: no PyTorch teacher",
-                             "accuracy": None, "params": None,
-                             "macs": None, "size_bytes": None, "latency_ms": None}
-        return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, reporting.onnx_counts(
+        report = assemble.skeleton(ctx, f"ONNX entry: {self.model_onnx}", None, teacher=dict(assemble.NO_TEACHER),
+                                   data_extra={"calibration_inputs": int(len(calib_x)),
+                                               "held_out_for_fidelity": int(len(rep_ids)), "eval": eval_source,
+                                               "selection": selection_source, "selection_inputs": int(len(sel_ids)),
+                                               "eval_inputs": int(len(eval_x))})
+        report["onnx_input"] = onnx_input
+        return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, assemble.onnx_counts(
             run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)
 
     # ---------------------------------------------------------------- stages
@@ -213,17 +202,13 @@ class Pipeline:
         return student, {**metrics, "_key": key}
 
     def _prune(self, ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: str):
-        from .prune_stage import run_prune
+        from .prune.stage import run_prune
 
         return run_prune(ctx, teacher, model, upstream)
 
     def _parity(self, ctx: RunContext, model: nn.Module, fp32: Path, eval_x: np.ndarray, seconds: float) -> dict:
-        from .backends.onnxruntime import OrtRunner
-        from .measure import predict
-
         ref = torch_logits(model, eval_x)
-        runner = OrtRunner(fp32, ctx.threads, ["CPUExecutionProvider"])
-        got = predict(runner, eval_x)
+        got = host_predict(fp32, eval_x, ctx.threads)
         p = parity(ref, got)
         scale = max(1.0, float(np.abs(ref).max()))
         tol = ctx.profile.tolerances
@@ -236,7 +221,8 @@ class Pipeline:
         return entry
 
     def _deploy(self, ctx: RunContext, report: dict, stages: list[dict], fp32: Path, eval_x: np.ndarray,
-                eval_y: np.ndarray | None, counts: dict, validation: Validation | None = None) -> dict:
+                eval_y: np.ndarray | None, counts: dict, validation: Validation | None = None
+                ) -> tuple[dict, Candidate]:
         run = ctx.run_dir
         sources: dict[str, Source] = {}
         has_teacher = (run / "teacher.fp32.onnx").exists() and not self.model_onnx
@@ -247,7 +233,7 @@ class Pipeline:
             from .quantize.stage import run_quantize
 
             q = run_quantize(ctx, fp32, run / "calib.npz", run / "model.int8.onnx", validation, measured_here)
-            q.entry["calibration"] = {**reporting.calibration_info(ctx, run / "calib.npz"),
+            q.entry["calibration"] = {**assemble.calibration_info(ctx, run / "calib.npz"),
                                       **q.entry.pop("calibration_plan", {})}
             stages.append(q.entry)
             if "int8" in ctx.profile.precisions:
@@ -269,16 +255,8 @@ class Pipeline:
         name, why, measured, reasons = choose(ctx, cands, max_drop, eval_y is not None, measured_here)
         stages.append({"name": "bench", "duration_s": round(time.perf_counter() - t0, 2),
                        "threads": ctx.threads, "measured_on": "host"})
-        for st in stages:
-            if st["name"] == "quantize":
-                st["candidates"] = [{"name": n, "label": c.label, **reporting.candidate_entry(ctx, n, c, n == name),
-                                     "why": reasons.get(n, "")} for n, c in cands.items()]
-                st["choice"] = {"candidate": name, "precision": cands[name].precision, "label": cands[name].label,
-                                "why": why, "measured": measured,
-                                "measured_where": "this host, with the target's runtime" if measured else
-                                "not measured on the board"}
-        report["stages"] = stages
-        reporting.fill_final(ctx, report, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
-        report["final"]["candidate"] = name
-        report["final"]["label"] = cands[name].label
-        return report
+        assemble.record_choice(ctx, stages, cands, name, why, measured, reasons)
+        assemble.set_stages(report, stages)
+        assemble.fill_final(ctx, report, name, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
+        self.teacher_artifact = teacher_c.artifact if teacher_c is not None else None
+        return report, cands[name]

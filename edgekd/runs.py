@@ -1,4 +1,4 @@
-"""Run-directory paths, atomic writes and content hashes for stage cache keys."""
+"""Run-directory paths, atomic writes, content hashes for stage cache keys, and the resume lookup."""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +8,17 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:  # annotations only: the config imports nothing from here at run time
+    from .config import Config
+    from .config.profiles import Profile
 
 
 @contextmanager
@@ -112,3 +117,23 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgekd"
     )
     return Path(root)
+
+
+def default_run_dir(config: Config, profile: Profile, root: Path = Path("runs")) -> Path:
+    """runs/<name>-<target>-<timestamp>/, or the newest unfinished run of the same config (resume)."""
+    stem = f"{config.name}-{profile.name}"
+    cfg_key = config_key(config, profile)
+    if root.is_dir():
+        for d in sorted(root.glob(f"{stem}-*"), reverse=True):
+            meta = d / ".edgekd-run.json"
+            if meta.is_file() and not (d / "report.json").exists():
+                try:
+                    if json.loads(meta.read_text()).get("config_key") == cfg_key:
+                        return d
+                except ValueError:
+                    continue
+    return root / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_key(config: Config, profile: Profile) -> str:
+    return hash_obj(config.model_dump(mode="json"), profile.model_dump(mode="json"))

@@ -4,10 +4,10 @@
     python tools/arm_accuracy.py [RUN_DIR] [--target raspberry-pi-5] [--samples N] [--json OUT]
 
 Each model is evaluated by the device runner twice: on this host's onnxruntime and on the aarch64
-onnxruntime under qemu user-mode emulation of the target's CPU (edgekd.arm). Without RUN_DIR the
+onnxruntime under qemu user-mode emulation of the target's CPU (edgekd.bench.emulate). Without RUN_DIR the
 embedded default is compressed for the target first (runs/arm-accuracy-<target>, reused once it has
 finished). Prints one table row per model; emulation yields no timing, so none is shown.
-Needs the aarch64 sysroot: python -m edgekd.arm.sysroot
+Needs the aarch64 sysroot: python -m edgekd.bench.sysroot
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgekd.arm.emulate import check_profile, check_ready, verify_arm  # noqa: E402
+from edgekd.bench.emulate import check_profile, check_ready, verify_arm  # noqa: E402
+from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.errors import EdgeKDError  # noqa: E402
-from edgekd.profiles import load_profile  # noqa: E402
 
 MODELS = ("model.fp32.onnx", "model.int8.onnx")
 

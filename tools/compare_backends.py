@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgekd.backends import get_backend  # noqa: E402
 from edgekd.bench.harness import summarize, time_inference  # noqa: E402
 from edgekd.config import QuantizeConfig  # noqa: E402
-from edgekd.profiles import load_profile  # noqa: E402
+from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.quantize.nncf_ov import quantize_nncf  # noqa: E402
 from edgekd.quantize.ptq import quantize_qdq  # noqa: E402
 from edgekd.quantize.recipes import resolve  # noqa: E402

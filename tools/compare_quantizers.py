@@ -102,11 +102,11 @@ def compare(args: argparse.Namespace) -> dict:
     from edgekd.backends import get_backend
     from edgekd.backends.onnxruntime import OrtRunner
     from edgekd.backends.openvino import OpenVinoRunner
+    from edgekd.bench.measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr_db
     from edgekd.config import load_config
+    from edgekd.config.profiles import load_profile
     from edgekd.context import usable_cores
-    from edgekd.measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr_db
     from edgekd.pipeline import Pipeline
-    from edgekd.profiles import load_profile
     from edgekd.quantize.nncf_ov import quantize_nncf
     from edgekd.quantize.ptq import quantize_ort_default
 

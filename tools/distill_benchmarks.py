@@ -89,10 +89,10 @@ def default_teacher_checkpoint(out: Path, teacher_epochs: int | None = None) -> 
     """The embedded default's teacher (trained on the fully labeled training split), as a state_dict file."""
     import torch
 
+    from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext
     from edgekd.data import build_splits
-    from edgekd.profiles import load_profile
-    from edgekd.teacher import get_teacher
+    from edgekd.distill.teacher import get_teacher
 
     cfg = from_dict({**_teacher(teacher_epochs), "data": _merged({}).get("data", {})})
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
@@ -121,13 +121,13 @@ def part_c(out: Path, rounds: int, teacher_epochs: int | None = None) -> dict:
 
     import torch
 
+    from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext
     from edgekd.data import build_splits
     from edgekd.distill.cache import TeacherLogitCache
+    from edgekd.distill.teacher import get_teacher
     from edgekd.distill.trainer import augmented_views, kd_draws, train
     from edgekd.models import build_model
-    from edgekd.profiles import load_profile
-    from edgekd.teacher import get_teacher
 
     cfg = from_dict(_merged(_teacher(teacher_epochs)))
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")

@@ -16,7 +16,7 @@ archs: every torchvision family from random initial weights through `stages: [pr
 and the chosen artifact's measured latency from report.json.
 
 step-time: seconds per pruning step with torch-pruning's own concat index mapping and with edgekd's
-linear-time one (edgekd/prune_concat.py), in interleaved rounds on the same model, and whether the two
+linear-time one (edgekd/prune/concat.py), in interleaved rounds on the same model, and whether the two
 pruned models are identical.
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ def step_time(args: argparse.Namespace) -> int:
 
     import torch
 
-    import edgekd.prune as prune_mod
+    import edgekd.prune.pruner as prune_mod
     from edgekd.config import PruneConfig
     from edgekd.models import build_model
 

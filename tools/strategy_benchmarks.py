@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from edgekd.config import STRATEGIES, load_config  # noqa: E402
+from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.context import RunContext  # noqa: E402
 from edgekd.data import build_splits  # noqa: E402
 from edgekd.models import student_from  # noqa: E402
-from edgekd.profiles import load_profile  # noqa: E402
 
 
 def _notes(name: str, m: dict) -> str:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(None)
     splits = build_splits(cfg.data, cfg.seed)
     steps = args.steps or cfg.distill.epochs * math.ceil(len(splits.train) / cfg.data.batch_size)
-    from edgekd.teacher import get_teacher
+    from edgekd.distill.teacher import get_teacher
 
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher", threads=1)
     ctx.splits = splits

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.profiles import Profile
 from ..errors import ModelError, StageError
-from ..profiles import Profile
 
 
 @dataclass
@@ -91,3 +91,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def versions(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model to compile as candidate: its precision, the file (ONNX, or an OpenVINO IR), a label."""
+
+    precision: str
+    path: Path
+    label: str = ""

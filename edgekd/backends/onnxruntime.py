@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.profiles import Profile
 from ..errors import ModelError
-from ..profiles import Profile
 from .base import Artifact, Backend, Runner
 
 

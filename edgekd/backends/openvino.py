@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.profiles import Profile
 from ..errors import ModelError, StageError
-from ..profiles import Profile
 from .base import Artifact, Backend, Runner
 
 # Devices that take a list of devices after a colon (AUTO:GPU,CPU); the list is what must exist.

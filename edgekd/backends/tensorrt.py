@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.profiles import Profile
 from ..errors import ModelError, StageError
-from ..profiles import Profile
 from ..runs import atomic_path, write_text
 from .base import Artifact, Backend, Runner
 
@@ -52,7 +52,7 @@ def check_symmetric_int8(path: Path) -> int:
     import onnx
     from onnx import numpy_helper
 
-    from ..quantize.ptq import zero_points
+    from .tensorrt import zero_points
 
     qdq = ("QuantizeLinear", "DequantizeLinear")
     model = onnx.load(str(path), load_external_data=False)
@@ -265,3 +265,17 @@ class TensorRtBackend(Backend):
 
 
 BACKEND = TensorRtBackend()
+
+
+def zero_points(path: Path) -> list[int]:
+    """Every zero-point value of the Q/DQ nodes in a model (TensorRT needs them all 0)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    out: list[int] = []
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            out.extend(int(v) for v in inits[n.input[2]].ravel())
+    return out

@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_STAGE_FAILED, BadInputError, EdgeKDError, ModelError
-from ..profiles import Profile, load_profile
-from .harness import artifact_size_bytes, bench_local
+from ..config.profiles import Profile, load_profile
+from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_STAGE_FAILED, BadInputError, EdgeKDError
+from .harness import artifact_size_bytes, bench_local, resolve_artifact
 from .remote import bench_hosts
 
 EPILOG = "exit codes: 0 done, 2 bad input (artifact, data, arguments), 3 a board or the runtime failed"
@@ -40,40 +40,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
     return p
-
-
-def resolve_artifact(path: Path) -> tuple[Path, list[Path]]:
-    """(the model file to load, every file a board needs): .onnx plus its external data, .xml plus
-    its .bin, or the one model in a directory."""
-    if path.is_dir():
-        found = sorted(path.glob("*.xml")) or sorted(p for p in path.glob("*.onnx")
-                                                     if not p.name.endswith(".source.onnx"))
-        if len(found) != 1:
-            names = ", ".join(p.name for p in found) or "none"
-            raise BadInputError(f"bench: {path} must hold exactly one .xml or .onnx model (found: {names}); "
-                                "name the file instead")
-        path = found[0]
-    if not path.is_file():
-        raise ModelError(f"bench: artifact {path} does not exist")
-    if path.suffix.lower() == ".xml":
-        weights = path.with_suffix(".bin")
-        if not weights.is_file():
-            raise ModelError(f"bench: OpenVINO IR {path} has no weights file {weights.name} beside it")
-        return path, [path, weights]
-    if path.suffix.lower() != ".onnx":
-        raise BadInputError(f"bench: {path} is neither an ONNX model (.onnx) nor an OpenVINO IR (.xml)")
-    return path, [path, *_external_data(path)]
-
-
-def _external_data(path: Path) -> list[Path]:
-    try:
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - a corrupt file is reported by the runner, with exit 2
-        return []
-    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    return [path.parent / n for n in sorted(names) if (path.parent / n).is_file()]
 
 
 def _check(args: argparse.Namespace) -> None:

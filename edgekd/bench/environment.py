@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 
 from .._version import __version__
-from ..profiles import Profile
+from ..config.profiles import Profile
 from .runner import capture_environment, usable_cores
 
 __all__ = ["capture", "runtime_versions", "capture_environment"]

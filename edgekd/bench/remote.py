@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config.profiles import Profile
 from ..errors import BadInputError, BoardError, EdgeKDError, ModelError
-from ..profiles import Profile
 from .harness import runner_arguments, runner_backend, runner_path
 from .runner import EXIT_BAD_INPUT
 
@@ -179,10 +179,10 @@ def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile
 
 
 def bench_host(host: str, files: list[Path], model_name: str, profile: Profile, **options) -> dict:
-    """One host: a board over SSH, or `emulate:ARCH` (handed to edgekd.arm.emulate)."""
+    """One host: a board over SSH, or `emulate:ARCH` (handed to edgekd.bench.emulate)."""
     if host.startswith("emulate:"):
         try:
-            from ..arm.emulate import bench_emulated
+            from .emulate import bench_emulated
         except ImportError as e:
             raise BadInputError(f"--host {host}: emulated benchmarks are not available in this install ({e})") from None
         options = {k: v for k, v in options.items() if k not in ("ssh_config", "remote_python")}

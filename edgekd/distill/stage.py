@@ -6,16 +6,15 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..context import RunContext
-from ..data import ArrayDataset, Splits
+from ..data import transfer_set
+from ..export import onnx_accuracy
 from ..runs import atomic_path
-from . import ddp
+from . import parallel
 from .sweep import run_sweep, sweep_grid
 from .trainer import TrainResult, augmented_views, kd_draws, resolve_device, train
 
@@ -25,15 +24,6 @@ def distill_key(ctx: RunContext, teacher_key: str, student_spec: str) -> str:
     cfg = ctx.config
     return ctx.key("distill-v2", teacher_key, student_spec, cfg.distill.model_dump(mode="json"),
                    cfg.data.model_dump(mode="json"))
-
-
-def transfer_set(splits: Splits) -> ArrayDataset:
-    """What distillation trains on: the training split (unlabeled samples carry -1) plus data.unlabeled_root."""
-    if splits.unlabeled is None or len(splits.unlabeled) == 0:
-        return splits.train
-    x = torch.cat([splits.train.x, splits.unlabeled.x]).numpy()
-    y = torch.cat([splits.train.y, splits.unlabeled.y]).numpy()
-    return ArrayDataset(x, y)
 
 
 def _secs(values: list[float]) -> list[float]:
@@ -57,7 +47,7 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
     draws = kd_draws(kd_set.x)  # the no-KD twin gets as many
     views = augmented_views(kd_set.x, cfg.seed, draws, cfg.data.augment)
     device = resolve_device(d.device)
-    cache = ddp.shared_cache(teacher, views, topk=d.cache_topk, device=device) if needs_teacher else None
+    cache = parallel.shared_cache(teacher, views, topk=d.cache_topk, device=device) if needs_teacher else None
     common = dict(lr=d.lr, seed=cfg.seed, batch_size=cfg.data.batch_size, teacher=teacher, augment=cfg.data.augment,
                   cache=cache, views=views, progress=ctx.progress, losses=d.loss_weights(),
                   feature_layers=d.layer_pairs(), device=device, precision=d.precision)
@@ -117,20 +107,6 @@ def _per_sample_epoch(res: TrainResult) -> float | None:
     if len(full) > 1:
         full = full[:-1]
     return statistics.median(full) / max(res.samples, 1) if full else None
-
-
-def onnx_accuracy(ctx: RunContext, model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray
-                  ) -> tuple[float, np.ndarray]:
-    """Export `model` to `path` (replacing any older file) and measure top-1 accuracy with ONNX Runtime."""
-    from ..backends.onnxruntime import OrtRunner
-    from ..export import export_onnx
-    from ..measure import accuracy_of, predict
-
-    if model is not None:
-        export_onnx(copy.deepcopy(model).eval(), tuple(x.shape[1:]), path, ctx.profile.opset)
-    runner = OrtRunner(path, ctx.threads, ["CPUExecutionProvider"])
-    logits = predict(runner, x)
-    return accuracy_of(logits, y), logits
 
 
 def gap_recovered(kd: float, base: float, teacher: float) -> float | None:

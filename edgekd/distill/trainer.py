@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import ArrayDataset, augment_batch
 from ..progress import NullProgress, Progress
-from . import ddp
+from . import parallel
 from .cache import TeacherLogitCache, frozen
 from .features import FeatureTap, StudentWithAdapters
 from .losses import FEATURE_LOSSES, combined_loss, soft_target_entropy
@@ -103,7 +103,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        return torch.device("cuda", ddp.local_rank() % max(1, torch.cuda.device_count()))
+        return torch.device("cuda", parallel.local_rank() % max(1, torch.cuda.device_count()))
     return torch.device(device)
 
 
@@ -144,7 +144,7 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
     the number of optimizer steps (epochs are then derived from it); otherwise epochs * ceil(n / batch).
     Under torchrun each global batch is split across the ranks (DistributedDataParallel), so the
     result matches a single-process run up to floating-point reduction order."""
-    rank, world = ddp.rank_and_world()
+    rank, world = parallel.rank_and_world()
     progress = (progress or NullProgress()) if rank == 0 else NullProgress()
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -157,7 +157,7 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
         return TrainResult(val_accuracy=acc, val_loss=loss)
     views = cache.views if cache is not None else views or augmented_views(train_set.x, seed, AUG_DRAWS, augment)
     if use_kd and cache is None:
-        cache = ddp.shared_cache(teacher, views, topk=cache_topk)  # type: ignore[arg-type]
+        cache = parallel.shared_cache(teacher, views, topk=cache_topk)  # type: ignore[arg-type]
     pool = torch.arange(n) if use_kd else torch.nonzero(train_set.y >= 0).flatten()
     if len(pool) == 0:
         raise ValueError("no labeled training samples")
@@ -177,7 +177,7 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
                                         [t for _, t in feature_pairs], views[0][:2].to(dev))
         teacher_tap = FeatureTap(teacher, [t for _, t in feature_pairs], "distill.feature_layers.teacher")  # type: ignore[arg-type]
     trainable.to(dev)
-    net = ddp.wrap(trainable, dev) if world > 1 else trainable
+    net = parallel.wrap(trainable, dev) if world > 1 else trainable
     amp = autocast_dtype(precision, dev)
     result.precision = PRECISION_NAMES[amp]
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
@@ -237,7 +237,7 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 result.epoch_seconds.append(time.perf_counter() - t0)
-                epoch_loss = ddp.mean_over_ranks(float(loss_sum), seen)
+                epoch_loss = parallel.mean_over_ranks(float(loss_sum), seen)
                 acc, vloss = evaluate(model, val_set)
                 result.curve.append({"epoch": epoch + 1, "loss": round(epoch_loss, 5), "val_accuracy": acc,
                                      "val_loss": round(vloss, 5), "seconds": round(result.epoch_seconds[-1], 4)})

@@ -175,16 +175,3 @@ def quantize_ort_default(fp32_path: Path, out_path: Path, calib_path: Path) -> P
                         NpzCalibrationReader(calib_path, input_name(fp32_path), CALIBRATION_BATCH))
     return out_path
 
-
-def zero_points(path: Path) -> list[int]:
-    """Every zero-point value of the Q/DQ nodes in a model (TensorRT needs them all 0)."""
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.load(str(path))
-    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    out: list[int] = []
-    for n in m.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            out.extend(int(v) for v in inits[n.input[2]].ravel())
-    return out

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import QuantizeConfig
-from ..profiles import Profile
+from ..config.profiles import Profile
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..measure import accuracy_of, agreement_of
+from ..bench.measure import accuracy_of, agreement_of
 
 SENSITIVITY_SAMPLES = 8
 MAX_KEPT_FRACTION = 0.25  # past this, INT8 would keep too little integer compute to be worth it

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.base import Source
+from ..backends.onnxruntime import providers_for
+from ..backends.tensorrt import zero_points
 from ..context import RunContext
-from ..deploy import Source
 from ..errors import DataError, StageError
-from ..measure import predict
+from ..export import host_predict, host_session
 from .calibration import npz_shape
 from .candidates import int8_specs
-from .ptq import calibrate, preprocess, quantize_with_ranges, zero_points
+from .ptq import calibrate, preprocess, quantize_with_ranges
 from .recipes import Recipe, resolve
 from .sensitivity import Validation, fallback, sensitivity_table
 
@@ -33,36 +35,19 @@ def evaluator(ctx: RunContext, x: np.ndarray) -> tuple[Callable[[Path], np.ndarr
     this host (OpenVINO for intel-cpu, ONNX Runtime otherwise), and a label saying which runtime."""
     prof = ctx.profile
     if prof.backend == "openvino":
-        from ..backends import get_backend
+        label = f"openvino {prof.device} on this host"
+    else:
+        providers = providers_for(prof) if prof.backend == "onnxruntime" else ["CPUExecutionProvider"]
+        label = f"onnxruntime {'/'.join(providers)} on this host"
+        if prof.backend != "onnxruntime":
+            label += f" (standing in for {prof.backend}, which does not run here)"
+        elif not prof.host_matches_arch():
+            label += f" (x86 kernels standing in for the {prof.arch} board's)"
 
-        get_backend("openvino")  # a missing runtime is a clear error naming the extra
-        from ..backends.openvino import OpenVinoRunner
+    def run(path: Path) -> np.ndarray:
+        return host_predict(path, x, ctx.threads, prof, "int8")
 
-        def run_ov(path: Path) -> np.ndarray:
-            runner = OpenVinoRunner(path, prof.device, "int8", ctx.threads)
-            try:
-                return predict(runner, x)
-            finally:
-                runner.close()
-
-        return run_ov, f"openvino {prof.device} on this host"
-    from ..backends.onnxruntime import OrtRunner, providers_for
-
-    providers = providers_for(prof) if prof.backend == "onnxruntime" else ["CPUExecutionProvider"]
-    label = f"onnxruntime {'/'.join(providers)} on this host"
-    if prof.backend != "onnxruntime":
-        label += f" (standing in for {prof.backend}, which does not run here)"
-    elif not prof.host_matches_arch():
-        label += f" (x86 kernels standing in for the {prof.arch} board's)"
-
-    def run_ort(path: Path) -> np.ndarray:
-        runner = OrtRunner(path, ctx.threads, providers)
-        try:
-            return predict(runner, x)
-        finally:
-            runner.close()
-
-    return run_ort, label
+    return run, label
 
 
 def _sensitivity(ctx: RunContext, fp32_path: Path, src: Path, ranges: Path, recipe: Recipe, out_path: Path,
@@ -92,9 +77,7 @@ def _alternative(ctx: RunContext, quantizer: str, src: Path, fp32_path: Path, ca
     if quantizer == "qoperator":
         path = quantize_with_ranges(src, sd / "model.int8.qoperator.onnx", ranges, recipe, fmt="qoperator",
                                     nodes_to_exclude=kept)
-        from ..backends.onnxruntime import OrtRunner
-
-        OrtRunner(path, 1, ["CPUExecutionProvider"]).close()  # ORT rejects some QOperator graphs
+        host_session(path, 1).close()  # ORT rejects some QOperator graphs
         return path
     from .nncf_ov import quantize_nncf
 

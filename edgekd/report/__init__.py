@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from .gate import GateResult, apply_gates, evaluate, print_gate_table, write_junit
-from .render import render_html, render_markdown, write_html, write_markdown
 from .schema import SCHEMA_VERSION, load_report, validate_report
+from .to_html import render_html, write_html
+from .to_markdown import render_markdown, write_markdown
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -141,7 +141,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from .render import write_html, write_markdown
+    from .to_html import write_html
+    from .to_markdown import write_markdown
 
     out = Path(args.out)
     fmt = args.format or {".md": "md", ".html": "html", ".htm": "html"}.get(out.suffix.lower())

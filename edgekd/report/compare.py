@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .render import (
+from .tables import (
     ABSENT,
     NOT_MEASURED,
     Cell,

@@ -19,8 +19,8 @@ import pytest
 from edgekd.backends import Artifact, Backend, get_backend
 from edgekd.bench.harness import summarize, time_inference
 from edgekd.config import QuantizeConfig
+from edgekd.config.profiles import Profile, load_profile
 from edgekd.errors import EdgeKDError, ModelError
-from edgekd.profiles import Profile, load_profile
 from edgekd.quantize.ptq import quantize_qdq
 from edgekd.quantize.recipes import resolve
 

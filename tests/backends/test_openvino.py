@@ -52,7 +52,7 @@ def test_device_names_accepted():
 
 def test_nncf_int8_on_openvino(tiny_set, tmp_path):
     from edgekd.backends import get_backend
-    from edgekd.profiles import load_profile
+    from edgekd.config.profiles import load_profile
     from edgekd.quantize.nncf_ov import quantize_nncf
 
     xml = quantize_nncf(tiny_set.fp32_onnx, tiny_set.calib_npz, tmp_path / "nncf" / "model.xml", subset_size=32)

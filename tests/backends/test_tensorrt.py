@@ -11,11 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
-from edgekd.backends.tensorrt import NOT_RUNNABLE, tensorrt_status
+from edgekd.backends.tensorrt import NOT_RUNNABLE, tensorrt_status, zero_points
 from edgekd.config import QuantizeConfig
+from edgekd.config.profiles import load_profile
 from edgekd.errors import ModelError, StageError
-from edgekd.profiles import load_profile
-from edgekd.quantize.ptq import quantize_qdq, zero_points
+from edgekd.quantize.ptq import quantize_qdq
 from edgekd.quantize.recipes import resolve
 
 from .conformance import BackendConformance, run_python
@@ -34,7 +34,7 @@ class TestTensorRt(BackendConformance):
         # says why it cannot run here, and load is a stage error naming the way forward.
         code = ("import sys\nsys.modules['tensorrt'] = None\nfrom pathlib import Path\n"
                 "from edgekd.backends import get_backend\nfrom edgekd.errors import EdgeKDError\n"
-                "from edgekd.profiles import load_profile\n"
+                "from edgekd.config.profiles import load_profile\n"
                 "b, p = get_backend('tensorrt'), load_profile('jetson-orin-nano')\n"
                 f"a = b.compile(Path({str(tiny_set.fp32_onnx)!r}), p, Path({str(tmp_path)!r}), 'fp32')\n"
                 "print(a.runnable_here)\nprint(a.not_runnable_reason)\n"

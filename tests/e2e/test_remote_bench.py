@@ -12,8 +12,8 @@ import pytest
 
 from edgekd.bench.harness import bench_local
 from edgekd.bench.remote import bench_hosts, bench_remote, parse_host
+from edgekd.config.profiles import RemoteDefaults, load_profile
 from edgekd.errors import BadInputError, BoardError, ModelError
-from edgekd.profiles import RemoteDefaults, load_profile
 from tests.e2e.sshd import SSHD, free_port, start_sshd
 from tests.unit.test_runner import eval_set, tiny_model
 

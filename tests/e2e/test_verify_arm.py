@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgekd.config.profiles import load_profile
 from edgekd.errors import BadInputError, RuntimeMissingError
-from edgekd.profiles import load_profile
+from edgekd.report.assemble import apply_arm
 from edgekd.runs import cache_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -46,7 +47,7 @@ def sysroot():
     if _install_qemu() is None:
         pytest.skip(f"{QEMU} is not installed and cannot be installed here "
                     "(tools/system_deps.sh installs Debian's qemu-user-static as root)")
-    from edgekd.arm.sysroot import build_sysroot
+    from edgekd.bench.sysroot import build_sysroot
 
     saved = os.environ.get("EDGEKD_CACHE")
     os.environ["EDGEKD_CACHE"] = str(SHARED_CACHE)
@@ -118,7 +119,7 @@ def _latency_figures(node: object, path: str = "") -> list[str]:
 
 
 def test_sysroot_is_cached_and_records_its_versions(shared_cache):
-    from edgekd.arm.sysroot import WHEELS, build_sysroot, load_sysroot, pins_key
+    from edgekd.bench.sysroot import WHEELS, build_sysroot, load_sysroot, pins_key
 
     again = build_sysroot()
     assert again.path == shared_cache.path and again.path.name == f"arm64-sysroot-{pins_key()}"
@@ -130,14 +131,15 @@ def test_sysroot_is_cached_and_records_its_versions(shared_cache):
     assert {"libc6", "python3.11-minimal", "libstdc++6"} <= set(m["debian_packages"])
     assert all(p["version"] and p["arch"] == "arm64" and len(p["sha256"]) == 64 for p in m["debian_packages"].values())
     assert m["qemu"].startswith("qemu-aarch64")
-    r = subprocess.run([sys.executable, "-m", "edgekd.arm.sysroot", "--quiet"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "edgekd.bench.sysroot", "--quiet"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == str(again.path), r.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_verify_arm_matches_x86(shared_cache, models, precision, tmp_path):
-    from edgekd.arm.emulate import apply_to_report, verify_arm
+    from edgekd.bench.emulate import verify_arm
+    from edgekd.report.assemble import apply_arm
 
     assert models["activation_type"] == "int8"  # the Pi recipe: S8S8
     result = verify_arm(tmp_path, models[precision], models["eval"])
@@ -158,7 +160,7 @@ def test_verify_arm_matches_x86(shared_cache, models, precision, tmp_path):
     logits = ort.InferenceSession(str(models[precision]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     report = {"final": {"artifact": models[precision].name, "accuracy": result["accuracy_x86"],
                         "latency_ms": None, "not_measured": {"latency_ms": "measured on the board only"}}}
-    apply_to_report(report, result)
+    apply_arm(report, result)
     final = report["final"]
     assert final["accuracy_arm"] == result["accuracy_arm"] and final["arm_agreement"] == result["arm_agreement"]
     assert final["arm"]["runtime_version_arm"] == result["runtime_version_arm"] and final["arm"]["emulated"] is True
@@ -189,7 +191,7 @@ def test_bench_emulated_cli(shared_cache, models, tmp_path):
 
 
 def test_errors_name_the_fix(tmp_path, monkeypatch):
-    from edgekd.arm import emulate, sysroot
+    from edgekd.bench import emulate, sysroot
 
     profile = load_profile("raspberry-pi-5")
     with pytest.raises(BadInputError, match="emulate:aarch64"):
@@ -204,13 +206,13 @@ def test_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(BadInputError, match="4 x86 predictions"):
         emulate._host_predictions([1, 2, 3, 4], 5, 5)
     report: dict = {"final": {"accuracy": 90.0}}
-    emulate.apply_to_report(report, {"accuracy_arm": None, "arm_agreement": 97.5, "emulated": True,
+    apply_arm(report, {"accuracy_arm": None, "arm_agreement": 97.5, "emulated": True,
                                      "accuracy_not_measured": "eval data has no labels (y)"})
     assert report["final"]["not_measured"] == {"accuracy_arm": "eval data has no labels (y)"}
     assert report["final"]["arm_agreement"] == 97.5 and not _latency_figures(report)
     monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "empty-cache"))
     if shutil.which(QEMU):
-        with pytest.raises(RuntimeMissingError, match="python -m edgekd.arm.sysroot"):
+        with pytest.raises(RuntimeMissingError, match="python -m edgekd.bench.sysroot"):
             sysroot.load_sysroot()
     monkeypatch.setenv("PATH", str(tmp_path))  # no qemu, apt-get or dpkg on PATH
     with pytest.raises(RuntimeMissingError, match="qemu-user-static"):

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from edgekd.config import from_dict
+from edgekd.config.profiles import load_profile
 from edgekd.context import RunContext
 from edgekd.data import build_splits
 from edgekd.distill.stage import distill_student, gap_recovered, run_distill
 from edgekd.distill.trainer import train
 from edgekd.models import build_model
-from edgekd.profiles import load_profile
 
 DATA = {"image_size": 8}
 
@@ -176,7 +176,7 @@ def test_torchrun_entry_point_runs_the_configured_strategy(tmp_path):
 def test_unlabeled_root_joins_the_transfer_set(tmp_path):
     from PIL import Image
 
-    from edgekd.distill.stage import transfer_set
+    from edgekd.data import transfer_set
 
     folder = tmp_path / "site" / "cam1"
     folder.mkdir(parents=True)

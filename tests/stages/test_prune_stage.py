@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from edgekd.config import PruneConfig, from_dict
+from edgekd.config.profiles import load_profile
 from edgekd.context import RunContext
 from edgekd.data import build_splits
 from edgekd.distill.trainer import evaluate, train
 from edgekd.models import build_model, count_macs
-from edgekd.profiles import load_profile
-from edgekd.prune import arch_plan, latency_stages, prune
-from edgekd.prune_stage import LatencyProbe, run_prune
+from edgekd.prune.loop import prune
+from edgekd.prune.pruner import arch_plan, latency_stages
+from edgekd.prune.stage import LatencyProbe, run_prune
 
 DATA = {"image_size": 16}
 

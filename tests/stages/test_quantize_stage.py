@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from edgekd.config import Config, QuantizeConfig
+from edgekd.config.profiles import load_profile
 from edgekd.context import RunContext
-from edgekd.profiles import load_profile
 from edgekd.quantize.sensitivity import Validation
 from edgekd.quantize.stage import run_quantize
 from tests.e2e.test_onnx_entry import smooth_inputs, tiny_onnx

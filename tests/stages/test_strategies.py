@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import from_dict
-from edgekd.config_strategies import ProgressiveOptions
+from edgekd.config.strategies import ProgressiveOptions
 from edgekd.distill.strategies.deit import DistilledViT, deit_loss
 from edgekd.distill.strategies.multi_teacher import TeacherEnsemble, ensemble_soft_target
 from edgekd.distill.strategies.mutual import mutual_losses

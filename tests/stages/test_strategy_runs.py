@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgekd.config import from_dict
+from edgekd.config.profiles import load_profile
 from edgekd.context import RunContext
 from edgekd.data import build_splits
 from edgekd.distill.cache import model_hash
@@ -17,7 +18,6 @@ from edgekd.distill.strategies import born_again, data_free, multi_teacher, prog
 from edgekd.distill.strategies.deit import DistilledViT
 from edgekd.distill.trainer import train
 from edgekd.models import build_model
-from edgekd.profiles import load_profile
 
 pytestmark = pytest.mark.filterwarnings("ignore:distill.*near-uniform")
 

@@ -5,7 +5,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from edgekd.data import ArrayDataset
-from edgekd.distill import ddp
+from edgekd.distill import parallel
 from edgekd.distill.trainer import train
 
 STEPS_EPOCHS, BATCH = 3, 16
@@ -66,9 +66,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_without_a_process_group_it_is_one_rank():
-    assert ddp.rank_and_world() == (0, 1)
-    assert ddp.init_from_env() == (0, 1)  # no torchrun environment: nothing to join
-    assert ddp.mean_over_ranks(6.0, 3) == 2.0
+    assert parallel.rank_and_world() == (0, 1)
+    assert parallel.init_from_env() == (0, 1)  # no torchrun environment: nothing to join
+    assert parallel.mean_over_ranks(6.0, 3) == 2.0
 
 
 def test_mixed_precision_only_on_gpu():

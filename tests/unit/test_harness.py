@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgekd.bench import environment, harness
-from edgekd.profiles import load_profile
+from edgekd.config.profiles import load_profile
 
 
 def test_summarize_matches_the_definitions():

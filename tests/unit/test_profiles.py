@@ -1,7 +1,7 @@
 import pytest
 
+from edgekd.config.profiles import list_profiles, load_profile
 from edgekd.errors import ConfigError
-from edgekd.profiles import list_profiles, load_profile
 
 
 def test_shipped_profiles_and_aliases():

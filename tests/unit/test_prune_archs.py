@@ -20,7 +20,8 @@ from edgekd.config import PruneConfig
 from edgekd.errors import StageError
 from edgekd.export import export_onnx
 from edgekd.models import build_model, count_macs, count_params
-from edgekd.prune import classifier_head, load_pruned, prune, save_pruned
+from edgekd.prune.loop import prune
+from edgekd.prune.pruner import classifier_head, load_pruned, save_pruned
 
 NUM_CLASSES = 10
 

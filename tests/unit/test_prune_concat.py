@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torchvision.models import densenet
 
-import edgekd.prune as prune_mod
+import edgekd.prune.pruner as prune_mod
 from edgekd.config import PruneConfig
-from edgekd.prune import MAX_STEPS, make_pruner
+from edgekd.prune.pruner import MAX_STEPS, make_pruner
 
 
 class _Mixed(nn.Module):

@@ -15,7 +15,8 @@ from edgekd.models import (
     count_params,
     load_state_dict_file,
 )
-from edgekd.prune import load_pruned, prune, save_pruned
+from edgekd.prune.loop import prune
+from edgekd.prune.pruner import load_pruned, save_pruned
 
 
 def test_ratio_pruning_rounds_channels_and_reloads_weights_only():
@@ -49,7 +50,7 @@ def test_export_parity_with_pytorch(tmp_path):
     m = SmallCNN(10).eval()
     path = export_onnx(m, (3, 32, 32), tmp_path / "m.onnx", 17)
     from edgekd.backends.onnxruntime import OrtRunner
-    from edgekd.measure import predict
+    from edgekd.bench.measure import predict
 
     x = np.random.default_rng(0).standard_normal((20, 3, 32, 32)).astype(np.float32)
     p = parity(torch_logits(m, x), predict(OrtRunner(path, 1, ["CPUExecutionProvider"]), x))

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.config import Config, QuantizeConfig
+from edgekd.config.profiles import load_profile
 from edgekd.context import RunContext
 from edgekd.deploy import Candidate, choose, preference
-from edgekd.profiles import load_profile
 from edgekd.quantize.calibration import calibration_plan
 from edgekd.quantize.candidates import int8_specs
 from edgekd.quantize.recipes import resolve

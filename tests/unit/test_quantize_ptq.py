@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
+from edgekd.backends.tensorrt import zero_points
 from edgekd.config import QuantizeConfig
-from edgekd.profiles import load_profile
+from edgekd.config.profiles import load_profile
 from edgekd.quantize.calibration import NpzCalibrationReader
-from edgekd.quantize.ptq import calibrate, preprocess, quantize_with_ranges, zero_points
+from edgekd.quantize.ptq import calibrate, preprocess, quantize_with_ranges
 from edgekd.quantize.recipes import resolve
 from edgekd.quantize.sensitivity import quantized_nodes, sensitivity_table
 from tests.e2e.test_onnx_entry import smooth_inputs, tiny_onnx

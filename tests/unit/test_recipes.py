@@ -1,5 +1,5 @@
 from edgekd.config import QuantizeConfig
-from edgekd.profiles import load_profile
+from edgekd.config.profiles import load_profile
 from edgekd.quantize.recipes import has_vnni, resolve
 
 

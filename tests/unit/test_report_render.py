@@ -149,3 +149,17 @@ def test_prune_allocation_search_is_tabled_with_the_chosen_one_marked(report):
     assert "(chosen)" in row and "0.439 ms" in row and "2.04×" in row and "5.25 M" in row
     assert "(chosen)" not in next(line for line in md.splitlines() if line.startswith("| uniform"))
     assert "pruned past the target: not compared" in next(line for line in md.splitlines() if "favour layer1" in line)
+
+
+def test_render_functions_survive_importing_their_modules(report):
+    # The package's render_html / render_markdown are functions, and stay so after their modules load.
+    import importlib
+
+    import edgekd.report as report_pkg
+
+    first = report_pkg.render_html(report)
+    importlib.import_module("edgekd.report.to_html")
+    importlib.import_module("edgekd.report.to_markdown")
+    second = report_pkg.render_html(report)
+    assert first == second and second.startswith("<!DOCTYPE html>")
+    assert report_pkg.render_markdown(report) == render_markdown(report)

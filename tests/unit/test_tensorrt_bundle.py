@@ -15,7 +15,7 @@ import pytest
 
 from edgekd.backends.tensorrt import BUNDLE_DIR, render_build_script
 from edgekd.backends.tensorrt_bundle import trt_runner
-from edgekd.profiles import load_profile
+from edgekd.config.profiles import load_profile
 
 SHAPE = (1, 3, 4, 4)
 

@@ -16,12 +16,11 @@ import importlib
 
 from torch import nn
 
+from ...config import STRATEGY_MODULES
 from ...context import RunContext
 from ...errors import ConfigError
 
-MODULES = {"multi_teacher": "multi_teacher", "self": "self_distill", "born_again": "born_again",
-           "mutual": "mutual", "deit": "deit", "progressive": "progressive", "selective": "selective",
-           "data_free": "data_free"}
+MODULES = {name: module for name, module in STRATEGY_MODULES.items() if module is not None}
 
 __all__ = ["MODULES", "run_strategy", "student_for"]
 

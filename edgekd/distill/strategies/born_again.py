@@ -31,7 +31,7 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Train the generations in turn; generation k (k >= 1) is distilled from generation k - 1."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

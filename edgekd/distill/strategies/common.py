@@ -39,9 +39,9 @@ def transfer_views(ctx: RunContext, train_set: ArrayDataset) -> list[torch.Tenso
 
 def teacher_cache(ctx: RunContext, teacher: nn.Module, views: list[torch.Tensor]) -> TeacherLogitCache:
     """The frozen teacher's logits for every draw, computed once (or read from the disk cache)."""
-    from .. import ddp
+    from .. import parallel
 
-    return ddp.shared_cache(teacher, views, topk=ctx.config.distill.cache_topk)
+    return parallel.shared_cache(teacher, views, topk=ctx.config.distill.cache_topk)
 
 
 def total_steps(steps: int | None, epochs: int, samples: int, batch_size: int) -> int:
@@ -74,9 +74,9 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
     rank 0's buffers shared after every step, as DistributedDataParallel does. On GPU, `precision`
     (distill.precision) runs the forward passes and losses under bf16/fp16 autocast, fp16 with a
     gradient scaler; on the CPU training stays in fp32."""
-    from .. import ddp
+    from .. import parallel
 
-    rank, world = ddp.rank_and_world()
+    rank, world = parallel.rank_and_world()
     progress = (progress or NullProgress()) if rank == 0 else NullProgress()
     dev = device or torch.device("cpu")
     torch.manual_seed(seed)
@@ -120,21 +120,21 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
-                    ddp.average_gradients(params)  # scaled, as DDP does: every rank then sees the same infs
+                    parallel.average_gradients(params)  # scaled, as DDP does: every rank then sees the same infs
                     scaler.step(opt)
                     scaler.update()
                 else:
                     loss.backward()
-                    ddp.average_gradients(params)
+                    parallel.average_gradients(params)
                     opt.step()
-                ddp.broadcast_buffers(trainable)
+                parallel.broadcast_buffers(trainable)
                 sched.step()
                 step += 1
                 loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
                 bar.advance()
             result.epoch_seconds.append(time.perf_counter() - t0)
-            row: dict = {"epoch": epoch + 1, "loss": round(ddp.mean_over_ranks(loss_sum, seen), 5),
+            row: dict = {"epoch": epoch + 1, "loss": round(parallel.mean_over_ranks(loss_sum, seen), 5),
                          "seconds": round(result.epoch_seconds[-1], 4)}
             for name, model in watch.items():
                 acc, vloss = evaluate(model, val_set)
@@ -161,7 +161,7 @@ def device_of(ctx: RunContext) -> torch.device:
 
 def onnx_logits(ctx: RunContext, model: nn.Module, name: str) -> tuple[float, np.ndarray]:
     """Export `model` as stages/distill/<name>.onnx; its top-1 accuracy (ONNX Runtime) and logits on the test split."""
-    from ..stage import onnx_accuracy
+    from ...export import onnx_accuracy
 
     test = splits_of(ctx).test
     return onnx_accuracy(ctx, model, ctx.stage_dir("distill") / f"{name}.onnx", test.x.numpy(), test.y.numpy())
@@ -170,7 +170,7 @@ def onnx_logits(ctx: RunContext, model: nn.Module, name: str) -> tuple[float, np
 def finish(ctx: RunContext, teacher: nn.Module, student: nn.Module, metrics: dict, started: float) -> dict:
     """Save and measure the returned student like the KD stage does: model.pt, model.onnx, accuracy,
     teacher accuracy and agreement (ONNX Runtime, held-out test split), duration."""
-    from ..stage import onnx_accuracy
+    from ...export import onnx_accuracy
 
     splits = splits_of(ctx)
     out = ctx.stage_dir("distill")

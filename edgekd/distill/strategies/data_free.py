@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import DataConfig
-from ...config_strategies import DataFreeOptions
+from ...config.strategies import DataFreeOptions
 from ...context import RunContext
 from ...data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset
 from ...errors import ConfigError

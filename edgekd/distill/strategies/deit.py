@@ -117,7 +117,7 @@ def deit_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logit
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Train a DistilledViT student against the teacher; returns it (forward = mean of its two heads)."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config_strategies import ExtraTeacher
+from ...config.strategies import ExtraTeacher
 from ...context import RunContext
 from ...errors import ConfigError
 from ...models import apply_checkpoint, build_model, load_state_dict_file
@@ -88,7 +88,7 @@ def extra_teacher(ctx: RunContext, spec: ExtraTeacher, index: int) -> tuple[nn.M
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Distil `student` from the weighted ensemble of the configured teacher and the extra ones."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

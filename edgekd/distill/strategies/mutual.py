@@ -30,7 +30,7 @@ def mutual_losses(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Train `student` and a peer together, each distilling from the other; return `student`."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

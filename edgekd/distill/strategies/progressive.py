@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from ...config_strategies import ProgressiveOptions
+from ...config.strategies import ProgressiveOptions
 from ...context import RunContext
 from ..losses import hinton_kd_loss
 from .common import (
@@ -63,7 +63,7 @@ def schedule_table(total: int, opts: ProgressiveOptions, alpha: float, temperatu
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Distil `student` with the scheduled alpha and temperature."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

@@ -55,7 +55,7 @@ def selective_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Distil `student` with per-sample selection between the teacher's soft target and the label."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

@@ -76,7 +76,7 @@ def self_distill_loss(exit_logits: Sequence[torch.Tensor], labels: torch.Tensor,
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Train `student` with auxiliary exits taught by its deepest exit; return it without them."""
-    from ..stage import transfer_set
+    from ...data import transfer_set
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .context import RunContext
-from .distill.trainer import train
-from .models import apply_checkpoint, build_model, load_state_dict_file
-from .runs import atomic_path, cache_dir, hash_obj
+from ..context import RunContext
+from ..models import apply_checkpoint, build_model, load_state_dict_file
+from ..runs import atomic_path, cache_dir, hash_obj
+from .trainer import train
 
 
 def _cache_path(ctx: RunContext) -> Path:

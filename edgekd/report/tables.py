@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..runs import write_text
 from .gate import GATES, describe_threshold
 from .schema import not_measured_reason
 
@@ -29,30 +27,6 @@ class Table:
 
     headers: list[str]
     rows: list[list[Cell]] = field(default_factory=list)
-
-
-def render_markdown(report: dict) -> str:
-    """report.md's text: ready to paste into a pull-request comment."""
-    from .render_md import markdown
-
-    return markdown(report)
-
-
-def render_html(report: dict) -> str:
-    """report.html's text: one self-contained page with inline SVG plots and no external references."""
-    from .render_html import html_page
-
-    return html_page(report)
-
-
-def write_markdown(report: dict, path: str | Path) -> None:
-    """Write report.md atomically."""
-    write_text(path, render_markdown(report))
-
-
-def write_html(report: dict, path: str | Path) -> None:
-    """Write report.html atomically."""
-    write_text(path, render_html(report))
 
 
 # ---- number formats -------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .context import RunContext
-from .distill.trainer import AUG_DRAWS, TeacherLogitCache, augmented_views, train
-from .models import build_model, student_from
-from .prune import PruneStep, load_pruned, prune, save_pruned
-from .runs import atomic_path
+from ..context import RunContext
+from ..distill.trainer import AUG_DRAWS, TeacherLogitCache, augmented_views, train
+from ..models import build_model, student_from
+from ..runs import atomic_path
+from .loop import PruneStep, prune
+from .pruner import load_pruned, save_pruned
 
 # Each probe: PROBE_ROUNDS interleaved rounds of about PROBE_ROUND_S seconds per model (iterations
 # bounded below and above), so a fast model gets enough samples to see a 5% change through the noise
@@ -37,8 +38,8 @@ class LatencyProbe:
     an x86 host for intel-cpu), else with ONNX Runtime as a stand-in, labelled so in `measured_on`."""
 
     def __init__(self, ctx: RunContext, reference: nn.Module):
-        from .backends import get_backend
-        from .bench.harness import calls_for
+        from ..backends import get_backend
+        from ..bench.harness import calls_for
 
         self.ctx = ctx
         self.here = ctx.profile.measures_here
@@ -53,7 +54,7 @@ class LatencyProbe:
                                     PROBE_MAX_ITERATIONS, PROBE_WARMUP)
 
     def _load(self, model: nn.Module, name: str):
-        from .export import export_onnx
+        from ..export import export_onnx
 
         out = self.dir / name
         onnx_path = export_onnx(copy.deepcopy(model).eval(), self.ctx.splits.input_shape,  # type: ignore[union-attr]
@@ -69,7 +70,7 @@ class LatencyProbe:
         """{name: (p50 latency, p50 of the unpruned model)} in ms for several models timed in the same
         interleaved rounds (the unpruned model's p50 is the same for all). Each model is exported and
         loaded on the runtime as it comes, and let go before the next one is taken."""
-        from .bench.harness import interleaved
+        from ..bench.harness import interleaved
 
         runners = {}
         try:

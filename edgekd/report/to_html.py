@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import re
 from html import escape
+from pathlib import Path
 
+from ..runs import write_text
 from . import plots
-from .render import (
+from .schema import not_measured_reason
+from .tables import (
     ABSENT,
     NOT_MEASURED,
     Cell,
@@ -20,7 +23,6 @@ from .render import (
     sensitivity_rows,
     stage_table,
 )
-from .schema import not_measured_reason
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1360px;
@@ -84,8 +86,8 @@ def _cell(cell: Cell, notes: list[str], cls: str = "") -> str:
     return f"<td{attr}>{text}</td>"
 
 
-def html_page(report: dict) -> str:
-    """The whole report.html text."""
+def render_html(report: dict) -> str:
+    """report.html's text: one self-contained page with inline SVG plots and no external references."""
     target = report.get("target") or {}
     title = f"edgekd report: {report.get('name') or 'run'} → {target.get('name', '?')}"
     meta = (f"target {target.get('name', '?')} ({target.get('backend', '?')}, {target.get('device') or '?'}, "
@@ -248,3 +250,8 @@ def _environment(report: dict) -> str:
     for name, version in (env.get("runtimes") or {}).items():
         table.rows.append([Cell(name), Cell(str(version) if version is not None else ABSENT)])
     return "<section><h2>Environment</h2>" + _table(table, detail_cols=(1,)) + "</section>"
+
+
+def write_html(report: dict, path: str | Path) -> None:
+    """Write report.html atomically."""
+    write_text(path, render_html(report))

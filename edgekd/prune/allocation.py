@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import PruneConfig
-from .models import count_macs, count_params
-from .prune import MAX_STEPS, LatencyFn, ManyLatencyFn, make_pruner
+from ..config import PruneConfig
+from ..models import count_macs, count_params
+from .pruner import MAX_STEPS, LatencyFn, ManyLatencyFn, make_pruner
 
 FAST, SLOW = 0.9, 0.4  # a favoured stage's channel ratio at the end of the schedule, and the others'
 # Channel counts move in steps of round_to, so on narrow layers (DenseNet's 32-channel convolutions)

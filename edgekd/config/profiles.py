@@ -8,9 +8,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-TARGETS_DIR = Path(__file__).parent / "targets"
+TARGETS_DIR = Path(__file__).parents[1] / "targets"
 
 
 class _P(BaseModel):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends.base import Runner
-from .bench.harness import calls_for, summarize, time_inference
-from .progress import NullProgress, Progress
+from ..backends.base import Runner
+from ..progress import NullProgress, Progress
+from .harness import calls_for, summarize, time_inference
 
 EVAL_BATCH = 64
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench.cli import resolve_artifact
-from ..bench.harness import bench_local, runner_arguments, runner_backend, runner_path
-from ..bench.runner import EMULATED_REASON, EXIT_BAD_INPUT
+from ..config.profiles import Profile, load_profile
 from ..errors import BadInputError, DataError, ModelError, StageError
-from ..profiles import Profile, load_profile
 from ..runs import write_json
+from .harness import bench_local, resolve_artifact, runner_arguments, runner_backend, runner_path
+from .runner import EMULATED_REASON, EXIT_BAD_INPUT
 from .sysroot import Sysroot, load_sysroot, qemu_version
 
 HOST_PREFIX = "emulate:"
@@ -36,8 +35,6 @@ DEFAULT_TIMEOUT_S = 1800
 _TIMING = ("latency_ms", "throughput", "latency_ci95", "cold_start_ms", "session_create_ms", "runtime_import_ms",
            "first_inference_ms", "peak_rss_mb")
 _TIMING_EXTRAS = ("times_ms", "throughput_unit", "warmup", "iterations", "trials", "timed_seconds")
-_DETAILS = ("artifact", "samples", "accuracy_x86", "disagreements", "runtime", "runtime_version_arm",
-            "runtime_version_x86", "execution_providers_arm", "emulated", "emulated_cpu", "emulator", "sysroot")
 
 
 def board_cpu(profile: Profile) -> str:
@@ -251,16 +248,3 @@ def _relative(path: Path, run_dir: Path) -> str:
     except ValueError:
         return path.name
 
-
-def apply_to_report(report: dict, result: dict) -> None:
-    """Write a verify_arm result into report["final"]: accuracy_arm, arm_agreement and the details
-    under "arm". No latency figure is added; a missing accuracy gets its not_measured reason."""
-    final = report.setdefault("final", {})
-    final["accuracy_arm"] = result.get("accuracy_arm")
-    final["arm_agreement"] = result.get("arm_agreement")
-    final["arm"] = {k: result[k] for k in _DETAILS if result.get(k) is not None}
-    final["arm"]["latency_not_measured"] = EMULATED_REASON
-    if final["accuracy_arm"] is None and not isinstance(final.get("not_measured"), str):
-        reasons = final.get("not_measured") or {}
-        reasons["accuracy_arm"] = result.get("accuracy_not_measured", "not measured")
-        final["not_measured"] = reasons

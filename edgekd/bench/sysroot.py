@@ -5,7 +5,7 @@ fetched with `apt-get download` against a private apt state (the host's apt list
 touched) and unpacked with `dpkg -x` into one folder; numpy and onnxruntime come as hash-pinned
 manylinux aarch64 wheels, unzipped beside it. The result lives in the user's edgekd cache under a
 name derived from the pins, with a manifest.json that records every version, so a second build is a
-no-op. Build it with `python -m edgekd.arm.sysroot [--force]`.
+no-op. Build it with `python -m edgekd.bench.sysroot [--force]`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ WHEELS = {
     "numpy": ("2.2.6", "b64d8d4d17135e00c8e346e0a738deb17e754230d7e0810ac5012750bbd85a5a"),
     "onnxruntime": ("1.24.1", "86bc43e922b1f581b3de26a3dc402149c70e5542fceb5bec6b3a85542dbeb164"),
 }
-BUILD_COMMAND = "python -m edgekd.arm.sysroot"
+BUILD_COMMAND = "python -m edgekd.bench.sysroot"
 _SMOKE = ("import json, platform, sys, numpy, onnxruntime\n"
           "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),\n"
           "  'numpy': numpy.__version__, 'onnxruntime': onnxruntime.__version__,\n"
@@ -336,8 +336,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m edgekd.arm.sysroot [--force] [--quiet]`."""
-    p = argparse.ArgumentParser(prog="python -m edgekd.arm.sysroot", description=__doc__.splitlines()[0])
+    """`python -m edgekd.bench.sysroot [--force] [--quiet]`."""
+    p = argparse.ArgumentParser(prog="python -m edgekd.bench.sysroot", description=__doc__.splitlines()[0])
     _arguments(p)
     args = p.parse_args(argv)
     try:

@@ -1,4 +1,5 @@
-"""Assembles report.json from what the stages measured, then writes report.json/md/html and gates."""
+"""Assembles report.json from what the stages, the boards and the ARM check measured (the only writer of
+report.json), then writes report.md/html and applies the gates."""
 from __future__ import annotations
 
 import copy
@@ -9,22 +10,18 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from ._version import __version__
-from .config import Config
-from .context import RunContext
-from .data import Splits
-from .export import export_onnx
-from .measure import accuracy_of, agreement_of, bench_interleaved, predict
-from .models import count_macs, count_params
-from .profiles import Profile
-from .runs import hash_obj, sha256_file, write_json
+from .._version import __version__
+from ..bench.measure import accuracy_of, agreement_of, bench_interleaved, predict
+from ..bench.runner import EMULATED_REASON
+from ..context import RunContext
+from ..data import Splits
+from ..errors import EdgeKDError
+from ..export import export_onnx, host_session
+from ..models import count_macs, count_params
+from ..runs import sha256_file, write_json
 
 STAGE_BENCH_ITERATIONS = 150
 LAT_KEYS = ("p50", "p90", "p99", "mean")
-
-
-def config_key(config: Config, profile: Profile) -> str:
-    return hash_obj(config.model_dump(mode="json"), profile.model_dump(mode="json"))
 
 
 def _lat(summary: dict | None) -> dict | None:
@@ -34,12 +31,10 @@ def _lat(summary: dict | None) -> dict | None:
 def model_entry(ctx: RunContext, name: str, model: nn.Module, onnx_path: Path, x: np.ndarray, y: np.ndarray,
                 extra: dict | None = None, teacher_logits: np.ndarray | None = None) -> dict:
     """A stage's report entry for a torch model: exported, then measured with ONNX Runtime on this host."""
-    from .backends.onnxruntime import OrtRunner
-
     shape = tuple(x.shape[1:])
     if not onnx_path.exists():
         export_onnx(copy.deepcopy(model).eval(), shape, onnx_path, ctx.profile.opset)
-    runner = OrtRunner(onnx_path, ctx.threads, ["CPUExecutionProvider"])
+    runner = host_session(onnx_path, ctx.threads)
     logits = predict(runner, x)
     lat = bench_interleaved({name: runner}, x[:1], 10, STAGE_BENCH_ITERATIONS, rounds=1)[name]
     entry = {"name": name, "duration_s": (extra or {}).pop("duration_s", 0.0), "accuracy": accuracy_of(logits, y),
@@ -77,14 +72,17 @@ def onnx_counts(path: Path, input_shape: tuple) -> dict:
     return {"params": params, "macs": macs}
 
 
-def skeleton(ctx: RunContext, data_desc: str, splits: Splits | None) -> dict:
+def skeleton(ctx: RunContext, data_desc: str, splits: Splits | None, teacher: dict | None = None,
+             data_extra: dict | None = None) -> dict:
+    """The report's opening blocks: version, config, target, environment, data and the teacher."""
     prof = ctx.profile
     data = {"description": data_desc}
     if splits is not None:
         data.update({"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
                      "num_classes": splits.num_classes, "skipped_files": len(splits.skipped_files),
                      "labeled_train": int((splits.train.y >= 0).sum())})
-    return {
+    data.update(data_extra or {})
+    report = {
         "schema_version": 1, "edgekd_version": __version__, "name": ctx.config.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": ctx.config_dict(),
@@ -92,6 +90,13 @@ def skeleton(ctx: RunContext, data_desc: str, splits: Splits | None) -> dict:
                    "threads": ctx.threads, "measures_here": prof.measures_here, "source": prof.source},
         "environment": ctx.environment(), "data": data,
     }
+    if teacher is not None:
+        report["teacher"] = teacher
+    return report
+
+
+NO_TEACHER = {"model": "none (ONNX entry)", "not_measured": "ONNX entry: no PyTorch teacher", "accuracy": None,
+              "params": None, "macs": None, "size_bytes": None, "latency_ms": None}
 
 
 def teacher_block(entry: dict, info: dict) -> dict:
@@ -103,7 +108,7 @@ def teacher_block(entry: dict, info: dict) -> dict:
 def calibration_info(ctx: RunContext, calib: Path) -> dict:
     with np.load(calib) as z:
         n = int(len(z["x"]))
-    from .quantize.calibration import stratified_sample
+    from ..quantize.calibration import stratified_sample
 
     info = {"samples": n, "method": ctx.config.quantize.method, "sha256": sha256_file(calib),
             "source": "training split, class-stratified" if ctx.splits is not None else "user calibration file"}
@@ -127,7 +132,26 @@ def candidate_entry(ctx: RunContext, name: str, c, chosen: bool) -> dict:
     return e
 
 
-def fill_final(ctx: RunContext, report: dict, c, teacher_c, counts: dict, why: str, measured: bool, fp32_c) -> None:
+def record_choice(ctx: RunContext, stages: list[dict], cands: dict, name: str, why: str, measured: bool,
+                  reasons: dict[str, str]) -> None:
+    """The quantize stage's entry gets every candidate's figures and the choice with its reason."""
+    for st in stages:
+        if st["name"] == "quantize":
+            st["candidates"] = [{"name": n, "label": c.label, **candidate_entry(ctx, n, c, n == name),
+                                 "why": reasons.get(n, "")} for n, c in cands.items()]
+            st["choice"] = {"candidate": name, "precision": cands[name].precision, "label": cands[name].label,
+                            "why": why, "measured": measured,
+                            "measured_where": "this host, with the target's runtime" if measured else
+                            "not measured on the board"}
+
+
+def set_stages(report: dict, stages: list[dict]) -> None:
+    """The stages' entries, in the order they ran."""
+    report["stages"] = stages
+
+
+def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: dict, why: str, measured: bool,
+               fp32_c) -> None:
     """The final block: the chosen candidate's figures, ratios to the teacher on the same runtime."""
     run = ctx.run_dir
     prof = ctx.profile
@@ -182,6 +206,8 @@ def fill_final(ctx: RunContext, report: dict, c, teacher_c, counts: dict, why: s
     final["choice"] = {"why": why, "measured": measured}
     if nm:
         final["not_measured"] = nm
+    final["candidate"] = name
+    final["label"] = c.label
     report["final"] = final
 
 
@@ -190,7 +216,7 @@ def finish(ctx: RunContext, report: dict, hosts: list[str]) -> dict:
     t0 = time.perf_counter()
     run = ctx.run_dir
     _strip_unexplained(report)
-    from .report import apply_gates, load_report
+    from . import apply_gates, load_report
 
     gates_cfg = ctx.config.gates.model_dump(mode="json")
     baseline = load_report(gates_cfg["baseline"]) if gates_cfg.get("baseline") else None
@@ -198,7 +224,7 @@ def finish(ctx: RunContext, report: dict, hosts: list[str]) -> dict:
     if any(v is not None for k, v in gates_cfg.items() if k not in ("percentile", "baseline")):
         results, gates_passed = apply_gates(report, gates_cfg, baseline)
         report["gates"] = [r.to_dict() for r in results]
-    from .report import write_html, write_markdown
+    from . import write_html, write_markdown
 
     write_markdown(report, run / "report.md")
     write_html(report, run / "report.html")
@@ -220,3 +246,62 @@ def _strip_unexplained(node) -> None:
     elif isinstance(node, list):
         for v in node:
             _strip_unexplained(v)
+
+
+_DETAILS = ("artifact", "samples", "accuracy_x86", "disagreements", "runtime", "runtime_version_arm",
+            "runtime_version_x86", "execution_providers_arm", "emulated", "emulated_cpu", "emulator", "sysroot")
+
+
+def apply_arm(report: dict, result: dict) -> None:
+    """Write a verify_arm result into report["final"]: accuracy_arm, arm_agreement and the details
+    under "arm". No latency figure is added; a missing accuracy gets its not_measured reason."""
+    final = report.setdefault("final", {})
+    final["accuracy_arm"] = result.get("accuracy_arm")
+    final["arm_agreement"] = result.get("arm_agreement")
+    final["arm"] = {k: result[k] for k in _DETAILS if result.get(k) is not None}
+    final["arm"]["latency_not_measured"] = EMULATED_REASON
+    if final["accuracy_arm"] is None and not isinstance(final.get("not_measured"), str):
+        reasons = final.get("not_measured") or {}
+        reasons["accuracy_arm"] = result.get("accuracy_not_measured", "not measured")
+        final["not_measured"] = reasons
+
+
+def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
+    """The boards' figures (`--host`) as report["remote"]; the first host's become final.latency_ms with
+    measured_on naming it, and the teacher's latency and the speedup when both were measured there."""
+    final = report["final"]
+    report["remote"] = []
+    for h, r in results.items():
+        t = teacher_results.get(h)
+        entry = {"host": h, "latency_ms": r.get("latency_ms"), "accuracy": r.get("accuracy"),
+                 "throughput": r.get("throughput"), "cold_start_ms": r.get("cold_start_ms"),
+                 "environment": r.get("environment"), "versions": r.get("versions"),
+                 "teacher_latency_ms": t.get("latency_ms") if isinstance(t, dict) else None}
+        if isinstance(t, EdgeKDError):
+            entry["not_measured"] = {"teacher_latency_ms": str(t)}
+        elif entry["teacher_latency_ms"] is None:
+            entry["not_measured"] = {"teacher_latency_ms": "no teacher artifact (ONNX entry)"}
+        report["remote"].append(entry)
+    first = report["remote"][0]
+    lat = first["latency_ms"] or {}
+    final["latency_ms"] = {k: lat[k] for k in LAT_KEYS if k in lat}
+    final["measured_on"] = first["host"]
+    final.pop("measured_on_note", None)
+    final.pop("latency_samples_ms", None)
+    if first.get("accuracy") is not None:
+        final["accuracy"] = first["accuracy"]
+        final["accuracy_source"] = f"eval on {first['host']}"
+    nm = final.get("not_measured") or {}
+    t_lat = first.get("teacher_latency_ms")
+    if t_lat and lat:
+        final["speedup_vs_teacher"] = round(t_lat["p50"] / lat["p50"], 3)
+        nm.pop("speedup_vs_teacher", None)
+        nm.pop("latency_ms", None)
+        teacher = report.get("teacher") or {}
+        teacher["latency_ms"] = {k: t_lat[k] for k in LAT_KEYS if k in t_lat}
+        teacher["measured_on"] = first["host"]
+        teacher.pop("latency_samples_ms", None)
+    if nm:
+        final["not_measured"] = nm
+    else:
+        final.pop("not_measured", None)

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .config_base import Section
+from .base import Section
 
 
 class ExtraTeacher(Section):

@@ -8,14 +8,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config_base import Section
-from .config_paths import resolve_paths
-from .config_strategies import StrategyOptions
-from .errors import ConfigError
+from ..errors import ConfigError
+from .base import Section
+from .paths import resolve_paths
+from .strategies import StrategyOptions
 
 STAGES = ("distill", "prune", "quantize")
-STRATEGIES = ("kd", "multi_teacher", "self", "born_again", "mutual", "deit", "progressive", "selective",
-              "data_free")
+# The one registry of distill.strategy names: name -> module under edgekd.distill.strategies (kd: the stage's own loop).
+STRATEGY_MODULES: dict[str, str | None] = {
+    "kd": None, "multi_teacher": "multi_teacher", "self": "self_distill", "born_again": "born_again",
+    "mutual": "mutual", "deit": "deit", "progressive": "progressive", "selective": "selective",
+    "data_free": "data_free",
+}
+STRATEGIES = tuple(STRATEGY_MODULES)
 LOGIT_LOSSES = ("kd", "reverse_kl", "logit_mse")
 FEATURE_LOSSES = ("feature", "attention", "rkd_distance", "rkd_angle", "gram")
 DISTILL_LOSSES = LOGIT_LOSSES + FEATURE_LOSSES

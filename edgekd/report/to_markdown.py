@@ -1,7 +1,10 @@
 """report.md: a pull-request comment with the stage table, the chosen precision and the gate verdicts."""
 from __future__ import annotations
 
-from .render import (
+from pathlib import Path
+
+from ..runs import write_text
+from .tables import (
     ABSENT,
     NOT_MEASURED,
     Cell,
@@ -56,8 +59,8 @@ def _table(table: Table) -> list[str]:
     return out
 
 
-def markdown(report: dict) -> str:
-    """The whole report.md text."""
+def render_markdown(report: dict) -> str:
+    """report.md's text: ready to paste into a pull-request comment."""
     target = report.get("target") or {}
     name = report.get("name") or "run"
     out = [f"## edgekd report: {name} → {target.get('name', '?')}", "", headline(report), ""]
@@ -213,3 +216,8 @@ def _environment(report: dict) -> list[str]:
     for name, version in (env.get("runtimes") or {}).items():
         out.append(f"- {name}: {_esc(str(version))}")
     return out + ["", "</details>", ""]
+
+
+def write_markdown(report: dict, path: str | Path) -> None:
+    """Write report.md atomically."""
+    write_text(path, render_markdown(report))
