@@ -177,6 +177,9 @@ def _mismatch(model_path: Path, candidate: Path, x: np.ndarray, batch: int | Non
         got = _run(sess, x, len(x), model_path)
     except ModelError as e:
         return str(e).split(": ", 1)[-1], float("inf")
+    if got[0].ndim == 0 or got[0].shape[0] != len(x):
+        return (f"its first output {names[0]!r}, the one judged, has shape {got[0].shape} for {len(x)} inputs, "
+                "not one row per input"), float("inf")
     worst = 0.0
     for r, g, out in zip(ref, got, names, strict=True):
         if r.shape != g.shape:
@@ -237,7 +240,7 @@ def normalise_onnx(model_path: Path, out_path: Path, sample: np.ndarray, target_
         out_path.unlink(missing_ok=True)
         fix = (f"; its batch is fixed at {batch}: export it with a dynamic batch axis (torch.onnx.export(..., "
                "dynamic_axes={'input': {0: 'batch'}}))" if batch is not None else "")
-        raise ModelError(f"ONNX model {model_path}: does not run the same once normalised for edgekd: {why}{fix}")
+        raise ModelError(f"ONNX model {model_path}: cannot be normalised for edgekd: {why}{fix}")
     outputs = [o.name for o in candidate.graph.output]
     info["batch"] = {"declared": batch if batch is not None else "dynamic",
                      "handling": (f"fixed at {batch} in the file: made dynamic" if batch is not None
