@@ -104,7 +104,7 @@ class Pipeline:
         write_npz(run / "eval.npz", x=eval_x, y=eval_y)
         labels = splits.train.y.numpy()
         calib_ids = stratified_sample(labels, cfg.quantize.calibration_samples, cfg.seed)
-        calib_x = splits.train.x.numpy()[calib_ids]
+        calib_x = splits.train.x[torch.as_tensor(calib_ids)].numpy()
         write_npz(run / "calib.npz", x=calib_x)
         shape = splits.input_shape
         stages: list[dict] = []

@@ -26,9 +26,22 @@ FEATURE_LOSSES = ("feature", "attention", "rkd_distance", "rkd_angle", "gram")
 DISTILL_LOSSES = LOGIT_LOSSES + FEATURE_LOSSES
 
 
+class IdxFiles(Section):
+    """The four IDX files of data.dataset idx / fashion-mnist, each relative to data.root (or absolute);
+    one left out is read under its standard name (e.g. train-images-idx3-ubyte.gz) in data.root."""
+
+    train_images: str | None = None
+    train_labels: str | None = None
+    test_images: str | None = None
+    test_labels: str | None = None
+
+
 class DataConfig(Section):
-    dataset: Literal["digits", "imagefolder"] = "digits"
+    # digits: the embedded demo; fashion-mnist and idx: IDX files with their official train/test split
+    # (the validation split is carved from train); imagefolder: ROOT/CLASS/*.jpg
+    dataset: Literal["digits", "fashion-mnist", "idx", "imagefolder"] = "digits"
     root: str | None = None
+    files: IdxFiles | None = None
     image_size: int = Field(32, ge=8, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -36,11 +49,15 @@ class DataConfig(Section):
     unlabeled_root: str | None = None
     batch_size: int = Field(64, ge=1, le=4096)
     augment: bool = True
+    # image folders are decoded per batch; this many MB of decoded images are kept for the next epoch
+    decoded_cache_mb: float = Field(1024, ge=0)
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> DataConfig:
-        if self.dataset == "imagefolder" and not self.root:
-            raise ValueError("data.root is required when data.dataset is imagefolder")
+        if self.dataset in ("imagefolder", "idx") and not self.root:
+            raise ValueError(f"data.root is required when data.dataset is {self.dataset}")
+        if self.files is not None and self.dataset not in ("idx", "fashion-mnist"):
+            raise ValueError("data.files names IDX files: it needs data.dataset idx or fashion-mnist")
         return self
 
 

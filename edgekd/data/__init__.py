@@ -1,4 +1,6 @@
-"""Datasets (the embedded digits demo, image folders, .npz arrays), preprocessing and splits."""
+"""Datasets (the embedded digits demo, Fashion-MNIST and other IDX files, image folders, .npz arrays),
+preprocessing and splits. Small sets are float32 tensors; large ones stay compact (uint8 pixels, or
+image files decoded per batch) and make their float32 inputs per batch (images.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,18 +12,33 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import DataError
+from .idx import idx_dataset
+from .images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConcatImages,
+    DecodedCache,
+    FileImages,
+    Images,
+    decode_image,
+    readable_image,
+    translate,
+)
 
 SPLIT_SEED = 20240601  # fixed: the held-out test set must not move with the run's seed
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+UNIT_RANGE_DATASETS = ("digits", "fashion-mnist", "idx")  # normalised to [-1, 1]; image folders: ImageNet's
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SPLIT_SEED", "UNIT_RANGE_DATASETS", "ArrayDataset", "Images", "Splits",
+           "augment_batch", "build_splits", "digits_arrays", "load_image", "load_npz", "transfer_set"]
 
 
 class ArrayDataset(Dataset):
-    """Preprocessed float32 NCHW inputs with int64 labels (-1 marks an unlabeled sample)."""
+    """Preprocessed float32 NCHW inputs with int64 labels (-1 marks an unlabeled sample). `x` is a
+    tensor, or for large sets `Images` that make each batch on demand (indexed the same way)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    def __init__(self, x: np.ndarray | Images, y: np.ndarray):
+        self.x = x if isinstance(x, Images) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     def __len__(self) -> int:
@@ -83,70 +100,78 @@ def _list_images(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
 
 def load_image(path: Path, image_size: int) -> np.ndarray:
     """Decode, resize the short side, centre-crop and normalise one image to float32 CHW."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = image_size / min(w, h)
-        im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BILINEAR)
-        w, h = im.size
-        left, top = (w - image_size) // 2, (h - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
-        a = np.asarray(im, dtype=np.float32) / 255.0
+    a = decode_image(path, image_size).astype(np.float32) / 255.0
     a = (a - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     return a.transpose(2, 0, 1).copy()
 
 
-def imagefolder_arrays(root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Read ROOT/CLASS/*.jpg into arrays; unreadable images are skipped and listed."""
+def imagefolder_images(root: Path, image_size: int, cache: DecodedCache
+                       ) -> tuple[FileImages, np.ndarray, list[str], list[str]]:
+    """ROOT/CLASS/*.jpg as images decoded per batch; files whose header no decoder reads are skipped
+    and listed (the pixels are read only when a batch needs them)."""
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist or is not a folder")
     items, classes = _list_images(root)
-    xs, ys, skipped = [], [], []
+    paths, ys, skipped = [], [], []
     for f, c in items:
-        try:
-            xs.append(load_image(f, image_size))
+        if readable_image(f):
+            paths.append(f)
             ys.append(c)
-        except Exception:  # noqa: BLE001 - any decoder failure means the file is unreadable
+        else:
             skipped.append(str(f))
-    if not xs:
+    if not paths:
         raise DataError(f"data.root {root}: none of the {len(items)} images could be read")
-    return np.stack(xs), np.asarray(ys, np.int64), classes, skipped
+    return FileImages(paths, image_size, cache), np.asarray(ys, np.int64), classes, skipped
 
 
-def unlabeled_arrays(root: Path, image_size: int) -> tuple[np.ndarray, list[str]]:
-    """Read every image under `root` (any depth) as an unlabeled transfer set."""
+def unlabeled_images(root: Path, image_size: int, cache: DecodedCache) -> tuple[FileImages, list[str]]:
+    """Every image under `root` (any depth) as an unlabeled transfer set, decoded per batch."""
     if not root.is_dir():
         raise DataError(f"data.unlabeled_root {root} does not exist or is not a folder")
     files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-    xs, skipped = [], []
-    for f in files:
-        try:
-            xs.append(load_image(f, image_size))
-        except Exception:  # noqa: BLE001
-            skipped.append(str(f))
-    if not xs:
+    paths = [f for f in files if readable_image(f)]
+    if not paths:
         raise DataError(f"data.unlabeled_root {root}: no readable images")
-    return np.stack(xs), skipped
+    return FileImages(paths, image_size, cache), sorted(set(map(str, files)) - set(map(str, paths)))
+
+
+def _take(x: np.ndarray | Images, idx: np.ndarray) -> np.ndarray | Images:
+    return x.subset(idx) if isinstance(x, Images) else x[idx]
+
+
+def _enough_per_class(y: np.ndarray, classes: list[str], need: int) -> None:
+    counts = np.bincount(y, minlength=len(classes))
+    if (counts < need).any():
+        thin = [classes[i] for i in np.flatnonzero(counts < need)]
+        raise DataError(f"data: class(es) {', '.join(thin)} have fewer than {need} images; cannot split")
 
 
 def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
-    """Load the configured dataset and split it (stratified, fixed split seed)."""
+    """Load the configured dataset and split it, stratified with a fixed split seed. The digits demo and
+    image folders are split into train/val/test (data.val_fraction, data.test_fraction); IDX sets
+    (fashion-mnist, idx) keep their official test set and carve the validation split from their
+    training set (data.val_fraction)."""
     skipped: list[str] = []
-    if cfg.dataset == "digits":
-        x, y = digits_arrays(cfg.image_size)
-        classes = [str(i) for i in range(10)]
-        desc = f"scikit-learn digits, {len(y)} images upsampled to {cfg.image_size}x{cfg.image_size} RGB"
+    cache = DecodedCache(int(cfg.decoded_cache_mb * 2**20))
+    if cfg.dataset in ("fashion-mnist", "idx"):
+        x, y, x_te, y_te, classes, desc = idx_dataset(cfg)
+        _enough_per_class(y, classes, 2)
+        from sklearn.model_selection import train_test_split
+
+        tr, va = (np.sort(a) for a in train_test_split(np.arange(len(y)), test_size=cfg.val_fraction, stratify=y,
+                                                         random_state=SPLIT_SEED))
     else:
-        root = Path(cfg.root or "")
-        x, y, classes, skipped = imagefolder_arrays(root, cfg.image_size)
-        desc = f"image folder {root}, {len(y)} images, {len(classes)} classes"
-    counts = np.bincount(y, minlength=len(classes))
-    if (counts < 3).any():
-        thin = [classes[i] for i in np.flatnonzero(counts < 3)]
-        raise DataError(f"data: class(es) {', '.join(thin)} have fewer than 3 images; cannot split")
-    tr, va, te = _stratified_split(y, cfg.val_fraction, cfg.test_fraction)
+        if cfg.dataset == "digits":
+            x, y = digits_arrays(cfg.image_size)
+            classes = [str(i) for i in range(10)]
+            desc = f"scikit-learn digits, {len(y)} images upsampled to {cfg.image_size}x{cfg.image_size} RGB"
+        else:
+            root = Path(cfg.root or "")
+            x, y, classes, skipped = imagefolder_images(root, cfg.image_size, cache)
+            desc = f"image folder {root}, {len(y)} images, {len(classes)} classes, decoded per batch"
+        _enough_per_class(y, classes, 3)
+        tr, va, te = _stratified_split(y, cfg.val_fraction, cfg.test_fraction)
+        x_te, y_te = _take(x, te), y[te]
     y_train = y[tr].copy()
     if cfg.labeled_fraction < 1.0:
         rng = np.random.default_rng(seed)
@@ -158,26 +183,23 @@ def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
         y_train[~keep] = -1
     unlabeled = None
     if cfg.unlabeled_root:
-        ux, uskipped = unlabeled_arrays(Path(cfg.unlabeled_root), cfg.image_size)
+        ux, uskipped = unlabeled_images(Path(cfg.unlabeled_root), cfg.image_size, cache)
         skipped += uskipped
         unlabeled = ArrayDataset(ux, np.full(len(ux), -1, np.int64))
+    x_tr = _take(x, tr)
     return Splits(
-        train=ArrayDataset(x[tr], y_train), val=ArrayDataset(x[va], y[va]), test=ArrayDataset(x[te], y[te]),
-        num_classes=len(classes), class_names=classes, input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
+        train=ArrayDataset(x_tr, y_train), val=ArrayDataset(_take(x, va), y[va]), test=ArrayDataset(x_te, y_te),
+        num_classes=len(classes), class_names=classes, input_shape=tuple(x_tr.shape[1:]),  # type: ignore[arg-type]
         description=desc, skipped_files=skipped, unlabeled=unlabeled,
     )
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random translation by up to `pad` pixels (replicate padding), per sample."""
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    n = len(x)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    out = torch.empty_like(x)
-    for i in range(n):
-        out[i] = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-    return out
+    return translate(x, dx, dy, pad)
 
 
 def load_npz(path: str | Path, what: str, need_labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -219,6 +241,8 @@ def transfer_set(splits: Splits) -> ArrayDataset:
     """What distillation trains on: the training split (unlabeled samples carry -1) plus data.unlabeled_root."""
     if splits.unlabeled is None or len(splits.unlabeled) == 0:
         return splits.train
-    x = torch.cat([splits.train.x, splits.unlabeled.x]).numpy()
+    parts = [splits.train.x, splits.unlabeled.x]
     y = torch.cat([splits.train.y, splits.unlabeled.y]).numpy()
-    return ArrayDataset(x, y)
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return ArrayDataset(torch.cat(parts).numpy(), y)  # type: ignore[arg-type]
+    return ArrayDataset(ConcatImages(parts), y)

@@ -1,7 +1,8 @@
 """The teacher-logit cache: the teacher's outputs for each (sample, augmentation draw), computed once
-in float16 (all classes, or the top k) and stored on disk under a key made of hashes of the
-teacher's weights and of the exact inputs it saw (the data after preprocessing and augmentation),
-so a change to either invalidates it. Reused across epochs, temperature sweeps and prune rounds."""
+batch by batch in float16 (all classes, or the top k) and stored on disk under a key made of hashes
+of the teacher's weights and of the exact inputs it saw (the data after preprocessing and
+augmentation: the base images' fingerprint and every draw's offsets), so a change to either
+invalidates it. Reused across epochs, temperature sweeps and prune rounds."""
 from __future__ import annotations
 
 import hashlib
@@ -9,13 +10,14 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..data.images import Images, fingerprint
 from ..runs import atomic_path, cache_dir, hash_obj
 
-CACHE_VERSION = "teacher-logits-v1"
+CACHE_VERSION = "teacher-logits-v2"
+TEACHER_BATCH = 256
 
 
 def frozen(teacher: nn.Module) -> nn.Module:
@@ -36,18 +38,17 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
-def tensors_hash(tensors: list[torch.Tensor]) -> str:
-    """Hash of the shapes, dtypes and bytes of a list of tensors (the teacher's inputs)."""
+def tensors_hash(tensors: list[torch.Tensor | Images]) -> str:
+    """Hash of a list of input sets (the teacher's inputs): a tensor's shape, dtype and bytes; an
+    Images' fingerprint (its store and, for an augmentation draw, the offsets of every sample)."""
     h = hashlib.sha256()
     for t in tensors:
-        a = np.ascontiguousarray(t.detach().cpu().numpy())
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
+        h.update(fingerprint(t).encode())
     return h.hexdigest()[:20]
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, x: torch.Tensor, batch_size: int = 256,
+def teacher_outputs(teacher: nn.Module, x: torch.Tensor | Images, batch_size: int = TEACHER_BATCH,
                     device: torch.device | None = None) -> torch.Tensor:
     """The frozen teacher's logits for all of `x` (float32, on the CPU)."""
     frozen(teacher)
@@ -79,10 +80,10 @@ def expand_topk(values: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor,
 class TeacherLogitCache:
     """Teacher logits for each (augmentation draw, sample), float16, optionally top-k, stored on disk.
 
-    `views[d]` is draw d of the whole training set (as augmented_views makes them); `get(d, idx)` returns
-    float32 logits. `hit` says whether they were read from disk rather than computed."""
+    `views[d]` is draw d of the whole training set (as augmented_views makes them, per batch); `get(d, idx)`
+    returns float32 logits. `hit` says whether they were read from disk rather than computed."""
 
-    def __init__(self, teacher: nn.Module, views: list[torch.Tensor], *, topk: int | None = None,
+    def __init__(self, teacher: nn.Module, views: list[torch.Tensor | Images], *, topk: int | None = None,
                  persist: bool = True, directory: Path | None = None, device: torch.device | None = None,
                  compute: bool = True):
         frozen(teacher)
@@ -109,14 +110,28 @@ class TeacherLogitCache:
         if device is not None and device != home:
             teacher.to(device)  # one pass on the training device, then back where the caller keeps it
         try:
-            logits = torch.stack([teacher_outputs(teacher, v, device=device) for v in self.views])
+            for d, view in enumerate(self.views):  # batch by batch: only the table is held
+                for i in range(0, len(view), TEACHER_BATCH):
+                    self._store(d, i, teacher_outputs(teacher, view[i:i + TEACHER_BATCH], device=device))
         finally:
             teacher.to(home)
-        self.num_classes = int(logits.shape[-1])
-        if self.topk is not None and self.topk < self.num_classes:
-            self._topk = compress_topk(logits, self.topk)
+
+    def _store(self, draw: int, start: int, logits: torch.Tensor) -> None:
+        """Write one batch of float32 logits into the table (allocated at the first batch)."""
+        rows = slice(start, start + len(logits))
+        if self.num_classes == 0:
+            self.num_classes = int(logits.shape[-1])
+            shape = (len(self.views), len(self.views[0]))
+            if self.topk is not None and self.topk < self.num_classes:
+                packed = compress_topk(logits[:1], self.topk)
+                self._topk = {k: torch.empty((*shape, *v.shape[1:]), dtype=v.dtype) for k, v in packed.items()}
+            else:
+                self._full = torch.empty((*shape, self.num_classes), dtype=torch.float16)
+        if self._topk is not None:
+            for k, v in compress_topk(logits, self.topk).items():  # type: ignore[arg-type]
+                self._topk[k][draw, rows] = v
         else:
-            self._full = logits.half()
+            self._full[draw, rows] = logits.half()  # type: ignore[index]
 
     def save(self) -> None:
         """Write the table to its path atomically (weights-only loadable tensors)."""

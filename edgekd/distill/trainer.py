@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import ArrayDataset, augment_batch
+from ..data import ArrayDataset
+from ..data.images import AugmentedView, Images
 from ..progress import NullProgress, Progress
 from . import parallel
 from .cache import TeacherLogitCache, frozen
@@ -22,9 +23,11 @@ from .features import FeatureTap, StudentWithAdapters
 from .losses import FEATURE_LOSSES, combined_loss, soft_target_entropy
 
 AUG_DRAWS = 8  # augmentation draws per sample whose teacher logits are cached and reused
-# Plain KD and its no-KD twin: up to KD_DRAWS draws while the stored views fit in KD_VIEWS_BYTES.
-# The more distinct views the teacher labels, the closer the student matches its function
-# (BENCHMARKS.md, issue 7: 30 draws against 8 on the embedded default).
+# Plain KD and its no-KD twin: up to KD_DRAWS draws while the views, were they stored as float32, would
+# fit in KD_VIEWS_BYTES. Views are made per batch, never stored; the bound keeps the teacher's labelling
+# (one pass over every view) in proportion as the set grows. The more distinct views the teacher labels,
+# the closer the student matches its function (BENCHMARKS.md, issue 7: 30 draws against 8 on the
+# embedded default).
 KD_DRAWS, KD_VIEWS_BYTES = 30, 1 << 30
 NEAR_UNIFORM = 0.95  # soft targets whose mean entropy exceeds this share of log C carry little signal
 
@@ -78,22 +81,21 @@ def accuracy(model: nn.Module, ds: ArrayDataset) -> float:
     return evaluate(model, ds)[0]
 
 
-def kd_draws(x: torch.Tensor) -> int:
-    """Augmentation draws for distilling on `x`: KD_DRAWS while they fit in KD_VIEWS_BYTES, never
-    fewer than AUG_DRAWS."""
-    per_view = max(1, x.element_size() * x.nelement())
+def kd_draws(x: torch.Tensor | Images) -> int:
+    """Augmentation draws for distilling on `x`: KD_DRAWS while they would fit in KD_VIEWS_BYTES as
+    float32, never fewer than AUG_DRAWS."""
+    per_view = max(1, 4 * math.prod(x.shape))
     return max(AUG_DRAWS, min(KD_DRAWS, KD_VIEWS_BYTES // per_view))
 
 
-def augmented_views(x: torch.Tensor, seed: int, draws: int, augment: bool) -> list[torch.Tensor]:
-    """`draws` deterministic augmentation draws of the whole training set."""
+def augmented_views(x: torch.Tensor | Images, seed: int, draws: int,
+                    augment: bool) -> list[torch.Tensor | Images]:
+    """`draws` deterministic augmentation draws of the whole training set, each made per batch when
+    indexed (draw d translates every sample by offsets from a generator seeded with seed * 1000 + d),
+    so memory holds the base images once whatever the number of draws."""
     if not augment:
         return [x]
-    views = []
-    for d in range(draws):
-        g = torch.Generator().manual_seed(seed * 1000 + d)
-        views.append(augment_batch(x, g))
-    return views
+    return [AugmentedView(x, seed * 1000 + d) for d in range(draws)]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -41,7 +41,7 @@ def test_computed_once_in_eval_mode_stored_as_float16(tmp_path):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert cache.path.is_file() and not cache.hit
     with torch.no_grad():
-        ref = teacher(views[1])  # eval mode: deterministic, running BN statistics
+        ref = teacher(views[1][:])  # eval mode: deterministic, running BN statistics
     assert torch.allclose(cache.get(1, torch.arange(len(ds))), ref, rtol=1e-3, atol=1e-2)
     assert cache.nbytes() == 3 * len(ds) * 5 * 2  # float16
     again = TeacherLogitCache(teacher, views, directory=tmp_path)

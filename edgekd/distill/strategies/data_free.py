@@ -17,7 +17,7 @@ from torch import nn
 from ...config import DataConfig
 from ...config.strategies import DataFreeOptions
 from ...context import RunContext
-from ...data import IMAGENET_MEAN, IMAGENET_STD, ArrayDataset
+from ...data import IMAGENET_MEAN, IMAGENET_STD, UNIT_RANGE_DATASETS, ArrayDataset
 from ...errors import ConfigError
 from ...progress import NullProgress, Progress
 from ..trainer import AUG_DRAWS, augmented_views, predict_logits, train
@@ -74,8 +74,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def input_bounds(data: DataConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel bounds of a preprocessed input, from the preprocessing alone (no images read):
-    [-1, 1] for the digits demo, ImageNet normalisation of [0, 1] pixels for image folders."""
-    if data.dataset == "digits":
+    [-1, 1] for the digits demo and IDX sets, ImageNet normalisation of [0, 1] pixels for image folders."""
+    if data.dataset in UNIT_RANGE_DATASETS:
         return torch.full((channels,), -1.0), torch.full((channels,), 1.0)
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     return (0 - mean) / std, (1 - mean) / std
