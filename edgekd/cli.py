@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     t = sub.add_parser("targets", help="list target profiles and their aliases")
     t.add_argument("--debug", action="store_true")
+    _add_cache_parser(sub)
     from .bench.cli import add_parser as add_bench_parser
     from .bench.sysroot import add_parser as add_arm_parser
     from .report.cli import add_parsers as add_report_parsers
@@ -57,6 +58,60 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    from .runs import CACHE_KINDS
+
+    c = sub.add_parser("cache", help="list or clear the user cache (trained teachers, teacher logits, sysroots)",
+                       description="The user cache: $EDGEKD_CACHE, else $XDG_CACHE_HOME/edgekd or ~/.cache/edgekd.")
+    actions = c.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    ls = actions.add_parser("list", help="each entry, its size, and the total")
+    ls.add_argument("kind", nargs="?", choices=list(CACHE_KINDS), metavar="KIND", help=", ".join(CACHE_KINDS))
+    clear = actions.add_parser("clear", help="remove entries (every kind unless KIND is given)")
+    clear.add_argument("kind", nargs="?", choices=list(CACHE_KINDS), metavar="KIND", help=", ".join(CACHE_KINDS))
+    clear.add_argument("--older-than", type=float, metavar="DAYS", help="only entries last written more than DAYS ago")
+    for p in (ls, clear):
+        p.add_argument("--debug", action="store_true")
+    c.set_defaults(func=_cmd_cache)
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _count(entries: list) -> str:
+    return f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from .errors import BadInputError
+    from .runs import cache_dir, cache_entries, clear_cache
+
+    if args.cache_command == "list":
+        entries = cache_entries(args.kind)
+        now = time.time()
+        rows = [("KIND", "SIZE", "AGE", "PATH")] + [
+            (e.kind, _size_text(e.size_bytes), f"{(now - e.modified) / 86400:.1f} d", str(e.path)) for e in entries]
+        if entries:
+            widths = [max(len(r[i]) for r in rows) for i in range(3)]
+            for r in rows:
+                print("  ".join([c.ljust(w) for c, w in zip(r[:3], widths, strict=True)] + [r[3]]))
+        print(f"total: {_count(entries)}, {_size_text(sum(e.size_bytes for e in entries))} in {cache_dir()}")
+        return EXIT_OK
+    if args.older_than is not None and not args.older_than >= 0:
+        raise BadInputError(f"--older-than {args.older_than:g}: expected a number of days >= 0")
+    removed = clear_cache(args.kind, args.older_than)
+    for e in removed:
+        print(f"removed {e.kind} {e.path} ({_size_text(e.size_bytes)})")
+    print(f"removed {_count(removed)}, {_size_text(sum(e.size_bytes for e in removed))} from {cache_dir()}")
     return EXIT_OK
 
 
@@ -90,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     debug = getattr(args, "debug", False)
     if not debug:
+        # Library chatter stays quiet; edgekd's own warnings (a trusted pickle being loaded) still show.
         warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"edgekd(\.|$)")
+        warnings.filterwarnings("default", message=r"loading .* with full pickle")
     handlers = {"compress": _cmd_compress, "targets": _cmd_targets}
     try:
         if args.command in handlers:

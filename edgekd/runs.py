@@ -1,4 +1,5 @@
-"""Run-directory paths, atomic writes, content hashes for stage cache keys, and the resume lookup."""
+"""Run-directory paths, atomic writes, content hashes for stage cache keys, the resume lookup, and the
+user cache (teachers, teacher logits, sysroots): where it is, what it holds, clearing it."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,3 +139,61 @@ def default_run_dir(config: Config, profile: Profile, root: Path = Path("runs"))
 
 def config_key(config: Config, profile: Profile) -> str:
     return hash_obj(config.model_dump(mode="json"), profile.model_dump(mode="json"))
+
+
+# The user cache (cache_dir()): what edgekd writes there, by kind -> (pattern under the cache folder).
+# Anything else in the folder (a virtual environment, other tools' files) is never listed or removed.
+CACHE_KINDS = {"teachers": "teachers/*", "logits": "teacher-logits/*", "sysroots": "arm64-sysroot-*"}
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached item: a file (teacher weights, a logit table) or a folder (a sysroot)."""
+
+    kind: str
+    path: Path
+    size_bytes: int
+    modified: float  # newest modification time of anything in it (seconds since the epoch)
+
+
+def _size_and_mtime(path: Path) -> tuple[int, float]:
+    if not path.is_dir() or path.is_symlink():
+        st = path.lstat()
+        return st.st_size, st.st_mtime
+    size, newest = 0, path.lstat().st_mtime
+    for f in path.rglob("*"):
+        st = f.lstat()
+        size += st.st_size if not f.is_dir() else 0
+        newest = max(newest, st.st_mtime)
+    return size, newest
+
+
+def cache_entries(kind: str | None = None) -> list[CacheEntry]:
+    """The entries of the user cache (of one kind when given), by kind then path."""
+    root = cache_dir()
+    out = []
+    for k, pattern in CACHE_KINDS.items():
+        if kind in (None, k):
+            for p in sorted(root.glob(pattern)) if root.is_dir() else []:
+                out.append(CacheEntry(k, p, *_size_and_mtime(p)))
+    return out
+
+
+def clear_cache(kind: str | None = None, older_than_days: float | None = None,
+                now: float | None = None) -> list[CacheEntry]:
+    """Remove the cache entries of `kind` (every kind when None) last written more than
+    `older_than_days` days ago (all when None); returns what was removed."""
+    import shutil
+    import time
+
+    cutoff = None if older_than_days is None else (now or time.time()) - older_than_days * 86400
+    removed = []
+    for e in cache_entries(kind):
+        if cutoff is not None and e.modified >= cutoff:
+            continue
+        if e.path.is_dir() and not e.path.is_symlink():
+            shutil.rmtree(e.path)
+        else:
+            e.path.unlink(missing_ok=True)
+        removed.append(e)
+    return removed
