@@ -101,6 +101,9 @@ class DistillConfig(Section):
     losses: dict[str, float] | None = None
     feature_layers: FeatureLayers | list[FeatureLayers] | None = None
     cache_topk: int | None = Field(None, ge=1)
+    # augmentation draws the teacher labels once each (plain KD and its baseline); None: 8 to 30, as many
+    # as a float32 copy of each would fit in 1 GiB. Fewer save teacher passes on large training sets.
+    draws: int | None = Field(None, ge=1, le=1000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 

@@ -44,7 +44,7 @@ def distill_student(ctx: RunContext, teacher: nn.Module, student: nn.Module
     initial = copy.deepcopy(student)
     grid = sweep_grid(d.sweep, d.temperature, d.alpha) if d.sweep else []
     needs_teacher = d.alpha > 0 or any(a > 0 for _, a in grid)
-    draws = kd_draws(kd_set.x)  # the no-KD twin gets as many
+    draws = d.draws or kd_draws(kd_set.x)  # the no-KD twin gets as many
     views = augmented_views(kd_set.x, cfg.seed, draws, cfg.data.augment)
     device = resolve_device(d.device)
     cache = parallel.shared_cache(teacher, views, topk=d.cache_topk, device=device) if needs_teacher else None
