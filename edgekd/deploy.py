@@ -1,4 +1,8 @@
-"""Compile candidates for the target, measure them with its runtime, and choose the final artifact."""
+"""Compile candidates for the target, measure them with its runtime, and choose the final artifact.
+
+Validation chooses, test reports: `select` measures every candidate on the selection data (the
+validation split, or inputs held out from calibration) and `choose` reads only those figures; `measure_all`
+then takes the reported figures on the held-out eval data, after the choice is made."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Artifact, get_backend
-from .backends.base import Source
+from .backends.base import Runner, Source
 from .bench.measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr_db
 from .context import RunContext
+from .quantize.sensitivity import Validation
 
 
 @dataclass
@@ -25,6 +30,7 @@ class Candidate:
     logits: np.ndarray | None = None
     not_measured: dict = field(default_factory=dict)
     label: str = ""
+    selection: dict = field(default_factory=dict)  # accuracy / top1_agreement on the selection data: what chose
 
 
 def compile_all(ctx: RunContext, sources: dict[str, Source | Path]) -> dict[str, Candidate]:
@@ -39,18 +45,55 @@ def compile_all(ctx: RunContext, sources: dict[str, Source | Path]) -> dict[str,
     return out
 
 
-def measure_all(ctx: RunContext, cands: dict[str, Candidate], x: np.ndarray, y: np.ndarray | None,
-                reference: str = "fp32", measure_latency: bool = True) -> None:
-    """Accuracy (or fidelity to `reference`) and interleaved latency for every runnable candidate."""
+def open_runners(ctx: RunContext, cands: dict[str, Candidate]) -> dict[str, Runner]:
+    """A session for every candidate that runs here; the others get their not_measured reason."""
     backend = get_backend(ctx.profile.backend)
-    runners = {}
+    runners: dict[str, Runner] = {}
     for name, c in cands.items():
         if c.artifact is None or not c.artifact.runnable_here:
             reason = c.artifact.not_runnable_reason if c.artifact else "not compiled"
             c.not_measured = {"accuracy": reason, "latency_ms": reason}
             continue
         runners[name] = backend.load(c.artifact, ctx.profile, ctx.threads)
-        c.logits = predict(runners[name], x)
+    return runners
+
+
+def select(cands: dict[str, Candidate], runners: dict[str, Runner], validation: Validation | None,
+           reference: str = "fp32") -> None:
+    """Each candidate's figures on the selection data (accuracy with labels, top-1 agreement with the
+    reference always): the only figures `choose` reads."""
+    if validation is None:
+        return
+    logits = {name: predict(r, validation.x) for name, r in runners.items() if name != "teacher"}
+    ref = logits.get(reference)
+    for name, lg in logits.items():
+        sel: dict = {"data": validation.source, "samples": int(len(validation.x))}
+        if validation.y is not None:
+            sel["accuracy"] = accuracy_of(lg, validation.y)
+        if ref is not None:
+            sel["top1_agreement"] = agreement_of(ref, lg)
+        cands[name].selection = sel
+
+
+def time_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str, Runner], sample: np.ndarray) -> None:
+    """Interleaved latency of every runnable candidate on one input (latency does not depend on which)."""
+    if not runners:
+        return
+    b = ctx.config.bench
+    warmup = b.warmup if "warmup" in b.model_fields_set else ctx.profile.bench.warmup
+    iters = b.iterations if "iterations" in b.model_fields_set else ctx.profile.bench.iterations
+    res = bench_interleaved(runners, sample[:1], warmup, iters, progress=ctx.progress)
+    for name, r in res.items():
+        cands[name].latency = r
+
+
+def measure_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str, Runner], x: np.ndarray,
+                y: np.ndarray | None, reference: str = "fp32") -> None:
+    """The reported figures: accuracy (or fidelity to `reference`) on the eval data for every runnable
+    candidate."""
+    for name, runner in runners.items():
+        c = cands[name]
+        c.logits = predict(runner, x)
         if y is not None:
             c.accuracy = accuracy_of(c.logits, y)
     ref = cands.get(reference)
@@ -60,13 +103,10 @@ def measure_all(ctx: RunContext, cands: dict[str, Candidate], x: np.ndarray, y: 
         if c.logits is not None and ref is not None and ref.logits is not None and c is not ref:
             c.fidelity = {"top1_agreement": agreement_of(ref.logits, c.logits),
                           "logit_sqnr_db": round(sqnr_db(ref.logits, c.logits), 2)}
-    if runners and measure_latency:
-        b = ctx.config.bench
-        warmup = b.warmup if "warmup" in b.model_fields_set else ctx.profile.bench.warmup
-        iters = b.iterations if "iterations" in b.model_fields_set else ctx.profile.bench.iterations
-        res = bench_interleaved(runners, x[:1], warmup, iters, progress=ctx.progress)
-        for name, r in res.items():
-            cands[name].latency = r
+
+
+def close_runners(runners: dict[str, Runner]) -> None:
+    """Release every session."""
     for r in runners.values():
         r.close()
 
@@ -112,27 +152,29 @@ def preference(ctx: RunContext, cands: dict[str, Candidate]) -> list[str]:
                   else len(order))
 
 
-def _budget(c: Candidate, ref: Candidate | None, max_drop: float, have_labels: bool) -> tuple[bool, str]:
-    """Whether `c` is within the accuracy budget of the FP32 reference, and the figure that says so."""
+def _budget(c: Candidate, ref: Candidate | None, max_drop: float) -> tuple[bool, str]:
+    """Whether `c` is within the accuracy budget of the FP32 reference on the selection data, and the
+    figure that says so."""
     if c is ref or ref is None:
         return True, "the reference"
-    if have_labels and c.accuracy is not None and ref.accuracy is not None:
-        drop = ref.accuracy - c.accuracy
-        return drop <= max_drop, f"accuracy drop {drop:.2f} pt vs fp32 (budget {max_drop})"
-    if c.fidelity:
-        dis = 100 - c.fidelity["top1_agreement"]
-        return dis <= max_drop, f"disagrees with fp32 on {dis:.2f}% of inputs (budget {max_drop})"
-    return True, "accuracy not measured here"
+    data = c.selection.get("data", "selection data")
+    if c.selection.get("accuracy") is not None and ref.selection.get("accuracy") is not None:
+        drop = ref.selection["accuracy"] - c.selection["accuracy"]
+        return drop <= max_drop, f"accuracy drop {drop:.2f} pt vs fp32 on the {data} (budget {max_drop})"
+    if c.selection.get("top1_agreement") is not None:
+        dis = 100 - c.selection["top1_agreement"]
+        return dis <= max_drop, f"disagrees with fp32 on {dis:.2f}% of the {data} (budget {max_drop})"
+    return True, "accuracy not measured on selection data"
 
 
-def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float, have_labels: bool,
+def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float,
            measured_here: bool) -> tuple[str, str, bool, dict[str, str]]:
     """The final candidate: fastest measured within the accuracy budget of FP32, or, where latency on the
     board could not be measured, the profile's preference order. Returns (name, why, measured, why
     per candidate)."""
     names = preference(ctx, cands)
     ref = cands.get("fp32")
-    verdict = {n: _budget(cands[n], ref, max_drop, have_labels) for n in names}
+    verdict = {n: _budget(cands[n], ref, max_drop) for n in names}
     ok = [n for n in names if verdict[n][0]]
     if not ok:
         ok = ["fp32"] if "fp32" in cands else names[:1]

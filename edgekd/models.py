@@ -1,7 +1,11 @@
-"""Model construction by name ('torchvision:NAME', built-in students, 'teacher'), checkpoints, counts."""
+"""Model construction by name ('torchvision:NAME', 'module:package.module:callable', built-in students,
+'teacher'), checkpoints, counts."""
 from __future__ import annotations
 
 import copy
+import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +47,51 @@ BUILTIN: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+def is_model_file(spec: str) -> bool:
+    """Whether `spec` names a whole pickled module on disk (rather than an architecture to build)."""
+    return not spec.startswith(("torchvision:", "module:", "edgekd:")) and spec not in BUILTIN and (
+        Path(spec).suffix in (".pt", ".pth") or Path(spec).exists())
+
+
+def build_from_factory(spec: str, num_classes: int) -> nn.Module:
+    """'module:package.module:callable': import the module (the working directory is importable, as with
+    `python -m`) and call the callable (a dotted attribute path is allowed) with num_classes=."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise ModelError(f"model {spec!r}: expected 'module:package.module:callable'")
+    _, module_name, attr = parts
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure of user code is reported in one line
+        raise ModelError(f"model {spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    factory = module
+    for name in attr.split("."):
+        factory = getattr(factory, name, None)
+        if factory is None:
+            raise ModelError(f"model {spec!r}: {module_name} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ModelError(f"model {spec!r}: {module_name}.{attr} is not callable")
+    try:
+        model = factory(num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"model {spec!r}: {module_name}.{attr}(num_classes={num_classes}) failed "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model {spec!r}: {module_name}.{attr} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
 def build_model(spec: str, num_classes: int, *, trust_checkpoint: bool = False) -> nn.Module:
-    """Build a randomly initialised model: 'torchvision:NAME', a built-in name, or a trusted module file."""
+    """Build a model: 'torchvision:NAME' (random init), 'module:package.module:callable' (called with
+    num_classes=), a built-in name, or a trusted module file."""
+    if spec.startswith("module:"):
+        return build_from_factory(spec, num_classes)
     if spec.startswith("torchvision:"):
         import torchvision
 
@@ -59,10 +106,10 @@ def build_model(spec: str, num_classes: int, *, trust_checkpoint: bool = False) 
     key = spec.removeprefix("edgekd:")
     if key in BUILTIN:
         return BUILTIN[key](num_classes)
-    path = Path(spec)
-    if path.suffix in (".pt", ".pth") or path.exists():
-        return load_module_file(path, trust_checkpoint)
-    raise ModelError(f"model {spec!r}: expected 'torchvision:NAME', one of {', '.join(BUILTIN)}, or a model file")
+    if is_model_file(spec):
+        return load_module_file(Path(spec), trust_checkpoint)
+    raise ModelError(f"model {spec!r}: expected 'torchvision:NAME', 'module:package.module:callable', one of "
+                     f"{', '.join(BUILTIN)}, or a model file")
 
 
 def load_module_file(path: Path, trust: bool) -> nn.Module:
@@ -112,6 +159,33 @@ def apply_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise ModelError(f"checkpoint {path} does not fit the model: {detail[:200]}") from None
     return model
+
+
+def classifier_layer(model: nn.Module) -> str | None:
+    """The name of the model's last nn.Linear (its classifier head), or None."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    return last
+
+
+def apply_backbone(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a checkpoint whose classifier does not fit the task's classes: every weight but the head's.
+    Returns the head keys left at their fresh initialisation; a mismatch elsewhere is a ModelError."""
+    sd = load_state_dict_file(path)
+    head = classifier_layer(model)
+    own = model.state_dict()
+    head_keys = [k for k in own if head is not None and k.startswith(head + ".")]
+    mismatched = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    outside = [k for k in mismatched + missing + unexpected if k not in head_keys]
+    if outside:
+        raise ModelError(f"checkpoint {path} does not fit the model beyond its classifier {head!r}: "
+                         f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in head_keys}, strict=False)
+    return head_keys
 
 
 def student_from(spec: str, teacher: nn.Module, num_classes: int) -> nn.Module:

@@ -14,7 +14,7 @@ from .config import Config
 from .config.profiles import load_profile
 from .context import RunContext, usable_cores
 from .data import build_splits, load_npz
-from .deploy import Candidate, choose, compile_all, measure_all
+from .deploy import Candidate, choose, close_runners, compile_all, measure_all, open_runners, select, time_all
 from .errors import BadInputError, StageError
 from .export import check_onnx_file, export_onnx, host_predict, parity, torch_logits
 from .models import count_macs, count_params, student_from
@@ -81,6 +81,7 @@ class Pipeline:
             assemble.apply_boards(report, results, teacher_results)
         if self.verify_arm:
             assemble.apply_arm(report, self._verify_arm(ctx, chosen.artifact))
+        self._check_collapse(ctx, "final", report["final"].get("accuracy"), report["teacher"].get("accuracy"))
         return assemble.finish(ctx, report, self.hosts)
 
     def _verify_arm(self, ctx: RunContext, artifact: Artifact) -> dict:
@@ -98,7 +99,9 @@ class Pipeline:
         ctx.splits = splits
         from .distill.teacher import get_teacher
 
+        t0 = time.perf_counter()
         teacher, tinfo = get_teacher(ctx, self.trust_checkpoint)
+        teacher_seconds = round(time.perf_counter() - t0, 2)  # training, or loading it from the cache
         run = ctx.run_dir
         eval_x, eval_y = splits.test.x.numpy(), splits.test.y.numpy()
         write_npz(run / "eval.npz", x=eval_x, y=eval_y)
@@ -113,7 +116,7 @@ class Pipeline:
         export_onnx(teacher, shape, run / "teacher.fp32.onnx", self.profile.opset)
         teacher_logits_torch = torch_logits(teacher, eval_x)
         stages.append(assemble.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
-                                            extra={"source": tinfo["source"]}))
+                                            extra={"source": tinfo["source"], "duration_s": teacher_seconds}))
 
         torch.manual_seed(cfg.seed)
         model = student_from(cfg.student.model, teacher, splits.num_classes)
@@ -123,15 +126,19 @@ class Pipeline:
             upstream = entry.pop("_key")
             stages.append(assemble.model_entry(ctx, "distill", model, ctx.stage_dir("distill") / "model.onnx",
                                                 eval_x, eval_y, extra=entry, teacher_logits=teacher_logits_torch))
+            self._check_collapse(ctx, "distill", stages[-1]["accuracy"], stages[0]["accuracy"])
         if "prune" in cfg.stages:
             model, entry = self._prune(ctx, teacher, model, upstream)
             stages.append(assemble.model_entry(ctx, "prune", model, ctx.stage_dir("prune") / "model.onnx",
                                                 eval_x, eval_y, extra=entry))
+            self._check_collapse(ctx, "prune", stages[-1]["accuracy"], stages[0]["accuracy"])
         fp32 = run / "model.fp32.onnx"
         t0 = time.perf_counter()
         export_onnx(model, shape, fp32, self.profile.opset)
         stages.append(self._parity(ctx, model, fp32, eval_x, time.perf_counter() - t0))
-        report = assemble.skeleton(ctx, splits.description, splits, teacher=assemble.teacher_block(stages[0], tinfo))
+        report = assemble.skeleton(ctx, splits.description, splits, teacher=assemble.teacher_block(stages[0], tinfo),
+                                   data_extra={"chosen_on": f"validation split ({len(splits.val)} images)",
+                                               "reported_on": f"test split ({len(splits.test)} images, eval.npz)"})
         final_model_counts = {"params": count_params(model), "macs": count_macs(model, shape)}
         return self._deploy(ctx, report, stages, fp32, eval_x, eval_y, final_model_counts)
 
@@ -179,7 +186,8 @@ class Pipeline:
                                    data_extra={"calibration_inputs": int(len(calib_x)),
                                                "held_out_for_fidelity": int(len(rep_ids)), "eval": eval_source,
                                                "selection": selection_source, "selection_inputs": int(len(sel_ids)),
-                                               "eval_inputs": int(len(eval_x))})
+                                               "eval_inputs": int(len(eval_x)), "chosen_on": selection_source,
+                                               "reported_on": eval_source})
         report["onnx_input"] = onnx_input
         return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, assemble.onnx_counts(
             run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)
@@ -205,6 +213,35 @@ class Pipeline:
         from .prune.stage import run_prune
 
         return run_prune(ctx, teacher, model, upstream)
+
+    def _check_collapse(self, ctx: RunContext, stage: str, accuracy: float | None, teacher: float | None) -> None:
+        """Stop the run (StageError, exit 3) when `stage`'s model ends near chance on the test split while
+        the teacher is well above it; with allow_collapse: true, a note instead.
+
+        Chance is what always answering one class scores: 1/C, or the largest class's share where the
+        test split is skewed. Near chance means keeping less than a fifth of the teacher's margin over
+        chance, judged only when that margin is 30 points or more (a weak teacher says little). A share of
+        the margin rather than a fixed max(2 x chance, chance + 10 points), which with two classes flags
+        every model below 100% and with three every one below 67%. Ten classes and a 99% teacher: below
+        27.8%; two classes and a 95% teacher: below 59%; 1000 classes and a 70% teacher: below 14%."""
+        splits = ctx.splits
+        if accuracy is None or teacher is None or splits is None:
+            return
+        y = splits.test.y.numpy()
+        y = y[y >= 0]
+        chance = max(100.0 / splits.num_classes, 100.0 * np.bincount(y).max() / len(y) if len(y) else 0.0)
+        margin = teacher - chance
+        if margin < 30 or accuracy >= chance + margin / 5:
+            return
+        hints = {"distill": "train longer (distill.epochs), try another student.model or a lower distill.temperature",
+                 "prune": "prune less (prune.ratio or its target) or fine-tune longer (prune.finetune_epochs)",
+                 "final": "check the distill and prune entries, or try another quantize.method"}
+        msg = (f"{stage}: the model ends near chance, {accuracy:.2f}% test accuracy against the teacher's "
+               f"{teacher:.2f}% (chance {chance:.2f}%); {hints[stage]}; allow_collapse: true keeps it")
+        if not self.config.allow_collapse:
+            raise StageError(msg)
+        ctx.notes.append(msg)
+        ctx.progress.note(msg)
 
     def _parity(self, ctx: RunContext, model: nn.Module, fp32: Path, eval_x: np.ndarray, seconds: float) -> dict:
         ref = torch_logits(model, eval_x)
@@ -249,13 +286,24 @@ class Pipeline:
                        "backend": ctx.profile.backend,
                        "artifacts": {k: str(c.artifact.path.relative_to(run)) for k, c in cands.items() if c.artifact}})
         t0 = time.perf_counter()
-        measure_all(ctx, cands, eval_x, eval_y)
-        teacher_c = cands.pop("teacher", None)
-        max_drop = self.config.quantize.max_accuracy_drop
-        name, why, measured, reasons = choose(ctx, cands, max_drop, eval_y is not None, measured_here)
+        sample = validation.x[:1] if validation is not None else load_npz(run / "calib.npz", "calibration data")[0][:1]
+        runners = open_runners(ctx, cands)
+        try:
+            # Validation chooses: the choice reads only figures on the selection data ...
+            select(cands, runners, validation)
+            time_all(ctx, cands, runners, sample)
+            teacher_c = cands.pop("teacher", None)
+            name, why, measured, reasons = choose(ctx, cands, self.config.quantize.max_accuracy_drop, measured_here)
+            # ... and test reports: the eval data is read only now, after the choice.
+            if teacher_c is not None:
+                cands["teacher"] = teacher_c
+            measure_all(ctx, cands, runners, eval_x, eval_y)
+            cands.pop("teacher", None)
+        finally:
+            close_runners(runners)
         stages.append({"name": "bench", "duration_s": round(time.perf_counter() - t0, 2),
                        "threads": ctx.threads, "measured_on": "host"})
-        assemble.record_choice(ctx, stages, cands, name, why, measured, reasons)
+        assemble.record_choice(ctx, stages, cands, name, why, measured, reasons, validation)
         assemble.set_stages(report, stages)
         assemble.fill_final(ctx, report, name, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
         self.teacher_artifact = teacher_c.artifact if teacher_c is not None else None

@@ -217,7 +217,7 @@ class QuantizeConfig(Section):
     symmetric_activations: bool | None = None
     percentile: float = Field(99.999, gt=90, le=100)
     max_accuracy_drop: float = Field(0.5, ge=0, le=100)
-    recipe: str | None = None
+    recipe: Literal["auto", "ort-x86", "ort-arm", "openvino", "tensorrt"] | None = None
 
 
 class GatesConfig(Section):
@@ -244,6 +244,9 @@ class Config(Section):
     stages: list[Literal["distill", "prune", "quantize"]] = list(STAGES)
     target: str = "cpu"
     verify_arm: bool = False
+    # A stage whose model ends near chance while the teacher is well above it stops the run (exit 3);
+    # true keeps such a result (with a note) instead.
+    allow_collapse: bool = False
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()

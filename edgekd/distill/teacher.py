@@ -8,15 +8,17 @@ import torch
 from torch import nn
 
 from ..context import RunContext
-from ..models import apply_checkpoint, build_model, load_state_dict_file
-from ..runs import atomic_path, cache_dir, hash_obj
+from ..errors import ModelError
+from ..models import apply_backbone, apply_checkpoint, build_model, is_model_file, load_state_dict_file
+from ..runs import atomic_path, cache_dir, hash_obj, sha256_file
 from .trainer import train
 
 
 def _cache_path(ctx: RunContext) -> Path:
     cfg = ctx.config
-    key = hash_obj("teacher-v1", cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-                   {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")})
+    checkpoint = sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else None
+    key = hash_obj("teacher-v2", cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                   {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")}, checkpoint)
     return cache_dir() / "teachers" / f"{cfg.teacher.model.replace(':', '_').replace('/', '_')}-{key}.pt"
 
 
@@ -29,26 +31,42 @@ def get_teacher(ctx: RunContext, trust_checkpoint: bool = False) -> tuple[nn.Mod
                         trust_checkpoint=trust_checkpoint or cfg.teacher.trust_checkpoint)
     info: dict = {"model": cfg.teacher.model}
     if cfg.teacher.checkpoint:
-        apply_checkpoint(model, cfg.teacher.checkpoint)
-        info["source"] = f"checkpoint {cfg.teacher.checkpoint}"
-    elif cfg.teacher.train_epochs > 0 and not Path(cfg.teacher.model).suffix:
-        path = _cache_path(ctx)
-        if path.is_file():
-            model.load_state_dict(load_state_dict_file(path))
-            info["source"] = f"trained earlier, cached at {path}"
-        else:
-            t0 = time.perf_counter()
-            res = train(model, splits.train, splits.val, epochs=cfg.teacher.train_epochs,  # type: ignore[union-attr]
-                        lr=cfg.teacher.lr, seed=0, batch_size=cfg.data.batch_size, augment=cfg.data.augment,
-                        progress=ctx.progress, label="training teacher")
-            with atomic_path(path) as tmp:
-                torch.save(model.state_dict(), tmp)
-            info["source"] = f"trained here for {cfg.teacher.train_epochs} epochs, cached at {path}"
-            info["train_seconds"] = round(time.perf_counter() - t0, 2)
-            info["val_accuracy_torch"] = res.val_accuracy
+        try:
+            apply_checkpoint(model, cfg.teacher.checkpoint)
+            info["source"] = f"checkpoint {cfg.teacher.checkpoint}"
+        except ModelError:
+            if cfg.teacher.train_epochs <= 0:
+                raise
+            # Transfer learning: a checkpoint for other classes (ImageNet, say) loads without its head,
+            # then the teacher is fine-tuned with a new head for this task's classes.
+            head = apply_backbone(model, cfg.teacher.checkpoint)
+            _train_cached(ctx, model, info, f"checkpoint {cfg.teacher.checkpoint} without its classifier "
+                          f"({', '.join(head)}), fine-tuned with a new head for")
+    elif cfg.teacher.train_epochs > 0 and not is_model_file(cfg.teacher.model):
+        _train_cached(ctx, model, info, "trained here for")
     else:
         info["source"] = "random initialisation"
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, info
+
+
+def _train_cached(ctx: RunContext, model: nn.Module, info: dict, what: str) -> None:
+    """Train the teacher for teacher.train_epochs (from its current weights), or load the result of an
+    earlier identical training from the cache."""
+    cfg, splits = ctx.config, ctx.splits
+    path = _cache_path(ctx)
+    if path.is_file():
+        model.load_state_dict(load_state_dict_file(path))
+        info["source"] = f"{what} {cfg.teacher.train_epochs} epochs by an earlier run, cached at {path}"
+        return
+    t0 = time.perf_counter()
+    res = train(model, splits.train, splits.val, epochs=cfg.teacher.train_epochs,  # type: ignore[union-attr]
+                lr=cfg.teacher.lr, seed=0, batch_size=cfg.data.batch_size, augment=cfg.data.augment,
+                progress=ctx.progress, label="training teacher")
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    info["source"] = f"{what} {cfg.teacher.train_epochs} epochs, cached at {path}"
+    info["train_seconds"] = round(time.perf_counter() - t0, 2)
+    info["val_accuracy_torch"] = res.val_accuracy

@@ -18,6 +18,7 @@ from ..data import ArrayDataset
 from ..data.images import AugmentedView, Images
 from ..progress import NullProgress, Progress
 from . import parallel
+from .batchnorm import reestimate_bn
 from .cache import TeacherLogitCache, frozen
 from .features import FeatureTap, StudentWithAdapters
 from .losses import FEATURE_LOSSES, combined_loss, soft_target_entropy
@@ -144,6 +145,8 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
     Distillation trains on every sample (labels of -1 get only the teacher's terms) with
     losses.combined_loss; CE-only training uses the labeled samples alone. `steps`, when given, fixes
     the number of optimizer steps (epochs are then derived from it); otherwise epochs * ceil(n / batch).
+    After each epoch the BatchNorm statistics are re-estimated on `train_set`'s un-augmented inputs
+    (batchnorm.reestimate_bn) before the model is scored, so the kept weights carry their own.
     Under torchrun each global batch is split across the ranks (DistributedDataParallel), so the
     result matches a single-process run up to floating-point reduction order."""
     rank, world = parallel.rank_and_world()
@@ -240,6 +243,8 @@ def train(model: nn.Module, train_set: ArrayDataset, val_set: ArrayDataset, *, e
                     torch.cuda.synchronize(dev)
                 result.epoch_seconds.append(time.perf_counter() - t0)
                 epoch_loss = parallel.mean_over_ranks(float(loss_sum), seen)
+                # the running statistics of the weights just trained, before they are scored and chosen
+                reestimate_bn(model, train_set.x, seed=seed, batch_size=batch_size)
                 acc, vloss = evaluate(model, val_set)
                 result.curve.append({"epoch": epoch + 1, "loss": round(epoch_loss, 5), "val_accuracy": acc,
                                      "val_loss": round(vloss, 5), "seconds": round(result.epoch_seconds[-1], 4)})

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..context import RunContext
+from ..distill.batchnorm import reestimate_bn
 from ..distill.trainer import AUG_DRAWS, TeacherLogitCache, augmented_views, train
 from ..models import build_model, student_from
 from ..runs import atomic_path
@@ -47,7 +48,7 @@ class LatencyProbe:
         self.measured_on = (f"host ({ctx.profile.backend}, {ctx.threads} threads)" if self.here else
                             f"host (onnxruntime, {ctx.threads} threads), standing in for {ctx.profile.name}")
         self.dir = ctx.stage_dir("prune") / "probe"
-        self.sample = ctx.splits.test.x[:1].numpy()  # type: ignore[union-attr]
+        self.sample = ctx.splits.val.x[:1].numpy()  # type: ignore[union-attr]  # timing only; test data reports
         self.count = 0
         self.reference = self._load(reference, "reference")
         self.iterations = calls_for(self.reference.infer, self.sample, PROBE_ROUND_S, PROBE_MIN_ITERATIONS,
@@ -107,7 +108,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     """Prune `model` (fine-tuning with KD from its unpruned self) or reload a stored result."""
     cfg, splits = ctx.config, ctx.splits
     p = cfg.prune
-    key = ctx.key("prune-v4", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
+    key = ctx.key("prune-v5", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
                   ctx.profile.round_to, ctx.profile.name, ctx.threads)
     out = ctx.stage_dir("prune")
     hit = ctx.cached("prune", key)
@@ -124,7 +125,8 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     caches: list[TeacherLogitCache] = []
 
     def finetune(m: nn.Module, step: int) -> float:
-        if epochs_per_step == 0:
+        if epochs_per_step == 0:  # no training, yet every BatchNorm after a pruned layer now sees other inputs
+            reestimate_bn(m, splits.train.x, seed=cfg.seed + step, batch_size=cfg.data.batch_size)  # type: ignore[union-attr]
             return float("nan")
         if not caches:  # the unpruned model's logits on every augmented view, computed once when first needed
             views = augmented_views(splits.train.x, cfg.seed, AUG_DRAWS, cfg.data.augment)  # type: ignore[union-attr]

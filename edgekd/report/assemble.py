@@ -12,7 +12,7 @@ from torch import nn
 
 from .._version import __version__
 from ..bench.measure import accuracy_of, agreement_of, bench_interleaved, predict
-from ..bench.runner import EMULATED_REASON
+from ..bench.runner import EMULATED_REASON, bootstrap_ci
 from ..context import RunContext
 from ..data import Splits
 from ..errors import EdgeKDError
@@ -22,6 +22,18 @@ from ..runs import sha256_file, write_json
 
 STAGE_BENCH_ITERATIONS = 150
 LAT_KEYS = ("p50", "p90", "p99", "mean")
+
+
+def _lat_ci(latency: dict | None) -> dict | None:
+    """95% bootstrap intervals of p50/p90/p99 over the interleaved rounds (drift between rounds widens
+    them), as [low, high] ms: what `edgekd gate --baseline` weighs a regression against."""
+    if not latency or not latency.get("samples_ms") or not latency.get("rounds"):
+        return None
+    samples, rounds = latency["samples_ms"], int(latency["rounds"])
+    if len(samples) % rounds:
+        return None
+    trials = list(np.asarray(samples, dtype=np.float64).reshape(rounds, -1))
+    return {f"p{q}": [round(v, 4) for v in bootstrap_ci(trials, q, resamples=1000)] for q in (50, 90, 99)}
 
 
 def _lat(summary: dict | None) -> dict | None:
@@ -122,18 +134,21 @@ def candidate_entry(ctx: RunContext, name: str, c, chosen: bool) -> dict:
     e = {"precision": c.precision, "artifact": str(c.artifact.path.relative_to(ctx.run_dir)) if c.artifact else None,
          "size_bytes": c.artifact.size_bytes() if c.artifact else None,
          "accuracy": c.accuracy, "fidelity": c.fidelity or None, "latency_ms": _lat(c.latency),
+         "latency_ci_ms": _lat_ci(c.latency),
          "measured_on": "host" if c.latency else None, "chosen": chosen}
     missing = {k: v for k, v in (c.not_measured or {}).items()}
     for k in ("accuracy", "latency_ms", "fidelity", "measured_on", "artifact", "size_bytes"):
         if e[k] is None and k not in missing:
             missing[k] = "no eval labels given" if k == "accuracy" else "not measured here"
+    if c.selection:
+        e["selection"] = c.selection
     if missing:
         e["not_measured"] = missing
     return e
 
 
 def record_choice(ctx: RunContext, stages: list[dict], cands: dict, name: str, why: str, measured: bool,
-                  reasons: dict[str, str]) -> None:
+                  reasons: dict[str, str], validation=None) -> None:
     """The quantize stage's entry gets every candidate's figures and the choice with its reason."""
     for st in stages:
         if st["name"] == "quantize":
@@ -142,7 +157,9 @@ def record_choice(ctx: RunContext, stages: list[dict], cands: dict, name: str, w
             st["choice"] = {"candidate": name, "precision": cands[name].precision, "label": cands[name].label,
                             "why": why, "measured": measured,
                             "measured_where": "this host, with the target's runtime" if measured else
-                            "not measured on the board"}
+                            "not measured on the board",
+                            "chosen_on": validation.source if validation is not None else
+                            "no selection data: the accuracy budget was not checked"}
 
 
 def set_stages(report: dict, stages: list[dict]) -> None:
@@ -176,6 +193,7 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
     final["latency_ms"] = _lat(c.latency)
     if c.latency is None:
         nm["latency_ms"] = c.not_measured.get("latency_ms", "not measured")
+    final["latency_ci_ms"] = _lat_ci(c.latency)
     final["latency_samples_ms"] = c.latency.get("samples_ms") if c.latency else None
     final["measured_on"] = "host" if c.latency else None
     if not prof.measures_here and c.latency:
@@ -185,6 +203,7 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
     if teacher_c is not None:
         teacher["accuracy"] = teacher_c.accuracy
         teacher["latency_ms"] = _lat(teacher_c.latency)
+        teacher["latency_ci_ms"] = _lat_ci(teacher_c.latency)
         teacher["latency_samples_ms"] = teacher_c.latency.get("samples_ms") if teacher_c.latency else None
         teacher["size_bytes"] = teacher_c.artifact.size_bytes() if teacher_c.artifact else teacher.get("size_bytes")
         teacher["accuracy_runtime"] = f"{prof.backend} fp32"
@@ -276,7 +295,9 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
         entry = {"host": h, "latency_ms": r.get("latency_ms"), "accuracy": r.get("accuracy"),
                  "throughput": r.get("throughput"), "cold_start_ms": r.get("cold_start_ms"),
                  "environment": r.get("environment"), "versions": r.get("versions"),
-                 "teacher_latency_ms": t.get("latency_ms") if isinstance(t, dict) else None}
+                 "teacher_latency_ms": t.get("latency_ms") if isinstance(t, dict) else None,
+                 "latency_ci_ms": r.get("latency_ci95"),
+                 "teacher_latency_ci_ms": t.get("latency_ci95") if isinstance(t, dict) else None}
         if isinstance(t, EdgeKDError):
             entry["not_measured"] = {"teacher_latency_ms": str(t)}
         elif entry["teacher_latency_ms"] is None:
@@ -288,6 +309,7 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
     final["measured_on"] = first["host"]
     final.pop("measured_on_note", None)
     final.pop("latency_samples_ms", None)
+    final["latency_ci_ms"] = first.get("latency_ci_ms")  # the board's own interval, never the host's
     if first.get("accuracy") is not None:
         final["accuracy"] = first["accuracy"]
         final["accuracy_source"] = f"eval on {first['host']}"
@@ -301,6 +323,7 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
         teacher["latency_ms"] = {k: t_lat[k] for k in LAT_KEYS if k in t_lat}
         teacher["measured_on"] = first["host"]
         teacher.pop("latency_samples_ms", None)
+        teacher["latency_ci_ms"] = first.get("teacher_latency_ci_ms")
     if nm:
         final["not_measured"] = nm
     else:

@@ -11,6 +11,7 @@ import torch
 
 from edgekd.cli import main
 from edgekd.models import SmallCNN
+from tests.conftest import run_edgekd
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +90,8 @@ def _setup(case: str, d: Path) -> list[str]:
     if case == "pickled module without trust":
         torch.save(SmallCNN(10), d / "whole.pt")
         return config(f"teacher: {{model: {d / 'whole.pt'}}}\n")
+    if case == "unknown recipe":
+        return config("quantize: {recipe: fastest}\n")
     if case == "calibration size 0":
         return config("quantize: {calibration_samples: 0}\n")
     if case == "model without calib":
@@ -142,6 +145,7 @@ CASES = [
     ("checkpoint is not one", "junk.pt: not a loadable"), ("malicious checkpoint", "evil.pt"),
     ("checkpoint of another model", "does not fit"), ("unknown torchvision model", "resnet9000"),
     ("pickled module without trust", "--trust-checkpoint"), ("calibration size 0", "calibration_samples"),
+    ("unknown recipe", "quantize.recipe"),
     ("model without calib", "--calib-data"), ("corrupt onnx", "bad.onnx"), ("onnx of wrong rank", "rank 2"),
     ("unsupported op", "node 'fancy_1' uses op 'FancyConv'"),
     ("calib with nan", "NaN/Inf"), ("calib wrong shape", "shape"), ("calib empty", "empty"),
@@ -174,3 +178,16 @@ def test_trace_only_with_debug(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("distill: {epochz: 3}\n")
     assert main(["compress", "--debug", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_trust_warning_reaches_the_terminal_without_debug(tmp_path):
+    # A trusted whole-module pickle is loaded with a warning the user must see; the run then stops on
+    # an unknown student (exit 2) before any training.
+    torch.save(SmallCNN(10), tmp_path / "whole.pt")
+    (tmp_path / "c.yaml").write_text(f"teacher: {{model: {tmp_path / 'whole.pt'}}}\n"
+                                     "student: {model: 'torchvision:resnet9000'}\n")
+    r = run_edgekd("compress", "--quiet", "--trust-checkpoint", "--config", str(tmp_path / "c.yaml"),
+                   "--out", str(tmp_path / "run"))
+    err = r.stderr
+    assert r.returncode == 2 and "resnet9000" in err
+    assert "with full pickle (trusted by the user)" in err

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED, run_edgekd
+from tests.conftest import ROOT, SHARED, run_edgekd
 
 pytestmark = pytest.mark.e2e
 
@@ -72,3 +72,30 @@ def test_targets_command_lists_profiles():
     assert r.returncode == 0
     for name in ("cpu", "intel-cpu", "raspberry-pi-5", "jetson-orin-nano", "local", "rpi"):
         assert name in r.stdout
+
+
+def _key_paths(node, prefix: str = "") -> set[str]:
+    """Every key path of a report: lists of stages are keyed by stage name, other lists by '[]';
+    config and environment count as one key each (their contents are the config's and the host's)."""
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else k
+            out.add(path)
+            if k not in ("config", "environment"):
+                out |= _key_paths(v, path)
+    elif isinstance(node, list):
+        for item in node:
+            named = prefix == "stages" and isinstance(item, dict) and isinstance(item.get("name"), str)
+            out |= _key_paths(item, prefix + (f"[{item['name']}]" if named else "[]"))
+    return out
+
+
+def test_report_keeps_every_key_dashboards_read(tiny_run):
+    # report.json's keys are a contract: a key present in the golden list may never disappear. Keys are
+    # only added (and then added to tests/fixtures/report_keys.json).
+    out, _ = tiny_run
+    golden = set(json.loads((ROOT / "tests" / "fixtures" / "report_keys.json").read_text()))
+    have = _key_paths(json.loads((out / "report.json").read_text()))
+    missing = sorted(golden - have)
+    assert not missing, f"keys gone from report.json: {missing[:20]}"

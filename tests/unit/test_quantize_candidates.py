@@ -40,11 +40,14 @@ def test_boards_without_a_measurement_get_their_recipe_only():
 
 
 def _cand(precision: str, p50: float | None, acc: float | None = None, agree: float | None = None) -> Candidate:
-    c = Candidate(precision=precision, onnx=Path("m.onnx"), accuracy=acc, label=precision)
+    """A candidate with figures on the selection data (what `choose` reads)."""
+    c = Candidate(precision=precision, onnx=Path("m.onnx"), label=precision)
     if p50 is not None:
         c.latency = {"p50": p50}
+    if acc is not None:
+        c.selection["accuracy"] = acc
     if agree is not None:
-        c.fidelity = {"top1_agreement": agree, "logit_sqnr_db": 30.0}
+        c.selection["top1_agreement"] = agree
     return c
 
 
@@ -52,7 +55,7 @@ def test_fastest_within_budget_wins_when_measured(tmp_path):
     ctx = _ctx("cpu", tmp_path)
     cands = {"int8": _cand("int8", 5.0, acc=90.0), "int8-qoperator": _cand("int8", 4.0, acc=88.0),
              "fp32": _cand("fp32", 9.0, acc=90.2)}
-    name, why, measured, reasons = choose(ctx, cands, 0.5, True, True)
+    name, why, measured, reasons = choose(ctx, cands, 0.5, True)
     assert (name, measured) == ("int8", True)
     assert "over the accuracy budget" in reasons["int8-qoperator"]
     assert reasons["fp32"].startswith("slower") and "fastest" in reasons["int8"]
@@ -61,7 +64,19 @@ def test_fastest_within_budget_wins_when_measured(tmp_path):
 def test_fp32_wins_when_int8_is_slower(tmp_path):
     ctx = _ctx("cpu", tmp_path)
     cands = {"int8": _cand("int8", 7.0, agree=100.0), "fp32": _cand("fp32", 6.0)}
-    assert choose(ctx, cands, 0.5, False, True)[0] == "fp32"
+    assert choose(ctx, cands, 0.5, True)[0] == "fp32"
+
+
+def test_the_choice_reads_selection_figures_only(tmp_path):
+    ctx = _ctx("cpu", tmp_path)
+    # On the test split INT8 looks 5 points worse, on the validation split it is within budget: the
+    # validation split decides; test figures are for the report.
+    cands = {"int8": _cand("int8", 1.0, acc=90.0), "fp32": _cand("fp32", 3.0, acc=90.2)}
+    cands["int8"].accuracy, cands["fp32"].accuracy = 85.0, 90.0
+    name, why, _, reasons = choose(ctx, cands, 0.5, True)
+    assert name == "int8" and "fastest within the accuracy budget" in reasons["int8"]
+    cands["int8"].selection["accuracy"] = 89.0  # over budget on the validation split now
+    assert choose(ctx, cands, 0.5, True)[0] == "fp32"
 
 
 def test_latencies_within_the_noise_band_leave_the_choice_to_the_preference_order(tmp_path):
@@ -70,13 +85,13 @@ def test_latencies_within_the_noise_band_leave_the_choice_to_the_preference_orde
     # same artifact run after run; the earlier candidate in the preference order wins the tie.
     cands = {"int8": _cand("int8", 0.160, acc=90.0), "int8-qoperator": _cand("int8", 0.152, acc=90.0),
              "fp32": _cand("fp32", 0.193, acc=90.0)}
-    name, why, measured, reasons = choose(ctx, cands, 0.5, True, True)
+    name, why, measured, reasons = choose(ctx, cands, 0.5, True)
     assert (name, measured) == ("int8", True)
     assert "not faster beyond noise" in reasons["int8-qoperator"] and reasons["fp32"].startswith("slower")
     assert "preference order" in why
     # Beyond the band the faster one wins.
     cands["int8-qoperator"].latency = {"p50": 0.120}
-    assert choose(ctx, cands, 0.5, True, True)[0] == "int8-qoperator"
+    assert choose(ctx, cands, 0.5, True)[0] == "int8-qoperator"
 
 
 def test_a_noisy_speedup_does_not_displace_the_preferred_candidate(tmp_path):
@@ -95,11 +110,11 @@ def test_a_noisy_speedup_does_not_displace_the_preferred_candidate(tmp_path):
     noisy[:3] *= 0.88
     cands = {"int8": measured("int8", base), "int8-qoperator": measured("int8", noisy)}
     assert cands["int8-qoperator"].latency["p50"] < cands["int8"].latency["p50"] / 1.1
-    name, _, _, reasons = choose(ctx, cands, 0.5, True, True)
+    name, _, _, reasons = choose(ctx, cands, 0.5, True)
     assert name == "int8" and "95%" in reasons["int8-qoperator"]
     # Twice as fast in every round: a real speedup wins.
     cands["int8-qoperator"] = measured("int8", base * 0.5)
-    assert choose(ctx, cands, 0.5, True, True)[0] == "int8-qoperator"
+    assert choose(ctx, cands, 0.5, True)[0] == "int8-qoperator"
 
 
 def test_board_without_measurement_follows_preference_order(tmp_path):
@@ -107,7 +122,7 @@ def test_board_without_measurement_follows_preference_order(tmp_path):
     # An x86 measurement that favours fp32 must not decide for an ARM board.
     cands = {"fp32": _cand("fp32", 1.0, acc=90.0), "int8": _cand("int8", 9.0, acc=89.9)}
     assert preference(ctx, cands) == ["int8", "fp32"]
-    name, why, measured, _ = choose(ctx, cands, 0.5, True, False)
+    name, why, measured, _ = choose(ctx, cands, 0.5, False)
     assert (name, measured) == ("int8", False) and "not measured on the board" in why
 
 

@@ -18,6 +18,7 @@ from ...context import RunContext
 from ...data import ArrayDataset, Splits
 from ...progress import NullProgress, Progress
 from ...runs import atomic_path
+from ..batchnorm import reestimate_bn
 from ..cache import TeacherLogitCache
 from ..trainer import AUG_DRAWS, PRECISION_NAMES, augmented_views, autocast_dtype, evaluate, resolve_device
 
@@ -67,7 +68,8 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
     """Train the parameters of `trainable` (AdamW, one-cycle schedule) for `steps` steps of `loss_fn`.
 
     Each epoch visits the samples in a seeded order, taking epoch e's inputs from augmentation draw
-    e mod len(views); after each epoch every watched model is scored on `val_set`, and each ends
+    e mod len(views); after each epoch the BatchNorm statistics of every trainable module are
+    re-estimated on `train_set`'s inputs, every watched model is scored on `val_set`, and each ends
     with its best-validation weights (ties go to the lower validation loss).
 
     Under torchrun each global batch is split across the ranks; gradients are averaged over them and
@@ -136,6 +138,8 @@ def fit(trainable: list[nn.Module], loss_fn: StepLoss, train_set: ArrayDataset, 
             result.epoch_seconds.append(time.perf_counter() - t0)
             row: dict = {"epoch": epoch + 1, "loss": round(parallel.mean_over_ranks(loss_sum, seen), 5),
                          "seconds": round(result.epoch_seconds[-1], 4)}
+            for m in trainable:  # the running statistics of the weights just trained, before scoring
+                reestimate_bn(m, train_set.x, seed=seed, batch_size=batch_size)
             for name, model in watch.items():
                 acc, vloss = evaluate(model, val_set)
                 row[f"val_accuracy_{name}" if len(watch) > 1 else "val_accuracy"] = acc
