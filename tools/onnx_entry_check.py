@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""The ONNX entry on torchvision models exported the usual way (fixed batch of 1) at several opsets, for
+several targets: a markdown table of the final artifact's top-1 agreement with the FP32 model.
+
+    python tools/onnx_entry_check.py --out /tmp/onnx-entry-check
+    python tools/onnx_entry_check.py --models resnet18 --opsets 11 --targets cpu --size 64   # quick
+
+Each model is random-init (weights=None) with its BatchNorm statistics re-estimated on image-like
+inputs (smooth random colour fields), so activations are scaled as in a trained network; the
+1000-class head stays random. Agreement is what is measured, so trained weights are not needed, but
+a random head may give few distinct top-1 classes: the table says how many the FP32 model gives on
+the held-out inputs, and agreement over one or two classes says little.
+
+Per run: `edgekd compress --model M --calib-data C --eval-data E --target T`; the figures come from
+its report.json (final.agreement_with_fp32, measured with the target's runtime where it runs on this
+host). Exit 0 when every run finished, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_BENCH = "bench: {iterations: 20, warmup: 2}\n"  # latency is not what this checks
+
+
+def image_like(n: int, size: int, seed: int) -> np.ndarray:
+    """Smooth random colour fields (a 7x7 field upsampled bicubically) plus a little noise, normalised
+    with ImageNet's mean and std."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.uniform(0, 1, (n, 3, 7, 7)).astype(np.float32))
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).numpy()
+    x = np.clip(x + 0.03 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def build_model(name: str, size: int, seed: int):
+    """A random-init torchvision classifier with BatchNorm statistics taken from image-like inputs."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(weights=None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # a cumulative average over the batches below
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for i in range(4):
+            model(torch.from_numpy(image_like(16, size, seed + 100 + i)))
+    return model.eval()
+
+
+def export_fixed(model, path: Path, opset: int, size: int) -> Path:
+    """torch.onnx.export as users write it: one example of batch 1, no dynamic axes."""
+    import torch
+
+    torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(path), input_names=["input"], dynamo=False,
+                      opset_version=opset)
+    return path
+
+
+def distinct_classes(model, x: np.ndarray) -> int:
+    import torch
+
+    with torch.no_grad():
+        return int(len(np.unique(np.concatenate([model(torch.from_numpy(x[i:i + 32])).argmax(1).numpy()
+                                                 for i in range(0, len(x), 32)]))))
+
+
+def run_one(model: Path, data: Path, out: Path, target: str) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "edgekd.cli", "compress", "--config", str(data / "fast.yaml"),
+                        "--model", str(model), "--calib-data", str(data / "calib.npz"), "--eval-data",
+                        str(data / "eval.npz"), "--target", target, "--out", str(out), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True)
+    row: dict = {"rc": r.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    if r.returncode != 0 or not (out / "report.json").exists():
+        row["error"] = (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return row
+    rep = json.loads((out / "report.json").read_text())
+    q = next(s for s in rep["stages"] if s["name"] == "quantize")
+    int8 = next((c for c in q["candidates"] if c["name"] == "int8"), {})
+    final = rep["final"]
+    row.update({"final": final.get("candidate"), "agreement": final.get("agreement_with_fp32"),
+                "int8_agreement": (int8.get("fidelity") or {}).get("top1_agreement"),
+                "selection_drop": (q.get("fallback") or {}).get("drop"), "kept_float": len(q.get("kept_float", [])),
+                "opset_used": rep["onnx_input"]["opset_used"],
+                "measured": "this host" + (" (not the board)" if final.get("measured_on_note") else "")})
+    return row
+
+
+def _fmt(v, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | opset (used) | target | exit | final | final vs FP32 top-1 % | int8 vs FP32 top-1 % | "
+            "int8 drop on selection % | kept float | FP32 classes on eval | where |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['opset']} ({_fmt(r.get('opset_used'))}) | {r['target']} | {r['rc']} | "
+                     f"{_fmt(r.get('final'))} | {_fmt(r.get('agreement'))} | {_fmt(r.get('int8_agreement'))} | "
+                     f"{_fmt(r.get('selection_drop'))} | {_fmt(r.get('kept_float'))} | {r['classes']} | "
+                     f"{r.get('measured') or r.get('error', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/edgekd-onnx-entry-check"))
+    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--opsets", nargs="+", type=int, default=[11, 13, 17])
+    ap.add_argument("--targets", nargs="+", default=["cpu", "intel-cpu", "raspberry-pi-5"])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--calib", type=int, default=64, help="calibration inputs (a quarter of them select)")
+    ap.add_argument("--eval", type=int, default=200, help="held-out inputs the agreement is measured on")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    data = args.out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    np.savez(data / "calib.npz", x=image_like(args.calib, args.size, args.seed + 1))
+    eval_x = image_like(args.eval, args.size, args.seed + 2)
+    np.savez(data / "eval.npz", x=eval_x)
+    (data / "fast.yaml").write_text(FAST_BENCH)
+    rows = []
+    for name in args.models:
+        model = build_model(name, args.size, args.seed)
+        classes = distinct_classes(model, eval_x)
+        for opset in args.opsets:
+            path = export_fixed(model, data / f"{name}-opset{opset}.onnx", opset, args.size)
+            for target in args.targets:
+                row = {"model": name, "opset": opset, "target": target, "classes": classes,
+                       **run_one(path, data, args.out / "runs" / f"{name}-opset{opset}-{target}", target)}
+                rows.append(row)
+                print(f"{name} opset {opset} {target}: exit {row['rc']} in {row['seconds']} s", file=sys.stderr,
+                      flush=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+    print(f"\n{args.eval} held-out image-like inputs at 3x{args.size}x{args.size}; {args.calib} calibration inputs "
+          f"(a quarter select the fallback). Results: {args.out / 'results.json'}")
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
