@@ -30,6 +30,8 @@ def as_index(key: Any, n: int) -> tuple[torch.Tensor, bool]:
     if isinstance(key, slice):
         return torch.arange(n)[key], False
     t = torch.as_tensor(np.asarray(key) if not isinstance(key, torch.Tensor) else key)
+    if t.dim() == 0 and t.dtype != torch.bool:
+        return as_index(int(t), n)
     if t.dtype == torch.bool:
         return t.nonzero().flatten(), False
     t = t.long().flatten()

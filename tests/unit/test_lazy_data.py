@@ -140,3 +140,18 @@ def test_unlabeled_images_join_the_transfer_set_lazily(tmp_path):
     ds = transfer_set(s)
     assert len(ds) == len(s.train) + 5 and (ds.y[-5:] == -1).all()
     assert torch.equal(ds.x[len(s.train) + 1], s.unlabeled.x[1]) and torch.equal(ds.x[0], s.train.x[0])
+
+
+def test_images_index_like_a_tensor():
+    x = _pixels(n=6)
+    whole = x[:]
+    assert whole.shape == (6, 3, 12, 12) and whole.dtype == torch.float32
+    mask = np.array([True, False, True, False, False, True])
+    for key in (2, -1, np.int64(3), torch.tensor(4)):
+        assert torch.equal(x[key], whole[int(key)])
+    for key in (slice(1, 5, 2), [0, 5, 5], np.array([4, 1]), torch.tensor([3, -6]), mask, torch.from_numpy(mask)):
+        assert torch.equal(x[key], whole[torch.as_tensor(np.arange(6)[np.asarray(key)] if not isinstance(key, slice)
+                                                         else np.arange(6)[key])])
+    assert np.array_equal(x.numpy(batch=4), whole.numpy())
+    with pytest.raises(IndexError):
+        x[6]
