@@ -87,6 +87,13 @@ def build_from_factory(spec: str, num_classes: int) -> nn.Module:
     return model
 
 
+# torchvision scales these classifiers' initial weights by the number of classes (MNASNet: Kaiming
+# with fan_out; EfficientNet: uniform within 1/sqrt(classes)): right for ImageNet's 1000, ten times too
+# large for 10, where the first logits have a std of 4 to 9 and training stalls. Built for another
+# number of classes, their heads start as MobileNet's and RegNet's do: N(0, 0.01), bias 0.
+CLASS_SCALED_HEADS = ("mnasnet", "efficientnet")
+
+
 def build_model(spec: str, num_classes: int, *, trust_checkpoint: bool = False) -> nn.Module:
     """Build a model: 'torchvision:NAME' (random init), 'module:package.module:callable' (called with
     num_classes=), a built-in name, or a trusted module file."""
@@ -102,7 +109,12 @@ def build_model(spec: str, num_classes: int, *, trust_checkpoint: bool = False) 
         if name.startswith(("googlenet", "inception")):
             kwargs["aux_logits"] = False
             kwargs["init_weights"] = True
-        return torchvision.models.get_model(name, **kwargs)
+        model = torchvision.models.get_model(name, **kwargs)
+        if name.startswith(CLASS_SCALED_HEADS) and num_classes != 1000:
+            head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
+        return model
     key = spec.removeprefix("edgekd:")
     if key in BUILTIN:
         return BUILTIN[key](num_classes)
