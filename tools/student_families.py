@@ -11,6 +11,7 @@ eval.npz with ONNX Runtime. Wall time: the whole command on this host.
 Prints a markdown table and writes it (and the rows as JSON) to --out.
 
     python tools/student_families.py [--families mobilenet_v3_small,...] [--out DIR] [--set distill.epochs=10]
+                                     [--resume]
 """
 from __future__ import annotations
 
@@ -106,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-accuracy", type=float, default=95.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every family (YAML value), e.g. distill.epochs=10")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the families --out/results.json already has; an interrupted one resumes its run")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in [f.strip() for f in args.families.split(",") if f.strip()]:
+    rows = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").is_file() else []
+    done = {r["family"] for r in rows}
+    for name in [f.strip() for f in args.families.split(",") if f.strip() and f.strip() not in done]:
         rows.append(run_family(name, out, args.target, args.set))
         r = rows[-1]
         print(f"{name}: exit {r['exit']}, final {r['final_accuracy']}, teacher {r['teacher_accuracy']}, "
