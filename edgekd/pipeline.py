@@ -187,8 +187,8 @@ class Pipeline:
                                                "held_out_for_fidelity": int(len(rep_ids)), "eval": eval_source,
                                                "selection": selection_source, "selection_inputs": int(len(sel_ids)),
                                                "eval_inputs": int(len(eval_x)), "chosen_on": selection_source,
-                                               "reported_on": eval_source})
-        report["onnx_input"] = onnx_input
+                                               "reported_on": eval_source},
+                                   blocks={"onnx_input": onnx_input})
         return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, assemble.onnx_counts(
             run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)
 

@@ -85,8 +85,9 @@ def onnx_counts(path: Path, input_shape: tuple) -> dict:
 
 
 def skeleton(ctx: RunContext, data_desc: str, splits: Splits | None, teacher: dict | None = None,
-             data_extra: dict | None = None) -> dict:
-    """The report's opening blocks: version, config, target, environment, data and the teacher."""
+             data_extra: dict | None = None, blocks: dict | None = None) -> dict:
+    """The report's opening blocks: version, config, target, environment, data, the teacher and any
+    entry-specific block (the ONNX entry's onnx_input)."""
     prof = ctx.profile
     data = {"description": data_desc}
     if splits is not None:
@@ -104,6 +105,7 @@ def skeleton(ctx: RunContext, data_desc: str, splits: Splits | None, teacher: di
     }
     if teacher is not None:
         report["teacher"] = teacher
+    report.update(blocks or {})
     return report
 
 

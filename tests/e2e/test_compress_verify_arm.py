@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import run_edgekd
+from tests.conftest import run_edgekd, x86_arm_tolerance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
                                                   reason="qemu-aarch64-static is missing (Debian qemu-user-static)")]
@@ -25,6 +25,7 @@ def test_verify_arm_reports_arm_accuracy_and_agreement_without_latency(tiny_run,
     assert r.returncode == 0, r.stderr[-2000:]
     final = json.loads((out / "report.json").read_text())["final"]
     assert final["precision"] == "int8"  # the Pi's preference order, not an x86 measurement
-    assert abs(final["accuracy_arm"] - final["accuracy"]) <= 1.0
-    assert final["arm_agreement"] >= 99.0
+    max_gap, min_agreement = x86_arm_tolerance()
+    assert abs(final["accuracy_arm"] - final["accuracy"]) <= max_gap, final
+    assert final["arm_agreement"] >= min_agreement, final
     assert "latency_ms" not in final["arm"] or final["arm"]["latency_ms"] is None

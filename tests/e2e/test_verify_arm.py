@@ -19,6 +19,7 @@ from edgekd.config.profiles import load_profile
 from edgekd.errors import BadInputError, RuntimeMissingError
 from edgekd.report.assemble import apply_arm
 from edgekd.runs import cache_dir
+from tests.conftest import x86_arm_tolerance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -147,8 +148,9 @@ def test_verify_arm_matches_x86(shared_cache, models, precision, tmp_path):
     assert result["runtime_version_arm"] == shared_cache.manifest["verified"]["onnxruntime"]
     assert result["emulated_cpu"] == "cortex-a76"
     assert result["accuracy_x86"] > 80, "the tiny CNN did not train"
-    assert abs(result["accuracy_arm"] - result["accuracy_x86"]) <= 1.0, result
-    assert result["arm_agreement"] >= 99.0, result
+    max_gap, min_agreement = x86_arm_tolerance()
+    assert abs(result["accuracy_arm"] - result["accuracy_x86"]) <= max_gap, result
+    assert result["arm_agreement"] >= min_agreement, result
     assert result["latency_ms"] is None and result["not_measured"] == "emulated: not representative"
     saved = json.loads((tmp_path / "verify_arm.json").read_text())
     assert len(saved["predictions_arm"]) == EVAL_SAMPLES and saved["disagreements"] == result["disagreements"]
