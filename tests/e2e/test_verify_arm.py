@@ -170,8 +170,8 @@ def test_verify_arm_matches_x86(shared_cache, models, precision, tmp_path):
     assert np.array_equal(np.asarray(saved["predictions_x86"]), logits.argmax(1))
     if precision == "int8":  # x86 logits given by the caller, on the first 60 samples only
         given = verify_arm(tmp_path, models[precision], models["eval"], logits, max_samples=60)
-        assert given["samples"] == 60 and given["arm_agreement"] >= 99.0
-        assert abs(given["accuracy_x86"] - given["accuracy_arm"]) <= 100 / 60 + 1e-9
+        assert given["samples"] == 60 and given["arm_agreement"] >= min_agreement
+        assert abs(given["accuracy_x86"] - given["accuracy_arm"]) <= max(max_gap, 100 / 60) + 1e-9
 
 
 def test_bench_emulated_cli(shared_cache, models, tmp_path):
