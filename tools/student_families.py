@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every family (YAML value), e.g. distill.epochs=10")
     p.add_argument("--resume", action="store_true",
-                   help="keep the families --out/results.json already has; an interrupted one resumes its run")
+                   help="keep the families --out/results.json already has (but those stopped by a signal); an "
+                        "interrupted one resumes its run")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").is_file() else []
+    rows = [r for r in rows if r["exit"] >= 0]  # a run stopped by a signal is run again (it resumes)
     done = {r["family"] for r in rows}
     for name in [f.strip() for f in args.families.split(",") if f.strip() and f.strip() not in done]:
         rows.append(run_family(name, out, args.target, args.set))
