@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config.profiles import Profile
 from ..errors import ModelError
+from ..quantize.recipes import needs_precise_int8
 from .base import Artifact, Backend, Runner
 
 
@@ -66,6 +67,9 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         so = session_options(threads)
+        self.precise_int8 = needs_precise_int8(path)
+        if self.precise_int8:
+            so.add_session_config_entry("session.x64quantprecision", "1")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=provider_settings(providers, threads, so))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -78,7 +82,10 @@ class OrtRunner(Runner):
         return self.session.run(None, {self.input_name: batch})[0]
 
     def describe(self) -> dict:
-        return {"providers": self.session.get_providers(), "threads": self.threads}
+        out = {"providers": self.session.get_providers(), "threads": self.threads}
+        if self.precise_int8:
+            out["x64quantprecision"] = True
+        return out
 
 
 class OnnxRuntimeBackend(Backend):

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config.profiles import Profile
 from ..errors import BadInputError, ModelError, StageError
+from ..quantize.recipes import needs_precise_int8
 from .runner import (
     EXIT_BAD_INPUT,
     bootstrap_ci,
@@ -160,6 +161,9 @@ def bench_local(model: Path, profile: Profile, *, eval_data: Path | None = None,
     args = runner_arguments(str(model), profile, backend=runner_backend(model, profile),
                             eval_data=str(eval_data) if eval_data else None, threads=threads, warmup=warmup,
                             iterations=iterations, duration_s=duration_s, batch=batch)
+    if args[args.index("--backend") + 1] == "onnxruntime" and needs_precise_int8(model):
+        # This host stands in for a board whose int8 kernels do not saturate (see needs_precise_int8).
+        args.append("--precise-int8")
     env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         out = Path(tmp) / "result.json"

@@ -282,14 +282,17 @@ def import_runtime(backend: str) -> Any:
     return module
 
 
-def load_onnxruntime(path: str, threads: int, providers: list) -> Session:
-    """An ONNX Runtime session with `threads` intra-op threads and the providers this build has."""
+def load_onnxruntime(path: str, threads: int, providers: list, precise_int8: bool = False) -> Session:
+    """An ONNX Runtime session with `threads` intra-op threads and the providers this build has;
+    `precise_int8`: x86 int8 products summed without 16-bit saturation (session.x64quantprecision)."""
     ort = import_runtime("onnxruntime")
     available = ort.get_available_providers()
     chosen = [p for p in providers if p in available and p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions, reported in one line
     so.intra_op_num_threads = threads
+    if precise_int8:
+        so.add_session_config_entry("session.x64quantprecision", "1")
     with_options: list = list(chosen)
     if "XnnpackExecutionProvider" in chosen:
         # ONNX Runtime's advice for XNNPACK: its own pool does the work, the session's pool stays at 1.
@@ -306,6 +309,8 @@ def load_onnxruntime(path: str, threads: int, providers: list) -> Session:
     shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
     details = {"execution_providers": sess.get_providers(), "threads": threads,
                "providers_unavailable": [p for p in providers if p not in available]}
+    if precise_int8:
+        details["x64quantprecision"] = True
 
     def run(x: np.ndarray) -> object:
         return sess.run(None, {name: x})
@@ -419,6 +424,9 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="inference threads (default: the cores this process may use)")
     p.add_argument("--providers", default="", help="onnxruntime execution providers, comma separated")
     p.add_argument("--device", default="CPU", help="openvino device")
+    p.add_argument("--precise-int8", action="store_true",
+                   help="onnxruntime on x86: int8 products without 16-bit saturation (for S8S8 models made for "
+                        "ARM or TensorRT)")
     p.add_argument("--warmup", type=int, default=20, help="untimed calls before timing")
     p.add_argument("--warmup-s", type=float, help="also warm up for at least this many seconds")
     group = p.add_mutually_exclusive_group()
@@ -457,7 +465,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     def create() -> Session:
         if backend == "openvino":
             return load_openvino(model, threads, args.device)
-        return load_onnxruntime(model, threads, providers)
+        return load_onnxruntime(model, threads, providers, args.precise_int8)
 
     def first_call(s: Session, sample: np.ndarray) -> object:
         try:
