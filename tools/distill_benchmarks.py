@@ -12,7 +12,11 @@
       of epoch_seconds from (a), and the same measured in interleaved rounds (KD, no-KD, KD, ...).
 
     python tools/distill_benchmarks.py [--seeds 0 1 2] [--parts a b c] [--out runs/distill-bench]
+                                       [--config FILE] [--labeled-fraction F] [--steps N]
                                        [--teacher-epochs N] [--set KEY=VALUE ...]
+
+  --config: a run config (e.g. examples/fashion-mnist.yaml) every part starts from instead of the
+  embedded default; its stages are replaced by [distill].
 """
 from __future__ import annotations
 
@@ -50,8 +54,11 @@ def _merged(raw: dict) -> dict:
     return merge(raw, EXTRA)
 
 
-def _run(raw: dict, out: Path) -> dict:
-    cfg = from_dict(_merged(raw), "benchmark config")
+def _run(raw: dict, out: Path, force: dict | None = None) -> dict:
+    merged = _merged(raw)
+    for section, values in (force or {}).items():  # what a part must have whatever --config/--set say
+        merged[section] = {**merged.get(section, {}), **values}
+    cfg = from_dict(merged, "benchmark config")
     t0 = time.perf_counter()
     d = _distill_entry(Pipeline(cfg, out=out).run())
     row = {k: d.get(k) for k in ("accuracy", "baseline_accuracy", "teacher_accuracy", "gap_recovered",
@@ -94,7 +101,8 @@ def default_teacher_checkpoint(out: Path, teacher_epochs: int | None = None) -> 
     from edgekd.data import build_splits
     from edgekd.distill.teacher import get_teacher
 
-    cfg = from_dict({**_teacher(teacher_epochs), "data": _merged({}).get("data", {})})
+    raw = _merged(_teacher(teacher_epochs))
+    cfg = from_dict({k: raw[k] for k in ("teacher", "data", "student") if k in raw})
     ctx = RunContext(cfg, load_profile("cpu"), out / "teacher")
     ctx.splits = build_splits(cfg.data, cfg.seed)
     teacher, _ = get_teacher(ctx)
@@ -104,14 +112,16 @@ def default_teacher_checkpoint(out: Path, teacher_epochs: int | None = None) -> 
     return path
 
 
-def part_b(seeds: list[int], out: Path, steps: int, teacher_epochs: int | None = None) -> dict:
-    """labeled_fraction 0.1: KD on all images vs the labeled 10% alone, equal optimizer steps."""
+def part_b(seeds: list[int], out: Path, steps: int, teacher_epochs: int | None = None,
+           fraction: float = 0.1) -> dict:
+    """labeled_fraction F: KD on all images vs the labeled share alone, equal optimizer steps."""
     ckpt = default_teacher_checkpoint(out, teacher_epochs)
     rows = [_run({"name": f"kd-transfer-s{s}", "seed": s, "stages": ["distill"], "bench": BENCH,
-                  "data": {"labeled_fraction": 0.1}, "teacher": {"checkpoint": str(ckpt)},
-                  "distill": {"baseline": True, "steps": steps}}, out / f"b-seed{s}") for s in seeds]
+                  "data": {"labeled_fraction": fraction}, "teacher": {"checkpoint": str(ckpt)},
+                  "distill": {"baseline": True, "steps": steps}}, out / f"b-seed{s}",
+                 force={"teacher": {"checkpoint": str(ckpt), "train_epochs": 0}}) for s in seeds]
     kd, base = _mean(rows, "accuracy"), _mean(rows, "baseline_accuracy")
-    return {"rows": rows, "steps": steps, "kd_all_images_accuracy": kd, "labeled_only_accuracy": base,
+    return {"rows": rows, "steps": steps, "labeled_fraction": fraction, "kd_all_images_accuracy": kd, "labeled_only_accuracy": base,
             "gain_points": round(kd - base, 3), "teacher": "embedded default teacher, fully labeled training split"}
 
 
@@ -164,11 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds for (c)")
     p.add_argument("--teacher-epochs", type=int, default=None,
                    help="teacher.train_epochs for every part (default: the embedded default's)")
+    p.add_argument("--config", type=Path, help="a run config every part starts from (default: the embedded one)")
+    p.add_argument("--labeled-fraction", type=float, default=0.1, help="data.labeled_fraction for (b)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config assignment for every part, e.g. student.model=small_cnn (YAML values)")
     args = p.parse_args(argv)
+    if args.config is not None:
+        import yaml
+
+        base = yaml.safe_load(args.config.read_text()) or {}
+        base.pop("stages", None)
+        base.pop("name", None)
+        base.pop("seed", None)
+        EXTRA.update(base)
     assign(EXTRA, args.set)
-    results: dict = {"seeds": args.seeds, "teacher_epochs": args.teacher_epochs, "set": args.set}
+    results: dict = {"seeds": args.seeds, "teacher_epochs": args.teacher_epochs, "set": args.set,
+                     "config": str(args.config) if args.config else None}
     path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
     if "a" in args.parts:
@@ -179,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
               f" KD/no-KD epoch time {a['epoch_time_ratio_median']}x", flush=True)
         path.write_text(json.dumps(results, indent=2))
     if "b" in args.parts:
-        print("(b) labeled_fraction 0.1, KD on all images vs labeled 10% alone", flush=True)
-        results["b"] = b = part_b(args.seeds, args.out, args.steps, args.teacher_epochs)
+        print(f"(b) labeled_fraction {args.labeled_fraction}, KD on all images vs the labeled share alone", flush=True)
+        results["b"] = b = part_b(args.seeds, args.out, args.steps, args.teacher_epochs, args.labeled_fraction)
         print(f"(b) KD over all images {b['kd_all_images_accuracy']:.2f}% vs labeled only "
               f"{b['labeled_only_accuracy']:.2f}% at {b['steps']} steps: {b['gain_points']:+.2f} points", flush=True)
         path.write_text(json.dumps(results, indent=2))

@@ -11,6 +11,13 @@ inputs (smooth random colour fields), so activations are scaled as in a trained 
 a random head may give few distinct top-1 classes: the table says how many the FP32 model gives on
 the held-out inputs, and agreement over one or two classes says little.
 
+With --fashion-mnist the models are trained on Fashion-MNIST (28x28, greyscale repeated to 3 channels,
+[-1, 1]) instead: `--state-dict NAME=PATH` loads a 10-class state_dict (a teacher edgekd trained and
+cached, say), the others are trained here for --train-epochs; calibration inputs come from the
+training images and the agreement is measured on the official test images.
+
+    python tools/onnx_entry_check.py --fashion-mnist --state-dict resnet18=TEACHER.pt --out /tmp/oec-fm
+
 Per run: `edgekd compress --model M --calib-data C --eval-data E --target T`; the figures come from
 its report.json (final.agreement_with_fp32, measured with the target's runtime where it runs on this
 host). Exit 0 when every run finished, 1 otherwise.
@@ -59,6 +66,49 @@ def build_model(name: str, size: int, seed: int):
     with torch.no_grad():
         for i in range(4):
             model(torch.from_numpy(image_like(16, size, seed + 100 + i)))
+    return model.eval()
+
+
+def fashion_mnist(n_calib: int, n_eval: int, seed: int):
+    """(train images as a tensor-indexable store, train labels, calibration inputs, eval inputs, eval
+    labels) from the Debian Fashion-MNIST files, preprocessed as edgekd's fashion-mnist dataset does."""
+    import torch
+
+    from edgekd.config import DataConfig
+    from edgekd.data import build_splits
+
+    splits = build_splits(DataConfig(dataset="fashion-mnist", image_size=28), seed)
+    rng = np.random.default_rng(seed)
+    calib = splits.train.x.take(torch.from_numpy(np.sort(rng.choice(len(splits.train.y), n_calib, replace=False))))
+    test_idx = np.sort(rng.choice(len(splits.test.y), n_eval, replace=False))
+    return (splits.train.x, np.asarray(splits.train.y), calib.numpy(), splits.test.x.take(torch.from_numpy(test_idx)).numpy(),
+            np.asarray(splits.test.y)[test_idx])
+
+
+def trained_model(name: str, images, labels: np.ndarray, epochs: int, seed: int, state_dict: Path | None):
+    """A 10-class torchvision `name`: the given state_dict, or trained here on Fashion-MNIST (SGD, cosine)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    if state_dict is not None:
+        model.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+        return model.eval()
+    steps = epochs * (len(labels) // 128)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(labels), (128,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(images.take(idx)), torch.from_numpy(labels[idx.numpy()]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            print(f"  training {name}: step {step}/{steps}, loss {loss.item():.3f}", file=sys.stderr, flush=True)
     return model.eval()
 
 
@@ -127,28 +177,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=64, help="calibration inputs (a quarter of them select)")
     ap.add_argument("--eval", type=int, default=200, help="held-out inputs the agreement is measured on")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fashion-mnist", action="store_true", help="trained 10-class models and real images")
+    ap.add_argument("--state-dict", action="append", default=[], metavar="NAME=PATH",
+                    help="with --fashion-mnist: a trained state_dict for model NAME")
+    ap.add_argument("--train-epochs", type=int, default=2, help="with --fashion-mnist: epochs for the others")
     args = ap.parse_args(argv)
     data = args.out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    np.savez(data / "calib.npz", x=image_like(args.calib, args.size, args.seed + 1))
-    eval_x = image_like(args.eval, args.size, args.seed + 2)
-    np.savez(data / "eval.npz", x=eval_x)
+    weights = dict(a.split("=", 1) for a in args.state_dict)
+    if args.fashion_mnist:
+        args.size = 28
+        images, labels, calib_x, eval_x, eval_y = fashion_mnist(args.calib, args.eval, args.seed)
+        np.savez(data / "eval.npz", x=eval_x, y=eval_y)
+    else:
+        calib_x, eval_x, eval_y = image_like(args.calib, args.size, args.seed + 1), image_like(args.eval, args.size,
+                                                                                               args.seed + 2), None
+        np.savez(data / "eval.npz", x=eval_x)
+    np.savez(data / "calib.npz", x=calib_x)
     (data / "fast.yaml").write_text(FAST_BENCH)
     rows = []
     for name in args.models:
-        model = build_model(name, args.size, args.seed)
+        if args.fashion_mnist:
+            sd = Path(weights[name]) if name in weights else None
+            model = trained_model(name, images, labels, args.train_epochs, args.seed, sd)
+        else:
+            model = build_model(name, args.size, args.seed)
         classes = distinct_classes(model, eval_x)
+        if eval_y is not None:
+            import torch
+
+            with torch.no_grad():
+                acc = float((model(torch.from_numpy(eval_x)).argmax(1).numpy() == eval_y).mean() * 100)
+            print(f"{name}: PyTorch top-1 {acc:.2f}% on the {len(eval_y)} held-out test images", file=sys.stderr)
         for opset in args.opsets:
             path = export_fixed(model, data / f"{name}-opset{opset}.onnx", opset, args.size)
             for target in args.targets:
                 row = {"model": name, "opset": opset, "target": target, "classes": classes,
+                       "torch_accuracy": acc if eval_y is not None else None,
                        **run_one(path, data, args.out / "runs" / f"{name}-opset{opset}-{target}", target)}
                 rows.append(row)
                 print(f"{name} opset {opset} {target}: exit {row['rc']} in {row['seconds']} s", file=sys.stderr,
                       flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
-    print(f"\n{args.eval} held-out image-like inputs at 3x{args.size}x{args.size}; {args.calib} calibration inputs "
+    what = "Fashion-MNIST test images" if args.fashion_mnist else "image-like inputs"
+    print(f"\n{args.eval} held-out {what} at 3x{args.size}x{args.size}; {args.calib} calibration inputs "
           f"(a quarter select the fallback). Results: {args.out / 'results.json'}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
