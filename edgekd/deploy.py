@@ -5,6 +5,8 @@ validation split, or inputs held out from calibration) and `choose` reads only t
 then takes the reported figures on the held-out eval data, after the choice is made."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,8 +103,12 @@ def measure_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str,
         ref.fidelity = {"top1_agreement": 100.0, "is_reference": True}  # what the others are compared with
     for c in cands.values():
         if c.logits is not None and ref is not None and ref.logits is not None and c is not ref:
+            db = sqnr_db(ref.logits, c.logits)
+            # Identical logits have no noise to measure: null and `identical`, never Infinity in JSON.
             c.fidelity = {"top1_agreement": agreement_of(ref.logits, c.logits),
-                          "logit_sqnr_db": round(sqnr_db(ref.logits, c.logits), 2)}
+                          "logit_sqnr_db": round(db, 2) if math.isfinite(db) else None}
+            if not math.isfinite(db):
+                c.fidelity["identical"] = True
 
 
 def close_runners(runners: dict[str, Runner]) -> None:
@@ -124,8 +130,9 @@ def _rounds(latency: dict) -> np.ndarray | None:
     return np.asarray(samples, dtype=np.float64).reshape(rounds, -1)
 
 
-def _faster(a: Candidate, b: Candidate) -> dict:
-    """Whether `a` is faster than `b` beyond noise: p50(a)/p50(b) with its interval, and the verdict."""
+def _faster(a: Candidate, b: Candidate, band: float = LATENCY_TIE) -> dict:
+    """Whether `a` is faster than `b` beyond noise: p50(a)/p50(b) with its interval, and the verdict
+    (the interval's upper end below 1/(1 + band))."""
     from .bench.harness import ratio_ci
 
     ra, rb = _rounds(a.latency or {}), _rounds(b.latency or {})
@@ -133,10 +140,16 @@ def _faster(a: Candidate, b: Candidate) -> dict:
         # At most BOOTSTRAP_PER_ROUND evenly spaced samples per round keep the bootstrap under a second.
         ra, rb = (r[:, ::max(1, r.shape[1] // BOOTSTRAP_PER_ROUND)] for r in (ra, rb))
         out = ratio_ci(ra, rb)
-        out["faster"] = out["ci95"][1] < 1 / (1 + LATENCY_TIE)
+        out["faster"] = out["ci95"][1] < 1 / (1 + band)
         return out
     ratio = a.latency["p50"] / b.latency["p50"]  # type: ignore[index]
-    return {"ratio": ratio, "faster": ratio < 1 / (1 + LATENCY_TIE)}
+    return {"ratio": ratio, "faster": ratio < 1 / (1 + band)}
+
+
+def _size(c: Candidate) -> int:
+    """Bytes of the candidate's artifact files (0 when unknown)."""
+    files = (c.artifact.files or [c.artifact.path]) if c.artifact is not None else []
+    return sum(Path(f).stat().st_size for f in files if Path(f).is_file())
 
 
 def _ci_text(cmp: dict) -> str:
@@ -196,13 +209,31 @@ def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float,
         for n in ok[1:]:
             if versus(n, best)["faster"]:
                 best = n
+        # Never slower than FP32: against FP32 there is no tie band. FP32 faster beyond noise (the whole
+        # 95% interval of its p50 ratio below 1) wins; within noise the smaller artifact wins, as a tie.
+        tie, tied = "", set()
+        if best != "fp32" and "fp32" in ok:
+            strict = _faster(cands["fp32"], cands[best], band=0.0)
+            behind = _faster(cands[best], cands["fp32"], band=0.0)
+            compared[("fp32", best)] = strict
+            if strict["faster"]:
+                best = "fp32"
+            elif not behind["faster"]:
+                small, big = sorted((best, "fp32"), key=lambda n: _size(cands[n]))
+                tie = (f"; {best} and fp32 tie within noise (p50 ratio {_ci_text(behind)}): the smaller "
+                       f"artifact, {small} ({_size(cands[small]) / 1e6:.2f} MB against "
+                       f"{_size(cands[big]) / 1e6:.2f} MB), is kept")
+                tied, best = {best, "fp32"}, small
         for n in ok:
             if n == best:
-                reasons[n] = f"fastest within the accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms"
+                reasons[n] = (f"{'tie on speed with fp32, the smaller artifact' if tie else 'fastest'} within the "
+                              f"accuracy budget ({verdict[n][1]}): p50 {p50[n]:.3f} ms")
                 continue
             cmp = versus(n, best)
             ratio = f"p50 {p50[n]:.3f} ms vs {p50[best]:.3f} ms ({best}), ratio {_ci_text(cmp)}"
-            if ok.index(n) < ok.index(best):
+            if n in tied:
+                reasons[n] = f"tie with {best} within noise, the larger artifact: {ratio}"
+            elif ok.index(n) < ok.index(best):
                 reasons[n] = f"slower beyond noise: {ratio}"
             elif cmp["ratio"] >= 1:
                 reasons[n] = f"slower: {ratio}"
@@ -212,6 +243,7 @@ def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float,
                f"{ctx.profile.name}: " + ", ".join(f"{n} p50 {p50[n]:.3f} ms" for n in ok)
                + f"; a candidate displaces an earlier one in the preference order only when faster beyond "
                f"noise (95% interval of the p50 ratio below {1 / (1 + LATENCY_TIE):.3f})")
+        why += tie
         over = [n for n in names if n not in ok]
         if over:
             why += "; over budget: " + ", ".join(f"{n} ({verdict[n][1]})" for n in over)

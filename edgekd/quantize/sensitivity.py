@@ -22,7 +22,7 @@ from ..bench.measure import accuracy_of, agreement_of
 
 SENSITIVITY_SAMPLES = 8
 MAX_KEPT_FRACTION = 0.25  # past this, INT8 would keep too little integer compute to be worth it
-INPUT_SQNR_DB = 120.0  # SQNR given to a graph input (exact in both models)
+INPUT_SQNR_DB = 120.0  # the reference a loss is measured from where a tensor is exact (a graph input)
 SKIP_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
@@ -158,8 +158,9 @@ def sensitivity_table(float_path: Path, qdq_path: Path, x: np.ndarray, threads: 
     for n in f_nodes:
         out_db = node_db(n.name)
         in_db = min((tensor_db(i) for i in n.input if i and i not in inits), default=INPUT_SQNR_DB)
-        table.append({"node": n.name, "op_type": n.op_type, "sqnr_db": round(out_db, 2),
-                      "sqnr_loss_db": round(max(0.0, in_db - out_db), 2)})
+        exact = noise[n.name] == 0  # no noise to measure: null, not the 120 dB reference ceiling
+        table.append({"node": n.name, "op_type": n.op_type, "sqnr_db": None if exact else round(out_db, 2),
+                      "sqnr_loss_db": round(max(0.0, in_db - out_db), 2), **({"exact": True} if exact else {})})
     table.sort(key=lambda r: -r["sqnr_loss_db"])
     return table
 

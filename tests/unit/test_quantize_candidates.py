@@ -164,3 +164,31 @@ def test_fallback_keeps_the_most_sensitive_nodes_until_within_budget(tmp_path):
     assert res.within_budget and res.kept_float == ["n0", "n1"] and res.drop == 0.0
     assert tried == [["n0"], ["n0", "n1"]] and int8.read_text() == "n0,n1"
     assert [s["kept_float"] for s in res.steps] == [0, 1, 2]
+
+
+def _sampled(precision: str, samples: np.ndarray, size: int, tmp_path: Path) -> Candidate:
+    """A measured candidate with interleaved samples and an artifact of `size` bytes."""
+    from edgekd.backends import Artifact
+
+    c = _cand(precision, float(np.median(samples)), acc=90.0)
+    c.latency.update(samples_ms=[float(v) for v in samples.ravel()], rounds=samples.shape[0])
+    path = tmp_path / f"{precision}.bin"
+    path.write_bytes(b"\0" * size)
+    c.artifact = Artifact(path, "onnxruntime", precision)
+    return c
+
+
+def test_never_slower_than_fp32_and_a_tie_goes_to_the_smaller(tmp_path):
+    ctx = _ctx("cpu", tmp_path)
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.10, 0.001, (5, 60))
+    # INT8 7% slower than FP32 in every round: inside the 10% band the preference order used, but slower
+    # beyond noise, so FP32 is chosen.
+    cands = {"int8": _sampled("int8", base * 1.07, 1_000, tmp_path), "fp32": _sampled("fp32", base, 4_000, tmp_path)}
+    name, why, measured, reasons = choose(ctx, cands, 0.5, True)
+    assert (name, measured) == ("fp32", True) and "slower beyond noise" in reasons["int8"]
+    # The same speed within noise: a tie, and the smaller artifact (INT8) is kept and the report says so.
+    cands["int8"] = _sampled("int8", rng.normal(0.10, 0.001, (5, 60)), 1_000, tmp_path)
+    name, why, _, reasons = choose(ctx, cands, 0.5, True)
+    assert name == "int8" and "tie within noise" in why and "the smaller artifact, int8" in why
+    assert "tie" in reasons["fp32"] and "tie" in reasons["int8"]

@@ -150,3 +150,5 @@ def test_example_workflow_compresses_gates_and_posts_the_report():
     assert "--body-file runs/ci/report.md" in scripts
     post = next(step for step in steps if "report.md" in step.get("name", ""))
     assert post["if"].startswith("always()")  # the report is posted even when a gate fails
+    # The board's host key comes pinned from a secret; scanning it at run time would trust any answer.
+    assert "ssh-keyscan" not in scripts and "$PI_KNOWN_HOSTS" in scripts and "StrictHostKeyChecking" not in scripts
