@@ -175,7 +175,25 @@ def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile
     if not isinstance(result, dict):
         raise BoardError(f"board {host}: the runner finished but returned no readable result")
     result["measured_on"] = host
+    note = board_mismatch(profile, result.get("environment") or {})
+    if note:
+        result["board_mismatch"] = note
     return result
+
+
+def board_mismatch(profile: Profile, env: dict) -> str | None:
+    """What the board reports that contradicts its profile (its core count, its instruction set), or None:
+    figures from a different board must not pass as this profile's."""
+    problems = []
+    cpus = env.get("cpu_count")
+    if profile.cores and isinstance(cpus, int) and cpus != profile.cores:
+        problems.append(f"{cpus} cores where {profile.name} has {profile.cores}")
+    machine = str(env.get("machine", "")).lower()
+    if profile.arch == "aarch64" and machine and machine not in ("aarch64", "arm64"):
+        problems.append(f"a {machine} processor where {profile.name} is aarch64")
+    if profile.arch == "x86_64" and machine and machine not in ("x86_64", "amd64"):
+        problems.append(f"a {machine} processor where {profile.name} is x86_64")
+    return "the board reports " + " and ".join(problems) if problems else None
 
 
 def bench_host(host: str, files: list[Path], model_name: str, profile: Profile, **options) -> dict:

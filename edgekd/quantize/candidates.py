@@ -52,7 +52,9 @@ class Int8Spec:
 def int8_specs(recipe: Recipe, measured: bool) -> list[Int8Spec]:
     """The INT8 models to produce for `recipe`: its own QDQ model ('int8'), then, when the choice is
     measured on the target's runtime and processor, the recipe's alternatives ('int8-qoperator', ...)."""
-    specs = [Int8Spec("int8", "qdq", recipe)]
+    specs = [Int8Spec("int8", recipe.format, recipe)]  # the profile's quantization.format (qdq by default)
     if measured:
-        specs += [Int8Spec(f"int8-{q}", q, recipe) for q in ALTERNATIVES.get(recipe.name, ())]
+        alternatives = ("qdq", *ALTERNATIVES.get(recipe.name, ())) if recipe.format != "qdq" else \
+            ALTERNATIVES.get(recipe.name, ())
+        specs += [Int8Spec(f"int8-{q}", q, recipe) for q in alternatives if q != recipe.format]
     return specs

@@ -75,8 +75,8 @@ def needs_precise_int8(path: Path) -> bool:
     return host_arch() == "x86_64" and not has_vnni() and int8_activations(path)
 
 
-def resolve(profile: Profile, q: QuantizeConfig) -> Recipe:
-    """The recipe for this target and config: the profile's recipe, 'auto' resolved by this processor."""
+def _base(profile: Profile, q: QuantizeConfig) -> Recipe:
+    """The recipe's own settings for this target, 'auto' resolved by this processor."""
     name = q.recipe or profile.quantization.recipe
     pq = profile.quantization
     if name == "auto":
@@ -99,3 +99,30 @@ def resolve(profile: Profile, q: QuantizeConfig) -> Recipe:
     return Recipe(name, "qdq", "int8", "int8", True, True, True, False, q.method,
                   "TensorRT explicit quantization: symmetric int8 activations and weights, zero points 0, "
                   "per-channel weights on the output-channel axis")
+
+
+def resolve(profile: Profile, q: QuantizeConfig) -> Recipe:
+    """The recipe for this target and config: the profile's recipe, 'auto' resolved by this processor,
+    then the profile's quantization.format / activation_type / weight_type where they say otherwise."""
+    from dataclasses import replace
+
+    from ..errors import ConfigError
+
+    r = _base(profile, q)
+    pq = profile.quantization
+    where = f"target {profile.name}: quantization"
+    if pq.format == "nncf" and r.name != "openvino":
+        raise ConfigError(f"{where}.format nncf makes OpenVINO IR; the {r.name} recipe needs qdq or qoperator")
+    if r.name == "tensorrt" and (pq.format != "qdq" or pq.activation_type == "uint8" or pq.weight_type == "uint8"):
+        raise ConfigError(f"{where}: TensorRT takes explicitly quantized QDQ models with int8 activations and "
+                          "weights only (format qdq, activation_type int8, weight_type int8)")
+    act = r.activation_type if pq.activation_type == "auto" else pq.activation_type
+    if act == "uint8" and pq.weight_type == "uint8":
+        raise ConfigError(f"{where}: activation_type uint8 with weight_type uint8 (U8U8) is not an ONNX Runtime "
+                          "int8 kernel format; use weight_type int8")
+    changed = [f"{k} {v}" for k, v, base in (("format", pq.format, r.format), ("activation_type", act, r.activation_type),
+                                            ("weight_type", pq.weight_type, r.weight_type)) if v != base]
+    if not changed:
+        return r
+    return replace(r, format=pq.format, activation_type=act, weight_type=pq.weight_type,
+                   why=f"{r.why}; the target profile sets {', '.join(changed)}")

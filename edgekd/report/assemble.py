@@ -299,7 +299,10 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
                  "environment": r.get("environment"), "versions": r.get("versions"),
                  "teacher_latency_ms": t.get("latency_ms") if isinstance(t, dict) else None,
                  "latency_ci_ms": r.get("latency_ci95"),
-                 "teacher_latency_ci_ms": t.get("latency_ci95") if isinstance(t, dict) else None}
+                 "teacher_latency_ci_ms": t.get("latency_ci95") if isinstance(t, dict) else None,
+                 "peak_memory_mb": r.get("peak_rss_mb")}
+        if r.get("board_mismatch"):
+            entry["board_mismatch"] = r["board_mismatch"]
         if isinstance(t, EdgeKDError):
             entry["not_measured"] = {"teacher_latency_ms": str(t)}
         elif entry["teacher_latency_ms"] is None:
@@ -310,6 +313,8 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
     final["latency_ms"] = {k: lat[k] for k in LAT_KEYS if k in lat}
     final["measured_on"] = first["host"]
     final.pop("measured_on_note", None)
+    if first.get("board_mismatch"):  # a board unlike its profile: its figures say so wherever they appear
+        final["measured_on_note"] = f"{first['host']}: {first['board_mismatch']}"
     final.pop("latency_samples_ms", None)
     final["latency_ci_ms"] = first.get("latency_ci_ms")  # the board's own interval, never the host's
     if first.get("accuracy") is not None:

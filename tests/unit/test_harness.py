@@ -159,3 +159,19 @@ def test_environment_describes_this_host():
     assert env["threads"] == 2 and env["backend"] == "onnxruntime"
     assert "CPUExecutionProvider" in env["execution_providers"]
     assert env["versions"]["edgekd"] and env["versions"]["onnxruntime"]
+
+
+def test_a_board_unlike_its_profile_is_named():
+    from edgekd.bench.remote import board_mismatch
+    from edgekd.config.profiles import load_profile
+    from edgekd.report.assemble import apply_boards
+
+    pi = load_profile("raspberry-pi-5")
+    assert board_mismatch(pi, {"cpu_count": 4, "machine": "aarch64"}) is None
+    note = board_mismatch(pi, {"cpu_count": 2, "machine": "x86_64"})
+    assert "2 cores where raspberry-pi-5 has 4" in note and "x86_64 processor" in note
+    report = {"final": {"artifact": "m.onnx"}, "teacher": {}}
+    result = {"latency_ms": {"p50": 1.0, "p90": 1.1}, "accuracy": 90.0, "peak_rss_mb": 123.4, "board_mismatch": note}
+    apply_boards(report, {"root@127.0.0.1:2222": result}, {})
+    assert report["remote"][0]["peak_memory_mb"] == 123.4 and report["remote"][0]["board_mismatch"] == note
+    assert report["final"]["measured_on_note"].endswith(note)

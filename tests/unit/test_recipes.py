@@ -57,3 +57,27 @@ def test_precise_int8_only_for_s8s8_models_on_x86_without_vnni(tmp_path):
     x = np.linspace(-1, 1, 4, dtype=np.float32)[None]
     ref = ort.InferenceSession(str(s8), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.array_equal(runner.session.run(None, {"x": x})[0], ref)
+
+
+def test_profile_format_and_types_are_honoured():
+    import pytest
+
+    from edgekd.errors import ConfigError
+    from edgekd.quantize.candidates import int8_specs
+
+    def with_quant(name: str, **kw):
+        p = load_profile(name)
+        return p.model_copy(update={"quantization": p.quantization.model_copy(update=kw)})
+
+    pi = resolve(with_quant("raspberry-pi-5", activation_type="uint8"), QuantizeConfig())
+    assert pi.activation_type == "uint8" and "activation_type uint8" in pi.why
+    qop = resolve(with_quant("raspberry-pi-5", format="qoperator"), QuantizeConfig())
+    assert qop.format == "qoperator"
+    specs = int8_specs(qop, measured=True)
+    assert [(s.name, s.quantizer) for s in specs] == [("int8", "qoperator"), ("int8-qdq", "qdq")]
+    assert [s.quantizer for s in int8_specs(qop, measured=False)] == ["qoperator"]
+    with pytest.raises(ConfigError, match="nncf"):
+        resolve(with_quant("cpu", format="nncf"), QuantizeConfig())
+    with pytest.raises(ConfigError, match="TensorRT"):
+        resolve(with_quant("jetson", activation_type="uint8"), QuantizeConfig())
+    assert resolve(load_profile("jetson"), QuantizeConfig()).why.startswith("TensorRT")  # defaults unchanged
