@@ -6,7 +6,6 @@ then takes the reported figures on the held-out eval data, after the choice is m
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ class Candidate:
     not_measured: dict = field(default_factory=dict)
     label: str = ""
     selection: dict = field(default_factory=dict)  # accuracy / top1_agreement on the selection data: what chose
+    footprint: dict = field(default_factory=dict)  # peak memory and energy of a fresh runner process
 
 
 def compile_all(ctx: RunContext, sources: dict[str, Source | Path]) -> dict[str, Candidate]:
@@ -87,6 +87,32 @@ def time_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str, Ru
     res = bench_interleaved(runners, sample[:1], warmup, iters, progress=ctx.progress)
     for name, r in res.items():
         cands[name].latency = r
+
+
+FOOTPRINT_SECONDS = 0.5  # the timed loop under the power sensor (a Pi's PMIC is read every 0.1 s)
+MEMORY_SCOPE = "peak resident memory of a fresh runner process: Python, the runtime, the model, inference at batch 1"
+
+
+def footprint_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str, Runner]) -> None:
+    """Peak resident memory (and energy per inference where a power sensor is readable) of every candidate
+    that runs here, each in its own runner process as a board would run it."""
+    from .bench.harness import bench_local
+    from .errors import EdgeKDError
+
+    for name in runners:
+        c = cands[name]
+        try:
+            r = bench_local(c.artifact.path, ctx.profile, threads=ctx.threads, warmup=2,  # type: ignore[union-attr]
+                            duration_s=FOOTPRINT_SECONDS)
+        except EdgeKDError as e:
+            c.not_measured.update(peak_memory_mb=str(e), energy_mj=str(e))
+            continue
+        c.footprint = {"peak_memory_mb": r.get("peak_rss_mb"), "energy_mj": r.get("energy_mj"),
+                       "avg_power_w": r.get("avg_power_w"), "memory_scope": MEMORY_SCOPE}
+        if r.get("energy_sensor"):
+            c.footprint.update(energy_sensor=r["energy_sensor"], energy_scope=r.get("energy_scope"))
+        if r.get("energy_mj") is None:
+            c.not_measured["energy_mj"] = r.get("energy_not_measured") or "no power sensor reading"
 
 
 def measure_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str, Runner], x: np.ndarray,

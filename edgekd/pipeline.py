@@ -14,7 +14,17 @@ from .config import Config
 from .config.profiles import load_profile
 from .context import RunContext, usable_cores
 from .data import build_splits, load_npz
-from .deploy import Candidate, choose, close_runners, compile_all, measure_all, open_runners, select, time_all
+from .deploy import (
+    Candidate,
+    choose,
+    close_runners,
+    compile_all,
+    footprint_all,
+    measure_all,
+    open_runners,
+    select,
+    time_all,
+)
 from .errors import BadInputError, StageError
 from .export import check_onnx_file, export_onnx, host_predict, parity, torch_logits
 from .models import count_macs, count_params, student_from
@@ -298,6 +308,7 @@ class Pipeline:
             if teacher_c is not None:
                 cands["teacher"] = teacher_c
             measure_all(ctx, cands, runners, eval_x, eval_y)
+            footprint_all(ctx, cands, runners)
             cands.pop("teacher", None)
         finally:
             close_runners(runners)

@@ -88,6 +88,7 @@ def run_emulated(files: list[Path], model_name: str, profile: Profile, *, cpu: s
         work = Path(tmp)
         (work / "model").mkdir()
         shutil.copyfile(runner_path(), work / "runner.py")
+        shutil.copyfile(runner_path().with_name("energy.py"), work / "energy.py")
         for f in files:
             shutil.copyfile(f, work / "model" / f.name)
         if eval_data:

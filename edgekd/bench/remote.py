@@ -110,6 +110,7 @@ def remote_script(workdir: str, python: str, arguments: list[str], timeout_s: in
 def _bundle(files: list[Path], eval_data: Path | None, out: Path) -> None:
     with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
         tar.add(str(runner_path()), arcname="runner.py")
+        tar.add(str(runner_path().with_name("energy.py")), arcname="energy.py")
         for f in files:
             tar.add(os.path.realpath(f), arcname=f"model/{Path(f).name}")
         if eval_data is not None:

@@ -34,6 +34,15 @@ except ImportError as missing:  # a board without numpy: one line and exit 3, li
     print(f"runner: numpy is not installed for {sys.executable} ({missing})", file=sys.stderr)
     sys.exit(3)
 
+try:  # imported as edgekd.bench.runner, or run as a script with energy.py beside it (on a board)
+    from .energy import find_meter, measure
+except ImportError:
+    try:
+        from energy import find_meter, measure  # type: ignore[no-redef]
+    except ImportError:  # an older bundle without energy.py
+        find_meter = None  # type: ignore[assignment]
+        measure = None  # type: ignore[assignment]
+
 RUNNER_VERSION = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 3
@@ -479,13 +488,22 @@ def benchmark(args: argparse.Namespace) -> dict:
                     "artifact_bytes": _artifact_bytes(model), "batch": int(sample.shape[0]), "emulated": emulated}
     reason = EMULATED_REASON if emulated else ("latency not requested (--no-latency)" if args.no_latency else None)
     if reason:
-        result.update(latency_ms=None, not_measured=reason, throughput=None, latency_ci95=None)
+        result.update(latency_ms=None, not_measured=reason, throughput=None, latency_ci95=None,
+                      energy_mj=None, avg_power_w=None, energy_not_measured=reason)
     else:
+        timed: dict = {}
+
+        def timed_loop() -> int:
+            timed["times"] = time_inference(session.infer, sample, args.warmup, args.iterations or 200,
+                                            warmup_s=args.warmup_s, duration_s=args.duration)
+            return int(timed["times"].size) * int(sample.shape[0])
+
         try:
-            times = time_inference(session.infer, sample, args.warmup, args.iterations or 200,
-                                   warmup_s=args.warmup_s, duration_s=args.duration)
+            energy = energy_of(timed_loop)
         except Exception as e:  # noqa: BLE001
             raise RunnerError(f"inference of {model} failed while timing: {_first_line(e)}") from None
+        times = timed["times"]
+        result.update(energy)
         trials = split_trials(times, args.trials)
         result.update(latency_ms=summarize(times), throughput=throughput(times, int(sample.shape[0])),
                       throughput_unit="samples/s",
@@ -507,6 +525,16 @@ def benchmark(args: argparse.Namespace) -> dict:
     result["versions"] = {"runner": RUNNER_VERSION, "python": platform.python_version(),
                           "numpy": np.__version__, **session.versions}
     return result
+
+
+def energy_of(loop: Callable[[], int]) -> dict:
+    """Run the timed loop under this machine's power sensor: energy per inference (mJ) and average power
+    (W) while it ran, or nulls with the reason (see energy.py)."""
+    if find_meter is None or measure is None:
+        loop()
+        return {"energy_mj": None, "avg_power_w": None, "energy_not_measured": "energy.py is not beside the runner"}
+    meter, why = find_meter()
+    return measure(meter, why, loop)
 
 
 def _sample(session: Session, batch: int, eval_shape: tuple | None) -> np.ndarray:

@@ -230,6 +230,8 @@ class GatesConfig(Section):
     baseline: str | None = None
     min_accuracy_arm: float | None = Field(None, ge=0, le=100)
     min_arm_agreement: float | None = Field(None, ge=0, le=100)
+    max_memory_mb: float | None = Field(None, gt=0)
+    max_energy_mj: float | None = Field(None, gt=0)
 
 
 class BenchConfig(Section):

@@ -132,14 +132,24 @@ def calibration_info(ctx: RunContext, calib: Path) -> dict:
     return info
 
 
+def footprint_of(c) -> dict:
+    """peak_memory_mb, energy_mj and avg_power_w of a candidate (nulls when not measured), with their scope."""
+    fp = getattr(c, "footprint", None) or {}
+    out = {"peak_memory_mb": fp.get("peak_memory_mb"), "energy_mj": fp.get("energy_mj"),
+           "avg_power_w": fp.get("avg_power_w")}
+    out.update({k: fp[k] for k in ("memory_scope", "energy_sensor", "energy_scope") if k in fp})
+    return out
+
+
 def candidate_entry(ctx: RunContext, name: str, c, chosen: bool) -> dict:
     e = {"precision": c.precision, "artifact": str(c.artifact.path.relative_to(ctx.run_dir)) if c.artifact else None,
          "size_bytes": c.artifact.size_bytes() if c.artifact else None,
          "accuracy": c.accuracy, "fidelity": c.fidelity or None, "latency_ms": _lat(c.latency),
          "latency_ci_ms": _lat_ci(c.latency),
-         "measured_on": "host" if c.latency else None, "chosen": chosen}
+         "measured_on": "host" if c.latency else None, "chosen": chosen, **footprint_of(c)}
     missing = {k: v for k, v in (c.not_measured or {}).items()}
-    for k in ("accuracy", "latency_ms", "fidelity", "measured_on", "artifact", "size_bytes"):
+    for k in ("accuracy", "latency_ms", "fidelity", "measured_on", "artifact", "size_bytes", "peak_memory_mb",
+              "energy_mj"):
         if e[k] is None and k not in missing:
             missing[k] = "no eval labels given" if k == "accuracy" else "not measured here"
     if c.selection:
@@ -192,6 +202,10 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
         final["agreement_with_fp32"] = c.fidelity["top1_agreement"]
     final["size_bytes"] = c.artifact.size_bytes()
     final.update(counts)
+    final.update(footprint_of(c))
+    for k in ("peak_memory_mb", "energy_mj"):
+        if final[k] is None:
+            nm[k] = c.not_measured.get(k, "not measured here")
     final["latency_ms"] = _lat(c.latency)
     if c.latency is None:
         nm["latency_ms"] = c.not_measured.get("latency_ms", "not measured")
@@ -209,6 +223,7 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
         teacher["latency_samples_ms"] = teacher_c.latency.get("samples_ms") if teacher_c.latency else None
         teacher["size_bytes"] = teacher_c.artifact.size_bytes() if teacher_c.artifact else teacher.get("size_bytes")
         teacher["accuracy_runtime"] = f"{prof.backend} fp32"
+        teacher.update(footprint_of(teacher_c))
         teacher["measured_on"] = "host" if teacher_c.latency else None
         if teacher_c.not_measured:
             teacher["not_measured"] = teacher_c.not_measured
@@ -300,13 +315,18 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
                  "teacher_latency_ms": t.get("latency_ms") if isinstance(t, dict) else None,
                  "latency_ci_ms": r.get("latency_ci95"),
                  "teacher_latency_ci_ms": t.get("latency_ci95") if isinstance(t, dict) else None,
-                 "peak_memory_mb": r.get("peak_rss_mb")}
+                 "peak_memory_mb": r.get("peak_rss_mb"), "energy_mj": r.get("energy_mj"),
+                 "avg_power_w": r.get("avg_power_w")}
+        if r.get("energy_mj") is None:
+            entry.setdefault("not_measured", {})["energy_mj"] = r.get("energy_not_measured") or "not measured"
+        if r.get("energy_sensor"):
+            entry.update(energy_sensor=r["energy_sensor"], energy_scope=r.get("energy_scope"))
         if r.get("board_mismatch"):
             entry["board_mismatch"] = r["board_mismatch"]
         if isinstance(t, EdgeKDError):
-            entry["not_measured"] = {"teacher_latency_ms": str(t)}
+            entry.setdefault("not_measured", {})["teacher_latency_ms"] = str(t)
         elif entry["teacher_latency_ms"] is None:
-            entry["not_measured"] = {"teacher_latency_ms": "no teacher artifact (ONNX entry)"}
+            entry.setdefault("not_measured", {})["teacher_latency_ms"] = "no teacher artifact (ONNX entry)"
         report["remote"].append(entry)
     first = report["remote"][0]
     lat = first["latency_ms"] or {}
@@ -317,10 +337,23 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
         final["measured_on_note"] = f"{first['host']}: {first['board_mismatch']}"
     final.pop("latency_samples_ms", None)
     final["latency_ci_ms"] = first.get("latency_ci_ms")  # the board's own interval, never the host's
+    # The board's own memory and energy replace the host's: the same runner, on the board.
+    final["peak_memory_mb"] = first.get("peak_memory_mb")
+    final["energy_mj"], final["avg_power_w"] = first.get("energy_mj"), first.get("avg_power_w")
+    for k in ("energy_sensor", "energy_scope"):
+        final.pop(k, None)
+        if first.get(k):
+            final[k] = first[k]
     if first.get("accuracy") is not None:
         final["accuracy"] = first["accuracy"]
         final["accuracy_source"] = f"eval on {first['host']}"
     nm = final.get("not_measured") or {}
+    if final["energy_mj"] is None:
+        nm["energy_mj"] = f"{first['host']}: " + (first.get("not_measured") or {}).get("energy_mj", "not measured")
+    else:
+        nm.pop("energy_mj", None)
+    if final["peak_memory_mb"] is not None:
+        nm.pop("peak_memory_mb", None)
     t_lat = first.get("teacher_latency_ms")
     if t_lat and lat:
         final["speedup_vs_teacher"] = round(t_lat["p50"] / lat["p50"], 3)

@@ -12,7 +12,7 @@ from .schema import SCHEMA_VERSION, load_report, read_report_json, validate_repo
 
 # CLI flag (as argparse stores it) -> gate name; all gates use the same name in config.gates.
 _GATE_FLAGS = ("max_size_mb", "max_latency_ms", "min_accuracy", "max_accuracy_drop", "max_regression",
-               "min_accuracy_arm", "min_arm_agreement")
+               "min_accuracy_arm", "min_arm_agreement", "max_memory_mb", "max_energy_mj")
 
 
 def _number(lo: float, hi: float | None = None, lo_open: bool = False) -> Any:
@@ -46,6 +46,10 @@ def add_parsers(subparsers: Any) -> None:
                    help="latency slower than the baseline by more than PCT percent fails (beyond noise)")
     g.add_argument("--min-accuracy-arm", type=_number(0, 100), metavar="X", help="accuracy on aarch64, percent")
     g.add_argument("--min-arm-agreement", type=_number(0, 100), metavar="X", help="aarch64 vs host agreement, %%")
+    g.add_argument("--max-memory-mb", type=_number(0, lo_open=True), metavar="X",
+                   help="peak resident memory of the inference process, MB")
+    g.add_argument("--max-energy-mj", type=_number(0, lo_open=True), metavar="X",
+                   help="energy per inference, mJ (boards with a power sensor)")
     g.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one testcase per gate")
     g.set_defaults(func=run_gate)
 

@@ -22,6 +22,8 @@ GATES: dict[str, tuple[str, str]] = {
     "max_regression": ("≤", "%"),
     "min_accuracy_arm": ("≥", "%"),
     "min_arm_agreement": ("≥", "%"),
+    "max_memory_mb": ("≤", "MB"),
+    "max_energy_mj": ("≤", "mJ"),
 }
 SETTINGS = ("percentile", "baseline")
 PERCENTILES = (50, 90, 99)
@@ -89,9 +91,11 @@ def evaluate(report: dict, thresholds: dict, baseline: dict | None = None) -> li
         elif gate == "min_accuracy_arm":
             results.append(_at_least(gate, final, "accuracy_arm", t, " on the aarch64 runtime",
                                      "the report has no ARM accuracy (run compress with --verify-arm)"))
-        else:
+        elif gate == "min_arm_agreement":
             results.append(_at_least(gate, final, "arm_agreement", t, " top-1 agreement, aarch64 vs host",
                                      "the report has no ARM agreement (run compress with --verify-arm)"))
+        else:
+            results.append(_at_most(gate, final, t))
     return results
 
 
@@ -120,6 +124,19 @@ def _not_measured(gate: str, t: float, holder: dict | None, figure: str, default
 def _cmp(ok: bool, gate: str) -> str:
     op = GATES[gate][0]
     return op if ok else {"≤": ">", "≥": "<"}[op]
+
+
+def _at_most(gate: str, final: dict, t: float) -> GateResult:
+    """max_memory_mb (peak resident memory of the inference process) or max_energy_mj (per inference)."""
+    key, unit, what = {"max_memory_mb": ("peak_memory_mb", "MB", "peak resident memory"),
+                       "max_energy_mj": ("energy_mj", "mJ", "energy per inference")}[gate]
+    value = final.get(key)
+    if not isinstance(value, (int, float)):
+        return _not_measured(gate, t, final, key)
+    ok = value <= t
+    where = final.get("measured_on") or "host"
+    return GateResult(gate, t, round(float(value), 4), ok,
+                      f"{what} {value:.3f} {unit} {_cmp(ok, gate)} {t:g} {unit}, measured on {where}")
 
 
 def _size(final: dict, t: float) -> GateResult:

@@ -176,14 +176,17 @@ def stage(report: dict, name: str) -> dict | None:
 
 def candidate_table(report: dict, quant: dict) -> Table:
     """The precisions the quantize stage considered, each with what was measured and where."""
-    table = Table(["Precision", "Artifact", "Accuracy", "Size", "p50", "p90", "Measured on", "Chosen"])
+    table = Table(["Precision", "Artifact", "Accuracy", "Size", "p50", "p90", "Peak memory", "Energy / inference",
+                   "Measured on", "Chosen"])
     for cand in quant.get("candidates") or []:
         where = cand.get("measured_on")
         where_cell = Cell(str(where)) if where else Cell(ABSENT if latency(cand) is None else "host")
         table.rows.append([
             Cell(str(cand.get("precision"))), Cell(f"`{cand['artifact']}`" if cand.get("artifact") else ABSENT),
             figure(cand, "accuracy", fmt_pct), figure(cand, "size_bytes", fmt_bytes),
-            latency_cell(report, cand, "p50"), latency_cell(report, cand, "p90"), where_cell,
+            latency_cell(report, cand, "p50"), latency_cell(report, cand, "p90"),
+            figure(cand, "peak_memory_mb", lambda v: f"{v:.1f} MB"), figure(cand, "energy_mj", lambda v: f"{v:.3f} mJ"),
+            where_cell,
             Cell("✔ chosen" if cand.get("chosen") else ""),
         ])
     return table

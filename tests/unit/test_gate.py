@@ -201,3 +201,14 @@ def test_apply_gates_takes_the_config_model(report):
     results, passed = apply_gates(report, GatesConfig(max_size_mb=2.0, min_accuracy=97.0), None)
     assert passed is True
     assert [r.gate for r in results] == ["max_size_mb", "min_accuracy"]
+
+
+def test_memory_and_energy_gates():
+    from edgekd.report.gate import evaluate
+
+    report = {"final": {"peak_memory_mb": 95.5, "energy_mj": None, "measured_on": "root@pi",
+                        "not_measured": {"energy_mj": "root@pi: no power sensor readable here"}}}
+    mem, energy = evaluate(report, {"max_memory_mb": 100, "max_energy_mj": 5})
+    assert (mem.gate, mem.passed, mem.measured) == ("max_memory_mb", True, 95.5) and "root@pi" in mem.detail
+    assert energy.passed is False and "no power sensor" in energy.detail  # not measured fails its gate
+    assert evaluate(report, {"max_memory_mb": 90})[0].passed is False

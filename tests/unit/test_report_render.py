@@ -42,7 +42,7 @@ def test_markdown_has_precision_candidates_and_gates(report):
     md = render_markdown(report)
     assert "### Precision: int8" in md
     assert "**Why:** int8 is" in md
-    assert "| Precision | Artifact | Accuracy | Size | p50 | p90 | Measured on | Chosen |" in md
+    assert "| Precision | Artifact | Accuracy | Size | p50 | p90 | Peak memory | Energy / inference | Measured on | Chosen |" in md
     assert "✔ chosen" in md
     assert "### Gates" in md and "✅ all 4 gates passed" in md
     assert "| max_latency_ms | ≤ 8 ms (p90) |" in md
