@@ -33,9 +33,13 @@ def _run_script(tmp_path: Path, text: str, trtexec: str, *extra: str) -> subproc
     return subprocess.run(["bash", str(script), *extra], cwd=tmp_path, env=env, text=True, capture_output=True)
 
 
-def _fake_trtexec(tmp_path: Path) -> str:
+def _fake_trtexec(tmp_path: Path, version: str = "100300") -> str:
+    """A trtexec that names its version on --help (as the real one does) and records a build's arguments."""
     fake = tmp_path / "trtexec"
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > args.txt\n'
+    fake.write_text('#!/bin/sh\n'
+                    f'if [ "$1" = --help ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec"; '
+                    'exit 0; fi\n'
+                    'printf "%s\\n" "$@" > args.txt\n'
                     'for a; do case $a in --saveEngine=*) echo engine > "${a#--saveEngine=}";; esac; done\n')
     fake.chmod(0o755)
     return str(fake)
@@ -60,6 +64,19 @@ def test_fp32_build_script_has_no_precision_flags(tmp_path):
     assert r.returncode == 0, r.stderr
     args = (tmp_path / "args.txt").read_text().split()
     assert "--int8" not in args and "--fp16" not in args and not any("DLA" in a for a in args)
+
+
+@pytest.mark.parametrize(("version", "strongly_typed"), [("8601", False), ("100300", False), ("101200", True),
+                                                       ("110000", True)])
+def test_build_script_picks_the_precision_flags_by_trtexec_version(tmp_path, version, strongly_typed):
+    text = render_build_script(load_profile("jetson-orin-nano"), "int8", "input", list(SHAPE), dla_core=None)
+    r = _run_script(tmp_path, text, _fake_trtexec(tmp_path, version))
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "args.txt").read_text().split()
+    if strongly_typed:  # TensorRT 10.12 deprecated --int8/--fp16, 11 removed them
+        assert "--stronglyTyped" in args and "--int8" not in args and "--fp16" not in args
+    else:
+        assert "--int8" in args and "--fp16" in args and "--stronglyTyped" not in args
 
 
 def test_build_script_without_trtexec_says_where_it_looked(tmp_path):
@@ -194,6 +211,7 @@ def fake_tensorrt(memory: FakeMemory, calls: dict) -> types.ModuleType:
 
         def set_timing_cache(self, cache, ignore_mismatch):
             self.cache = cache
+            return calls.get("cache_accepted", True)
 
         def get_timing_cache(self):
             return self.cache
@@ -250,7 +268,36 @@ def test_build_sets_explicit_int8_fp16_dla_and_timing_cache(fake, tmp_path):
     assert calls["workspace"] == 512 << 20 and calls["network_flags"] == 0
     assert calls["cache_in"] == b"OLD" and (tmp_path / "timing.cache").read_bytes() == b"CACHE"
     assert (tmp_path / "model.engine").read_bytes() == b"ENGINE"
-    assert info["precision"] == "int8" and info["tensorrt"] == "10.3.0"
+    assert info["precision"] == "int8" and info["tensorrt"] == "10.3.0" and info["builder_api"] == "flags"
+    assert info["timing_cache_reused"] is True
+
+
+def test_builder_api_and_dla_follow_the_tensorrt_version():
+    api = trt_runner.builder_api
+    assert api((8, 6)) == api((10, 11)) == "flags"
+    assert api((10, 12)) == api((11, 0)) == "strongly-typed" and api((10, 3), has_precision_flags=False) == "strongly-typed"
+    assert trt_runner.trt_version("10.12.0.36") == (10, 12) and trt_runner.trt_version("8.5.2.2") == (8, 5)
+    dla = trt_runner.dla_problem
+    assert dla((10, 3), "int8", 0) is None and dla((11, 4), "fp16", 0) is None and dla((10, 3), "int8", None) is None
+    assert "8.6" in dla((8, 5), "int8", 0)  # JetPack 5: Q/DQ int8 on the DLA is not supported
+    assert "no DLA support" in dla((10, 9), "int8", 0) and "no DLA support" in dla((11, 0), "fp16", 1)
+
+
+def test_tensorrt_11_builds_a_strongly_typed_network_without_precision_flags(fake, tmp_path, monkeypatch):
+    _, calls = fake
+    trt = sys.modules["tensorrt"]
+    monkeypatch.setattr(trt, "__version__", "11.0.0")
+    monkeypatch.setattr(trt, "BuilderFlag", types.SimpleNamespace(GPU_FALLBACK="GPU_FALLBACK"))  # INT8/FP16 gone
+    monkeypatch.setattr(trt, "NetworkDefinitionCreationFlag", types.SimpleNamespace(STRONGLY_TYPED=1), raising=False)
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"onnx")
+    (tmp_path / "timing.cache").write_bytes(b"FROM-ANOTHER-GPU")
+    calls["cache_accepted"] = False  # set_timing_cache refuses a mismatched cache: a new one is started
+    info = trt_runner.build_engine(str(onnx_path), str(tmp_path / "model.engine"), "int8", 512,
+                                   str(tmp_path / "timing.cache"))
+    assert calls["config"].flags == set() and calls["network_flags"] == 1 << 1
+    assert info["builder_api"] == "strongly-typed" and info["timing_cache"] is None
+    assert info["timing_cache_reused"] is False and (tmp_path / "timing.cache").read_bytes() == b"FROM-ANOTHER-GPU"
 
 
 def test_build_refuses_dla_for_fp32_and_cores_that_do_not_exist(fake, tmp_path):

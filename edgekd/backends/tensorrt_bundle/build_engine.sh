@@ -26,8 +26,16 @@ args=(
     --memPoolSize=workspace:@WORKSPACE_MB@M
     --skipInference
 )
-# int8: explicit quantization from the Q/DQ nodes (no calibrator); --fp16 lets the other layers run in FP16.
-precision_flags=(@PRECISION_FLAGS@)
+# trtexec names its version as "TensorRT v101200" (10.12.0; 8.6.1 is v8601). TensorRT 10.12 deprecated the
+# --int8/--fp16 precision flags and TensorRT 11 removed them: there the network is strongly typed and
+# takes its precision from the model (the Q/DQ nodes make int8). Below 10.12, int8 is explicit
+# quantization from the Q/DQ nodes (no calibrator) and --fp16 lets the other layers run in FP16.
+version=$("$TRTEXEC" --help 2>&1 | grep -o 'TensorRT v[0-9]*' | head -n 1 | tr -dc '0-9' || true)
+if [ -n "$version" ] && [ "$version" -ge 101200 ]; then
+    precision_flags=(--stronglyTyped)
+else
+    precision_flags=(@PRECISION_FLAGS@)
+fi
 # DLA core from the profile's dla_core, with GPU fallback for layers the DLA cannot run.
 dla_flags=(@DLA_FLAGS@)
 args+=("${precision_flags[@]}" "${dla_flags[@]}" "$@")

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Build and benchmark this bundle's TensorRT engine on the Jetson itself (TensorRT 8.6 / 10, JetPack 5 / 6).
+"""Build and benchmark this bundle's TensorRT engine on the Jetson itself (TensorRT 8.5 to 11, JetPack 5 to 7).
 
     python3 trt_runner.py build [--onnx model.onnx] [--engine model.engine] [--precision int8|fp16|fp32]
                                 [--workspace-mb N] [--dla-core N] [--timing-cache timing.cache]
     python3 trt_runner.py bench [--engine model.engine] [--eval-data eval.npz] [--warmup N]
                                 [--iterations N] [--json OUT]
 
-Defaults come from bundle.json beside this file. `build` parses the explicitly quantized (QDQ) ONNX,
-sets INT8 + FP16 (FP16 is the fallback for layers without Q/DQ; no calibrator), reuses and updates
-the timing cache and saves the engine. `bench` times host-to-device copy + execute + device-to-host
+Defaults come from bundle.json beside this file. `build` parses the explicitly quantized (QDQ) ONNX with
+the builder API of the installed TensorRT: from 10.12 (and in 11, which removed the precision flags) a
+strongly typed network whose precision comes from the model; below 10.12 the INT8 + FP16 flags (FP16 for
+layers without Q/DQ; no calibrator). It reuses and updates the timing cache and saves the engine. `bench` times host-to-device copy + execute + device-to-host
 copy with CUDA events and prints one JSON object with the fields of edgekd's bench runner.
 Device memory comes from trt_device.py: cuda-python (`pip3 install cuda-python`) when it imports, else
 torch.cuda. Needs only tensorrt and numpy besides; exit 2: bad input, exit 3: runtime failure.
@@ -63,34 +64,79 @@ def _import_tensorrt():
 
 # ---------------------------------------------------------------- build
 
+# TensorRT 10.12 deprecated BuilderFlag.INT8 / FP16 and TensorRT 11 removed them: from 10.12 the network
+# is strongly typed, its precision coming from the model (Q/DQ pairs give int8, FP16 tensors fp16).
+STRONGLY_TYPED_FROM = (10, 12)
+
+
+def trt_version(text: str) -> tuple:
+    """(major, minor) of a TensorRT version string such as '10.3.0.30' or '11.0.0'."""
+    parts = [int(p) for p in re.findall(r"\d+", text)[:2]]
+    return tuple((parts + [0, 0])[:2]) if parts else (0, 0)
+
+
+def builder_api(version: tuple, has_precision_flags: bool = True) -> str:
+    """'strongly-typed' from TensorRT 10.12 (or wherever the INT8/FP16 flags are gone), else 'flags'."""
+    return "strongly-typed" if version >= STRONGLY_TYPED_FROM or not has_precision_flags else "flags"
+
+
+def dla_problem(version: tuple, precision: str, dla_core) -> str | None:
+    """Why this build cannot use the DLA, or None. DLA runs int8 and fp16; TensorRT 10.8 to 11.3 ship no DLA
+    support, and explicitly quantized (Q/DQ) int8 on the DLA needs TensorRT 8.6 (JetPack 6): JetPack 5's 8.5
+    builds it for the GPU only."""
+    if dla_core is None:
+        return None
+    v = ".".join(str(x) for x in version)
+    if precision == "fp32":
+        return "DLA runs int8 or fp16 only; build fp32 without --dla-core"
+    if (10, 8) <= version < (11, 4):
+        return f"TensorRT {v} has no DLA support (10.7 was the last before 11.4); build without --dla-core"
+    if precision == "int8" and version < (8, 6):
+        return (f"explicitly quantized (Q/DQ) int8 on the DLA needs TensorRT 8.6 or later (JetPack 6); this board "
+                f"has {v}: build without --dla-core")
+    return None
+
+
+def network_flags(trt, api: str, version: tuple) -> int:
+    """Network creation flags: explicit batch before TensorRT 10, strongly typed for the new API."""
+    flags = 0
+    if version[0] < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if api == "strongly-typed" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return flags
+
+
 def build_engine(onnx_path: str, engine_path: str, precision: str = "int8", workspace_mb: int = 1024,
                  timing_cache: str | None = "timing.cache", dla_core: int | None = None) -> dict:
-    """Parse `onnx_path`, build with explicit quantization (int8: INT8 + FP16 flags), save the engine."""
+    """Parse `onnx_path` and build the engine with the API this TensorRT has (see builder_api): a strongly
+    typed network from 10.12, the INT8/FP16 flags below it; reuse and update the timing cache; save."""
     trt = _import_tensorrt()
     if precision not in ("int8", "fp16", "fp32"):
         raise RunnerError(f"precision {precision!r} is not int8, fp16 or fp32", EXIT_BAD_INPUT)
     if not os.path.isfile(onnx_path):
         raise RunnerError(f"ONNX model {onnx_path} does not exist", EXIT_BAD_INPUT)
+    version = trt_version(trt.__version__)
+    api = builder_api(version, hasattr(trt.BuilderFlag, "INT8") and hasattr(trt.BuilderFlag, "FP16"))
+    problem = dla_problem(version, precision, dla_core)
+    if problem:
+        raise RunnerError(problem, EXIT_BAD_INPUT)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs it set.
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt, api, version))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(onnx_path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RunnerError(f"TensorRT cannot parse {onnx_path}: {errors[:500]}", EXIT_BAD_INPUT)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ nodes give the scales: no calibrator
-    if precision in ("int8", "fp16"):
-        config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
+    if api == "flags":
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ nodes give the scales: no calibrator
+        if precision in ("int8", "fp16"):
+            config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
     _static_profile(trt, builder, network, config)
     if dla_core is not None:
-        if precision == "fp32":
-            raise RunnerError("DLA runs int8 or fp16 only; build fp32 without --dla-core", EXIT_BAD_INPUT)
         if builder.num_DLA_cores <= dla_core:
             raise RunnerError(f"DLA core {dla_core} requested; this device has {builder.num_DLA_cores}",
                               EXIT_BAD_INPUT)
@@ -102,18 +148,22 @@ def build_engine(onnx_path: str, engine_path: str, precision: str = "int8", work
         with open(timing_cache, "rb") as f:
             cache_bytes = f.read()
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_used = bool(config.set_timing_cache(cache, ignore_mismatch=False))
+    if not cache_used and cache_bytes:  # a cache from another TensorRT or GPU: start a new one
+        cache = config.create_timing_cache(b"")
+        cache_used = bool(config.set_timing_cache(cache, ignore_mismatch=False))
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_s = time.perf_counter() - t0
     if serialized is None:
         raise RunnerError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     _write(engine_path, memoryview(serialized))
-    if timing_cache:
+    if timing_cache and cache_used:
         _write(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return {"engine": engine_path, "engine_bytes": os.path.getsize(engine_path), "build_s": round(build_s, 3),
             "precision": precision, "dla_core": dla_core, "workspace_mb": int(workspace_mb),
-            "timing_cache": timing_cache, "tensorrt": trt.__version__}
+            "builder_api": api, "timing_cache": timing_cache if cache_used else None,
+            "timing_cache_reused": bool(cache_bytes) and cache_used, "tensorrt": trt.__version__}
 
 
 def _static_profile(trt, builder, network, config) -> None:
