@@ -236,6 +236,11 @@ class TensorRtBackend(Backend):
                 "workspace_mb": int(profile.workspace_mb),
                 "build_on_board": "./build_engine.sh or python3 trt_runner.py build", "notes": notes}
         runnable, reason = tensorrt_status()
+        if runnable and not profile.is_this_board():
+            # An engine only runs on the GPU and TensorRT it was built with: one built on this machine is
+            # never shipped as the board's artifact. The board builds its own from the bundle.
+            runnable, reason = False, (f"tensorrt imports here, but this machine is not a {profile.name}: an engine "
+                                       "built here would not run on the board; the board builds it from the bundle")
         if not runnable:
             return Artifact(path=model, backend=self.name, precision=precision, files=files,
                             runnable_here=False, not_runnable_reason=reason, info=info)

@@ -115,9 +115,14 @@ def runner_path() -> Path:
 
 
 def runner_backend(model: Path, profile: Profile) -> str:
-    """Which runtime the runner uses for this artifact: OpenVINO for IR (.xml) or an OpenVINO
-    profile, ONNX Runtime for other .onnx files."""
+    """Which runtime measures this artifact: TensorRT (the bundle's trt_runner.py) for a Jetson profile,
+    OpenVINO for IR (.xml) or an OpenVINO profile, ONNX Runtime for other .onnx files."""
     suffix = Path(model).suffix.lower()
+    if profile.backend == "tensorrt":
+        if suffix != ".onnx":
+            raise BadInputError(f"bench: {model} is not the bundle's ONNX model; a Jetson builds its TensorRT "
+                                "engine from model.onnx in the bundle folder")
+        return "tensorrt"  # never ONNX Runtime under a Jetson profile
     if suffix == ".xml":
         return "openvino"
     if suffix == ".onnx":
@@ -158,7 +163,15 @@ def bench_local(model: Path, profile: Profile, *, eval_data: Path | None = None,
         raise ModelError(f"bench: artifact {model} does not exist")
     if eval_data is not None and not Path(eval_data).is_file():
         raise BadInputError(f"bench: eval data {eval_data} does not exist")
-    args = runner_arguments(str(model), profile, backend=runner_backend(model, profile),
+    backend = runner_backend(model, profile)
+    if backend == "tensorrt":
+        from .tensorrt_board import bench_here
+
+        result = bench_here(model, [model], profile, sys.executable, eval_data=eval_data, warmup=warmup,
+                            iterations=iterations, timeout_s=timeout_s or profile.remote.timeout_s)
+        result["measured_on"] = "host"
+        return result
+    args = runner_arguments(str(model), profile, backend=backend,
                             eval_data=str(eval_data) if eval_data else None, threads=threads, warmup=warmup,
                             iterations=iterations, duration_s=duration_s, batch=batch)
     if args[args.index("--backend") + 1] == "onnxruntime" and needs_precise_int8(model):

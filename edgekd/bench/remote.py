@@ -85,10 +85,13 @@ def ssh_command(spec: HostSpec, *, ssh_config: Path | None, connect_timeout_s: i
     return cmd + ["--", spec.host]
 
 
-def remote_script(workdir: str, python: str, arguments: list[str], timeout_s: int) -> str:
-    """The POSIX shell run on the board: temporary directory (removed by a trap), unpack, run, print."""
+def remote_script(workdir: str, python: str, arguments: list[str], timeout_s: int,
+                  commands: list[list[str]] | None = None) -> str:
+    """The POSIX shell run on the board: temporary directory (removed by a trap), unpack, run, print.
+    `commands` (each must succeed, in order; the last writes result.json) replace the runner.py call."""
     q = shlex.quote
-    run = " ".join(q(a) for a in [python, "runner.py", *arguments, "--json", "result.json"])
+    steps = commands or [[python, "runner.py", *arguments, "--json", "result.json"]]
+    run = " && ".join("$limit " + " ".join(q(a) for a in cmd) + " >/dev/null" for cmd in steps)
     template = q(workdir.rstrip("/") + "/edgekd-bench.XXXXXX")
     return "\n".join([
         "umask 077",
@@ -100,7 +103,7 @@ def remote_script(workdir: str, python: str, arguments: list[str], timeout_s: in
         "tar -xf - >/dev/null 2>&1 || exit 92",
         "limit=''",
         f"if command -v timeout >/dev/null 2>&1; then limit='timeout -k 5 {int(timeout_s)}'; fi",
-        f"$limit {run} >/dev/null",
+        run,
         "rc=$?",
         f"if [ $rc -eq 0 ]; then printf '%s\\n' {q(MARKER)}; cat result.json; fi",
         "exit $rc",
@@ -142,10 +145,21 @@ def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile
     python = remote_python or profile.remote.python
     timeout_s = int(timeout_s or profile.remote.timeout_s)
     connect = profile.remote.connect_timeout_s
-    args = runner_arguments(f"model/{model_name}", profile, backend=runner_backend(Path(model_name), profile),
-                            eval_data="data/eval.npz" if eval_data else None, threads=threads, warmup=warmup,
-                            iterations=iterations, duration_s=duration_s, batch=batch)
-    script = remote_script(profile.remote.workdir, python, args, timeout_s)
+    backend = runner_backend(Path(model_name), profile)
+    steps = None
+    if backend == "tensorrt":  # the Jetson builds and times its own engine; never ONNX Runtime
+        from . import tensorrt_board
+
+        model_path = next(f for f in files if f.name == model_name)
+        files = tensorrt_board.board_files(model_path, files)
+        steps = tensorrt_board.commands(python, model_name, profile, eval_data="data/eval.npz" if eval_data else None,
+                                        warmup=warmup, iterations=iterations)
+        args: list[str] = []
+    else:
+        args = runner_arguments(f"model/{model_name}", profile, backend=backend,
+                                eval_data="data/eval.npz" if eval_data else None, threads=threads, warmup=warmup,
+                                iterations=iterations, duration_s=duration_s, batch=batch)
+    script = remote_script(profile.remote.workdir, python, args, timeout_s, steps)
     cmd = ssh_command(spec, ssh_config=ssh_config, connect_timeout_s=connect) + ["sh -c " + shlex.quote(script)]
     with tempfile.TemporaryDirectory(prefix="edgekd-remote-") as tmp:
         bundle = Path(tmp) / "bundle.tar"

@@ -71,9 +71,23 @@ class Profile(_P):
 
     @property
     def measures_here(self) -> bool:
-        """True when latency measured on this host decides for this target: the `cpu` profile, or a profile
-        that accepts any host of its instruction set (intel-cpu on an x86 host)."""
-        return self.arch == "host" or (self.measure_on_matching_host and self.host_matches_arch())
+        """True when latency measured on this host decides for this target: the `cpu` profile, a profile
+        that accepts any host of its instruction set (intel-cpu on an x86 host), or a Jetson profile when
+        edgekd runs on that Jetson itself."""
+        return (self.arch == "host" or (self.measure_on_matching_host and self.host_matches_arch())
+                or (self.backend == "tensorrt" and self.is_this_board()))
+
+    def is_this_board(self, model: str | None = None) -> bool:
+        """Whether this machine is the board the profile names: a Jetson whose device-tree model has every
+        word of the profile's name after 'jetson' (jetson-orin-nano: 'NVIDIA Jetson Orin Nano ...')."""
+        if model is None:
+            try:
+                model = Path("/proc/device-tree/model").read_text(errors="replace").strip("\x00 \n")
+            except OSError:
+                return False
+        words = [w for w in self.name.lower().split("-") if w and w != "jetson"]
+        text = model.lower()
+        return "jetson" in text and bool(words) and all(w in text.split() for w in words)
 
     def host_matches_arch(self) -> bool:
         """Whether this machine has the board's instruction set (never that it is the board)."""

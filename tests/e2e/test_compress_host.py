@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgekd.models import SmallCNN
-from tests.conftest import run_edgekd
+from tests.conftest import ROOT, run_edgekd
 from tests.e2e.sshd import SSHD, start_sshd
 
 pytestmark = [pytest.mark.e2e,
@@ -49,5 +49,40 @@ def test_compress_with_host_reports_the_boards_figures(tmp_path):
                          "--ssh-config", str(server.ssh_config()), "--quiet", timeout=120)
         assert bad.returncode == 3 and "nosuchboard" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "run2" / "report.json").exists()
+    finally:
+        server.stop()
+
+
+def test_a_jetson_without_tensorrt_stops_and_no_other_runtime_speaks_for_it(tmp_path):
+    # The board (a real sshd on loopback) has Python, numpy and ONNX Runtime but no TensorRT: the Jetson
+    # profile must build and time its engine there with TensorRT, so the run stops with exit 3 and one
+    # line; ONNX Runtime never measures in its place.
+    torch.manual_seed(0)
+    model = SmallCNN(10).eval()
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(onnx_path), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "b"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 3, 32, 32)).astype(np.float32))
+    profile = tmp_path / "jetson.yaml"
+    nano = (ROOT / "edgekd" / "targets" / "jetson-orin-nano.yaml").read_text()
+    profile.write_text(nano.replace("name: jetson-orin-nano", "name: test-jetson").replace("aliases: [jetson, orin-nano]", "aliases: []")
+                       .replace("remote: {python: python3, workdir: /tmp}",
+                                f"remote: {{workdir: {tmp_path}, timeout_s: 120, connect_timeout_s: 5}}")
+                       .replace("bench: {warmup: 50, iterations: 500}", "bench: {warmup: 2, iterations: 20}"))
+    server = start_sshd(tmp_path / "sshd")
+    try:
+        out = tmp_path / "run"
+        r = run_edgekd("compress", "--model", str(onnx_path), "--calib-data", str(tmp_path / "calib.npz"),
+                       "--target", str(profile), "--out", str(out), "--host", "board", "--ssh-config",
+                       str(server.ssh_config()), "--remote-python", sys.executable, "--quiet", timeout=600)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 3 and len(lines) == 1, r.stderr[-2000:]
+        assert "board" in lines[0] and "tensorrt does not import" in lines[0]
+        assert "onnxruntime" not in r.stdout.lower() and not (out / "report.json").exists()
+        # The same artifact benched directly: the same refusal, no latency figure.
+        b = run_edgekd("bench", str(out / "target" / "int8"), "--target", str(profile), "--host", "board",
+                       "--ssh-config", str(server.ssh_config()), "--remote-python", sys.executable, timeout=300)
+        assert b.returncode == 3 and "tensorrt does not import" in b.stderr and "latency" not in b.stdout
     finally:
         server.stop()

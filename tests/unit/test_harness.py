@@ -150,7 +150,29 @@ def test_runner_backend_by_suffix_and_profile():
     assert harness.runner_backend("m.onnx", load_profile("openvino")) == "openvino"
     assert harness.runner_backend("m.onnx", load_profile("rpi")) == "onnxruntime"
     with pytest.raises(Exception, match="neither"):
+        harness.runner_backend("m.engine", load_profile("cpu"))
+    # A Jetson is measured with TensorRT from its bundle's model.onnx, never with ONNX Runtime.
+    assert harness.runner_backend("model.onnx", load_profile("jetson")) == "tensorrt"
+    with pytest.raises(Exception, match="bundle"):
         harness.runner_backend("m.engine", load_profile("jetson"))
+
+
+def test_a_jetson_board_builds_and_times_with_its_own_tensorrt(tmp_path):
+    from edgekd.bench import tensorrt_board
+    from edgekd.bench.remote import remote_script
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    (tmp_path / "bundle.json").write_text("{}")
+    files = tensorrt_board.board_files(model, [model])
+    assert [f.name for f in files] == ["model.onnx", "bundle.json", "trt_runner.py", "trt_device.py"]
+    assert all(f.is_file() for f in files)
+    build, bench = tensorrt_board.commands("python3", "model.onnx", load_profile("jetson"), eval_data="data/eval.npz",
+                                           warmup=None, iterations=None)
+    assert build[1:3] == ["model/trt_runner.py", "build"] and "--timing-cache" in build
+    assert bench[1:3] == ["model/trt_runner.py", "bench"] and bench[bench.index("--iterations") + 1] == "500"
+    script = remote_script("/tmp", "python3", [], 60, [build, bench])
+    assert "runner.py --model" not in script and script.count("$limit ") == 2  # both steps under the timeout
 
 
 def test_environment_describes_this_host():

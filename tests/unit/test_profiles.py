@@ -25,3 +25,16 @@ def test_user_profile_file(tmp_path):
     p.write_text("backend: onnxruntime\nthreds: 4\n")
     with pytest.raises(ConfigError, match="threds: unknown key"):
         load_profile(str(p))
+
+
+def test_a_jetson_profile_knows_its_own_board():
+    from edgekd.config.profiles import load_profile
+
+    nano, agx = load_profile("jetson-orin-nano"), load_profile("jetson-agx-orin")
+    model = "NVIDIA Jetson Orin Nano Developer Kit"
+    assert nano.is_this_board(model) and not agx.is_this_board(model)
+    assert agx.is_this_board("NVIDIA Jetson AGX Orin Developer Kit") and not nano.is_this_board("Raspberry Pi 5 Model B")
+    from pathlib import Path
+
+    if not Path("/proc/device-tree/model").exists():  # a machine that is no board
+        assert not nano.is_this_board() and not nano.measures_here  # nothing measured here is the Jetson's
