@@ -33,6 +33,7 @@ class Candidate:
     label: str = ""
     selection: dict = field(default_factory=dict)  # accuracy / top1_agreement on the selection data: what chose
     footprint: dict = field(default_factory=dict)  # peak memory and energy of a fresh runner process
+    measured_on: str = "host"  # where latency (and the selection figures) were taken: "host" or a board
 
 
 def compile_all(ctx: RunContext, sources: dict[str, Source | Path]) -> dict[str, Candidate]:
@@ -75,6 +76,68 @@ def select(cands: dict[str, Candidate], runners: dict[str, Runner], validation: 
         if ref is not None:
             sel["top1_agreement"] = agreement_of(ref, lg)
         cands[name].selection = sel
+
+
+BOARD_ROUNDS = 3  # candidates are timed on the board in interleaved rounds: A B C A B C A B C
+
+
+def measure_on_board(ctx: RunContext, cands: dict[str, Candidate], host: str, validation: Validation | None,
+                     ssh_config: str | None, remote_python: str | None) -> None:
+    """The board decides: every candidate is run on `host` with the target's runtime, in interleaved
+    rounds, for latency and for its predictions on the selection data (never the test set). Selection
+    accuracy and agreement with FP32 come from the board's predictions; latency from all rounds."""
+    import tempfile
+
+    from .bench.remote import bench_remote
+    from .bench.runner import summarize
+
+    names = [n for n, c in cands.items() if n != "teacher" and c.artifact is not None]
+    b = ctx.config.bench
+    iters = b.iterations if "iterations" in b.model_fields_set else ctx.profile.bench.iterations
+    warmup = b.warmup if "warmup" in b.model_fields_set else ctx.profile.bench.warmup
+    per_round = max(10, iters // BOARD_ROUNDS)
+    times: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    first: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="edgekd-select-") as tmp:
+        sel = None
+        if validation is not None:
+            sel = Path(tmp) / "selection.npz"
+            arrays = {"x": validation.x} if validation.y is None else {"x": validation.x, "y": validation.y}
+            np.savez(sel, **arrays)
+        with ctx.progress.task(f"measuring {len(names)} candidates on {host}", BOARD_ROUNDS * len(names)) as bar:
+            for r in range(BOARD_ROUNDS):
+                for n in names:
+                    a = cands[n].artifact
+                    res = bench_remote(host, a.files or [a.path], a.path.name, ctx.profile,  # type: ignore[union-attr]
+                                       eval_data=sel if r == 0 else None, threads=ctx.threads, warmup=warmup,
+                                       iterations=per_round, ssh_config=Path(ssh_config) if ssh_config else None,
+                                       remote_python=remote_python, keep_times=True)
+                    if r == 0:
+                        first[n] = res
+                    if res.get("times_ms"):
+                        times[n].append(np.asarray(res["times_ms"][:per_round], dtype=np.float64))
+                    bar.advance()
+    preds = {n: np.asarray(first[n].get("predictions") or [], dtype=np.int64) for n in names}
+    ref = preds.get("fp32")
+    for n in names:
+        c, res = cands[n], first[n]
+        c.measured_on = host
+        if len(times[n]) == BOARD_ROUNDS and all(len(t) == per_round for t in times[n]):
+            samples = np.concatenate(times[n])
+            c.latency = {**summarize(samples), "samples_ms": samples.tolist(), "rounds": BOARD_ROUNDS}
+        elif res.get("latency_ms"):
+            c.latency = dict(res["latency_ms"])  # a runner without per-call times (TensorRT): its summary
+        c.footprint = {"peak_memory_mb": res.get("peak_rss_mb"), "energy_mj": res.get("energy_mj"),
+                       "avg_power_w": res.get("avg_power_w"), "memory_scope": MEMORY_SCOPE + f", on {host}"}
+        if res.get("energy_mj") is None:
+            c.not_measured["energy_mj"] = f"{host}: " + (res.get("energy_not_measured") or "not measured")
+        if validation is not None and len(preds[n]) == len(validation.x):
+            selection: dict = {"data": f"{validation.source}, on {host}", "samples": int(len(validation.x))}
+            if validation.y is not None:
+                selection["accuracy"] = float((preds[n] == validation.y).mean() * 100)
+            if ref is not None and len(ref) == len(preds[n]):
+                selection["top1_agreement"] = float((ref == preds[n]).mean() * 100)
+            c.selection = selection
 
 
 def time_all(ctx: RunContext, cands: dict[str, Candidate], runners: dict[str, Runner], sample: np.ndarray) -> None:
@@ -207,7 +270,7 @@ def _budget(c: Candidate, ref: Candidate | None, max_drop: float) -> tuple[bool,
 
 
 def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float,
-           measured_here: bool) -> tuple[str, str, bool, dict[str, str]]:
+           measured_here: bool, where: str = "this host") -> tuple[str, str, bool, dict[str, str]]:
     """The final candidate: fastest measured within the accuracy budget of FP32, or, where latency on the
     board could not be measured, the profile's preference order. Returns (name, why, measured, why
     per candidate)."""
@@ -265,7 +328,7 @@ def choose(ctx: RunContext, cands: dict[str, Candidate], max_drop: float,
                 reasons[n] = f"slower: {ratio}"
             else:
                 reasons[n] = f"not faster beyond noise: {ratio}; the preference order keeps {best}"
-        why = (f"fastest within the accuracy budget, measured with {ctx.profile.backend} on this host for "
+        why = (f"fastest within the accuracy budget, measured with {ctx.profile.backend} on {where} for "
                f"{ctx.profile.name}: " + ", ".join(f"{n} p50 {p50[n]:.3f} ms" for n in ok)
                + f"; a candidate displaces an earlier one in the preference order only when faster beyond "
                f"noise (95% interval of the p50 ratio below {1 / (1 + LATENCY_TIE):.3f})")

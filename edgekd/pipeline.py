@@ -21,6 +21,7 @@ from .deploy import (
     compile_all,
     footprint_all,
     measure_all,
+    measure_on_board,
     open_runners,
     select,
     time_all,
@@ -279,7 +280,8 @@ class Pipeline:
         if "quantize" in self.config.stages or self.model_onnx:
             from .quantize.stage import run_quantize
 
-            q = run_quantize(ctx, fp32, run / "calib.npz", run / "model.int8.onnx", validation, measured_here)
+            q = run_quantize(ctx, fp32, run / "calib.npz", run / "model.int8.onnx", validation,
+                             measured_here or bool(self.hosts))
             q.entry["calibration"] = {**assemble.calibration_info(ctx, run / "calib.npz"),
                                       **q.entry.pop("calibration_plan", {})}
             stages.append(q.entry)
@@ -298,23 +300,30 @@ class Pipeline:
         t0 = time.perf_counter()
         sample = validation.x[:1] if validation is not None else load_npz(run / "calib.npz", "calibration data")[0][:1]
         runners = open_runners(ctx, cands)
+        board = self.hosts[0] if self.hosts else None
         try:
-            # Validation chooses: the choice reads only figures on the selection data ...
-            select(cands, runners, validation)
-            time_all(ctx, cands, runners, sample)
+            # Validation chooses: the choice reads only figures on the selection data, taken on the board
+            # when there is one (--host), else here ...
+            if board is not None:
+                measure_on_board(ctx, cands, board, validation, self.ssh_config, self.remote_python)
+            else:
+                select(cands, runners, validation)
+                time_all(ctx, cands, runners, sample)
             teacher_c = cands.pop("teacher", None)
-            name, why, measured, reasons = choose(ctx, cands, self.config.quantize.max_accuracy_drop, measured_here)
+            name, why, measured, reasons = choose(ctx, cands, self.config.quantize.max_accuracy_drop,
+                                                  measured_here or board is not None, where=board or "this host")
             # ... and test reports: the eval data is read only now, after the choice.
             if teacher_c is not None:
                 cands["teacher"] = teacher_c
             measure_all(ctx, cands, runners, eval_x, eval_y)
-            footprint_all(ctx, cands, runners)
+            if board is None:
+                footprint_all(ctx, cands, runners)
             cands.pop("teacher", None)
         finally:
             close_runners(runners)
         stages.append({"name": "bench", "duration_s": round(time.perf_counter() - t0, 2),
-                       "threads": ctx.threads, "measured_on": "host"})
-        assemble.record_choice(ctx, stages, cands, name, why, measured, reasons, validation)
+                       "threads": ctx.threads, "measured_on": board or "host"})
+        assemble.record_choice(ctx, stages, cands, name, why, measured, reasons, validation, where=board)
         assemble.set_stages(report, stages)
         assemble.fill_final(ctx, report, name, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
         self.teacher_artifact = teacher_c.artifact if teacher_c is not None else None

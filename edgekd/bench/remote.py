@@ -131,7 +131,8 @@ def _ssh_cause(stderr: str) -> str:
 def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile, *,
                  eval_data: Path | None = None, threads: int | None = None, warmup: int | None = None,
                  iterations: int | None = None, ssh_config: Path | None = None, remote_python: str | None = None,
-                 timeout_s: int | None = None, duration_s: float | None = None, batch: int = 1) -> dict:
+                 timeout_s: int | None = None, duration_s: float | None = None, batch: int = 1,
+                 keep_times: bool = False) -> dict:
     """Run runner.py on the board `host` ([user@]host[:port]) on `files` (the artifact's files,
     `model_name` the one to load) and return its JSON plus measured_on: host. Any failure to reach,
     authenticate or run on the board raises BoardError (a bad artifact: ModelError), in bounded time."""
@@ -159,6 +160,8 @@ def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile
         args = runner_arguments(f"model/{model_name}", profile, backend=backend,
                                 eval_data="data/eval.npz" if eval_data else None, threads=threads, warmup=warmup,
                                 iterations=iterations, duration_s=duration_s, batch=batch)
+        if keep_times:
+            args.append("--keep-times")
     script = remote_script(profile.remote.workdir, python, args, timeout_s, steps)
     cmd = ssh_command(spec, ssh_config=ssh_config, connect_timeout_s=connect) + ["sh -c " + shlex.quote(script)]
     with tempfile.TemporaryDirectory(prefix="edgekd-remote-") as tmp:

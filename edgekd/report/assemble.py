@@ -146,7 +146,8 @@ def candidate_entry(ctx: RunContext, name: str, c, chosen: bool) -> dict:
          "size_bytes": c.artifact.size_bytes() if c.artifact else None,
          "accuracy": c.accuracy, "fidelity": c.fidelity or None, "latency_ms": _lat(c.latency),
          "latency_ci_ms": _lat_ci(c.latency),
-         "measured_on": "host" if c.latency else None, "chosen": chosen, **footprint_of(c)}
+         "measured_on": getattr(c, "measured_on", "host") if c.latency else None, "chosen": chosen,
+         **footprint_of(c)}
     missing = {k: v for k, v in (c.not_measured or {}).items()}
     for k in ("accuracy", "latency_ms", "fidelity", "measured_on", "artifact", "size_bytes", "peak_memory_mb",
               "energy_mj"):
@@ -160,7 +161,7 @@ def candidate_entry(ctx: RunContext, name: str, c, chosen: bool) -> dict:
 
 
 def record_choice(ctx: RunContext, stages: list[dict], cands: dict, name: str, why: str, measured: bool,
-                  reasons: dict[str, str], validation=None) -> None:
+                  reasons: dict[str, str], validation=None, where: str | None = None) -> None:
     """The quantize stage's entry gets every candidate's figures and the choice with its reason."""
     for st in stages:
         if st["name"] == "quantize":
@@ -168,8 +169,9 @@ def record_choice(ctx: RunContext, stages: list[dict], cands: dict, name: str, w
                                  "why": reasons.get(n, "")} for n, c in cands.items()]
             st["choice"] = {"candidate": name, "precision": cands[name].precision, "label": cands[name].label,
                             "why": why, "measured": measured,
-                            "measured_where": "this host, with the target's runtime" if measured else
-                            "not measured on the board",
+                            "measured_where": (f"{where}, the board, with the target's runtime" if measured and where
+                                               else "this host, with the target's runtime" if measured
+                                               else "not measured on the board"),
                             "chosen_on": validation.source if validation is not None else
                             "no selection data: the accuracy budget was not checked"}
 

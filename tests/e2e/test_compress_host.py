@@ -44,6 +44,16 @@ def test_compress_with_host_reports_the_boards_figures(tmp_path):
         assert rep["final"]["measured_on"] == "board"
         assert rep["final"]["latency_ms"]["p50"] > 0
         assert rep["remote"][0]["host"] == "board" and rep["remote"][0]["accuracy"] is not None
+        # The board decides: every candidate was measured there, in interleaved rounds, and the choice says so.
+        q = next(st for st in rep["stages"] if st["name"] == "quantize")
+        assert q["choice"]["measured"] is True and q["choice"]["measured_where"].startswith("board")
+        assert "on board" in q["choice"]["why"]
+        for c in q["candidates"]:
+            assert c["measured_on"] == "board" and c["latency_ms"]["p50"] > 0, c
+            assert c["selection"]["data"].endswith("on board") and c["selection"]["top1_agreement"] is not None
+            assert c["peak_memory_mb"] > 0
+        # The loopback "board" is this x86 host, not the aarch64 board the profile names: the report says so.
+        assert "x86_64 processor where test-pi is aarch64" in rep["final"]["measured_on_note"]
         bad = run_edgekd("compress", "--model", str(onnx_path), "--calib-data", str(tmp_path / "calib.npz"),
                          "--target", str(profile), "--out", str(tmp_path / "run2"), "--host", "nosuchboard:1",
                          "--ssh-config", str(server.ssh_config()), "--quiet", timeout=120)
