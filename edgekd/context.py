@@ -61,6 +61,7 @@ class RunContext:
     threads: int = 1
     versions: dict[str, str] = field(default_factory=library_versions)
     notes: list[str] = field(default_factory=list)
+    board: tuple[str, str | None, str | None] | None = None  # (host, ssh config, remote python) of --host
 
     def stage_dir(self, name: str) -> Path:
         d = self.run_dir / "stages" / name

@@ -76,6 +76,8 @@ class Pipeline:
             (run_dir / "report.json").unlink()  # a new run in the same folder: the old verdict no longer holds
         threads = self.config.bench.threads or self.profile.threads or usable_cores()
         ctx = RunContext(self.config, self.profile, run_dir, self.progress, threads=threads)
+        if self.hosts:  # the first board measures what the run decides (precision, pruning allocation)
+            ctx.board = (self.hosts[0], self.ssh_config, self.remote_python)
         write_json(run_dir / ".edgekd-run.json", {"config_key": config_key(self.config, self.profile)})
         torch.set_num_threads(usable_cores())
         try:

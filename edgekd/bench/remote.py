@@ -245,3 +245,68 @@ def bench_hosts(hosts: list[str], files: list[Path], model_name: str, profile: P
 
     with ThreadPoolExecutor(max_workers=min(len(unique), 16)) as pool:
         return dict(zip(unique, pool.map(one, unique), strict=True))
+
+
+def bench_remote_many(host: str, models: dict[str, tuple[list[Path], str]], profile: Profile, *, rounds: int,
+                      iterations: int, warmup: int, threads: int | None = None, ssh_config: Path | None = None,
+                      remote_python: str | None = None, timeout_s: int | None = None) -> dict[str, list[float]]:
+    """Time several models on the board `host` in ONE connection, in interleaved rounds (A B C A B C ...):
+    `models` maps a name to (its files, the file to load). Returns {name: every per-call time in ms, round
+    after round}. Failures raise as bench_remote's do."""
+    spec = parse_host(host)
+    python = remote_python or profile.remote.python
+    timeout_s = int(timeout_s or profile.remote.timeout_s)
+    connect = profile.remote.connect_timeout_s
+    names = list(models)
+    steps = []
+    for r in range(rounds):
+        for i, name in enumerate(names):
+            files, load = models[name]
+            backend = runner_backend(Path(load), profile)
+            if backend == "tensorrt":
+                raise BadInputError("bench: timing several TensorRT models in one session is not supported; "
+                                    "time them one by one")
+            args = runner_arguments(f"m{i}/{load}", profile, backend=backend, threads=threads, warmup=warmup,
+                                    iterations=iterations)
+            steps.append([python, "runner.py", *args, "--keep-times", "--json", f"out/r{r}-m{i}.json"])
+    merge = ("import glob, json; json.dump({p[4:-5]: json.load(open(p)) for p in sorted(glob.glob('out/*.json'))}, "
+             "open('result.json', 'w'))")
+    script = remote_script(profile.remote.workdir, python, [], timeout_s,
+                           [["mkdir", "-p", "out"], *steps, [python, "-c", merge]])
+    cmd = ssh_command(spec, ssh_config=ssh_config, connect_timeout_s=connect) + ["sh -c " + shlex.quote(script)]
+    with tempfile.TemporaryDirectory(prefix="edgekd-remote-") as tmp:
+        bundle = Path(tmp) / "bundle.tar"
+        with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
+            tar.add(str(runner_path()), arcname="runner.py")
+            tar.add(str(runner_path().with_name("energy.py")), arcname="energy.py")
+            for i, name in enumerate(names):
+                for f in models[name][0]:
+                    tar.add(os.path.realpath(f), arcname=f"m{i}/{Path(f).name}")
+        limit = timeout_s * max(1, len(steps)) + connect + 60
+        with open(bundle, "rb") as stdin:
+            try:
+                proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise BoardError(f"board {host}: no result within {limit} s (connection or benchmark hung)") from None
+    stderr = proc.stderr.decode(errors="replace")
+    if proc.returncode == 255:
+        raise BoardError(f"board {host}: {_ssh_cause(stderr)}")
+    if proc.returncode in _SCRIPT_CAUSES:
+        raise BoardError(f"board {host}: " + _SCRIPT_CAUSES[proc.returncode].format(
+            workdir=profile.remote.workdir, python=python, timeout=timeout_s))
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        line = (lines[-1] if lines else f"the runner exited with code {proc.returncode}").removeprefix("runner: ")
+        raise (ModelError if proc.returncode == EXIT_BAD_INPUT else BoardError)(f"board {host}: {line[:300]}")
+    _, sep, payload = proc.stdout.decode(errors="replace").partition(MARKER)
+    try:
+        runs = json.loads(payload) if sep else None
+    except json.JSONDecodeError:
+        runs = None
+    if not isinstance(runs, dict):
+        raise BoardError(f"board {host}: the runner finished but returned no readable result")
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for i, name in enumerate(names):
+            out[name] += list((runs.get(f"r{r}-m{i}") or {}).get("times_ms") or [])
+    return out

@@ -93,6 +93,62 @@ class LatencyProbe:
         self.reference.close()
 
 
+BOARD_PROBE_ROUNDS, BOARD_PROBE_ITERATIONS = 3, 50
+
+
+class BoardProbe:
+    """LatencyProbe's interface, measured on the board (`--host`): the models are exported and compiled for
+    the target as they come, then timed with the unpruned one in interleaved rounds in ONE SSH session."""
+
+    def __init__(self, ctx: RunContext, reference: nn.Module):
+        from ..backends import get_backend
+
+        self.ctx = ctx
+        self.host, self.ssh_config, self.python = ctx.board  # type: ignore[misc]
+        self.backend = get_backend(ctx.profile.backend)
+        self.measured_on = f"{self.host} ({ctx.profile.backend}, the board)"
+        self.dir = ctx.stage_dir("prune") / "probe"
+        self.count = 0
+        self.reference = self._export(reference, "reference")
+
+    def _export(self, model: nn.Module, name: str) -> tuple[list, str]:
+        from ..export import export_onnx
+
+        out = self.dir / name
+        onnx_path = export_onnx(copy.deepcopy(model).eval(), self.ctx.splits.input_shape,  # type: ignore[union-attr]
+                                out / "model.onnx", self.ctx.profile.opset)
+        art = self.backend.compile(onnx_path, self.ctx.profile, out / "compiled", "fp32")
+        return list(art.files or [art.path]), art.path.name
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        return self.many([("candidate", model)])["candidate"]
+
+    def many(self, models: Iterable[tuple[str, nn.Module]]) -> dict[str, tuple[float, float]]:
+        from pathlib import Path
+
+        from ..bench.remote import bench_remote_many
+
+        entries: dict[str, tuple[list, str]] = {}
+        try:
+            for name, model in models:
+                entries[name] = self._export(model, f"candidate-{len(entries)}")
+                del model
+            self.count += len(entries)
+            times = bench_remote_many(self.host, {"\0reference": self.reference, **entries}, self.ctx.profile,
+                                      rounds=BOARD_PROBE_ROUNDS, iterations=BOARD_PROBE_ITERATIONS,
+                                      warmup=PROBE_WARMUP, threads=self.ctx.threads,
+                                      ssh_config=Path(self.ssh_config) if self.ssh_config else None,
+                                      remote_python=self.python)
+        finally:
+            for i in range(len(entries) + 1):
+                shutil.rmtree(self.dir / f"candidate-{i}", ignore_errors=True)
+        ref = float(np.median(times["\0reference"]))
+        return {n: (float(np.median(times[n])), ref) for n in entries}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir / "reference", ignore_errors=True)
+
+
 def _step(s: PruneStep) -> dict:
     row: dict = {"step": s.step, "params": s.params, "macs": s.macs}
     if s.latency_ms is not None:
@@ -108,8 +164,9 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     """Prune `model` (fine-tuning with KD from its unpruned self) or reload a stored result."""
     cfg, splits = ctx.config, ctx.splits
     p = cfg.prune
+    board = ctx.board is not None and ctx.profile.backend != "tensorrt"  # a Jetson times one engine per session
     key = ctx.key("prune-v5", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
-                  ctx.profile.round_to, ctx.profile.name, ctx.threads)
+                  ctx.profile.round_to, ctx.profile.name, ctx.threads, ctx.board[0] if board else None)
     out = ctx.stage_dir("prune")
     hit = ctx.cached("prune", key)
     if hit is not None:
@@ -138,7 +195,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
                     progress=ctx.progress, label=f"fine-tuning (step {step + 1})")
         return res.val_accuracy
 
-    probe = LatencyProbe(ctx, unpruned)
+    probe = BoardProbe(ctx, unpruned) if board else LatencyProbe(ctx, unpruned)
     grad_batch = (splits.train.x[:64], splits.train.y[:64]) if p.criterion == "taylor" else None  # type: ignore[union-attr]
     try:
         model, outcome = prune(model, splits.input_shape, p, splits.num_classes, ctx.profile.round_to,  # type: ignore[union-attr]

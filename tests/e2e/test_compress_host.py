@@ -96,3 +96,31 @@ def test_a_jetson_without_tensorrt_stops_and_no_other_runtime_speaks_for_it(tmp_
         assert b.returncode == 3 and "tensorrt does not import" in b.stderr and "latency" not in b.stdout
     finally:
         server.stop()
+
+
+def test_the_board_times_the_pruning_search_and_decides_the_precision(tmp_path):
+    # The default pipeline with a MACs target and --host: the allocation search's candidates are timed on
+    # the board (one SSH session for all), the precision candidates too, and the report says where.
+    profile = tmp_path / "pi.yaml"
+    profile.write_text(f"name: test-pi\nbackend: onnxruntime\narch: aarch64\nthreads: 1\n"
+                       f"bench: {{warmup: 2, iterations: 30}}\nremote: {{workdir: {tmp_path}, timeout_s: 300, "
+                       f"connect_timeout_s: 5}}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: board\nteacher: {train_epochs: 1}\ndistill: {epochs: 2}\n"
+                   "prune: {ratio: null, target_macs: 0.6, finetune_epochs: 0}\nquantize: {calibration_samples: 32}\n")
+    server = start_sshd(tmp_path / "sshd")
+    try:
+        out = tmp_path / "run"
+        r = run_edgekd("compress", "--config", str(cfg), "--target", str(profile), "--out", str(out), "--host", "board",
+                       "--ssh-config", str(server.ssh_config()), "--remote-python", sys.executable, "--quiet", timeout=1500)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rep = json.loads((out / "report.json").read_text())
+    finally:
+        server.stop()
+    prune = next(st for st in rep["stages"] if st["name"] == "prune")
+    assert prune["latency_measured_on"].startswith("board") and "the board" in prune["latency_measured_on"]
+    rows = prune["allocation_search"]
+    assert len(rows) > 1 and all(row["latency_ms"] > 0 for row in rows) and sum(row["chosen"] for row in rows) == 1
+    q = next(st for st in rep["stages"] if st["name"] == "quantize")
+    assert q["choice"]["measured"] is True and q["choice"]["measured_where"].startswith("board")
+    assert rep["final"]["measured_on"] == "board" and rep["final"]["latency_ms"]["p50"] > 0
