@@ -52,7 +52,8 @@ def model_entry(ctx: RunContext, name: str, model: nn.Module, onnx_path: Path, x
     entry = {"name": name, "duration_s": (extra or {}).pop("duration_s", 0.0), "accuracy": accuracy_of(logits, y),
              "accuracy_runtime": "onnxruntime fp32 (this host)", "params": count_params(model),
              "macs": count_macs(model, shape), "size_bytes": onnx_path.stat().st_size,
-             "latency_ms": _lat(lat), "measured_on": "host"}
+             "latency_ms": _lat(lat), "measured_on": "host",
+             "latency_runtime": f"onnxruntime fp32, {ctx.threads} threads"}
     if teacher_logits is not None:
         entry["agreement"] = agreement_of(teacher_logits, logits)
     entry.update(extra or {})
@@ -116,7 +117,7 @@ NO_TEACHER = {"model": "none (ONNX entry)", "not_measured": "ONNX entry: no PyTo
 def teacher_block(entry: dict, info: dict) -> dict:
     return {"model": info.get("model"), "source": info.get("source"), "accuracy": entry["accuracy"],
             "params": entry["params"], "macs": entry["macs"], "size_bytes": entry["size_bytes"],
-            "latency_ms": entry["latency_ms"], "measured_on": "host"}
+            "latency_ms": entry["latency_ms"], "measured_on": "host", "latency_runtime": entry.get("latency_runtime")}
 
 
 def calibration_info(ctx: RunContext, calib: Path) -> dict:
@@ -225,6 +226,7 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
         teacher["latency_samples_ms"] = teacher_c.latency.get("samples_ms") if teacher_c.latency else None
         teacher["size_bytes"] = teacher_c.artifact.size_bytes() if teacher_c.artifact else teacher.get("size_bytes")
         teacher["accuracy_runtime"] = f"{prof.backend} fp32"
+        teacher["latency_runtime"] = f"{prof.backend} fp32, {ctx.threads} threads"
         teacher.update(footprint_of(teacher_c))
         teacher["measured_on"] = "host" if teacher_c.latency else None
         if teacher_c.not_measured:

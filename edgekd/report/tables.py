@@ -114,12 +114,16 @@ def latency(holder: dict | None, pct: str = "p50") -> float | None:
 
 
 def speedup_cell(teacher: dict | None, holder: dict) -> Cell:
-    """Teacher p50 over this row's p50, when both were measured on the same machine."""
+    """Teacher p50 over this row's p50, when both were measured on the same machine with the same runtime
+    and threads (`latency_runtime`)."""
     t, s = latency(teacher, "p50"), latency(holder, "p50")
     if t is None or s is None or s <= 0:
         return Cell(ABSENT)
     if (teacher or {}).get("measured_on") != holder.get("measured_on"):
         return Cell(ABSENT, "the teacher and this row were measured on different machines")
+    ours, theirs = holder.get("latency_runtime"), (teacher or {}).get("latency_runtime")
+    if ours and theirs and ours != theirs:  # a ratio of two runtimes (or thread counts) is not a speedup
+        return Cell(ABSENT, f"the teacher ({theirs}) and this row ({ours}) were timed with different runtimes")
     return Cell(fmt_ratio(t / s))
 
 

@@ -163,3 +163,15 @@ def test_render_functions_survive_importing_their_modules(report):
     second = report_pkg.render_html(report)
     assert first == second and second.startswith("<!DOCTYPE html>")
     assert report_pkg.render_markdown(report) == render_markdown(report)
+
+
+def test_speedup_compares_only_the_same_runtime_and_place():
+    from edgekd.report.tables import speedup_cell
+
+    teacher = {"latency_ms": {"p50": 4.0}, "measured_on": "host", "latency_runtime": "openvino fp32, 2 threads"}
+    same = {"latency_ms": {"p50": 1.0}, "measured_on": "host", "latency_runtime": "openvino fp32, 2 threads"}
+    other = {**same, "latency_runtime": "onnxruntime fp32, 2 threads"}
+    elsewhere = {**same, "measured_on": "root@pi"}
+    assert speedup_cell(teacher, same).text == "4.00×"
+    assert speedup_cell(teacher, other).text == "—" and "different runtimes" in speedup_cell(teacher, other).note
+    assert "different machines" in speedup_cell(teacher, elsewhere).note
