@@ -95,7 +95,9 @@ def measure_on_board(ctx: RunContext, cands: dict[str, Candidate], host: str, va
     b = ctx.config.bench
     iters = b.iterations if "iterations" in b.model_fields_set else ctx.profile.bench.iterations
     warmup = b.warmup if "warmup" in b.model_fields_set else ctx.profile.bench.warmup
-    per_round = max(10, iters // BOARD_ROUNDS)
+    # A Jetson builds an engine per call (minutes each): one round there, timed by trt_runner's CUDA events.
+    rounds = 1 if ctx.profile.backend == "tensorrt" else BOARD_ROUNDS
+    per_round = max(10, iters // rounds)
     times: dict[str, list[np.ndarray]] = {n: [] for n in names}
     first: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="edgekd-select-") as tmp:
@@ -104,8 +106,8 @@ def measure_on_board(ctx: RunContext, cands: dict[str, Candidate], host: str, va
             sel = Path(tmp) / "selection.npz"
             arrays = {"x": validation.x} if validation.y is None else {"x": validation.x, "y": validation.y}
             np.savez(sel, **arrays)
-        with ctx.progress.task(f"measuring {len(names)} candidates on {host}", BOARD_ROUNDS * len(names)) as bar:
-            for r in range(BOARD_ROUNDS):
+        with ctx.progress.task(f"measuring {len(names)} candidates on {host}", rounds * len(names)) as bar:
+            for r in range(rounds):
                 for n in names:
                     a = cands[n].artifact
                     res = bench_remote(host, a.files or [a.path], a.path.name, ctx.profile,  # type: ignore[union-attr]
@@ -122,9 +124,9 @@ def measure_on_board(ctx: RunContext, cands: dict[str, Candidate], host: str, va
     for n in names:
         c, res = cands[n], first[n]
         c.measured_on = host
-        if len(times[n]) == BOARD_ROUNDS and all(len(t) == per_round for t in times[n]):
+        if len(times[n]) == rounds and rounds > 1 and all(len(t) == per_round for t in times[n]):
             samples = np.concatenate(times[n])
-            c.latency = {**summarize(samples), "samples_ms": samples.tolist(), "rounds": BOARD_ROUNDS}
+            c.latency = {**summarize(samples), "samples_ms": samples.tolist(), "rounds": rounds}
         elif res.get("latency_ms"):
             c.latency = dict(res["latency_ms"])  # a runner without per-call times (TensorRT): its summary
         c.footprint = {"peak_memory_mb": res.get("peak_rss_mb"), "energy_mj": res.get("energy_mj"),
