@@ -321,6 +321,25 @@ def test_engine_infers_any_batch_through_the_static_one(fake, tmp_path):
     assert memory.mem == {}
 
 
+def test_engine_host_buffers_are_page_locked_where_the_binding_offers_it(fake, tmp_path, monkeypatch):
+    memory, _ = fake
+    pinned, released = [], []
+
+    def host_empty(shape, dtype):
+        pinned.append((shape, np.dtype(dtype)))
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(memory, "host_empty", host_empty, raising=False)
+    monkeypatch.setattr(memory, "free_host", lambda: released.append(True), raising=False)
+    (tmp_path / "model.engine").write_bytes(b"ENGINE")
+    eng = trt_runner.TrtEngine(str(tmp_path / "model.engine"))
+    assert pinned == [(SHAPE, np.dtype(np.float32)), ((1, 10), np.dtype(np.float32))]  # input and output
+    x = np.ones(SHAPE, np.float32)
+    np.testing.assert_array_equal(eng.infer(x), x.reshape(1, -1)[:, :10])
+    eng.close()
+    assert released == [True]
+
+
 def test_engine_from_another_tensorrt_is_a_clear_error(fake, tmp_path):
     (tmp_path / "model.engine").write_bytes(b"OTHER")
     with pytest.raises(trt_runner.RunnerError, match="rebuild it on this device"):

@@ -5,6 +5,8 @@ wheel for Jetson provides one. Needs numpy besides; part of the Jetson bundle ed
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 
@@ -37,6 +39,15 @@ class CudaPython:
     def alloc(self, nbytes: int) -> int:
         return int(self._ok(self.rt.cudaMalloc(nbytes)))
 
+    def host_empty(self, shape, dtype) -> np.ndarray:
+        """A page-locked (pinned) host array: asynchronous copies from pageable memory are staged and
+        serialised by the driver, which would time the staging, not the transfer."""
+        nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        ptr = int(self._ok(self.rt.cudaMallocHost(nbytes)))
+        self._pinned = getattr(self, "_pinned", []) + [ptr]
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+        return raw[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
     def to_device(self, ptr: int, host: np.ndarray) -> None:
         self._ok(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, self._h2d, self.stream))
 
@@ -58,6 +69,11 @@ class CudaPython:
 
     def free(self, ptr: int) -> None:
         self.rt.cudaFree(ptr)
+
+    def free_host(self) -> None:
+        for ptr in getattr(self, "_pinned", []):
+            self.rt.cudaFreeHost(ptr)
+        self._pinned = []
 
     def version(self) -> str:
         v = self._ok(self.rt.cudaRuntimeGetVersion())
@@ -87,6 +103,13 @@ class TorchCuda:
     def _bytes(self, host: np.ndarray):
         return self.torch.from_numpy(host.reshape(-1).view(np.uint8))
 
+    def host_empty(self, shape, dtype) -> np.ndarray:
+        """A page-locked (pinned) host array, kept alive with its tensor."""
+        nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        t = self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=True)
+        self._buffers[("host", t.data_ptr())] = t
+        return t.numpy()[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
     def to_device(self, ptr: int, host: np.ndarray) -> None:
         with self.torch.cuda.stream(self.stream):
             self._buffers[ptr][:host.nbytes].copy_(self._bytes(host), non_blocking=True)
@@ -110,6 +133,10 @@ class TorchCuda:
 
     def free(self, ptr: int) -> None:
         self._buffers.pop(ptr, None)
+
+    def free_host(self) -> None:
+        for key in [k for k in self._buffers if isinstance(k, tuple)]:
+            del self._buffers[key]
 
     def version(self) -> str:
         return str(self.torch.version.cuda)

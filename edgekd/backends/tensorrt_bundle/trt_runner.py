@@ -223,7 +223,9 @@ class TrtEngine:
         self.host, self.device = {}, {}
         for name in names:
             dims = shape if name == self.input_name else tuple(self.context.get_tensor_shape(name))
-            self.host[name] = np.empty(dims, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
+            pinned = getattr(self.cuda, "host_empty", None)  # page-locked, so the copies are what is timed
+            self.host[name] = pinned(tuple(dims), dtype) if pinned else np.empty(dims, dtype=dtype)
             self.device[name] = self.cuda.alloc(max(1, self.host[name].nbytes))
             self.context.set_tensor_address(name, self.device[name])
         self.input_shape = shape
@@ -271,6 +273,10 @@ class TrtEngine:
         for ptr in self.device.values():
             self.cuda.free(ptr)
         self.device = {}
+        self.host = {}
+        release = getattr(self.cuda, "free_host", None)
+        if release:
+            release()
 
 
 # ---------------------------------------------------------------- environment and statistics
