@@ -188,6 +188,14 @@ class TensorRtRunner(Runner):
         except self._errors as e:
             raise StageError(f"tensorrt: inference failed: {e}") from None
 
+    def device_times(self, sample: np.ndarray, warmup: int, iterations: int) -> np.ndarray:
+        """Per-call times (ms) from CUDA events around copy in, execute and copy out (what trt_runner's
+        bench reports), not the host's wall clock."""
+        try:
+            return self.engine.time_ms(np.ascontiguousarray(sample[:self.input_shape[0]]), warmup, iterations)
+        except self._errors as e:
+            raise StageError(f"tensorrt: timing failed: {e}") from None
+
     def close(self) -> None:
         self.engine.close()
 

@@ -197,3 +197,26 @@ def test_a_board_unlike_its_profile_is_named():
     apply_boards(report, {"root@127.0.0.1:2222": result}, {})
     assert report["remote"][0]["peak_memory_mb"] == 123.4 and report["remote"][0]["board_mismatch"] == note
     assert report["final"]["measured_on_note"].endswith(note)
+
+
+def test_a_runner_with_a_device_clock_times_itself():
+    from edgekd.bench.measure import bench_interleaved
+
+    class DeviceClocked:  # TensorRT's runner: CUDA events on its stream give the per-call times
+        calls = 0
+
+        def infer(self, x):
+            return x
+
+        def device_times(self, sample, warmup, iterations):
+            self.calls += 1
+            return np.full(iterations, 0.5)
+
+    class WallClocked:
+        def infer(self, x):
+            return x
+
+    r = DeviceClocked()
+    out = bench_interleaved({"trt": r, "host": WallClocked()}, np.zeros((1, 3)), warmup=1, iterations=20, rounds=2)
+    assert r.calls == 2 and out["trt"]["p50"] == 0.5 and out["trt"]["rounds"] == 2
+    assert out["host"]["p50"] < 0.5  # an identity function on the wall clock
