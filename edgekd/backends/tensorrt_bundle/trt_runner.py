@@ -34,6 +34,13 @@ try:  # imported as edgekd.backends.tensorrt_bundle.trt_runner
     from .trt_device import DeviceError, cuda_memory
 except ImportError:  # run as a script in the bundle
     from trt_device import DeviceError, cuda_memory
+try:  # the board's power sensor, when the bundle carries energy.py (edgekd's, beside this file)
+    from ...bench.energy import find_meter, measure
+except ImportError:
+    try:
+        from energy import find_meter, measure  # type: ignore[no-redef]
+    except ImportError:
+        find_meter = measure = None  # type: ignore[assignment]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 3
@@ -352,7 +359,19 @@ def bench(engine_path: str, eval_data: str | None, warmup: int, iterations: int)
     sample = np.random.default_rng(0).standard_normal(eng.input_shape).astype(eng.host[eng.input_name].dtype)
     eng.run(sample)
     cold_ms = (time.perf_counter() - t0) * 1e3
-    times = eng.time_ms(sample, warmup, iterations)
+    timed: dict = {}
+
+    def loop() -> int:
+        timed["t"] = eng.time_ms(sample, warmup, iterations)
+        return iterations * int(eng.input_shape[0])
+
+    if find_meter is not None and measure is not None:
+        meter, why = find_meter()
+        energy = measure(meter, why, loop)  # the Jetson's INA3221 board input rail while the loop runs
+    else:
+        loop()
+        energy = {"energy_mj": None, "avg_power_w": None, "energy_not_measured": "energy.py is not in the bundle"}
+    times = timed["t"]
     batch = int(eng.input_shape[0])
     try:
         import resource
@@ -364,7 +383,7 @@ def bench(engine_path: str, eval_data: str | None, warmup: int, iterations: int)
                     "artifact_bytes": os.path.getsize(engine_path), "emulated": False,
                     "latency_ms": summarize(times), "throughput": float(batch * 1e3 / times.mean()),
                     "throughput_unit": "samples/s", "warmup": warmup, "iterations": iterations, "timing": TIMING,
-                    "cold_start_ms": cold_ms, "session_create_ms": eng.load_ms, "peak_rss_mb": rss}
+                    "cold_start_ms": cold_ms, "session_create_ms": eng.load_ms, "peak_rss_mb": rss, **energy}
     result.update(_evaluate(eng, eval_data))
     result["environment"] = {**environment(), "backend": "tensorrt", "input_shape": list(eng.input_shape)}
     result["versions"] = versions(eng.trt, eng.cuda)
