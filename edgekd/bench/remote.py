@@ -128,6 +128,30 @@ def _ssh_cause(stderr: str) -> str:
     return lines[-1][:300] if lines else "ssh failed without a message"
 
 
+def _reply(proc: subprocess.CompletedProcess, host: str, profile: Profile, python: str, timeout_s: int) -> dict:
+    """The JSON object the board printed after MARKER, or the error its exit says: ssh's own failure
+    (255), the script's (_SCRIPT_CAUSES), the runner's last line (2: the artifact, else the board)."""
+    stderr = proc.stderr.decode(errors="replace")
+    if proc.returncode == 255:
+        raise BoardError(f"board {host}: {_ssh_cause(stderr)}")
+    if proc.returncode in _SCRIPT_CAUSES:
+        cause = _SCRIPT_CAUSES[proc.returncode].format(workdir=profile.remote.workdir, python=python,
+                                                       timeout=timeout_s)
+        raise BoardError(f"board {host}: {cause}")
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        line = (lines[-1] if lines else f"the runner exited with code {proc.returncode}").removeprefix("runner: ")
+        raise (ModelError if proc.returncode == EXIT_BAD_INPUT else BoardError)(f"board {host}: {line[:300]}")
+    _, sep, payload = proc.stdout.decode(errors="replace").partition(MARKER)
+    try:
+        result = json.loads(payload) if sep else None
+    except json.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict):
+        raise BoardError(f"board {host}: the runner finished but returned no readable result")
+    return result
+
+
 def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile, *,
                  eval_data: Path | None = None, threads: int | None = None, warmup: int | None = None,
                  iterations: int | None = None, ssh_config: Path | None = None, remote_python: str | None = None,
@@ -173,25 +197,7 @@ def bench_remote(host: str, files: list[Path], model_name: str, profile: Profile
             except subprocess.TimeoutExpired:
                 raise BoardError(f"board {host}: no result within {timeout_s + connect + 60} s "
                                  "(connection or benchmark hung)") from None
-    stdout = proc.stdout.decode(errors="replace")
-    stderr = proc.stderr.decode(errors="replace")
-    if proc.returncode == 255:
-        raise BoardError(f"board {host}: {_ssh_cause(stderr)}")
-    if proc.returncode in _SCRIPT_CAUSES:
-        cause = _SCRIPT_CAUSES[proc.returncode].format(workdir=profile.remote.workdir, python=python,
-                                                       timeout=timeout_s)
-        raise BoardError(f"board {host}: {cause}")
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-        line = (lines[-1] if lines else f"the runner exited with code {proc.returncode}").removeprefix("runner: ")
-        raise (ModelError if proc.returncode == EXIT_BAD_INPUT else BoardError)(f"board {host}: {line[:300]}")
-    _, sep, payload = stdout.partition(MARKER)
-    try:
-        result = json.loads(payload) if sep else None
-    except json.JSONDecodeError:
-        result = None
-    if not isinstance(result, dict):
-        raise BoardError(f"board {host}: the runner finished but returned no readable result")
+    result = _reply(proc, host, profile, python, timeout_s)
     result["measured_on"] = host
     note = board_mismatch(profile, result.get("environment") or {})
     if note:
@@ -288,23 +294,7 @@ def bench_remote_many(host: str, models: dict[str, tuple[list[Path], str]], prof
                 proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=limit)
             except subprocess.TimeoutExpired:
                 raise BoardError(f"board {host}: no result within {limit} s (connection or benchmark hung)") from None
-    stderr = proc.stderr.decode(errors="replace")
-    if proc.returncode == 255:
-        raise BoardError(f"board {host}: {_ssh_cause(stderr)}")
-    if proc.returncode in _SCRIPT_CAUSES:
-        raise BoardError(f"board {host}: " + _SCRIPT_CAUSES[proc.returncode].format(
-            workdir=profile.remote.workdir, python=python, timeout=timeout_s))
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-        line = (lines[-1] if lines else f"the runner exited with code {proc.returncode}").removeprefix("runner: ")
-        raise (ModelError if proc.returncode == EXIT_BAD_INPUT else BoardError)(f"board {host}: {line[:300]}")
-    _, sep, payload = proc.stdout.decode(errors="replace").partition(MARKER)
-    try:
-        runs = json.loads(payload) if sep else None
-    except json.JSONDecodeError:
-        runs = None
-    if not isinstance(runs, dict):
-        raise BoardError(f"board {host}: the runner finished but returned no readable result")
+    runs = _reply(proc, host, profile, python, timeout_s)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for i, name in enumerate(names):

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not SSHD.exists(), reason=f"{SSHD} is missing (Debian package openssh-server)")]
 
 
-def test_compress_with_host_reports_the_boards_figures(tmp_path):
+def _onnx_model(tmp_path):
+    """A small CNN exported with a dynamic batch, and 32 calibration inputs beside it."""
     torch.manual_seed(0)
     model = SmallCNN(10).eval()
     onnx_path = tmp_path / "m.onnx"
@@ -24,6 +25,11 @@ def test_compress_with_host_reports_the_boards_figures(tmp_path):
                       input_names=["input"], dynamic_axes={"input": {0: "b"}})
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 3, 32, 32)).astype(np.float32))
+    return model, onnx_path, rng
+
+
+def test_compress_with_host_reports_the_boards_figures(tmp_path):
+    model, onnx_path, rng = _onnx_model(tmp_path)
     x = rng.standard_normal((40, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).argmax(1).numpy()
@@ -67,13 +73,7 @@ def test_a_jetson_without_tensorrt_stops_and_no_other_runtime_speaks_for_it(tmp_
     # The board (a real sshd on loopback) has Python, numpy and ONNX Runtime but no TensorRT: the Jetson
     # profile must build and time its engine there with TensorRT, so the run stops with exit 3 and one
     # line; ONNX Runtime never measures in its place.
-    torch.manual_seed(0)
-    model = SmallCNN(10).eval()
-    onnx_path = tmp_path / "m.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(onnx_path), dynamo=False, opset_version=17,
-                      input_names=["input"], dynamic_axes={"input": {0: "b"}})
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 3, 32, 32)).astype(np.float32))
+    _, onnx_path, _ = _onnx_model(tmp_path)
     profile = tmp_path / "jetson.yaml"
     nano = (ROOT / "edgekd" / "targets" / "jetson-orin-nano.yaml").read_text()
     profile.write_text(nano.replace("name: jetson-orin-nano", "name: test-jetson").replace("aliases: [jetson, orin-nano]", "aliases: []")
