@@ -177,8 +177,8 @@ class Pipeline:
         with ctx.progress.task("reading the ONNX model", None):
             onnx_input = normalise_onnx(self.model_onnx, run / "model.fp32.onnx", calib_x[:8],  # type: ignore[arg-type]
                                         ctx.profile.opset)
-        # Validation chooses, test reports: a seeded quarter of the calibration inputs decides the fallback
-        # and the precision choice; without eval data another quarter, never used to choose, is reported.
+        # Validation chooses, test reports: a seeded share of the calibration inputs decides the fallback
+        # and the precision choice; without eval data another share, never used to choose, is reported.
         cal_ids, sel_ids, rep_ids = split_inputs(len(calib_x), self.config.seed, hold_report=eval_x is None)
         selection_source = (f"{len(sel_ids)} calibration inputs held out from calibration for selection, "
                             "never reported" if len(sel_ids) else

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opsets", nargs="+", type=int, default=[11, 13, 17])
     ap.add_argument("--targets", nargs="+", default=["cpu", "intel-cpu", "raspberry-pi-5"])
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--calib", type=int, default=64, help="calibration inputs (a quarter of them select)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration inputs (half of them select: eval data is given)")
     ap.add_argument("--eval", type=int, default=200, help="held-out inputs the agreement is measured on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fashion-mnist", action="store_true", help="trained 10-class models and real images")
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     what = "Fashion-MNIST test images" if args.fashion_mnist else "image-like inputs"
     print(f"\n{args.eval} held-out {what} at 3x{args.size}x{args.size}; {args.calib} calibration inputs "
-          f"(a quarter select the fallback). Results: {args.out / 'results.json'}")
+          f"(half of them select the fallback). Results: {args.out / 'results.json'}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

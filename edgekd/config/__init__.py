@@ -18,7 +18,7 @@ STAGES = ("distill", "prune", "quantize")
 STRATEGY_MODULES: dict[str, str | None] = {
     "kd": None, "multi_teacher": "multi_teacher", "self": "self_distill", "born_again": "born_again",
     "mutual": "mutual", "deit": "deit", "progressive": "progressive", "selective": "selective",
-    "data_free": "data_free",
+    "data_free": "data_free", "adversarial": "adversarial", "federated": "federated",
 }
 STRATEGIES = tuple(STRATEGY_MODULES)
 LOGIT_LOSSES = ("kd", "reverse_kl", "logit_mse")

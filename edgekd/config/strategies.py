@@ -82,6 +82,20 @@ class DataFreeOptions(Section):
     downsample: int | None = Field(None, ge=1, le=64)
 
 
+class AdversarialOptions(Section):
+    weight: float = Field(0.1, ge=0, le=100)  # the student's fooling term, beside the KD loss
+    discriminator_weight: float = Field(1.0, gt=0, le=100)
+    hidden: int = Field(64, ge=4, le=4096)  # the discriminator MLP's width
+
+
+class FederatedOptions(Section):
+    clients: int = Field(4, ge=1, le=1000)
+    rounds: int | None = Field(None, ge=1, le=10_000)  # unset: distill.epochs // local_epochs (equal steps)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    partition: Literal["iid", "by_class"] = "iid"
+    classes_per_client: int = Field(2, ge=1, le=100_000)  # with partition by_class
+
+
 class StrategyOptions(Section):
     """distill.strategy_options: the settings of each strategy other than plain KD (the chosen one is used)."""
 
@@ -93,6 +107,8 @@ class StrategyOptions(Section):
     progressive: ProgressiveOptions = ProgressiveOptions()
     selective: SelectiveOptions = SelectiveOptions()
     data_free: DataFreeOptions = DataFreeOptions()
+    adversarial: AdversarialOptions = AdversarialOptions()
+    federated: FederatedOptions = FederatedOptions()
 
     @model_validator(mode="after")
     def _consistent(self) -> StrategyOptions:

@@ -255,11 +255,14 @@ def normalise_onnx(model_path: Path, out_path: Path, sample: np.ndarray, target_
 
 
 def split_inputs(n: int, seed: int, hold_report: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded indices (calibration, selection, report) of `n` calibration inputs: a quarter selects (the
-    fallback and precision choice) and, when `hold_report`, another quarter is only reported; the rest
-    calibrates. Fewer than 4 inputs: all calibrate."""
+    """Seeded indices (calibration, selection, report) of `n` calibration inputs. With `hold_report` a
+    third selects (the fallback and precision choice), a third is only reported and the rest calibrates;
+    otherwise (the report has eval data of its own) half selects and half calibrates. Selection gets the
+    larger share because it judges a disagreement budget of a fraction of a percent, which a few dozen
+    inputs cannot resolve, while static calibration settles on a hundred or so. Fewer than 3 inputs (2
+    without `hold_report`): all calibrate."""
     perm = np.random.default_rng(seed).permutation(n)
-    k = n // 4
+    k = n // 3 if hold_report else n // 2
     n_report = k if hold_report else 0
     selection, report = np.sort(perm[:k]), np.sort(perm[k:k + n_report])
     return np.sort(perm[k + n_report:]), selection, report

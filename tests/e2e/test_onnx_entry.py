@@ -81,12 +81,12 @@ def test_cpu_candidates_fidelity_and_contract(model_dir, tmp_path):
         assert c["label"] and c["why"] and c["measured_on"] == "host" and c["latency_ms"]["p50"] > 0
     assert q["choice"]["measured"] is True
     # Without eval data, fidelity on held-out calibration inputs stands in for accuracy, and says so; the
-    # inputs that chose (selection) are not the ones reported: 32 = 16 calibrate + 8 select + 8 report.
+    # inputs that chose (selection) are not the ones reported: 32 = 12 calibrate + 10 select + 10 report.
     f = rep["final"]
     assert f["accuracy"] is None and f["accuracy_source"] == "fidelity" and "fidelity" in f["not_measured"]["accuracy"]
-    assert rep["data"]["held_out_for_fidelity"] == 8 and rep["data"]["calibration_inputs"] == 16
-    assert rep["data"]["selection_inputs"] == 8 and rep["data"]["eval_inputs"] == 8
-    assert q["fallback"]["validation"].startswith("8 calibration inputs held out")
+    assert rep["data"]["held_out_for_fidelity"] == 10 and rep["data"]["calibration_inputs"] == 12
+    assert rep["data"]["selection_inputs"] == 10 and rep["data"]["eval_inputs"] == 10
+    assert q["fallback"]["validation"].startswith("10 calibration inputs held out")
     assert q["fallback"]["validation"] == rep["data"]["selection"]
     assert q["sensitivity"] and {"node", "op_type", "sqnr_db"} <= set(q["sensitivity"][0])
     assert isinstance(q["kept_float"], list)

@@ -129,12 +129,12 @@ def test_torchvision_fixed_batch_export_compresses(data_dir, tmp_path, name, ops
     if name == "mobilenet_v2":
         assert info["constants_lifted"] > 0  # its Clip bounds are Constant nodes in the export
     assert info["output_judged"] == info["outputs"][0]
-    # 16 calibration inputs: 8 calibrate, 4 choose, 4 are reported (never used to choose).
+    # 16 calibration inputs: 6 calibrate, 5 choose, 5 are reported (never used to choose).
     data = rep["data"]
-    assert (data["calibration_inputs"], data["selection_inputs"], data["held_out_for_fidelity"]) == (8, 4, 4)
+    assert (data["calibration_inputs"], data["selection_inputs"], data["held_out_for_fidelity"]) == (6, 5, 5)
     assert "selection" in data["selection"] and "held out from calibration and selection" in data["eval"]
     q = quantize_stage(rep)
-    assert q["fallback"]["validation"] == data["selection"] and q["fallback"]["samples"] == 4
+    assert q["fallback"]["validation"] == data["selection"] and q["fallback"]["samples"] == 5
     assert per_channel_weights(out / "model.int8.onnx") > 0
     assert (out / rep["final"]["artifact"]).exists()
     assert rep["final"]["accuracy_source"] == "fidelity"
@@ -158,9 +158,9 @@ def test_two_outputs_first_is_judged_and_both_are_kept(data_dir, tmp_path):
     assert rep["onnx_input"]["outputs"] == ["logits", "features"]
     assert rep["onnx_input"]["output_judged"] == "logits"
     assert [o.name for o in onnx.load(str(out / "model.int8.onnx")).graph.output] == ["logits", "features"]
-    # With eval data: a quarter selects, the rest calibrates, and only the eval data is reported.
+    # With eval data: half selects, half calibrates, and only the eval data is reported.
     data = rep["data"]
-    assert (data["calibration_inputs"], data["selection_inputs"], data["held_out_for_fidelity"]) == (12, 4, 0)
+    assert (data["calibration_inputs"], data["selection_inputs"], data["held_out_for_fidelity"]) == (8, 8, 0)
     assert data["eval"].startswith("eval data") and data["eval_inputs"] == 8
     assert rep["final"]["fidelity"]["top1_agreement"] is not None
 

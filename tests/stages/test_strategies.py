@@ -199,3 +199,58 @@ def test_strategy_options_are_checked():
     for opts, words in cases:
         with pytest.raises(ConfigError, match=words):
             from_dict({"distill": {"strategy_options": opts}})
+
+
+def test_adversarial_losses_train_each_side_only():
+    from edgekd.distill.losses import soft_kl
+    from edgekd.distill.strategies.adversarial import Discriminator, adversarial_losses
+
+    torch.manual_seed(0)
+    disc = Discriminator(10, 8)
+    s = torch.randn(6, 10, requires_grad=True)
+    t, y = torch.randn(6, 10), torch.tensor([0, 1, 2, 3, -1, -1])
+    s_loss, d_loss, figs = adversarial_losses(s, t, y, disc, temperature=2.0, alpha=0.5, weight=0.3)
+    # the student's loss trains no discriminator weight; the discriminator's loss trains no student output
+    assert all(g is None for g in torch.autograd.grad(s_loss, list(disc.parameters()), allow_unused=True))
+    assert torch.autograd.grad(d_loss, s, allow_unused=True)[0] is None
+    assert all(g is not None for g in torch.autograd.grad(d_loss, list(disc.parameters())))
+    # weight 0: exactly the KD objective
+    s0, _, _ = adversarial_losses(s, t, y, disc, temperature=2.0, alpha=0.5, weight=0.0)
+    kd = 0.5 * F.cross_entropy(s[:4], y[:4]) + 0.5 * soft_kl(s, t, 2.0)
+    assert torch.allclose(s0, kd, atol=1e-6)
+    fool = disc(F.log_softmax(s / 2.0, 1))
+    assert torch.allclose(s_loss - s0, 0.3 * F.binary_cross_entropy_with_logits(fool, torch.ones(6)), atol=1e-6)
+    assert 0 <= figs["discriminator_accuracy"] <= 1 and figs["fooled"] == float((fool > 0).float().mean())
+
+
+def test_federated_shards_are_disjoint_complete_and_non_iid_when_asked():
+    from edgekd.distill.strategies.federated import shards
+
+    y = np.repeat(np.arange(10), 30)
+    y[::7] = -1  # some unlabeled samples are dealt at random
+    for parts in (shards(y, 4, "iid", 2, 0), shards(y, 4, "by_class", 3, 0)):
+        joined = np.concatenate(parts)
+        assert sorted(joined.tolist()) == list(range(len(y)))
+    by_class = shards(y, 4, "by_class", 3, 0)
+    owned = [sorted({int(v) for v in y[p] if v >= 0}) for p in by_class]
+    assert owned == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 9]]
+    assert [len(p) for p in shards(y, 4, "iid", 2, 0)] == [75] * 4
+    assert all(np.array_equal(a, b) for a, b in zip(shards(y, 4, "iid", 2, 1), shards(y, 4, "iid", 2, 1),
+                                                    strict=True))
+
+
+def test_federated_average_is_fedavg_and_pools_batchnorm_statistics_exactly():
+    from edgekd.distill.strategies.federated import average_states
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 2.0, (30, 3)), rng.normal(-2.0, 0.5, (90, 3))
+
+    def state(x, w):
+        return {"w": torch.tensor(w), "bn.running_mean": torch.tensor(x.mean(0)),
+                "bn.running_var": torch.tensor(x.var(0)), "bn.num_batches_tracked": torch.tensor(len(x))}
+    out = average_states([state(a, [1.0, 2.0]), state(b, [3.0, 6.0])], [30.0, 90.0])
+    assert out["w"].dtype == torch.float32 and torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    union = np.concatenate([a, b])
+    assert np.allclose(out["bn.running_mean"].numpy(), union.mean(0))
+    assert np.allclose(out["bn.running_var"].numpy(), union.var(0))  # the union's statistics, from the shards' own
+    assert int(out["bn.num_batches_tracked"]) == 90

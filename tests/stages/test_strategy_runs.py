@@ -244,3 +244,40 @@ def test_a_zero_budget_returns_the_untrained_student_measured(tmp_path, teacher)
     assert m["steps"] == 0 and m["curve"] == [] and 0 <= m["val_accuracy_torch"] <= 100
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert 0 <= m["accuracy"] <= 100
+
+
+def test_adversarial_trains_a_discriminator_the_student_learns_to_fool(tmp_path, teacher):
+    ctx = _ctx(tmp_path, "adversarial", {"weight": 0.5, "hidden": 8}, steps=8)
+    student, m = run_distill(ctx, teacher, _student(), "k")
+    disc = m["discriminator"]
+    assert disc["hidden"] == 8 and disc["per_epoch"] and m["weight"] == 0.5
+    for row in disc["per_epoch"]:
+        assert 0 <= row["discriminator_accuracy"] <= 1 and 0 <= row["fooled"] <= 1
+    # the discriminator lives only in training: the export is the plain student
+    assert student.state_dict().keys() == build_model("tiny_cnn", 10).state_dict().keys()
+    assert _onnx_outputs(ctx.stage_dir("distill") / "model.onnx") == 1
+    _measured(ctx, m)
+
+
+def test_federated_clients_train_on_their_own_classes_and_the_server_averages(tmp_path, teacher, monkeypatch):
+    from edgekd.distill.strategies import federated
+
+    seen = []
+    real_fit = federated.fit
+
+    def spy(trainable, loss_fn, train_set, *a, **k):
+        seen.append(sorted(set(train_set.y.tolist())))
+        return real_fit(trainable, loss_fn, train_set, *a, **k)
+
+    monkeypatch.setattr(federated, "fit", spy)
+    averaged = []
+    real_avg = federated.average_states
+    monkeypatch.setattr(federated, "average_states", lambda s, w: averaged.append(w) or real_avg(s, w))
+    opts = {"clients": 5, "rounds": 2, "partition": "by_class", "classes_per_client": 2}
+    ctx = _ctx(tmp_path, "federated", opts, steps=None, epochs=2)
+    student, m = run_distill(ctx, teacher, _student(), "k")
+    assert m["clients"] == 5 and m["rounds"] == 2 and len(m["curve"]) == 2 and m["chosen_round"] in (1, 2)
+    assert m["shard_classes"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert seen == m["shard_classes"] * 2  # each client saw only its own shard, every round
+    assert averaged == [[float(n) for n in m["shard_sizes"]]] * 2 and sum(m["shard_sizes"]) == len(ctx.splits.train)
+    _measured(ctx, m)

@@ -85,11 +85,13 @@ def test_first_output_without_a_row_per_input_is_a_model_error(tmp_path):
 
 def test_split_is_seeded_disjoint_and_complete():
     cal, sel, rep = split_inputs(32, 7, hold_report=True)
-    assert (len(cal), len(sel), len(rep)) == (16, 8, 8)
+    assert (len(cal), len(sel), len(rep)) == (12, 10, 10)
     assert sorted(np.concatenate([cal, sel, rep]).tolist()) == list(range(32))
     again = split_inputs(32, 7, hold_report=True)
     assert all(np.array_equal(a, b) for a, b in zip((cal, sel, rep), again, strict=True))
     cal, sel, rep = split_inputs(32, 7, hold_report=False)
-    assert (len(cal), len(sel), len(rep)) == (24, 8, 0)
-    cal, sel, rep = split_inputs(3, 0, hold_report=True)
-    assert (len(cal), len(sel), len(rep)) == (3, 0, 0)
+    assert (len(cal), len(sel), len(rep)) == (16, 16, 0)
+    cal, sel, rep = split_inputs(2, 0, hold_report=True)
+    assert (len(cal), len(sel), len(rep)) == (2, 0, 0)
+    cal, sel, rep = split_inputs(1, 0, hold_report=False)
+    assert (len(cal), len(sel), len(rep)) == (1, 0, 0)

@@ -9,6 +9,8 @@ student)` returns (the student to prune and export, the stage metrics) like the 
     progressive    a schedule of (alpha, temperature) stages with temperature annealing
     selective      soft targets where the teacher is confident and right, hard labels elsewhere
     data_free      inputs synthesised from the teacher's BatchNorm statistics, then distilled
+    adversarial    KD plus a discriminator on the class distributions that the student learns to fool
+    federated      clients distil locally on private shards; the server averages their weights (FedAvg)
 """
 from __future__ import annotations
 
