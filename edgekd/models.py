@@ -242,6 +242,31 @@ def student_from(spec: str, teacher: nn.Module, num_classes: int) -> nn.Module:
     return build_model(spec, num_classes)
 
 
+def adapt_input_channels(model: nn.Module, channels: int) -> list[str]:
+    """Make `model` take `channels` input channels by replacing its first convolution: from 3 channels to
+    1 its kernels are summed over the channels (a greyscale image repeated 3 times gives the same
+    output), from 1 to more they are split evenly. Returns the replaced layer's name ([] when the model
+    already takes `channels`)."""
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ModelError("the student has no Conv2d layer whose input channels could be changed")
+    name, conv = first
+    if conv.in_channels == channels:
+        return []
+    if conv.groups != 1:
+        raise ModelError(f"the student's first convolution {name} is grouped; its input channels cannot be changed")
+    new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                    conv.dilation, 1, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        w = conv.weight.sum(1, keepdim=True)
+        new.weight.copy_(w if channels == 1 else w.repeat(1, channels, 1, 1) / channels)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)  # type: ignore[union-attr]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], new)
+    return [name]
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters."""
     return int(sum(p.numel() for p in model.parameters()))

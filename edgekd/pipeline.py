@@ -133,10 +133,19 @@ class Pipeline:
 
         torch.manual_seed(cfg.seed)
         model = student_from(cfg.student.model, teacher, splits.num_classes)
+        cross_modal = cfg.distill.strategy == "cross_modal"
+        if cross_modal:  # the student takes a cheaper sensor's input: its first convolution is built for it
+            from .distill.strategies.cross_modal import input_transform
+            from .models import adapt_input_channels
+
+            transform = input_transform(ctx)
+            adapt_input_channels(model, transform.output_shape(shape)[0])
         upstream = ctx.key(teacher_key, cfg.student.model)
         if "distill" in cfg.stages:
             model, entry = self._distill(ctx, teacher, model, teacher_key)
             upstream = entry.pop("_key")
+            if cross_modal:  # from here on every stage sees the student's input
+                eval_x, calib_x, shape = self._student_inputs(ctx, transform, calib_ids)
             stages.append(assemble.model_entry(ctx, "distill", model, ctx.stage_dir("distill") / "model.onnx",
                                                 eval_x, eval_y, extra=entry, teacher_logits=teacher_logits_torch))
             self._check_collapse(ctx, "distill", stages[-1]["accuracy"], stages[0]["accuracy"])
@@ -149,11 +158,26 @@ class Pipeline:
         t0 = time.perf_counter()
         export_onnx(model, shape, fp32, self.profile.opset)
         stages.append(self._parity(ctx, model, fp32, eval_x, time.perf_counter() - t0))
-        report = assemble.skeleton(ctx, splits.description, splits, teacher=assemble.teacher_block(stages[0], tinfo),
+        report = assemble.skeleton(ctx, ctx.splits.description, ctx.splits, teacher=assemble.teacher_block(stages[0], tinfo),
                                    data_extra={"chosen_on": f"validation split ({len(splits.val)} images)",
                                                "reported_on": f"test split ({len(splits.test)} images, eval.npz)"})
         final_model_counts = {"params": count_params(model), "macs": count_macs(model, shape)}
         return self._deploy(ctx, report, stages, fp32, eval_x, eval_y, final_model_counts)
+
+    @staticmethod
+    def _student_inputs(ctx: RunContext, transform, calib_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Cross-modal: the splits, eval.npz and calib.npz become the student's view of the same samples."""
+        from .data.modality import TransformedImages, transform_splits
+
+        splits = ctx.splits
+        ctx.splits = transform_splits(splits, transform)
+        eval_x = ctx.splits.test.x.numpy()  # type: ignore[union-attr]
+        calib_x = TransformedImages(splits.train.x, transform)[torch.as_tensor(calib_ids)].numpy()  # type: ignore[union-attr]
+        write_npz(ctx.run_dir / "eval.npz", x=eval_x, y=ctx.splits.test.y.numpy())
+        write_npz(ctx.run_dir / "calib.npz", x=calib_x)
+        ctx.notes.append(f"cross_modal: the student takes {transform.describe(splits.input_shape)}; the teacher is "  # type: ignore[union-attr]
+                         "measured on its own input in its stage entry, not beside the candidates")
+        return eval_x, calib_x, tuple(ctx.splits.input_shape)
 
     def _onnx_entry(self, ctx: RunContext) -> tuple[dict, Candidate]:
         run = ctx.run_dir
@@ -275,7 +299,9 @@ class Pipeline:
                 ) -> tuple[dict, Candidate]:
         run = ctx.run_dir
         sources: dict[str, Source] = {}
-        has_teacher = (run / "teacher.fp32.onnx").exists() and not self.model_onnx
+        # A cross-modal teacher takes another input than the candidates: it is not timed beside them.
+        has_teacher = (run / "teacher.fp32.onnx").exists() and not self.model_onnx and \
+            self.config.distill.strategy != "cross_modal"
         measured_here = ctx.profile.measures_here and not self.hosts
         if validation is None and ctx.splits is not None:
             validation = Validation(ctx.splits.val.x.numpy(), ctx.splits.val.y.numpy(), "validation split")

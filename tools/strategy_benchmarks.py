@@ -14,6 +14,7 @@ the measured student, on this host. Prints a markdown table and writes it (and t
 JSON) to --out.
 
     python tools/strategy_benchmarks.py [--steps N] [--strategies kd,self,...] [--threads 1] [--out DIR]
+        [--config examples/fashion-mnist.yaml] [--federated-by-class]
 """
 from __future__ import annotations
 
@@ -59,22 +60,32 @@ def _notes(name: str, m: dict) -> str:
         syn = m["synthesis"]
         return (f"{syn['samples']} synthetic inputs, {syn['seconds']:.0f} s synthesis, BN loss "
                 f"{syn['bn_loss_first']:.2f}->{syn['bn_loss_last']:.2f}; no training images")
+    if name == "adversarial":
+        last = m["discriminator"]["per_epoch"][-1] if m["discriminator"]["per_epoch"] else {}
+        return (f"weight {m['weight']}; last epoch: discriminator right on {100 * last.get('discriminator_accuracy', 0):.0f}%, "
+                f"student taken for the teacher on {100 * last.get('fooled', 0):.0f}%")
+    if name == "federated":
+        return (f"{m['clients']} clients ({m['partition']}), {m['rounds']} rounds x {m['local_epochs']} local epoch(s), "
+                f"best round {m['chosen_round']}")
     return f"T {m.get('temperature')}, alpha {m.get('alpha')}"
 
 
-def run_one(name: str, steps: int, out: Path, teacher: torch.nn.Module, splits, student_model: str | None) -> dict:
+def run_one(name: str, steps: int, out: Path, teacher: torch.nn.Module, splits, student_model: str | None,
+            config: str | None = None, options: dict | None = None) -> dict:
     """Distil the student (the embedded default's unless named) with strategy `name` for `steps` student
     optimizer steps."""
     from edgekd.distill.stage import run_distill
 
     distill: dict = {"strategy": name, "steps": steps}
+    if options:
+        distill["strategy_options"] = {name: options}
     if name == "born_again":
-        gens = load_config(None).distill.strategy_options.born_again.generations
+        gens = load_config(config).distill.strategy_options.born_again.generations
         distill["steps"] = max(1, steps // gens)
     overrides: dict = {"stages": ["distill"], "distill": distill}
     if student_model:
         overrides["student"] = {"model": student_model}
-    cfg = load_config(None, overrides)
+    cfg = load_config(config, overrides)
     ctx = RunContext(cfg, load_profile("cpu"), out / name, threads=1)
     ctx.splits = splits
     torch.manual_seed(cfg.seed)
@@ -114,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady on a shared CPU)")
     parser.add_argument("--out", default="runs/strategy-benchmarks")
     parser.add_argument("--student", default=None, help="student model spec (default: the embedded default's)")
+    parser.add_argument("--config", default=None, help="a run config (e.g. examples/fashion-mnist.yaml) instead of "
+                                                       "the embedded default: its data, teacher and student")
+    parser.add_argument("--federated-by-class", action="store_true",
+                        help="also run federated with shards non-IID by class (2 classes per client)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None)
+    cfg = load_config(args.config)
     splits = build_splits(cfg.data, cfg.seed)
     steps = args.steps or cfg.distill.epochs * math.ceil(len(splits.train) / cfg.data.batch_size)
     from edgekd.distill.teacher import get_teacher
@@ -136,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_one(name, steps, out, teacher, splits, args.student)
+        results[name] = run_one(name, steps, out, teacher, splits, args.student, args.config)
         (out / "metrics.json").write_text(json.dumps(results, indent=1, default=str))
+        if name == "federated" and args.federated_by_class:
+            results["federated (by class)"] = run_one(name, steps, out / "by-class", teacher, splits, args.student,
+                                                      args.config, {"partition": "by_class"})
+            (out / "metrics.json").write_text(json.dumps(results, indent=1, default=str))
     kd = results.get("kd", {}).get("accuracy")
     teacher_acc = next(iter(results.values()))["teacher_accuracy"] if results else None
-    lines = [f"Embedded default: teacher {cfg.teacher.model} ({teacher_acc:.2f}% test, ONNX Runtime; "
-             f"{info['source'].split(',')[0]}), student {args.student or cfg.student.model}, digits "
+    lines = [f"{cfg.name if args.config else 'Embedded default'}: teacher {cfg.teacher.model} ({teacher_acc:.2f}% test, ONNX Runtime; "
+             f"{info['source'].split(',')[0]}), student {args.student or cfg.student.model}, {cfg.data.dataset} "
              f"{cfg.data.image_size}x{cfg.data.image_size}, {len(splits.train)} training / {len(splits.test)} "
              f"test images, {steps} student optimizer steps each, {args.threads} torch thread(s), "
              f"seed {cfg.seed}.", "",
@@ -150,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in results.items():
         delta = "" if kd is None or name == "kd" else f"{m['accuracy'] - kd:+.2f}"
         lines.append(f"| {name} | {m['accuracy']:.2f}% | {delta} | {m['wall_s']:.0f} s | {m['steps']} | "
-                     f"{_notes(name, m)} |")
+                     f"{_notes(m.get('strategy', name), m)} |")
     lines += ["", f"Outside the wall times (one-time, cached): the teacher ({teacher_s:.0f} s, "
               f"{info['source'].split(',')[0]}), its logits on the training views ({warm['teacher_logits_s']:.0f} s, "
               f"shared by every strategy that reads them), and multi_teacher's extra teacher(s) "

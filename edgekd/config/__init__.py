@@ -19,6 +19,7 @@ STRATEGY_MODULES: dict[str, str | None] = {
     "kd": None, "multi_teacher": "multi_teacher", "self": "self_distill", "born_again": "born_again",
     "mutual": "mutual", "deit": "deit", "progressive": "progressive", "selective": "selective",
     "data_free": "data_free", "adversarial": "adversarial", "federated": "federated",
+    "cross_modal": "cross_modal",
 }
 STRATEGIES = tuple(STRATEGY_MODULES)
 LOGIT_LOSSES = ("kd", "reverse_kl", "logit_mse")
@@ -269,6 +270,11 @@ class Config(Section):
                 and "prune" not in self.stages:
             raise ValueError("student.model: teacher with only distill would distil a model into itself; "
                              "add prune to stages")
+        if self.distill.strategy == "cross_modal" and "prune" in self.stages:
+            raise ValueError("distill.strategy cross_modal: the prune stage fine-tunes with the teacher on the "
+                             "student's input and is not supported; use stages [distill, quantize]")
+        if self.distill.strategy == "cross_modal" and "distill" not in self.stages:
+            raise ValueError("distill.strategy cross_modal needs the distill stage in stages")
         return self
 
 

@@ -96,6 +96,14 @@ class FederatedOptions(Section):
     classes_per_client: int = Field(2, ge=1, le=100_000)  # with partition by_class
 
 
+class CrossModalOptions(Section):
+    """The student's input, made from the teacher's preprocessed input (data/modality.py)."""
+
+    greyscale: bool = True  # luminance of the three channels
+    channels: int | None = Field(None, ge=1, le=64)  # unset: 1 with greyscale, else the teacher's
+    resolution: int | None = Field(None, ge=4, le=4096)  # unset: the teacher's (data.image_size)
+
+
 class StrategyOptions(Section):
     """distill.strategy_options: the settings of each strategy other than plain KD (the chosen one is used)."""
 
@@ -109,6 +117,7 @@ class StrategyOptions(Section):
     data_free: DataFreeOptions = DataFreeOptions()
     adversarial: AdversarialOptions = AdversarialOptions()
     federated: FederatedOptions = FederatedOptions()
+    cross_modal: CrossModalOptions = CrossModalOptions()
 
     @model_validator(mode="after")
     def _consistent(self) -> StrategyOptions:
@@ -122,6 +131,10 @@ class StrategyOptions(Section):
         if p.temperature_start is not None and any(s.temperature is not None for s in p.stages):
             raise ValueError("progressive: a stage temperature and temperature_start/_end "
                              "both set the temperature; give one")
+        c = self.cross_modal
+        if not c.greyscale and c.channels is None and c.resolution is None:
+            raise ValueError("cross_modal: the student's input is the teacher's; set greyscale, channels or "
+                             "resolution")
         if self.deit.hidden_dim % self.deit.heads:
             raise ValueError(f"deit.hidden_dim {self.deit.hidden_dim} must be divisible "
                              f"by heads {self.deit.heads}")

@@ -231,7 +231,8 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
         teacher["measured_on"] = "host" if teacher_c.latency else None
         if teacher_c.not_measured:
             teacher["not_measured"] = teacher_c.not_measured
-    if teacher.get("latency_ms") and final["latency_ms"]:
+    same_runtime = teacher_c is not None or (teacher.get("latency_runtime") or "").split(" ")[0] == prof.backend
+    if teacher.get("latency_ms") and final["latency_ms"] and same_runtime:
         final["speedup_vs_teacher"] = round(teacher["latency_ms"]["p50"] / final["latency_ms"]["p50"], 3)
     else:
         final["speedup_vs_teacher"] = None
@@ -256,6 +257,8 @@ def finish(ctx: RunContext, report: dict, hosts: list[str]) -> dict:
     t0 = time.perf_counter()
     run = ctx.run_dir
     _strip_unexplained(report)
+    if ctx.notes:  # what the run decided or resumed along the way, in its own words
+        report["notes"] = list(dict.fromkeys(ctx.notes))
     from . import apply_gates, load_report
 
     gates_cfg = ctx.config.gates.model_dump(mode="json")

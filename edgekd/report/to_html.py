@@ -101,6 +101,9 @@ def render_html(report: dict) -> str:
     quant = quantize_stage(report)
     if quant:
         body.append(_precision(report, quant))
+    if report.get("notes"):
+        body.append("<section><h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in report["notes"])
+                    + "</ul></section>")
     body.append(_environment(report))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -254,3 +254,38 @@ def test_federated_average_is_fedavg_and_pools_batchnorm_statistics_exactly():
     assert np.allclose(out["bn.running_mean"].numpy(), union.mean(0))
     assert np.allclose(out["bn.running_var"].numpy(), union.var(0))  # the union's statistics, from the shards' own
     assert int(out["bn.num_batches_tracked"]) == 90
+
+
+def test_cross_modal_input_transform_and_first_conv_adaptation():
+    from edgekd.data.modality import InputTransform, TransformedImages
+    from edgekd.models import adapt_input_channels
+
+    torch.manual_seed(0)
+    grey = torch.rand(4, 1, 16, 16) * 2 - 1
+    rgb = grey.repeat(1, 3, 1, 1)
+    t = InputTransform(greyscale=True)
+    assert torch.allclose(t(rgb), grey, atol=1e-6)  # luminance weights sum to 1: a grey image is unchanged
+    colour = torch.rand(2, 3, 8, 8)
+    want = 0.299 * colour[:, 0] + 0.587 * colour[:, 1] + 0.114 * colour[:, 2]
+    assert torch.allclose(t(colour)[:, 0], want, atol=1e-6)
+    small = InputTransform(greyscale=True, resolution=8)
+    assert small(rgb).shape == (4, 1, 8, 8) and small.output_shape((3, 16, 16)) == (1, 8, 8)
+    assert torch.allclose(small(rgb), F.avg_pool2d(grey, 2), atol=1e-6)  # area average down
+    assert InputTransform(channels=3)(grey).shape == (4, 3, 16, 16)
+    view = TransformedImages(rgb, small)
+    assert view.shape == (4, 1, 8, 8) and torch.equal(view[1:3], small(rgb[1:3])) and view.numpy().shape == (4, 1, 8, 8)
+    # the student's first convolution takes one channel and, on a grey image, computes what it did on RGB
+    model = build_model("tiny_cnn", 10).eval()
+    with torch.no_grad():
+        before = model(rgb)
+        assert adapt_input_channels(model, 1) == ["features.0.0"]
+        assert torch.allclose(model(grey), before, atol=1e-5)
+    assert adapt_input_channels(model, 1) == []
+
+
+def test_cross_modal_with_prune_is_a_config_error():
+    with pytest.raises(ConfigError, match="cross_modal"):
+        from_dict({"stages": ["distill", "prune", "quantize"], "distill": {"strategy": "cross_modal"}})
+    with pytest.raises(ConfigError, match="set greyscale, channels or resolution"):
+        from_dict({"distill": {"strategy": "cross_modal",
+                               "strategy_options": {"cross_modal": {"greyscale": False}}}})

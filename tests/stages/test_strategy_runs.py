@@ -281,3 +281,27 @@ def test_federated_clients_train_on_their_own_classes_and_the_server_averages(tm
     assert seen == m["shard_classes"] * 2  # each client saw only its own shard, every round
     assert averaged == [[float(n) for n in m["shard_sizes"]]] * 2 and sum(m["shard_sizes"]) == len(ctx.splits.train)
     _measured(ctx, m)
+
+
+def test_cross_modal_pipeline_deploys_a_student_on_the_cheaper_input(tmp_path):
+    from edgekd import Pipeline
+    from edgekd.report.schema import validate_report
+
+    cfg = from_dict({"name": "xm", "stages": ["distill", "quantize"], "data": {"image_size": 16},
+                     "teacher": {"model": "small_cnn", "train_epochs": 1}, "student": {"model": "tiny_cnn"},
+                     "distill": {"strategy": "cross_modal", "steps": 6,
+                                 "strategy_options": {"cross_modal": {"greyscale": True, "resolution": 8}}},
+                     "bench": {"iterations": 20, "warmup": 2}})
+    out = tmp_path / "run"
+    rep = Pipeline(cfg, out=out).run()
+    d = next(s for s in rep["stages"] if s["name"] == "distill")
+    assert d["strategy"] == "cross_modal" and d["student_input"]["shape"] == [1, 8, 8]
+    assert d["student_input"]["teacher_shape"] == [3, 16, 16] and "luminance" in d["student_input"]["transform"]
+    teacher_in = onnx.load(str(out / "teacher.fp32.onnx")).graph.input[0].type.tensor_type.shape.dim
+    final_in = onnx.load(str(out / rep["final"]["artifact"])).graph.input[0].type.tensor_type.shape.dim
+    assert [x.dim_value for x in teacher_in[1:]] == [3, 16, 16] and [x.dim_value for x in final_in[1:]] == [1, 8, 8]
+    with np.load(out / "eval.npz") as z, np.load(out / "calib.npz") as c:
+        assert z["x"].shape[1:] == (1, 8, 8) and c["x"].shape[1:] == (1, 8, 8)
+    # the deployed student is measured on its own input; the teacher's speedup figure is the same runtime's
+    assert 0 <= rep["final"]["accuracy"] <= 100 and rep["final"]["speedup_vs_teacher"] > 0
+    assert any("cross_modal" in n for n in rep["notes"]) and validate_report(rep) == []

@@ -11,6 +11,8 @@ student)` returns (the student to prune and export, the stage metrics) like the 
     data_free      inputs synthesised from the teacher's BatchNorm statistics, then distilled
     adversarial    KD plus a discriminator on the class distributions that the student learns to fool
     federated      clients distil locally on private shards; the server averages their weights (FedAvg)
+    cross_modal    the teacher sees the full input, the student a cheaper sensor's (greyscale, fewer
+                   channels, lower resolution), and is exported taking that
 """
 from __future__ import annotations
 
