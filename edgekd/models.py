@@ -16,8 +16,9 @@ from torch import nn
 from .errors import ModelError
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Module):
@@ -25,11 +26,11 @@ class SmallCNN(nn.Module):
     edge_cnn, the embedded default's student, halves it at the first conv, as ResNet's stem does."""
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 32, 64, 64), in_channels: int = 3,
-                 strides: tuple[int, ...] = (1, 2, 1, 2, 1)):
+                 strides: tuple[int, ...] = (1, 2, 1, 2, 1), kernel: int = 3):
         super().__init__()
         layers, cin = [], in_channels
         for w, s in zip(widths, strides, strict=False):
-            layers.append(_conv_bn(cin, w, s))
+            layers.append(_conv_bn(cin, w, s, kernel))
             cin = w
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -70,13 +71,65 @@ class SmallResNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+# The five-conv families: (widths, strides).
+CNN_FAMILIES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "small_cnn": ((16, 32, 32, 64, 64), (1, 2, 1, 2, 1)),
+    "edge_cnn": ((16, 32, 32, 64, 64), (2, 2, 1, 2, 1)),
+    "tiny_cnn": ((8, 16, 16, 32, 32), (1, 2, 1, 2, 1)),
+    "wide_cnn": ((32, 64, 64, 128, 128), (1, 2, 1, 2, 1)),
+}
 BUILTIN: dict[str, Callable[[int], nn.Module]] = {
-    "small_cnn": lambda n: SmallCNN(n),
-    "edge_cnn": lambda n: SmallCNN(n, strides=(2, 2, 1, 2, 1)),
-    "tiny_cnn": lambda n: SmallCNN(n, widths=(8, 16, 16, 32, 32)),
-    "wide_cnn": lambda n: SmallCNN(n, widths=(32, 64, 64, 128, 128)),
+    **{name: (lambda n, w=w, s=s: SmallCNN(n, widths=w, strides=s)) for name, (w, s) in CNN_FAMILIES.items()},
     "small_resnet": lambda n: SmallResNet(n),
 }
+# torchvision families that take a width multiplier.
+TORCHVISION_WIDTH = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "mnasnet1_0")
+
+
+def parse_scaling(spec: str) -> tuple[str, dict[str, float]]:
+    """'FAMILY@w1.5,k5,d2' -> ('FAMILY', {'w': 1.5, 'k': 5, 'd': 2}); a spec without '@' -> (spec, {})."""
+    if "@" not in spec or spec.startswith("module:") or is_model_file(spec.split("@", 1)[0]):
+        return spec, {}
+    base, opts = spec.split("@", 1)
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in opts.split(","))):
+        key, value = part[:1], part[1:]
+        try:
+            out[key] = float(value) if key == "w" else int(value)
+        except ValueError:
+            key = ""
+        if key not in ("w", "k", "d") or out[key] <= 0 or (key == "k" and out[key] % 2 == 0):
+            raise ModelError(f"model {spec!r}: {part!r} is not a scaling (w<width multiplier>, k<odd kernel>, "
+                             "d<depth multiplier>)")
+    return base, out
+
+
+def _scaled_model(spec: str, base: str, scale: dict[str, float], num_classes: int) -> nn.Module:
+    """A built-in five-conv family or a torchvision mobile family scaled by width (w), kernel (k) and depth
+    (d: each conv repeated d times, the later copies at stride 1)."""
+    w, k, d = scale.get("w", 1.0), int(scale.get("k", 3)), int(scale.get("d", 1))
+    key = base.removeprefix("edgekd:")
+    if key in CNN_FAMILIES:
+        widths, strides = CNN_FAMILIES[key]
+        widths = tuple(max(4, int(round(c * w))) for c in widths)
+        deep_w = tuple(c for c in widths for _ in range(d))
+        deep_s = tuple(s if i == 0 else 1 for s in strides for i in range(d))
+        return SmallCNN(num_classes, widths=deep_w, strides=deep_s, kernel=k)
+    name = base.removeprefix("torchvision:")
+    if base.startswith("torchvision:") and name in TORCHVISION_WIDTH and k == 3 and d == 1:
+        import torchvision
+
+        if name.startswith("mnasnet"):  # MNASNet's alpha is the width: mnasnet0_5@w0.5 has alpha 0.25
+            model = torchvision.models.MNASNet(float(name[7:].replace("_", ".")) * w, num_classes=num_classes)
+        else:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, width_mult=w)
+        if name.startswith(CLASS_SCALED_HEADS) and num_classes != 1000:
+            head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
+        return model
+    raise ModelError(f"model {spec!r}: scaling applies to {', '.join(CNN_FAMILIES)} (w, k, d) and to torchvision's "
+                     f"{', '.join(TORCHVISION_WIDTH)} (w only)")
 
 
 def is_model_file(spec: str) -> bool:
@@ -131,6 +184,9 @@ def build_model(spec: str, num_classes: int, *, trust_checkpoint: bool = False) 
     num_classes=), a built-in name, or a trusted module file."""
     if spec.startswith("module:"):
         return build_from_factory(spec, num_classes)
+    base, scale = parse_scaling(spec)
+    if scale:
+        return _scaled_model(spec, base, scale, num_classes)
     if spec.startswith("torchvision:"):
         import torchvision
 

@@ -131,8 +131,12 @@ class Pipeline:
         stages.append(assemble.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
                                             extra={"source": tinfo["source"], "duration_s": teacher_seconds}))
 
+        student_spec = cfg.student.model
+        if student_spec == "search":  # which student for this board: timed there, proxy-trained, chosen
+            student_spec, entry = self._search(ctx, teacher, teacher_key, run / "teacher.fp32.onnx")
+            stages.append(entry)
         torch.manual_seed(cfg.seed)
-        model = student_from(cfg.student.model, teacher, splits.num_classes)
+        model = student_from(student_spec, teacher, splits.num_classes)
         cross_modal = cfg.distill.strategy == "cross_modal"
         if cross_modal:  # the student takes a cheaper sensor's input: its first convolution is built for it
             from .distill.strategies.cross_modal import input_transform
@@ -140,9 +144,9 @@ class Pipeline:
 
             transform = input_transform(ctx)
             adapt_input_channels(model, transform.output_shape(shape)[0])
-        upstream = ctx.key(teacher_key, cfg.student.model)
+        upstream = ctx.key(teacher_key, student_spec)
         if "distill" in cfg.stages:
-            model, entry = self._distill(ctx, teacher, model, teacher_key)
+            model, entry = self._distill(ctx, teacher, model, teacher_key, student_spec)
             upstream = entry.pop("_key")
             if cross_modal:  # from here on every stage sees the student's input
                 eval_x, calib_x, shape = self._student_inputs(ctx, transform, calib_ids)
@@ -230,10 +234,23 @@ class Pipeline:
             run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)
 
     # ---------------------------------------------------------------- stages
-    def _distill(self, ctx: RunContext, teacher: nn.Module, student: nn.Module, teacher_key: str):
+    def _search(self, ctx: RunContext, teacher: nn.Module, teacher_key: str, teacher_onnx: Path) -> tuple[str, dict]:
+        from .distill.search import run_search, search_key
+
+        key = search_key(ctx, teacher_key)
+        hit = ctx.cached("search", key)
+        if hit is not None:
+            ctx.notes.append("search: resumed from the stored result")
+            return hit["chosen"], {**hit, "resumed": True}
+        splits = ctx.splits
+        spec, entry = run_search(ctx, teacher, teacher_onnx, splits.num_classes, splits.input_shape)  # type: ignore[union-attr]
+        ctx.mark_done("search", key, entry)
+        return spec, entry
+
+    def _distill(self, ctx: RunContext, teacher: nn.Module, student: nn.Module, teacher_key: str, student_spec: str):
         from .distill.stage import distill_key, run_distill
 
-        key = distill_key(ctx, teacher_key, self.config.student.model)
+        key = distill_key(ctx, teacher_key, student_spec)
         hit = ctx.cached("distill", key)
         if hit is not None:
             from .distill.strategies import student_for

@@ -70,8 +70,40 @@ class TeacherConfig(Section):
     lr: float = Field(2e-3, gt=0, le=10)
 
 
+class StudentSearch(Section):
+    """student.model: search — the space, the latency budget (one of the two), and the proxy training."""
+
+    space: list[str] = Field(["edge_cnn", "small_cnn"], min_length=1)  # built-in CNN or torchvision mobile families
+    widths: list[float] = Field([0.5, 0.75, 1.0, 1.5, 2.0], min_length=1)
+    depths: list[int] = Field([1, 2], min_length=1)  # built-in CNNs: each conv repeated d times
+    kernels: list[int] = Field([3, 5], min_length=1)  # built-in CNNs
+    latency_budget_ms: float | None = Field(None, gt=0)
+    target_speedup: float | None = Field(None, gt=0)  # the budget as the teacher's p50 over this
+    trials: int = Field(4, ge=1, le=100)  # candidates within the budget that get proxy training
+    proxy_epochs: int = Field(2, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> StudentSearch:
+        if (self.latency_budget_ms is None) == (self.target_speedup is None):
+            raise ValueError("give exactly one of latency_budget_ms and target_speedup")
+        if any(w <= 0 or w > 8 for w in self.widths):
+            raise ValueError("widths must be in (0, 8]")
+        if any(d < 1 or d > 4 for d in self.depths) or any(k < 1 or k % 2 == 0 or k > 9 for k in self.kernels):
+            raise ValueError("depths must be 1-4 and kernels odd, 1-9")
+        return self
+
+
 class StudentConfig(Section):
-    model: str = "edge_cnn"
+    model: str = "edge_cnn"  # or 'search' with student.search
+    search: StudentSearch | None = None
+
+    @model_validator(mode="after")
+    def _search(self) -> StudentConfig:
+        if self.model == "search" and self.search is None:
+            raise ValueError("model: search needs student.search with latency_budget_ms or target_speedup")
+        if self.search is not None and self.model != "search":
+            raise ValueError("student.search is read only with model: search")
+        return self
 
 
 class FeatureLayers(Section):
@@ -273,6 +305,11 @@ class Config(Section):
         if self.distill.strategy == "cross_modal" and "prune" in self.stages:
             raise ValueError("distill.strategy cross_modal: the prune stage fine-tunes with the teacher on the "
                              "student's input and is not supported; use stages [distill, quantize]")
+        if self.distill.strategy == "cross_modal" and self.student.model == "search":
+            raise ValueError("student.model search times students on the teacher's input; it does not combine "
+                             "with distill.strategy cross_modal yet")
+        if self.student.model == "search" and "distill" not in self.stages:
+            raise ValueError("student.model search needs the distill stage in stages")
         if self.distill.strategy == "cross_modal" and "distill" not in self.stages:
             raise ValueError("distill.strategy cross_modal needs the distill stage in stages")
         return self

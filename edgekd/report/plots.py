@@ -153,16 +153,24 @@ def _merge(points: Sequence[Point]) -> list[Point]:
     return [Point(x, y, " = ".join(labels), g) for (x, y, g), labels in merged.items()]
 
 
-def scatter(points: Sequence[Point], title: str, xlabel: str, ylabel: str) -> str:
-    """Accuracy against latency; each group (where it was measured) gets its own Pareto front."""
+def scatter(points: Sequence[Point], title: str, xlabel: str, ylabel: str,
+            vline: tuple[float, str] | None = None) -> str:
+    """Accuracy against latency; each group (where it was measured) gets its own Pareto front. `vline`
+    (x, label) draws a vertical line there, e.g. a latency budget."""
     if not points:
         return empty(title, "no point has both a measured latency and a measured accuracy")
     points = _merge(points)
-    xlog = _wide([p.x for p in points], 8.0)
-    ax = _Axes([p.x for p in points], [p.y for p in points], xlog=xlog)
+    xs = [p.x for p in points] + ([vline[0]] if vline else [])
+    xlog = _wide(xs, 8.0)
+    ax = _Axes(xs, [p.y for p in points], xlog=xlog)
     groups = list(dict.fromkeys(p.group for p in points))
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     out = _open(title) + ax.draw(xlabel + (" (log scale)" if xlog else ""), ylabel) + _legend(groups, colors)
+    if vline:
+        x = ax.x(vline[0])
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{ax.h - BOTTOM}" stroke="#C44E52" '
+                   'stroke-width="1.5"/>')
+        out.append(f'<text x="{x - 4:.1f}" y="{TOP + 12}" text-anchor="end" class="k">{escape(vline[1])}</text>')
     for g in groups:
         front = pareto_front([p for p in points if p.group == g])
         if len(front) > 1:

@@ -146,7 +146,7 @@ def stage_table(report: dict) -> Table:
     """Teacher, each stage in order, and the final artifact: params, MACs, size, accuracy, p50/p90, speedup."""
     table = Table(list(STAGE_HEADERS))
     teacher = report.get("teacher") if isinstance(report.get("teacher"), dict) else None
-    stages = list(report.get("stages") or [])
+    stages = [s for s in report.get("stages") or [] if s.get("name") != "search"]  # untrained candidates: own table
     if teacher:
         # A 'teacher' stage (training the teacher) shares the teacher's row: its figures are the teacher's.
         trained = next((s for s in stages if s.get("name") == "teacher"), None)

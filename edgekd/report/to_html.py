@@ -21,6 +21,7 @@ from .tables import (
     latency,
     quantize_stage,
     sensitivity_rows,
+    stage,
     stage_table,
 )
 
@@ -126,18 +127,35 @@ def _figure(svg: str, caption: str) -> str:
 
 
 def _plots(report: dict) -> list[str]:
-    return [_pareto(report), _latency(report), _sizes(report), _sensitivity(report)]
+    return [_pareto(report), _latency(report), _sizes(report), _sensitivity(report)] + _search(report)
+
+
+def _search(report: dict) -> list[str]:
+    """The student search: proxy accuracy against latency on the target, with the budget line."""
+    s = stage(report, "search")
+    if not s:
+        return []
+    points = [plots.Point(c["latency_ms"], c["proxy_accuracy"], c["architecture"] + (" (chosen)" if c.get("chosen") else ""),
+                          "chosen" if c.get("chosen") else "proxy-trained")
+              for c in s.get("candidates") or [] if c.get("latency_ms") is not None and c.get("proxy_accuracy") is not None]
+    svg = plots.scatter(points, "Student search: proxy accuracy (validation) vs latency", "latency p50 (ms)",
+                        "proxy accuracy (%)", vline=(s["budget_ms"], f"budget {s['budget_ms']:.3f} ms"))
+    return [_figure(svg, f"Every candidate was timed on {s.get('runtime')} ({s.get('measured_on')}); those left of "
+                         f"the budget line were eligible, the largest {len(points)} by MACs distilled for "
+                         f"{s.get('proxy_epochs')} epoch(s). Chosen: {s.get('chosen')}.")]
 
 
 def _rows_with_figures(report: dict) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = []
     if isinstance(report.get("teacher"), dict):
         rows.append(("teacher", report["teacher"]))
-    for stage in report.get("stages") or []:
-        if stage.get("name") == "teacher" and rows:
+    for entry in report.get("stages") or []:
+        if entry.get("name") == "teacher" and rows:
             continue  # training the teacher: its figures are in the teacher row already
-        rows.append((str(stage.get("name")), stage))
-        for cand in stage.get("candidates") or []:
+        if entry.get("name") == "search":
+            continue  # untrained candidate students: plotted on their own, against the budget
+        rows.append((str(entry.get("name")), entry))
+        for cand in entry.get("candidates") or []:
             if not cand.get("chosen"):
                 rows.append((f"{cand.get('precision')} candidate", cand))
     rows.append((f"final ({(report.get('final') or {}).get('precision', '?')})", report.get("final") or {}))

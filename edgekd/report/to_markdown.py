@@ -76,7 +76,7 @@ def render_markdown(report: dict) -> str:
     quant = quantize_stage(report)
     if quant:
         out += _precision(report, quant)
-    out += _distill(report) + _prune(report) + _remote(report)
+    out += _search(report) + _distill(report) + _prune(report) + _remote(report)
     if report.get("notes"):
         out += ["### Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     out += _environment(report)
@@ -155,6 +155,23 @@ def _distill(report: dict) -> list[str]:
     if isinstance(best, dict):
         out.append("- sweep best: " + ", ".join(f"{k} {v}" for k, v in best.items()))
     return out + [""] + notes.lines() + ([""] if notes.items else [])
+
+
+def _search(report: dict) -> list[str]:
+    s = stage(report, "search")
+    if not s:
+        return []
+    out = ["### Student search", "",
+           f"Budget **{s['budget_ms']:.4f} ms** ({s.get('budget_source')}); every candidate timed on "
+           f"{s.get('runtime')} ({s.get('measured_on')}) before training; the largest within the budget distilled "
+           f"for {s.get('proxy_epochs')} epoch(s) and scored on the validation split. Chosen: "
+           f"**{s.get('chosen')}**.", ""]
+    table = Table(["Architecture", "Params", "MACs", "p50", "Within budget", "Proxy accuracy", "Chosen"])
+    for c in s.get("candidates") or []:
+        table.rows.append([Cell(c["architecture"]), Cell(fmt_count(c["params"])), Cell(fmt_count(c["macs"])),
+                           figure(c, "latency_ms", fmt_ms), Cell("yes" if c.get("within_budget") else "no"),
+                           figure(c, "proxy_accuracy", fmt_pct), Cell("✓" if c.get("chosen") else "")])
+    return out + _table(table) + [""]
 
 
 def _prune(report: dict) -> list[str]:
