@@ -139,11 +139,9 @@ class Pipeline:
         model = student_from(student_spec, teacher, splits.num_classes)
         cross_modal = cfg.distill.strategy == "cross_modal"
         if cross_modal:  # the student takes a cheaper sensor's input: its first convolution is built for it
-            from .distill.strategies.cross_modal import input_transform
-            from .models import adapt_input_channels
+            from .distill.strategies.cross_modal import prepare_student
 
-            transform = input_transform(ctx)
-            adapt_input_channels(model, transform.output_shape(shape)[0])
+            transform = prepare_student(ctx, model, shape)
         upstream = ctx.key(teacher_key, student_spec)
         if "distill" in cfg.stages:
             model, entry = self._distill(ctx, teacher, model, teacher_key, student_spec)

@@ -64,6 +64,9 @@ def _notes(name: str, m: dict) -> str:
         last = m["discriminator"]["per_epoch"][-1] if m["discriminator"]["per_epoch"] else {}
         return (f"weight {m['weight']}; last epoch: discriminator right on {100 * last.get('discriminator_accuracy', 0):.0f}%, "
                 f"student taken for the teacher on {100 * last.get('fooled', 0):.0f}%")
+    if name == "cross_modal":
+        si = m["student_input"]
+        return f"student input {si['shape']} (teacher {si['teacher_shape']}): {si['transform'].split(':')[0]}"
     if name == "federated":
         return (f"{m['clients']} clients ({m['partition']}), {m['rounds']} rounds x {m['local_epochs']} local epoch(s), "
                 f"best round {m['chosen_round']}")
@@ -77,6 +80,8 @@ def run_one(name: str, steps: int, out: Path, teacher: torch.nn.Module, splits, 
     from edgekd.distill.stage import run_distill
 
     distill: dict = {"strategy": name, "steps": steps}
+    if name == "cross_modal" and not options:  # a greyscale sensor at half the teacher's resolution
+        options = {"greyscale": True, "resolution": load_config(config).data.image_size // 2}
     if options:
         distill["strategy_options"] = {name: options}
     if name == "born_again":
@@ -90,6 +95,10 @@ def run_one(name: str, steps: int, out: Path, teacher: torch.nn.Module, splits, 
     ctx.splits = splits
     torch.manual_seed(cfg.seed)
     student = student_from(cfg.student.model, teacher, splits.num_classes)
+    if name == "cross_modal":  # the student takes the cheaper input: built for it, as the pipeline does
+        from edgekd.distill.strategies.cross_modal import prepare_student
+
+        prepare_student(ctx, student, splits.input_shape)
     t0 = time.perf_counter()
     _, m = run_distill(ctx, teacher, student, name)
     m["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -21,6 +21,8 @@ from ..models import CNN_FAMILIES, TORCHVISION_WIDTH, build_model, count_macs, c
 
 __all__ = ["run_search", "search_key", "space"]
 
+TEACHER = "teacher-fp32"  # the teacher's name among the timed models (not "teacher", which a board session skips)
+
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
@@ -62,10 +64,7 @@ def _time(ctx: RunContext, onnx: dict[str, object], sample: np.ndarray) -> dict[
         cands[name] = Candidate(precision="fp32", onnx=path, artifact=art, label=name)  # type: ignore[arg-type]
     if ctx.board is not None:
         host, ssh_config, remote_python = ctx.board
-        teacher_c = cands.pop("teacher", None)  # the board session times the candidates; the teacher is not one
         measure_on_board(ctx, cands, host, None, ssh_config, remote_python)
-        if teacher_c is not None:
-            cands["teacher"] = teacher_c
         for c in cands.values():
             c.measured_on = host if c.latency else c.measured_on
         return cands  # type: ignore[return-value]
@@ -103,7 +102,7 @@ def run_search(ctx: RunContext, teacher: nn.Module, teacher_onnx, num_classes: i
     out = ctx.stage_dir("search")
     specs = space(cfg)
     rows: dict[str, dict] = {}
-    onnx: dict[str, object] = {"teacher": teacher_onnx}
+    onnx: dict[str, object] = {TEACHER: teacher_onnx}
     with ctx.progress.task("search: exporting the candidate students", len(specs)) as bar:
         for spec in specs:
             torch.manual_seed(cfg.seed)
@@ -117,7 +116,7 @@ def run_search(ctx: RunContext, teacher: nn.Module, teacher_onnx, num_classes: i
     sample = splits.val.x[:1].numpy() if hasattr(splits.val.x, "numpy") else np.asarray(splits.val.x[:1])
     with ctx.progress.task(f"search: timing {len(specs)} students and the teacher on {ctx.profile.backend}", None):
         cands = _time(ctx, onnx, sample)
-    teacher_lat = (cands["teacher"].latency or {}).get("p50")
+    teacher_lat = (cands[TEACHER].latency or {}).get("p50")
     for spec, row in rows.items():
         c = cands[spec]
         row["latency_ms"] = round(c.latency["p50"], 4) if c.latency else None

@@ -18,13 +18,22 @@ from ...runs import atomic_path
 from ..losses import combined_loss
 from .common import device_of, fit, loop_metrics, splits_of, teacher_cache, total_steps, transfer_views
 
-__all__ = ["input_transform", "run"]
+__all__ = ["input_transform", "prepare_student", "run"]
 
 
 def input_transform(ctx: RunContext) -> InputTransform:
     """The student's input transform that distill.strategy_options.cross_modal declares."""
     o = ctx.config.distill.strategy_options.cross_modal
     return InputTransform(o.greyscale, o.channels, o.resolution)
+
+
+def prepare_student(ctx: RunContext, student: nn.Module, input_shape: tuple[int, ...]) -> InputTransform:
+    """Build `student` for its input (its first convolution takes the student's channels); the transform."""
+    from ...models import adapt_input_channels
+
+    transform = input_transform(ctx)
+    adapt_input_channels(student, transform.output_shape(input_shape)[0])
+    return transform
 
 
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
