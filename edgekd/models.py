@@ -95,10 +95,11 @@ def parse_scaling(spec: str) -> tuple[str, dict[str, float]]:
     for part in filter(None, (p.strip() for p in opts.split(","))):
         key, value = part[:1], part[1:]
         try:
-            out[key] = float(value) if key == "w" else int(value)
+            out[key] = int(value) if key == "k" else float(value)
         except ValueError:
             key = ""
-        if key not in ("w", "k", "d") or out[key] <= 0 or (key == "k" and out[key] % 2 == 0):
+        if key not in ("w", "k", "d") or out[key] <= 0 or (key == "k" and out[key] % 2 == 0) or \
+                (key == "d" and out[key] > 1 and out[key] != int(out[key])):
             raise ModelError(f"model {spec!r}: {part!r} is not a scaling (w<width multiplier>, k<odd kernel>, "
                              "d<depth multiplier>)")
     return base, out
@@ -106,17 +107,29 @@ def parse_scaling(spec: str) -> tuple[str, dict[str, float]]:
 
 def _scaled_model(spec: str, base: str, scale: dict[str, float], num_classes: int) -> nn.Module:
     """A built-in five-conv family or a torchvision mobile family scaled by width (w), kernel (k) and depth
-    (d: each conv repeated d times, the later copies at stride 1)."""
-    w, k, d = scale.get("w", 1.0), int(scale.get("k", 3)), int(scale.get("d", 1))
+    (d: an integer repeats each conv d times, the later copies at stride 1; below 1, the stride-1 convs
+    are dropped from the last one back until round(5 d) remain, never the strided ones)."""
+    w, k, d = scale.get("w", 1.0), int(scale.get("k", 3)), scale.get("d", 1.0)
     key = base.removeprefix("edgekd:")
     if key in CNN_FAMILIES:
         widths, strides = CNN_FAMILIES[key]
         widths = tuple(max(4, int(round(c * w))) for c in widths)
-        deep_w = tuple(c for c in widths for _ in range(d))
-        deep_s = tuple(s if i == 0 else 1 for s in strides for i in range(d))
-        return SmallCNN(num_classes, widths=deep_w, strides=deep_s, kernel=k)
+        if d >= 1:
+            reps = int(d)
+            widths, strides = (tuple(c for c in widths for _ in range(reps)),
+                               tuple(s if i == 0 else 1 for s in strides for i in range(reps)))
+        else:
+            keep = list(range(len(widths)))
+            for i in reversed(range(len(widths))):
+                if len(keep) <= max(1, round(len(widths) * d)):
+                    break
+                if strides[i] == 1:
+                    keep.remove(i)
+            last = widths[-1]
+            widths, strides = tuple(widths[i] for i in keep[:-1]) + (last,), tuple(strides[i] for i in keep)
+        return SmallCNN(num_classes, widths=widths, strides=strides, kernel=k)
     name = base.removeprefix("torchvision:")
-    if base.startswith("torchvision:") and name in TORCHVISION_WIDTH and k == 3 and d == 1:
+    if base.startswith("torchvision:") and name in TORCHVISION_WIDTH and k == 3 and d == 1.0:
         import torchvision
 
         if name.startswith("mnasnet"):  # MNASNet's alpha is the width: mnasnet0_5@w0.5 has alpha 0.25

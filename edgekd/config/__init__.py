@@ -75,7 +75,8 @@ class StudentSearch(Section):
 
     space: list[str] = Field(["edge_cnn", "small_cnn"], min_length=1)  # built-in CNN or torchvision mobile families
     widths: list[float] = Field([0.5, 0.75, 1.0, 1.5, 2.0], min_length=1)
-    depths: list[int] = Field([1, 2], min_length=1)  # built-in CNNs: each conv repeated d times
+    # built-in CNNs: d < 1 drops stride-1 convs (0.6: 3 of 5), an integer d repeats each conv d times
+    depths: list[float] = Field([0.6, 1, 2], min_length=1)
     kernels: list[int] = Field([3, 5], min_length=1)  # built-in CNNs
     latency_budget_ms: float | None = Field(None, gt=0)
     target_speedup: float | None = Field(None, gt=0)  # the budget as the teacher's p50 over this
@@ -88,8 +89,9 @@ class StudentSearch(Section):
             raise ValueError("give exactly one of latency_budget_ms and target_speedup")
         if any(w <= 0 or w > 8 for w in self.widths):
             raise ValueError("widths must be in (0, 8]")
-        if any(d < 1 or d > 4 for d in self.depths) or any(k < 1 or k % 2 == 0 or k > 9 for k in self.kernels):
-            raise ValueError("depths must be 1-4 and kernels odd, 1-9")
+        if any(d <= 0 or d > 4 or (d > 1 and d != int(d)) for d in self.depths) or \
+                any(k < 1 or k % 2 == 0 or k > 9 for k in self.kernels):
+            raise ValueError("depths must be in (0, 1] or an integer up to 4, and kernels odd, 1-9")
         return self
 
 

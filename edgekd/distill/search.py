@@ -36,7 +36,7 @@ def space(cfg) -> list[str]:
         base = family.removeprefix("edgekd:")
         if base in CNN_FAMILIES:
             for w, d, k in itertools.product(s.widths, s.depths, s.kernels):
-                specs.append(f"{base}@w{_fmt(w)}" + (f",d{d}" if d != 1 else "") + (f",k{k}" if k != 3 else ""))
+                specs.append(f"{base}@w{_fmt(w)}" + (f",d{_fmt(d)}" if d != 1 else "") + (f",k{k}" if k != 3 else ""))
         elif family.startswith("torchvision:") and family.removeprefix("torchvision:") in TORCHVISION_WIDTH:
             specs += [f"{family}@w{_fmt(w)}" for w in s.widths]
         else:

@@ -26,6 +26,9 @@ def test_space_spans_widths_depths_and_kernels_and_every_spec_builds():
     for spec in specs:
         assert build_model(spec, 10).eval()(x).shape == (2, 10)
     assert build_model("edge_cnn@w1", 10).state_dict().keys() == build_model("edge_cnn", 10).state_dict().keys()
+    # depth below 1 drops stride-1 convs, never the strided ones
+    shallow = build_model("edge_cnn@w1,d0.6", 10)
+    assert [layer[0].stride[0] for layer in shallow.features] == [2, 2, 2]
     with pytest.raises(ConfigError, match="space: 'resnet18'"):
         space(_cfg(space=["resnet18"]))
 
