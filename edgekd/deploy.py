@@ -36,14 +36,15 @@ class Candidate:
     measured_on: str = "host"  # where latency (and the selection figures) were taken: "host" or a board
 
 
-def compile_all(ctx: RunContext, sources: dict[str, Source | Path]) -> dict[str, Candidate]:
-    """Compile each model with the target's backend into target/<name>/ (a bare Path: precision = name)."""
+def compile_all(ctx: RunContext, sources: dict[str, Source | Path], root: Path | None = None) -> dict[str, Candidate]:
+    """Compile each model with the target's backend into <root>/<name>/ (root: the run's target/; a bare
+    Path: precision = name)."""
     backend = get_backend(ctx.profile.backend)
     out: dict[str, Candidate] = {}
     for name, src in sources.items():
         if not isinstance(src, Source):
             src = Source("fp32" if name == "teacher" else name, Path(src))
-        art = backend.compile(src.path, ctx.profile, ctx.run_dir / "target" / name, src.precision)
+        art = backend.compile(src.path, ctx.profile, (root or ctx.run_dir / "target") / name, src.precision)
         out[name] = Candidate(precision=src.precision, onnx=src.path, artifact=art, label=src.label or src.precision)
     return out
 

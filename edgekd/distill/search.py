@@ -54,14 +54,11 @@ def search_key(ctx: RunContext, teacher_key: str) -> str:
 
 def _time(ctx: RunContext, onnx: dict[str, object], sample: np.ndarray) -> dict[str, dict]:
     """{name: Candidate} with latency measured on the target's runtime, interleaved; on the board with --host."""
-    from ..backends import get_backend
-    from ..deploy import Candidate, close_runners, measure_on_board, open_runners, time_all
+    from ..backends.base import Source
+    from ..deploy import close_runners, compile_all, measure_on_board, open_runners, time_all
 
-    backend = get_backend(ctx.profile.backend)
-    cands = {}
-    for name, path in onnx.items():
-        art = backend.compile(path, ctx.profile, ctx.stage_dir("search") / "target" / name.replace("@", "_"), "fp32")
-        cands[name] = Candidate(precision="fp32", onnx=path, artifact=art, label=name)  # type: ignore[arg-type]
+    cands = compile_all(ctx, {name: Source("fp32", path, name) for name, path in onnx.items()},  # type: ignore[arg-type]
+                        root=ctx.stage_dir("search") / "target")
     if ctx.board is not None:
         host, ssh_config, remote_python = ctx.board
         measure_on_board(ctx, cands, host, None, ssh_config, remote_python)

@@ -163,17 +163,21 @@ def device_of(ctx: RunContext) -> torch.device:
     return resolve_device(ctx.config.distill.device)
 
 
-def onnx_logits(ctx: RunContext, model: nn.Module, name: str) -> tuple[float, np.ndarray]:
-    """Export `model` as stages/distill/<name>.onnx; its top-1 accuracy (ONNX Runtime) and logits on the test split."""
+def onnx_logits(ctx: RunContext, model: nn.Module, name: str, x: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Export `model` as stages/distill/<name>.onnx; its top-1 accuracy (ONNX Runtime) and logits on the test
+    split (`x`: the model's own view of its inputs, when it is not the teacher's)."""
     from ...export import onnx_accuracy
 
     test = splits_of(ctx).test
-    return onnx_accuracy(ctx, model, ctx.stage_dir("distill") / f"{name}.onnx", test.x.numpy(), test.y.numpy())
+    return onnx_accuracy(ctx, model, ctx.stage_dir("distill") / f"{name}.onnx",
+                         test.x.numpy() if x is None else x, test.y.numpy())
 
 
-def finish(ctx: RunContext, teacher: nn.Module, student: nn.Module, metrics: dict, started: float) -> dict:
+def finish(ctx: RunContext, teacher: nn.Module, student: nn.Module, metrics: dict, started: float,
+           student_x: np.ndarray | None = None) -> dict:
     """Save and measure the returned student like the KD stage does: model.pt, model.onnx, accuracy,
-    teacher accuracy and agreement (ONNX Runtime, held-out test split), duration."""
+    teacher accuracy and agreement (ONNX Runtime, held-out test split), duration. `student_x`: the
+    student's view of the test split where it takes another input than the teacher (cross_modal)."""
     from ...export import onnx_accuracy
 
     splits = splits_of(ctx)
@@ -181,7 +185,7 @@ def finish(ctx: RunContext, teacher: nn.Module, student: nn.Module, metrics: dic
     student = student.cpu().eval()
     with atomic_path(out / "model.pt") as tmp:
         torch.save(student.state_dict(), tmp)
-    acc, logits = onnx_logits(ctx, student, "model")
+    acc, logits = onnx_logits(ctx, student, "model", student_x)
     x, y = splits.test.x.numpy(), splits.test.y.numpy()
     teacher_onnx = ctx.run_dir / "teacher.fp32.onnx"
     teacher_acc, teacher_logits = onnx_accuracy(ctx, None if teacher_onnx.exists() else teacher,  # type: ignore[arg-type]

@@ -14,9 +14,17 @@ from torch import nn
 from ...context import RunContext
 from ...data import ArrayDataset
 from ...data.modality import InputTransform, TransformedImages, transform_splits
-from ...runs import atomic_path
 from ..losses import combined_loss
-from .common import device_of, fit, loop_metrics, splits_of, teacher_cache, total_steps, transfer_views
+from .common import (
+    device_of,
+    finish,
+    fit,
+    loop_metrics,
+    splits_of,
+    teacher_cache,
+    total_steps,
+    transfer_views,
+)
 
 __all__ = ["input_transform", "prepare_student", "run"]
 
@@ -39,7 +47,6 @@ def prepare_student(ctx: RunContext, student: nn.Module, input_shape: tuple[int,
 def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, dict]:
     """Distil `student` (already taking the student's input) from the teacher's outputs on the full input."""
     from ...data import transfer_set
-    from ...export import onnx_accuracy
 
     started = time.perf_counter()
     cfg, splits = ctx.config, splits_of(ctx)
@@ -62,25 +69,8 @@ def run(ctx: RunContext, teacher: nn.Module, student: nn.Module) -> tuple[nn.Mod
               views=student_views, steps=steps, lr=d.lr, seed=cfg.seed, batch_size=cfg.data.batch_size,  # type: ignore[arg-type]
               progress=ctx.progress, label="distilling student (cross-modal)", device=device_of(ctx),
               precision=d.precision)
-    out = ctx.stage_dir("distill")
-    student = student.cpu().eval()
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save(student.state_dict(), tmp)
-    y = splits.test.y.numpy()
-    acc, logits = onnx_accuracy(ctx, student, out / "model.onnx", seen.test.x.numpy(), y)  # type: ignore[union-attr]
-    teacher_onnx = ctx.run_dir / "teacher.fp32.onnx"
-    teacher_acc, teacher_logits = onnx_accuracy(ctx, None if teacher_onnx.exists() else teacher,  # type: ignore[arg-type]
-                                                teacher_onnx if teacher_onnx.exists() else out / "teacher.onnx",
-                                                splits.test.x.numpy(), y)  # type: ignore[union-attr]
     metrics = loop_metrics("cross_modal", res, temperature=d.temperature, alpha=d.alpha,
                            val_accuracy_torch=res.best["student"], teacher_cache_seconds=round(cache.seconds, 3),
                            student_input={"transform": transform.describe(splits.input_shape),
                                           "shape": list(seen.input_shape), "teacher_shape": list(splits.input_shape)})
-    metrics.update({
-        "accuracy": acc, "teacher_accuracy": teacher_acc,
-        "agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean() * 100),
-        "accuracy_runtime": "onnxruntime fp32 (this host), held-out test split: the student on its input, "
-                            "the teacher on the full input", "gap_recovered": None,
-        "not_measured": {"gap_recovered": "measured for distill.strategy kd with distill.baseline: true"},
-        "duration_s": round(time.perf_counter() - started, 2)})
-    return student, metrics
+    return student, finish(ctx, teacher, student, metrics, started, student_x=seen.test.x.numpy())  # type: ignore[union-attr]
