@@ -105,28 +105,32 @@ def parse_scaling(spec: str) -> tuple[str, dict[str, float]]:
     return base, out
 
 
+def cnn_layout(family: str, w: float = 1.0, d: float = 1.0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(widths, strides) of a built-in five-conv family scaled by width w and depth d: an integer d repeats
+    each conv d times, the later copies at stride 1; below 1, the stride-1 convs are dropped from the last
+    one back until round(5 d) remain, never the strided ones (so edge_cnn keeps at least three)."""
+    widths, strides = CNN_FAMILIES[family]
+    widths = tuple(max(4, int(round(c * w))) for c in widths)
+    if d >= 1:
+        reps = int(d)
+        return (tuple(c for c in widths for _ in range(reps)),
+                tuple(s if i == 0 else 1 for s in strides for i in range(reps)))
+    keep = list(range(len(widths)))
+    for i in reversed(range(len(widths))):
+        if len(keep) <= max(1, round(len(widths) * d)):
+            break
+        if strides[i] == 1:
+            keep.remove(i)
+    return tuple(widths[i] for i in keep[:-1]) + (widths[-1],), tuple(strides[i] for i in keep)
+
+
 def _scaled_model(spec: str, base: str, scale: dict[str, float], num_classes: int) -> nn.Module:
-    """A built-in five-conv family or a torchvision mobile family scaled by width (w), kernel (k) and depth
-    (d: an integer repeats each conv d times, the later copies at stride 1; below 1, the stride-1 convs
-    are dropped from the last one back until round(5 d) remain, never the strided ones)."""
+    """A built-in five-conv family scaled by width (w), kernel (k) and depth (d, see cnn_layout) or a
+    torchvision mobile family scaled by width."""
     w, k, d = scale.get("w", 1.0), int(scale.get("k", 3)), scale.get("d", 1.0)
     key = base.removeprefix("edgekd:")
     if key in CNN_FAMILIES:
-        widths, strides = CNN_FAMILIES[key]
-        widths = tuple(max(4, int(round(c * w))) for c in widths)
-        if d >= 1:
-            reps = int(d)
-            widths, strides = (tuple(c for c in widths for _ in range(reps)),
-                               tuple(s if i == 0 else 1 for s in strides for i in range(reps)))
-        else:
-            keep = list(range(len(widths)))
-            for i in reversed(range(len(widths))):
-                if len(keep) <= max(1, round(len(widths) * d)):
-                    break
-                if strides[i] == 1:
-                    keep.remove(i)
-            last = widths[-1]
-            widths, strides = tuple(widths[i] for i in keep[:-1]) + (last,), tuple(strides[i] for i in keep)
+        widths, strides = cnn_layout(key, w, d)
         return SmallCNN(num_classes, widths=widths, strides=strides, kernel=k)
     name = base.removeprefix("torchvision:")
     if base.startswith("torchvision:") and name in TORCHVISION_WIDTH and k == 3 and d == 1.0:

@@ -75,8 +75,9 @@ class StudentSearch(Section):
 
     space: list[str] = Field(["edge_cnn", "small_cnn"], min_length=1)  # built-in CNN or torchvision mobile families
     widths: list[float] = Field([0.5, 0.75, 1.0, 1.5, 2.0], min_length=1)
-    # built-in CNNs: d < 1 drops stride-1 convs (0.6: 3 of 5), an integer d repeats each conv d times
-    depths: list[float] = Field([0.6, 1, 2], min_length=1)
+    # built-in CNNs: d < 1 drops stride-1 convs (0.6: 3 of 5, 0.4: small_cnn's two strided convs alone),
+    # an integer d repeats each conv d times
+    depths: list[float] = Field([0.4, 0.6, 1, 2], min_length=1)
     kernels: list[int] = Field([3, 5], min_length=1)  # built-in CNNs
     latency_budget_ms: float | None = Field(None, gt=0)
     target_speedup: float | None = Field(None, gt=0)  # the budget as the teacher's p50 over this

@@ -17,7 +17,15 @@ from torch import nn
 from ..context import RunContext
 from ..errors import ConfigError, StageError
 from ..export import export_onnx
-from ..models import CNN_FAMILIES, TORCHVISION_WIDTH, build_model, count_macs, count_params, parse_scaling
+from ..models import (
+    CNN_FAMILIES,
+    TORCHVISION_WIDTH,
+    build_model,
+    cnn_layout,
+    count_macs,
+    count_params,
+    parse_scaling,
+)
 
 __all__ = ["run_search", "search_key", "space"]
 
@@ -32,11 +40,15 @@ def space(cfg) -> list[str]:
     """The architecture specs of student.search's space (build_model accepts each)."""
     s = cfg.student.search
     specs: list[str] = []
+    seen: set[tuple] = set()  # two depths can give one network (edge_cnn keeps its three strided convs)
     for family in s.space:
         base = family.removeprefix("edgekd:")
         if base in CNN_FAMILIES:
             for w, d, k in itertools.product(s.widths, s.depths, s.kernels):
-                specs.append(f"{base}@w{_fmt(w)}" + (f",d{_fmt(d)}" if d != 1 else "") + (f",k{k}" if k != 3 else ""))
+                layout = (base, cnn_layout(base, w, d), k)
+                if layout not in seen:
+                    seen.add(layout)
+                    specs.append(f"{base}@w{_fmt(w)}" + (f",d{_fmt(d)}" if d != 1 else "") + (f",k{k}" if k != 3 else ""))
         elif family.startswith("torchvision:") and family.removeprefix("torchvision:") in TORCHVISION_WIDTH:
             specs += [f"{family}@w{_fmt(w)}" for w in s.widths]
         else:

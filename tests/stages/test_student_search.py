@@ -29,6 +29,11 @@ def test_space_spans_widths_depths_and_kernels_and_every_spec_builds():
     # depth below 1 drops stride-1 convs, never the strided ones
     shallow = build_model("edge_cnn@w1,d0.6", 10)
     assert [layer[0].stride[0] for layer in shallow.features] == [2, 2, 2]
+    # small_cnn at depth 0.4 keeps its two strided convs; edge_cnn cannot go below three, so its depth 0.4
+    # is the same network as 0.6 and the space lists it once
+    assert [layer[0].stride[0] for layer in build_model("small_cnn@w1,d0.4", 10).features] == [2, 2]
+    assert space(_cfg(space=["edge_cnn", "small_cnn"], widths=[1.0], depths=[0.4, 0.6], kernels=[3])) == [
+        "edge_cnn@w1,d0.4", "small_cnn@w1,d0.4", "small_cnn@w1,d0.6"]
     with pytest.raises(ConfigError, match="space: 'resnet18'"):
         space(_cfg(space=["resnet18"]))
 
