@@ -13,7 +13,14 @@ import numpy as np
 
 from .backends import Artifact, get_backend
 from .backends.base import Runner, Source
-from .bench.measure import accuracy_of, agreement_of, bench_interleaved, predict, sqnr_db
+from .bench.measure import (
+    accuracy_of,
+    agreement_of,
+    bench_interleaved,
+    margin_flip_estimate,
+    predict,
+    sqnr_db,
+)
 from .context import RunContext
 from .quantize.sensitivity import Validation
 
@@ -76,6 +83,8 @@ def select(cands: dict[str, Candidate], runners: dict[str, Runner], validation: 
             sel["accuracy"] = accuracy_of(lg, validation.y)
         if ref is not None:
             sel["top1_agreement"] = agreement_of(ref, lg)
+            if validation.y is None and lg is not ref:  # unlabeled: the flips a small set cannot show
+                sel["disagreement_estimate"] = round(margin_flip_estimate(ref, lg), 3)
         cands[name].selection = sel
 
 
@@ -268,6 +277,10 @@ def _budget(c: Candidate, ref: Candidate | None, max_drop: float) -> tuple[bool,
         return drop <= max_drop, f"accuracy drop {drop:.2f} pt vs fp32 on the {data} (budget {max_drop})"
     if c.selection.get("top1_agreement") is not None:
         dis = 100 - c.selection["top1_agreement"]
+        est = c.selection.get("disagreement_estimate")
+        if est is not None and est > dis:
+            return est <= max_drop, (f"disagrees with fp32 on {dis:.2f}% of the {data}; from its margins, on "
+                                     f"{est:.2f}% of such inputs (budget {max_drop})")
         return dis <= max_drop, f"disagrees with fp32 on {dis:.2f}% of the {data} (budget {max_drop})"
     return True, "accuracy not measured on selection data"
 

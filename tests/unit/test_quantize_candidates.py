@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd.bench.measure import margin_flip_estimate
 from edgekd.config import Config, QuantizeConfig
 from edgekd.config.profiles import load_profile
 from edgekd.context import RunContext
@@ -137,8 +138,32 @@ def test_drop_is_disagreement_without_labels():
     a = np.eye(4, dtype=np.float32)
     b = a.copy()
     b[0] = [0, 1, 0, 0]
-    assert drop_of(a, b, None) == (25.0, "top-1 disagreement with fp32 (%)")
+    assert drop_of(a, b, None)[0] == 25.0 and drop_of(a, b, None)[1].startswith("top-1 disagreement with fp32 (%")
     assert drop_of(a, b, np.arange(4))[0] == 25.0
+
+
+def _flips(n: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, (n, 10))
+    return z, z + rng.normal(0, noise, (n, 10))
+
+
+def test_the_margins_predict_a_flip_rate_that_a_small_set_does_not_show(tmp_path):
+    z, q = _flips(40_000, 0.05)
+    true = 100 * float((z.argmax(1) != q.argmax(1)).mean())  # about 1% of the population flips
+    assert 0.5 < true < 2.5
+    # 128 inputs where none flips (as a held-out selection set often is at this rate)
+    keep = np.flatnonzero(z.argmax(1) == q.argmax(1))[:128]
+    zs, qs = z[keep], q[keep]
+    seen = drop_of(zs, qs, None)[0]
+    assert margin_flip_estimate(zs, qs) == seen and 0.5 < seen < 2 * true + 1.0  # over the budget, near the truth
+    assert margin_flip_estimate(zs, zs) == 0.0
+    # choose reads the estimate when it exceeds what was seen: INT8 over the 0.5 budget, FP32 ships
+    ctx = _ctx("cpu", tmp_path)
+    cands = {"int8": _cand("int8", 1.0, agree=100.0), "fp32": _cand("fp32", 3.0, agree=100.0)}
+    cands["int8"].selection["disagreement_estimate"] = round(seen, 3)
+    name, _, _, reasons = choose(ctx, cands, 0.5, True)
+    assert name == "fp32" and "from its margins" in reasons["int8"]
 
 
 def test_fallback_keeps_the_most_sensitive_nodes_until_within_budget(tmp_path):
