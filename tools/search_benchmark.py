@@ -12,7 +12,7 @@ Both final students are reported with their test accuracy (ONNX Runtime, held-ou
 p50 from the run's own interleaved bench; the search's wall time is its stage's duration.
 
     python tools/search_benchmark.py --config examples/fashion-mnist.yaml [--epochs 15] [--threads 1]
-                                     [--fraction 0.5] [--out DIR]
+                                     [--fraction 0.5] [--proxy-epochs N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="distill.epochs of both final students")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads for every timing (bench.threads; default: the usable cores)")
+    p.add_argument("--proxy-epochs", type=int, default=None, help="student.search.proxy_epochs (default: its default)")
     p.add_argument("--fraction", type=float, default=0.5, help="the budget as this fraction of edge_cnn's p50")
     p.add_argument("--out", type=Path, default=Path("runs/search-benchmark"))
     args = p.parse_args(argv)
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = round(p50 * args.fraction, 5)
     print(f"edge_cnn p50 {p50:.4f} ms on this host's ONNX Runtime ({threads} threads): budget {budget:.4f} ms",
           file=sys.stderr, flush=True)
-    searched = run(args.config, args.out / "search", {"latency_budget_ms": budget}, args.epochs, threads)
+    proxy = {} if args.proxy_epochs is None else {"proxy_epochs": args.proxy_epochs}
+    searched = run(args.config, args.out / "search", {"latency_budget_ms": budget, **proxy}, args.epochs, threads)
     hand = run(args.config, args.out / "hand", {"latency_budget_ms": budget, "space": ["edge_cnn"],
                                                 "widths": HAND_WIDTHS, "depths": [0.6, 1], "kernels": [3],
-                                                "trials": 1}, args.epochs, threads)
+                                                "trials": 1, **proxy}, args.epochs, threads)
     results = {"edge_cnn_p50_ms": p50, "budget_ms": budget, "threads": threads, "search": searched,
                "hand_scaled_edge_cnn": hand}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -14,11 +14,14 @@ from ..runs import atomic_path, cache_dir, hash_obj, sha256_file
 from .trainer import train
 
 
-def _cache_path(ctx: RunContext) -> Path:
+def _cache_path(ctx: RunContext, model: nn.Module) -> Path:
+    """Keyed by the teacher's settings, the data, the versions, the checkpoint's hash and the built
+    architecture's parameter shapes (a built-in that changes shape is not loaded from an older cache)."""
     cfg = ctx.config
     checkpoint = sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else None
+    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     key = hash_obj("teacher-v2", cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-                   {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")}, checkpoint)
+                   {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")}, checkpoint, shapes)
     return cache_dir() / "teachers" / f"{cfg.teacher.model.replace(':', '_').replace('/', '_')}-{key}.pt"
 
 
@@ -56,7 +59,7 @@ def _train_cached(ctx: RunContext, model: nn.Module, info: dict, what: str) -> N
     """Train the teacher for teacher.train_epochs (from its current weights), or load the result of an
     earlier identical training from the cache."""
     cfg, splits = ctx.config, ctx.splits
-    path = _cache_path(ctx)
+    path = _cache_path(ctx, model)
     if path.is_file():
         model.load_state_dict(load_state_dict_file(path))
         info["source"] = f"{what} {cfg.teacher.train_epochs} epochs by an earlier run, cached at {path}"
