@@ -74,7 +74,7 @@ class StudentSearch(Section):
     """student.model: search — the space, the latency budget (one of the two), and the proxy training."""
 
     space: list[str] = Field(["edge_cnn", "small_cnn"], min_length=1)  # built-in CNN or torchvision mobile families
-    widths: list[float] = Field([0.5, 0.75, 1.0, 1.5, 2.0], min_length=1)
+    widths: list[float] = Field([0.25, 0.375, 0.5, 0.625, 0.75, 1.0, 1.25, 1.5, 2.0], min_length=1)
     # built-in CNNs: d < 1 drops stride-1 convs (0.6: 3 of 5, 0.4: small_cnn's two strided convs alone),
     # an integer d repeats each conv d times
     depths: list[float] = Field([0.4, 0.6, 1, 2], min_length=1)
