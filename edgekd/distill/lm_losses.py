@@ -1,0 +1,261 @@
+"""Distillation losses for causal language models, as pure functions of token distributions.
+
+Shapes: logits (batch, seq, vocab); a mask (batch, seq), nonzero for the target tokens that count
+and 0 for padding and prompt tokens (None: every token counts). Position i of the student's logits,
+the teacher's logits, the labels and the mask all describe the same target token: the caller does the
+next-token shift (logits[:, :-1] against input_ids[:, 1:]) once, before calling any of these.
+
+Every loss is a per-token divergence averaged over the unmasked tokens. An all-zero mask gives 0 with
+a gradient path (a batch of only prompt tokens must not stop training with a NaN). The teacher is a
+fixed target: its logits are detached, so gradients reach the student only.
+
+    loss = alpha * divergence(teacher, student) + (1 - alpha) * CE(student, labels)
+
+Divergences, on distributions softened by a temperature T and scaled by T^2 as in Hinton et al. 2015:
+forward KL(p_T || p_S) (mean-seeking), reverse KL(p_S || p_T) (mode-seeking, MiniLLM, Gu et al. 2023)
+and the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2023, arXiv:2306.13649) with TRL's
+beta convention (see `generalized_jsd`).
+
+The `*_topk` forms take a cached teacher (lm_cache.py): its top-k log-probabilities at temperature 1,
+their token ids and the remaining probability mass. Both distributions are then compared over k + 1
+buckets: the k cached tokens and one "rest" bucket holding everything else (the teacher's cached rest
+mass against the student's probability outside those k tokens). With k = vocab this is the full loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LM_DIVERGENCES", "TopKTeacher", "forward_kl", "forward_kl_topk", "generalized_jsd",
+           "generalized_jsd_topk", "lm_distill_loss", "lm_distill_loss_topk", "masked_token_mean", "next_token_ce",
+           "reverse_kl", "reverse_kl_topk", "topk_teacher"]
+
+LM_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class TopKTeacher(NamedTuple):
+    """A teacher distribution kept as its k most likely tokens per position (as lm_cache stores it).
+
+    values: (batch, seq, k) log-probabilities at temperature 1, largest first; indices: (batch, seq, k)
+    token ids; rest_mass: (batch, seq) probability of all other tokens, 1 - sum(exp(values))."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest_mass: torch.Tensor
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 inputs are upcast to float32 (softmax over a large vocabulary needs it)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _finite(log_p: torch.Tensor) -> torch.Tensor:
+    """Clamp -inf log-probabilities (tokens masked out with -inf logits, an empty rest bucket) to the
+    most negative finite value: then p * (log p - log q) is exactly 0 there, and no 0 * inf NaN
+    appears in the values or the gradients (clamp passes no gradient to the clamped entries)."""
+    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _finite(F.log_softmax(_compute_dtype(logits) / temperature, dim=-1))
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p || q) = sum_v p_v (log p_v - log q_v) over the last dimension."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _jsd(log_p_s: torch.Tensor, log_p_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token generalized JSD with mixture m = beta * p_T + (1 - beta) * p_S, in log space."""
+    if beta == 0.0:
+        return _kl(log_p_t, log_p_s)
+    if beta == 1.0:
+        return _kl(log_p_s, log_p_t)
+    log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+    return beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
+
+
+def _check(temperature: float, beta: float = 0.5) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+def masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a (batch, seq) tensor over the tokens where mask != 0; 0 (with a graph) when none are.
+
+    Masked entries are selected away (torch.where), not multiplied by 0, so a NaN or inf computed at a
+    padding position cannot leak into the mean."""
+    if mask is None:
+        return per_token.mean()
+    keep = mask.to(device=per_token.device) != 0
+    total = torch.where(keep, per_token, torch.zeros_like(per_token)).sum()
+    return total / keep.sum().clamp_min(1).to(per_token.dtype)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+               temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(p_T || p_S), both softened by T, averaged over the unmasked tokens (Hinton's KD per token)."""
+    _check(temperature)
+    kl = _kl(_log_softmax(teacher_logits.detach(), temperature), _log_softmax(student_logits, temperature))
+    return temperature ** 2 * masked_token_mean(kl, mask)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+               temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(p_S || p_T), both softened by T, averaged over the unmasked tokens (MiniLLM's objective)."""
+    _check(temperature)
+    kl = _kl(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits.detach(), temperature))
+    return temperature ** 2 * masked_token_mean(kl, mask)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * generalized JSD(beta), averaged over the unmasked tokens, with TRL's convention
+    (trl GKDTrainer.generalized_jsd_loss):
+
+        m = beta * p_T + (1 - beta) * p_S
+        JSD(beta) = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)
+
+    beta = 0.5 is the symmetric Jensen-Shannon divergence. The formula tends to 0 at both ends (m becomes
+    p_S or p_T), so, as TRL does, the ends are defined separately: beta = 0 is forward KL(p_T || p_S) and
+    beta = 1 is reverse KL(p_S || p_T), exactly `forward_kl` and `reverse_kl` (JSD(beta) / beta tends to
+    forward KL as beta -> 0, and JSD(beta) / (1 - beta) to reverse KL as beta -> 1). The mixture is taken
+    in log space (logaddexp). Unlike TRL, the value is scaled by T^2 like the two KLs, so that the ends
+    match them at every temperature; at T = 1 it equals TRL's."""
+    _check(temperature, beta)
+    jsd = _jsd(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits.detach(), temperature), beta)
+    return temperature ** 2 * masked_token_mean(jsd, mask)
+
+
+def next_token_ce(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of the student on the target tokens `labels` (batch, seq), averaged over the unmasked
+    ones. Labels at masked positions are ignored whatever they hold (-100, pad ids)."""
+    logits = _compute_dtype(student_logits)
+    keep = labels >= 0 if mask is None else (mask.to(labels.device) != 0)
+    safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
+    ce = F.cross_entropy(logits.flatten(0, -2), safe.flatten(), reduction="none").view(labels.shape)
+    return masked_token_mean(ce, keep)
+
+
+def _mix(divergence: torch.Tensor | None, student_logits: torch.Tensor, labels: torch.Tensor | None,
+         mask: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and labels is None:
+        raise ValueError("labels are needed when alpha < 1 (the cross-entropy term)")
+    terms = [] if divergence is None else [alpha * divergence]  # divergence is None only when alpha = 0
+    if alpha < 1.0:
+        terms.append((1.0 - alpha) * next_token_ce(student_logits, labels, mask))  # type: ignore[arg-type]
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _kind(kind: str) -> None:
+    if kind not in LM_DIVERGENCES:
+        raise ValueError(f"unknown LM distillation divergence {kind!r} (known: {', '.join(LM_DIVERGENCES)})")
+
+
+def lm_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                    mask: torch.Tensor | None, kind: str = "forward_kl", alpha: float = 0.5,
+                    temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """alpha * divergence + (1 - alpha) * next_token_ce, kind in LM_DIVERGENCES ("jsd" uses beta).
+
+    A term whose weight is 0 is not computed; labels may be None when alpha = 1."""
+    _kind(kind)
+    div = None
+    if alpha > 0.0:
+        if kind == "forward_kl":
+            div = forward_kl(student_logits, teacher_logits, mask, temperature)
+        elif kind == "reverse_kl":
+            div = reverse_kl(student_logits, teacher_logits, mask, temperature)
+        else:
+            div = generalized_jsd(student_logits, teacher_logits, mask, beta, temperature)
+    return _mix(div, student_logits, labels, mask, alpha)
+
+
+# --- cached (top-k) teachers -------------------------------------------------------------------------------
+
+
+def topk_teacher(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
+    """The k most likely tokens of a live teacher at temperature 1, as lm_cache stores them (full precision).
+
+    The rest mass is computed as exp(logsumexp of the other log-probabilities), which equals
+    1 - sum(exp(values)) without that subtraction's cancellation when the top k hold nearly everything."""
+    log_p = F.log_softmax(_compute_dtype(teacher_logits.detach()), dim=-1)
+    vocab = log_p.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}], got {k}")
+    values, indices = log_p.topk(k, dim=-1)
+    if k == vocab:
+        return TopKTeacher(values, indices, torch.zeros_like(values[..., 0]))
+    rest = torch.logsumexp(log_p.scatter(-1, indices, float("-inf")), dim=-1).exp()
+    return TopKTeacher(values, indices, rest)
+
+
+def _bucket_log_probs(student_logits: torch.Tensor, teacher: TopKTeacher,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probabilities over k + 1 buckets (the k cached tokens, then the rest).
+
+    Student: its exact tempered distribution, softmax(z / T), summed outside the k tokens for the rest
+    bucket. Teacher: the cached temperature-1 log-probabilities and log(rest_mass), divided by T and
+    re-normalised over the k + 1 buckets. At T = 1 this is exact (up to the cache's float16 rounding,
+    which the re-normalisation absorbs). At T != 1 it treats the rest as one token: the true tempered
+    rest is sum_j p_j^(1/T) over the other tokens, and (sum_j p_j)^(1/T) under-counts it for T > 1 (and
+    over-counts it for T < 1); the gap is small when the rest mass is small, i.e. when k covers the teacher."""
+    z = _compute_dtype(student_logits) / temperature
+    idx = teacher.indices.to(device=z.device).long()
+    log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_top = z.gather(-1, idx) - log_norm
+    # scatter's backward zeroes the gradient at the k indices, so an all -inf row (k = vocab) stays NaN-free
+    s_rest = torch.logsumexp(z.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True) - log_norm
+    log_s = _finite(torch.cat([s_top, s_rest], dim=-1))
+
+    values = teacher.values.detach().to(device=z.device, dtype=z.dtype)
+    rest = teacher.rest_mass.detach().to(device=z.device, dtype=z.dtype).clamp_min(0.0).unsqueeze(-1)
+    log_t = _finite(F.log_softmax(torch.cat([values, rest.log()], dim=-1) / temperature, dim=-1))
+    return log_s, log_t
+
+
+def forward_kl_topk(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                    rest_mass: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """`forward_kl` against a cached top-k teacher, over k + 1 buckets (see _bucket_log_probs)."""
+    _check(temperature)
+    log_s, log_t = _bucket_log_probs(student_logits, TopKTeacher(topk_values, topk_indices, rest_mass), temperature)
+    return temperature ** 2 * masked_token_mean(_kl(log_t, log_s), mask)
+
+
+def reverse_kl_topk(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                    rest_mass: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """`reverse_kl` against a cached top-k teacher, over k + 1 buckets (see _bucket_log_probs)."""
+    _check(temperature)
+    log_s, log_t = _bucket_log_probs(student_logits, TopKTeacher(topk_values, topk_indices, rest_mass), temperature)
+    return temperature ** 2 * masked_token_mean(_kl(log_s, log_t), mask)
+
+
+def generalized_jsd_topk(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                         rest_mass: torch.Tensor, mask: torch.Tensor | None, beta: float = 0.5,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """`generalized_jsd` against a cached top-k teacher, over k + 1 buckets (see _bucket_log_probs)."""
+    _check(temperature, beta)
+    log_s, log_t = _bucket_log_probs(student_logits, TopKTeacher(topk_values, topk_indices, rest_mass), temperature)
+    return temperature ** 2 * masked_token_mean(_jsd(log_s, log_t, beta), mask)
+
+
+def lm_distill_loss_topk(student_logits: torch.Tensor, teacher: TopKTeacher, labels: torch.Tensor | None,
+                         mask: torch.Tensor | None, kind: str = "forward_kl", alpha: float = 0.5,
+                         temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """`lm_distill_loss` with a cached top-k teacher (a TopKTeacher, as lm_cache.TopKCache.read returns)."""
+    _kind(kind)
+    div = None
+    if alpha > 0.0:
+        if kind == "forward_kl":
+            div = forward_kl_topk(student_logits, *teacher, mask, temperature)
+        elif kind == "reverse_kl":
+            div = reverse_kl_topk(student_logits, *teacher, mask, temperature)
+        else:
+            div = generalized_jsd_topk(student_logits, *teacher, mask, beta, temperature)
+    return _mix(div, student_logits, labels, mask, alpha)
