@@ -221,6 +221,9 @@ class PruneConfig(Section):
     # prune faster where pruning saves more measured latency; None: on for every target (MACs, params,
     # speedup, latency), off for a plain ratio. At equal MACs it buys real speed: BENCHMARKS.md (issue 6)
     latency_guided: bool | None = None
+    # The most validation accuracy (points) pruning may cost against the unpruned model after fine-tuning;
+    # over it the stage prunes half as far, then keeps the unpruned model. None: no limit.
+    max_accuracy_drop: float | None = Field(3.0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneConfig:
@@ -238,6 +241,17 @@ class PruneConfig(Section):
             if v is not None:
                 return k, float(v)
         return "ratio", 0.25
+
+    def gentler(self) -> PruneConfig | None:
+        """The same settings pruning half as far toward the unpruned model, or None where the amount
+        cannot be halved without measuring (a latency in ms)."""
+        kind, value = self.amount()
+        half = {"ratio": value / 2, "target_macs": (1 + value) / 2, "target_params": (1 + value) / 2,
+                "target_speedup": (1 + value) / 2}.get(kind)
+        if half is None or (kind == "target_speedup" and half <= 1):
+            return None
+        return self.model_copy(update={k: None for k in ("ratio", "target_macs", "target_params", "target_speedup")}
+                               | {kind: half})
 
     def guided(self, kind: str) -> bool:
         """Whether stage ratios follow measured latency for this amount kind (never for a plain ratio)."""

@@ -105,6 +105,9 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], cfg: PruneConfig, num_
             acc = finetune(model, i) if finetune else None
             latency, speedup = measured()
             outcome.steps.append(PruneStep(i + 1, params, macs, latency, acc, speedup))
+        if count_params(model) == base_params:
+            outcome.note = (f"prune.ratio {amount} removed no channel: torch-pruning rounds each layer's kept "
+                            f"channels to {round_to or 1}; try another ratio or a target_macs")
     else:
         stage_ratios = None
         if cfg.guided(kind) and measure_latency is not None and on_latency:

@@ -15,7 +15,8 @@ from ..distill.batchnorm import reestimate_bn
 from ..distill.trainer import AUG_DRAWS, TeacherLogitCache, augmented_views, train
 from ..models import build_model, student_from
 from ..runs import atomic_path
-from .loop import PruneStep, prune
+from .guard import AccuracyGuard
+from .loop import PruneOutcome, PruneStep, prune
 from .pruner import load_pruned, save_pruned
 
 # Each probe: PROBE_ROUNDS interleaved rounds of about PROBE_ROUND_S seconds per model (iterations
@@ -197,10 +198,19 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
 
     probe = BoardProbe(ctx, unpruned) if board else LatencyProbe(ctx, unpruned)
     grad_batch = (splits.train.x[:64], splits.train.y[:64]) if p.criterion == "taylor" else None  # type: ignore[union-attr]
+    guard = AccuracyGuard(p, unpruned, splits.val)  # type: ignore[union-attr]
     try:
-        model, outcome = prune(model, splits.input_shape, p, splits.num_classes, ctx.profile.round_to,  # type: ignore[union-attr]
-                               finetune=finetune, measure_latency=probe, measure_many=probe.many,
-                               grad_batch=grad_batch)
+        for amount in guard.amounts():
+            candidate, outcome = prune(copy.deepcopy(model), splits.input_shape, amount, splits.num_classes,  # type: ignore[union-attr]
+                                       ctx.profile.round_to, finetune=finetune, measure_latency=probe,
+                                       measure_many=probe.many, grad_batch=grad_batch)
+            if guard.accept(amount, candidate):
+                model = candidate
+                break
+        else:
+            outcome = PruneOutcome(before=outcome.before, after=outcome.before, family=outcome.family,
+                                   note=guard.refusal())
+            ctx.notes.append(f"prune: {guard.refusal()}")
     finally:
         probe.close()
     with atomic_path(out / "model.pt") as tmp:
@@ -221,5 +231,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
         metrics["stage_latency_share"] = {k: round(v, 3) for k, v in outcome.stage_latency_share.items()}
     if outcome.note:
         metrics["note"] = outcome.note
+    if guard.tries:
+        metrics["accuracy_guard"] = guard.summary()
     ctx.mark_done("prune", key, metrics)
     return model, metrics

@@ -29,6 +29,7 @@ def teacher():
 
 
 def _ctx(tmp_path, target="cpu", **prune_cfg) -> RunContext:
+    prune_cfg.setdefault("max_accuracy_drop", None)  # the mechanics; the guard has its own tests
     cfg = from_dict({"student": {"model": "teacher"}, "stages": ["prune"], "data": DATA, "prune": prune_cfg})
     ctx = RunContext(cfg, load_profile(target), tmp_path / "run", threads=1)
     ctx.splits = build_splits(cfg.data, cfg.seed)
@@ -200,3 +201,38 @@ def test_latency_target_without_a_measurement_is_an_error():
 
     with pytest.raises(StageError, match="target_latency_ms needs a latency measurement"):
         prune(build_model("small_cnn", 10), (3, 16, 16), PruneConfig(target_latency_ms=1.0), 10, 8)
+
+
+def test_accuracy_guard_halves_then_keeps_the_unpruned_model(tmp_path, teacher):
+    # pruning 70% of the channels without fine-tuning loses more than 0 points: the stage tries half as
+    # far, then keeps the unpruned model, and says so, judged on the validation split
+    ctx = _ctx(tmp_path, ratio=0.7, finetune_epochs=0, max_accuracy_drop=0.0)
+    model, m = run_prune(ctx, teacher, _student(teacher), "up")
+    guard = m["accuracy_guard"]
+    assert [next(iter(t.items())) for t in guard["tries"]] == [("ratio", 0.7), ("ratio", 0.35)]
+    assert all(not t["accepted"] and t["drop"] > 0 for t in guard["tries"])
+    assert guard["kept"] == "unpruned" and guard["chosen_on"] == "validation split"
+    assert guard["unpruned_val_accuracy"] == pytest.approx(evaluate(teacher, ctx.splits.val)[0], abs=0.01)
+    assert m["after"] == m["before"] and "kept the unpruned model" in m["note"]
+    x = ctx.splits.val.x[:8]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), teacher(x))
+
+
+def test_accuracy_guard_accepts_a_gentle_prune_and_can_be_turned_off(tmp_path, teacher):
+    ctx = _ctx(tmp_path / "on", ratio=0.125, finetune_epochs=1, max_accuracy_drop=20.0)
+    _, m = run_prune(ctx, teacher, _student(teacher), "up")
+    assert m["accuracy_guard"]["kept"] == "pruned" and len(m["accuracy_guard"]["tries"]) == 1
+    assert m["after"]["params"] < m["before"]["params"]
+    ctx = _ctx(tmp_path / "off", ratio=0.7, finetune_epochs=0, max_accuracy_drop=None)
+    _, m = run_prune(ctx, teacher, _student(teacher), "up")
+    assert "accuracy_guard" not in m and m["after"]["params"] < m["before"]["params"]
+
+
+def test_gentler_amounts_go_halfway_to_no_pruning():
+    assert PruneConfig(ratio=0.5).gentler().amount() == ("ratio", 0.25)
+    assert PruneConfig(target_macs=0.5).gentler().amount() == ("target_macs", 0.75)
+    assert PruneConfig(target_params=0.2).gentler().amount() == ("target_params", 0.6)
+    assert PruneConfig(target_speedup=3.0).gentler().amount() == ("target_speedup", 2.0)
+    assert PruneConfig(target_latency_ms=1.0).gentler() is None
+    assert PruneConfig().gentler().amount() == ("ratio", 0.125)
