@@ -1,0 +1,156 @@
+"""Text corpora for the causal-LM task: files or globs (the embedded default: Python's standard library
+sources), split by file into train/validation/test with a fixed seed, tokenised with the teacher's
+tokenizer and cut into blocks of seq_len tokens.
+
+A file belongs to exactly one split, so no test text is ever seen in training, not even a neighbouring
+block of the same file. Within a split the files' tokens are joined with the end-of-text token between
+them and cut into consecutive blocks; the tail shorter than a block is dropped. `max_tokens` bounds a
+split (files are read in their shuffled order until it is reached), so a run's cost does not grow with a
+large corpus."""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import sysconfig
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+
+__all__ = ["TextSplits", "TokenBlocks", "build_text_splits", "resolve_text_files", "split_files", "stdlib_sources",
+           "tokenize_blocks"]
+
+# The standard library's own tests are left out of the default corpus: they are a third of its text and
+# mostly repeated boilerplate, where the library itself is the code users write.
+STDLIB_EXCLUDED = ("test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3")
+
+
+@dataclass
+class TokenBlocks:
+    """Token ids in blocks of seq_len (int64, shape (n, seq_len)) and the files they came from."""
+
+    ids: torch.Tensor
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+@dataclass
+class TextSplits:
+    """The three splits of one corpus, tokenised for one tokenizer."""
+
+    train: TokenBlocks
+    val: TokenBlocks
+    test: TokenBlocks
+    seq_len: int
+    vocab_size: int
+    eos_token_id: int
+
+    def summary(self) -> dict:
+        return {name: {"files": len(b.files), "blocks": len(b), "tokens": b.tokens}
+                for name, b in (("train", self.train), ("validation", self.val), ("test", self.test))}
+
+
+def stdlib_sources() -> list[Path]:
+    """Python's standard library sources (*.py) on this machine, its test suites excluded, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts[:-1]
+        if not any(p in STDLIB_EXCLUDED for p in parts):
+            found.append(path)
+    if not found:
+        raise DataError(f"data: no Python sources found under the standard library at {root}")
+    return found
+
+
+def resolve_text_files(patterns: Sequence[str], root: str | Path | None = None) -> list[Path]:
+    """The files the patterns name (paths or globs, `**` allowed; relative to `root` when given), sorted
+    and without duplicates. A pattern that matches no file is a DataError naming it."""
+    out: dict[str, Path] = {}
+    for pattern in patterns:
+        full = os.path.join(str(root), pattern) if root and not os.path.isabs(pattern) else pattern
+        matches = [Path(m) for m in glob.glob(os.path.expanduser(full), recursive=True)]
+        files = [m for m in matches if m.is_file()]
+        if not files:
+            raise DataError(f"data.files: {pattern!r} matches no file" + (f" under {root}" if root else ""))
+        for f in files:
+            out[str(f.resolve())] = f
+    return [out[k] for k in sorted(out)]
+
+
+def split_files(files: Sequence[Path], seed: int, val_fraction: float,
+                test_fraction: float) -> tuple[list[Path], list[Path], list[Path]]:
+    """Shuffle the files with `seed` and cut them into train/validation/test by count; each split gets at
+    least one file (three files at least)."""
+    if len(files) < 3:
+        raise DataError(f"data.files: {len(files)} file(s) given; a text corpus needs at least 3 (one each for "
+                        "train, validation and test)")
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(len(order) * test_fraction))
+    n_val = max(1, round(len(order) * val_fraction))
+    if n_test + n_val >= len(order):
+        n_test, n_val = 1, 1
+    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"data.files: cannot read {path}: {e.strerror or e}") from None
+
+
+def tokenize_blocks(files: Sequence[Path], encode: Callable[[str], list[int]], eos_token_id: int, seq_len: int,
+                    max_tokens: int | None = None) -> TokenBlocks:
+    """The files' tokens, joined with `eos_token_id` between files, in blocks of `seq_len` (the tail
+    dropped); at most `max_tokens` tokens (whole blocks)."""
+    stream: list[int] = []
+    used: list[str] = []
+    limit = max_tokens
+    for path in files:
+        text = _read(path)
+        if not text.strip():
+            continue
+        stream.extend(encode(text))
+        stream.append(eos_token_id)
+        used.append(str(path))
+        if limit is not None and len(stream) >= limit:
+            break
+    n = len(stream) // seq_len
+    if limit is not None:
+        n = min(n, limit // seq_len)
+    if n == 0:
+        raise DataError(f"data: {len(used)} file(s) give {len(stream)} tokens, fewer than one block of "
+                        f"data.seq_len {seq_len}")
+    ids = torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)
+    return TokenBlocks(ids, used)
+
+
+def build_text_splits(files: Sequence[Path], tokenizer, seq_len: int, seed: int, val_fraction: float,
+                      test_fraction: float, max_train_tokens: int | None = None,
+                      max_eval_tokens: int | None = None) -> TextSplits:
+    """Split `files` by file and tokenise each split with `tokenizer` (a Hugging Face tokenizer: its
+    `encode(text, add_special_tokens=False)`, `eos_token_id` and vocabulary size are used)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("data: the teacher's tokenizer has no end-of-text token to join files with")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    train, val, test = split_files(files, seed, val_fraction, test_fraction)
+    return TextSplits(train=tokenize_blocks(train, encode, eos, seq_len, max_train_tokens),
+                      val=tokenize_blocks(val, encode, eos, seq_len, max_eval_tokens),
+                      test=tokenize_blocks(test, encode, eos, seq_len, max_eval_tokens),
+                      seq_len=seq_len, vocab_size=len(tokenizer), eos_token_id=int(eos))

