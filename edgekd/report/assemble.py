@@ -44,7 +44,7 @@ def model_entry(ctx: RunContext, name: str, model: nn.Module, onnx_path: Path, x
                 extra: dict | None = None, teacher_logits: np.ndarray | None = None) -> dict:
     """A stage's report entry for a torch model: exported, then measured with ONNX Runtime on this host."""
     shape = tuple(x.shape[1:])
-    if not onnx_path.exists():
+    if not onnx_path.exists() or not (extra or {}).get("resumed"):  # a stage that ran again exports again
         export_onnx(copy.deepcopy(model).eval(), shape, onnx_path, ctx.profile.opset)
     runner = host_session(onnx_path, ctx.threads)
     logits = predict(runner, x)

@@ -236,3 +236,24 @@ def test_gentler_amounts_go_halfway_to_no_pruning():
     assert PruneConfig(target_speedup=3.0).gentler().amount() == ("target_speedup", 2.0)
     assert PruneConfig(target_latency_ms=1.0).gentler() is None
     assert PruneConfig().gentler().amount() == ("ratio", 0.125)
+
+
+def test_a_stage_that_ran_again_reports_its_new_model_not_the_stale_onnx(tmp_path, teacher):
+    import copy
+
+    from edgekd.report.assemble import model_entry
+
+    ctx = _ctx(tmp_path)
+    x, y = ctx.splits.test.x[:64].numpy(), ctx.splits.test.y[:64].numpy()
+    path = ctx.stage_dir("prune") / "model.onnx"
+    small = build_model("small_cnn", 10).eval()  # an earlier run's model, left on disk
+    first = model_entry(ctx, "prune", small, path, x, y, extra={})
+    again = model_entry(ctx, "prune", copy.deepcopy(teacher), path, x, y, extra={})
+    assert again["accuracy"] == pytest.approx(evaluate_on(teacher, x, y)) and again["accuracy"] != first["accuracy"]
+    resumed = model_entry(ctx, "prune", small, path, x, y, extra={"resumed": True})  # resume reuses the file
+    assert resumed["accuracy"] == again["accuracy"]
+
+
+def evaluate_on(model, x, y):
+    with torch.no_grad():
+        return float((model.eval()(torch.from_numpy(x)).argmax(1) == torch.from_numpy(y)).float().mean() * 100)
