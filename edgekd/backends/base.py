@@ -51,6 +51,10 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for named inputs (models with several inputs: an LM decoder and its KV cache)."""
+        raise ModelError(f"{type(self).__name__} runs single-input models only")
+
     def close(self) -> None:  # noqa: B027 - optional hook, most runtimes need nothing
         """Release the session."""
 

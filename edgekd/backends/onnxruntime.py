@@ -81,6 +81,9 @@ class OrtRunner(Runner):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
 
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
     def describe(self) -> dict:
         out = {"providers": self.session.get_providers(), "threads": self.threads}
         if self.precise_int8:

@@ -1,0 +1,70 @@
+"""Running an exported KV-cache decoder (lm_export) on any runner that takes named inputs: prefill, decode
+steps, greedy generation and perplexity, with the same code for every runtime."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .lm_export import io_names, kv_shape
+
+__all__ = ["Decoder", "log_softmax"]
+
+RunFn = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+class Decoder:
+    """Greedy decoding and scoring through `run(feeds) -> [logits, present_key_0, present_value_0, ...]`."""
+
+    def __init__(self, run: RunFn, config, layers: int):
+        self.run, self.config, self.layers = run, config, layers
+        self.inputs, self.outputs = io_names(layers)
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        return [np.zeros(kv_shape(self.config, batch, 0), dtype=np.float32) for _ in range(2 * self.layers)]
+
+    def forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits for `ids` (batch, seq) after the cached tokens, and the cache extended by them."""
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+        feeds.update(zip(self.inputs[1:], cache, strict=True))
+        out = self.run(feeds)
+        return np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
+
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+        """The greedy continuation of `prompt` (a list of token ids): prefill once, then one token a step."""
+        logits, cache = self.forward(np.asarray([prompt]), self.empty_cache())
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if eos is not None and token == eos:
+                break
+            logits, cache = self.forward(np.asarray([[token]]), cache)
+        return out
+
+    def perplexity(self, blocks: np.ndarray, batch_size: int = 4) -> float:
+        """exp(mean next-token NLL) over every predicted token of `blocks` (n, seq), each block prefilled."""
+        total, count = 0.0, 0
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i:i + batch_size]
+            logits, _ = self.forward(ids, self.empty_cache(len(ids)))
+            lp = log_softmax(logits[:, :-1].astype(np.float64))
+            target = ids[:, 1:]
+            total -= float(np.take_along_axis(lp, target[..., None], -1).sum())
+            count += target.size
+        return math.exp(total / max(count, 1))
+
+    def next_tokens(self, blocks: np.ndarray, batch_size: int = 4) -> np.ndarray:
+        """The most likely next token at every position of `blocks` (n, seq)."""
+        out = []
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i:i + batch_size]
+            logits, _ = self.forward(ids, self.empty_cache(len(ids)))
+            out.append(logits.argmax(-1))
+        return np.concatenate(out)

@@ -1,0 +1,160 @@
+"""A causal LM as an ONNX decoder with a KV cache: one graph for prefill and decode steps.
+
+The graph is written from a plain PyTorch decoder that takes the Hugging Face model's own weights (Llama
+family: RMSNorm, rotary positions, grouped-query attention, SiLU-gated MLP), so the exported operators are
+the few every runtime runs: MatMul, Mul, Add, Softmax, Concat, Gather and the like. Its parity with the
+Hugging Face forward is tested (logits and greedy tokens).
+
+Inputs:  input_ids (batch, seq) int64; past_key_{i}, past_value_{i} (batch, kv_heads, past, head_dim) float32
+Outputs: logits (batch, seq, vocab); present_key_{i}, present_value_{i} (batch, kv_heads, past + seq, head_dim)
+
+Prefill passes a past of length 0; each decode step passes the presents it got back and one new token.
+Positions continue from the past's length; attention is causal over past and new tokens. Batches are
+unpadded (every sequence in a batch has the same length)."""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError, StageError
+from .lm_models import lm_layers
+from .runs import atomic_path
+
+__all__ = ["KVDecoder", "export_lm_onnx", "io_names", "kv_shape"]
+
+MASKED = -1e9  # added to the scores of future tokens (finite: a fully masked row cannot make NaNs)
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported decoder."""
+    past = [n for i in range(layers) for n in (f"past_key_{i}", f"past_value_{i}")]
+    present = [n for i in range(layers) for n in (f"present_key_{i}", f"present_value_{i}")]
+    return ["input_ids", *past], ["logits", *present]
+
+
+def kv_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's past keys (or values) for `length` cached tokens."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return batch, getattr(config, "num_key_value_heads", None) or heads, length, head_dim
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVDecoder(nn.Module):
+    """The Hugging Face causal LM's weights in a decoder that takes and returns its KV cache as tensors."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        cfg = hf_model.config
+        if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2", "smollm3"):
+            raise ModelError(f"KV-cache export: model family {getattr(cfg, 'model_type', '?')!r} is not supported "
+                             "(Llama-family decoders: llama, mistral, qwen2)")
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ModelError(f"KV-cache export: rope type {rope.get('rope_type')!r} is not supported (default only)")
+        theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        eps = cfg.rms_norm_eps
+        self.embed = hf_model.get_input_embeddings()
+        self.layers = nn.ModuleList()
+        for layer in lm_layers(hf_model):
+            a, m = layer.self_attn, layer.mlp
+            block = nn.Module()
+            block.norm1 = _RMSNorm(layer.input_layernorm.weight, eps)
+            block.norm2 = _RMSNorm(layer.post_attention_layernorm.weight, eps)
+            block.q, block.k, block.v, block.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
+            block.gate, block.up, block.down = m.gate_proj, m.up_proj, m.down_proj
+            self.layers.append(block)
+        self.norm = _RMSNorm(hf_model.model.norm.weight, eps)
+        self.head = hf_model.get_output_embeddings()
+        self.config = cfg
+
+    def _attend(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor):
+        b, t, _ = x.shape
+        q = block.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = block.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = block.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        rep = self.heads // self.kv_heads
+        kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+        vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        scores = torch.matmul(q, kk.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim)) + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), vv)
+        return block.o(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), k, v
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        t = input_ids.shape[1]
+        p = past[0].shape[2]
+        positions = torch.arange(t, dtype=torch.float32) + p
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        keys = torch.arange(t + p, dtype=torch.float32)
+        mask = torch.where(keys[None, :] > positions[:, None], torch.tensor(MASKED), torch.tensor(0.0))
+        h = self.embed(input_ids)
+        presents = []
+        for i, block in enumerate(self.layers):
+            a, k, v = self._attend(block, block.norm1(h), cos, sin, past[2 * i], past[2 * i + 1], mask)
+            h = h + a
+            x = block.norm2(h)
+            h = h + block.down(nn.functional.silu(block.gate(x)) * block.up(x))
+            presents += [k, v]
+        return (self.head(self.norm(h)), *presents)
+
+
+def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17) -> Path:
+    """Write the KV-cache decoder of `hf_model` to `path` (checked with onnx.checker); returns `path`."""
+    import onnx
+
+    dec = KVDecoder(hf_model).eval()
+    n = len(dec.layers)
+    inputs, outputs = io_names(n)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    past = [torch.zeros(kv_shape(dec.config, 1, 2)) for _ in range(2 * n)]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    axes.update({name: {0: "batch", 2: "past"} for name in inputs[1:]})
+    axes.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(dec, (ids, *past), buf, dynamo=False, opset_version=opset, input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types
+            raise StageError(f"export: the KV-cache decoder did not export: {str(e).splitlines()[0][:200]}") from None
+    proto = onnx.load_from_string(buf.getvalue())
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"export: onnx.checker rejected the KV-cache decoder: {str(e).splitlines()[0]}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return path
