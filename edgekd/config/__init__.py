@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..errors import ConfigError
 from .base import Section
+from .lm import TASKS, SpeculativeConfig, check_task, lm_defaults
 from .paths import resolve_paths
 from .strategies import StrategyOptions
 
@@ -40,9 +41,14 @@ class IdxFiles(Section):
 class DataConfig(Section):
     # digits: the embedded demo; fashion-mnist and idx: IDX files with their official train/test split
     # (the validation split is carved from train); imagefolder: ROOT/CLASS/*.jpg
-    dataset: Literal["digits", "fashion-mnist", "idx", "imagefolder"] = "digits"
+    # text (task causal-lm): data.files lists files or globs (relative to data.root), default Python's
+    # standard library sources; split by file, cut into blocks of seq_len tokens
+    dataset: Literal["digits", "fashion-mnist", "idx", "imagefolder", "text"] = "digits"
     root: str | None = None
-    files: IdxFiles | None = None
+    files: IdxFiles | list[str] | None = None
+    seq_len: int = Field(256, ge=8, le=32768)
+    max_train_tokens: int | None = Field(None, ge=1)
+    max_eval_tokens: int | None = Field(None, ge=1)
     image_size: int = Field(32, ge=8, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -57,7 +63,12 @@ class DataConfig(Section):
     def _root_for_imagefolder(self) -> DataConfig:
         if self.dataset in ("imagefolder", "idx") and not self.root:
             raise ValueError(f"data.root is required when data.dataset is {self.dataset}")
-        if self.files is not None and self.dataset not in ("idx", "fashion-mnist"):
+        if isinstance(self.files, list):
+            if self.dataset != "text":
+                raise ValueError("data.files as a list of files or globs needs data.dataset text")
+            if not self.files:
+                raise ValueError("data.files is empty; list files or globs, or leave it out for the default corpus")
+        elif self.files is not None and self.dataset not in ("idx", "fashion-mnist"):
             raise ValueError("data.files names IDX files: it needs data.dataset idx or fashion-mnist")
         return self
 
@@ -99,6 +110,18 @@ class StudentSearch(Section):
 class StudentConfig(Section):
     model: str = "edge_cnn"  # or 'search' with student.search
     search: StudentSearch | None = None
+    # task causal-lm: the teacher's family at these sizes (None: the teacher's own), initialised from the
+    # teacher (embeddings and evenly spaced layers) or from scratch
+    layers: int | None = Field(None, ge=1, le=512)
+    hidden_size: int | None = Field(None, ge=8, le=65536)
+    heads: int | None = Field(None, ge=1, le=512)
+    kv_heads: int | None = Field(None, ge=1, le=512)
+    intermediate_size: int | None = Field(None, ge=8, le=262144)
+    init: Literal["teacher", "scratch"] = "teacher"
+
+    def lm_sizes(self) -> dict:
+        return {k: getattr(self, k) for k in ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
+                if getattr(self, k) is not None}
 
     @model_validator(mode="after")
     def _search(self) -> StudentConfig:
@@ -142,6 +165,12 @@ class DistillConfig(Section):
     draws: int | None = Field(None, ge=1, le=1000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # task causal-lm: the divergence over token distributions (jsd: generalized JSD, beta 0 = forward KL,
+    # 1 = reverse KL), sequence-level KD (train on the teacher's continuations) and an on-policy share
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1)
+    sequence_kd: bool = False
+    on_policy: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -268,6 +297,9 @@ class QuantizeConfig(Section):
     percentile: float = Field(99.999, gt=90, le=100)
     max_accuracy_drop: float = Field(0.5, ge=0, le=100)
     recipe: Literal["auto", "ort-x86", "ort-arm", "openvino", "tensorrt"] | None = None
+    # task causal-lm: weight-only candidates and the most test perplexity (percent) they may add
+    weights: list[Literal["int8", "int4"]] = ["int8", "int4"]
+    max_perplexity_increase: float = Field(10.0, ge=0, le=1000)
 
 
 class GatesConfig(Section):
@@ -282,6 +314,10 @@ class GatesConfig(Section):
     min_arm_agreement: float | None = Field(None, ge=0, le=100)
     max_memory_mb: float | None = Field(None, gt=0)
     max_energy_mj: float | None = Field(None, gt=0)
+    min_decode_tokens_per_s: float | None = Field(None, gt=0)
+    max_perplexity: float | None = Field(None, gt=0)
+    max_perplexity_increase: float | None = Field(None, ge=0)
+    min_speculative_speedup: float | None = Field(None, gt=0)
 
 
 class BenchConfig(Section):
@@ -293,6 +329,7 @@ class BenchConfig(Section):
 class Config(Section):
     name: str = "demo"
     seed: int = 0
+    task: Literal[TASKS] = "image-classification"  # type: ignore[valid-type]
     stages: list[Literal["distill", "prune", "quantize"]] = list(STAGES)
     target: str = "cpu"
     verify_arm: bool = False
@@ -307,6 +344,17 @@ class Config(Section):
     quantize: QuantizeConfig = QuantizeConfig()
     gates: GatesConfig = GatesConfig()
     bench: BenchConfig = BenchConfig()
+    speculative: SpeculativeConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        return lm_defaults(data)
+
+    @model_validator(mode="after")
+    def _task_keys(self) -> Config:
+        check_task(self)
+        return self
 
     @model_validator(mode="after")
     def _stage_order(self) -> Config:
@@ -316,7 +364,7 @@ class Config(Section):
         if list(self.stages) != order:
             raise ValueError(f"stages must run in the order {', '.join(STAGES)}")
         if self.student.model == "teacher" and "distill" in self.stages and self.distill.strategy == "kd" \
-                and "prune" not in self.stages:
+                and "prune" not in self.stages and self.task != "causal-lm":
             raise ValueError("student.model: teacher with only distill would distil a model into itself; "
                              "add prune to stages")
         if self.distill.strategy == "cross_modal" and "prune" in self.stages:

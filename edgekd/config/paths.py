@@ -29,6 +29,16 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if isinstance(raw.get(sect), dict):
             raw[sect] = dict(raw[sect])
             fix(raw[sect], "model", is_model=True)
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("files"), list) and not data.get("root"):
+        data["files"] = [str(base / f) if isinstance(f, str) and f and not f.startswith(("/", "~")) else f
+                         for f in data["files"]]  # text files and globs, relative to the config file
+    teacher = raw.get("teacher")
+    spec = teacher.get("model") if isinstance(teacher, dict) else None
+    if isinstance(spec, str) and spec.startswith("gguf:") and not spec[5:].startswith(("/", "~")):
+        teacher["model"] = f"gguf:{base / spec[5:]}"
+    elif isinstance(spec, str) and spec and ":" not in spec and (base / spec / "config.json").is_file():
+        teacher["model"] = str(base / spec)  # a Hugging Face model directory beside the config
     distill = raw.get("distill")
     options = distill.get("strategy_options") if isinstance(distill, dict) else None
     if isinstance(options, dict):

@@ -1,0 +1,66 @@
+"""Config for the causal-LM task: the speculative-decoding section and the cross-field rules that hold
+when `task: causal-lm` (the LM keys of data, student, distill and quantize live in those sections)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from .base import Section
+
+TASKS = ("image-classification", "causal-lm")
+LM_TEACHER_DEFAULT = "smollm2-135m"  # lm_models.EMBEDDED_LM
+LM_STUDENT_SIZES = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
+LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init")
+LM_ONLY_DISTILL = ("loss", "beta", "sequence_kd", "on_policy")
+
+
+class SpeculativeConfig(Section):
+    draft_tokens: int = Field(4, ge=1, le=64)
+    prompts: int = Field(20, ge=1, le=10000)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    prompt_tokens: int = Field(32, ge=1, le=4096)
+
+
+def lm_defaults(data: Any) -> Any:
+    """With task causal-lm, the defaults that differ from the image task, filled in before validation:
+    the embedded LM teacher, text data, the teacher's own family as student, no temperature/alpha sweep."""
+    if not isinstance(data, dict) or data.get("task") != "causal-lm":
+        return data
+    out = dict(data)
+    out["teacher"] = {"model": LM_TEACHER_DEFAULT, **(out.get("teacher") or {})}
+    out["data"] = {"dataset": "text", **(out.get("data") or {})}
+    out["student"] = {"model": "teacher", **(out.get("student") or {})}
+    distill = dict(out.get("distill") or {})
+    distill.setdefault("sweep", None)
+    distill.setdefault("temperature", 1.0)
+    distill.setdefault("alpha", 0.5)
+    out["distill"] = distill
+    out.setdefault("stages", ["distill", "quantize"])
+    return out
+
+
+def check_task(cfg) -> None:
+    """Raise ValueError for keys that do not belong to the config's task."""
+    lm = cfg.task == "causal-lm"
+    if lm:
+        if cfg.data.dataset != "text":
+            raise ValueError(f"task causal-lm reads text: data.dataset must be text, not {cfg.data.dataset}")
+        if "prune" in cfg.stages:
+            raise ValueError("task causal-lm: the prune stage is for image classifiers; size the student with "
+                             "student.layers / hidden_size / heads / kv_heads / intermediate_size instead")
+        if cfg.student.model != "teacher":
+            raise ValueError("task causal-lm: student.model must be teacher (the teacher's family, sized by "
+                             "student.layers, hidden_size, heads, kv_heads, intermediate_size)")
+        if cfg.distill.strategy != "kd":
+            raise ValueError(f"task causal-lm: distill.strategy {cfg.distill.strategy} is for image classifiers")
+        return
+    if cfg.data.dataset == "text":
+        raise ValueError("data.dataset text needs task: causal-lm")
+    if cfg.speculative is not None:
+        raise ValueError("speculative is read only with task: causal-lm")
+    set_student = [k for k in LM_ONLY_STUDENT if k in cfg.student.model_fields_set]
+    set_distill = [k for k in LM_ONLY_DISTILL if k in cfg.distill.model_fields_set]
+    if set_student or set_distill:
+        key = f"student.{set_student[0]}" if set_student else f"distill.{set_distill[0]}"
+        raise ValueError(f"{key} is read only with task: causal-lm")

@@ -1,0 +1,40 @@
+"""task: causal-lm in the config: its defaults, its keys, and LM keys refused on the image task."""
+import pytest
+
+from edgekd.config import from_dict, load_config
+from edgekd.errors import ConfigError
+
+
+def test_causal_lm_defaults():
+    c = from_dict({"task": "causal-lm", "student": {"layers": 4, "hidden_size": 256}})
+    assert (c.teacher.model, c.data.dataset, c.student.model) == ("smollm2-135m", "text", "teacher")
+    assert c.student.lm_sizes() == {"layers": 4, "hidden_size": 256} and c.student.init == "teacher"
+    assert c.distill.sweep is None and c.distill.loss == "forward_kl" and c.stages == ["distill", "quantize"]
+    assert c.quantize.weights == ["int8", "int4"] and c.quantize.max_perplexity_increase == 10.0
+    assert from_dict({}).task == "image-classification" and from_dict({}).distill.sweep  # the image task unchanged
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"student": {"layers": 4}}, "student.layers is read only with task: causal-lm"),
+    ({"distill": {"loss": "jsd"}}, "distill.loss is read only with task: causal-lm"),
+    ({"data": {"dataset": "text"}}, "data.dataset text needs task: causal-lm"),
+    ({"speculative": {"draft_tokens": 4}}, "speculative is read only with task: causal-lm"),
+    ({"task": "causal-lm", "stages": ["distill", "prune"]}, "the prune stage is for image classifiers"),
+    ({"task": "causal-lm", "data": {"dataset": "digits"}}, "data.dataset must be text"),
+    ({"task": "causal-lm", "student": {"model": "edge_cnn"}}, "student.model must be teacher"),
+    ({"task": "causal-lm", "data": {"files": []}}, "data.files is empty"),
+    ({"task": "causal-lm", "distill": {"beta": 1.5}}, "distill.beta"),
+    ({"task": "chat"}, "task"),
+])
+def test_keys_that_do_not_fit_the_task_are_config_errors(raw, words):
+    with pytest.raises(ConfigError, match=words):
+        from_dict(raw)
+
+
+def test_text_files_and_a_gguf_teacher_are_relative_to_the_config_file(tmp_path):
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text("task: causal-lm\ndata: {files: ['corpus/*.txt', '/abs/x.txt']}\n"
+                   "teacher: {model: 'gguf:models/m.gguf'}\n")
+    c = load_config(cfg)
+    assert c.data.files == [str(tmp_path / "corpus/*.txt"), "/abs/x.txt"]
+    assert c.teacher.model == f"gguf:{tmp_path / 'models/m.gguf'}"
