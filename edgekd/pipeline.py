@@ -53,6 +53,7 @@ class Pipeline:
         self.hosts = list(hosts or [])
         self.ssh_config, self.remote_python = ssh_config, remote_python
         self.verify_arm = verify_arm or config.verify_arm or self.profile.verify_arm
+        self.verify_arm_asked = verify_arm or config.verify_arm
         self.trust_checkpoint = trust_checkpoint
         self.progress = progress or NullProgress()
         self.teacher_artifact: Artifact | None = None
@@ -62,6 +63,10 @@ class Pipeline:
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
         """Run every stage and return the report (also written as run_dir/report.json, last)."""
+        if self.config.task == "causal-lm" and (self.model_onnx is not None or self.verify_arm):
+            if self.model_onnx is not None or self.verify_arm_asked:
+                raise BadInputError("task causal-lm takes no --model/--calib-data (ONNX entry) and no --verify-arm yet")
+            self.verify_arm = False  # the profile's default ARM check is for image classifiers
         if self.verify_arm:
             # Fail (or build the cached aarch64 sysroot, once) before minutes of training.
             from .bench.emulate import check_profile
@@ -81,6 +86,8 @@ class Pipeline:
         write_json(run_dir / ".edgekd-run.json", {"config_key": config_key(self.config, self.profile)})
         torch.set_num_threads(usable_cores())
         try:
+            if self.config.task == "causal-lm":
+                return self._lm(ctx, created)
             report, chosen = self._onnx_entry(ctx) if self.model_onnx else self._torch_entry(ctx)
         except BadInputError:
             if created:
@@ -96,6 +103,12 @@ class Pipeline:
             assemble.apply_arm(report, self._verify_arm(ctx, chosen.artifact))
         self._check_collapse(ctx, "final", report["final"].get("accuracy"), report["teacher"].get("accuracy"))
         return assemble.finish(ctx, report, self.hosts)
+
+    def _lm(self, ctx: RunContext, created: bool) -> dict:
+        """task causal-lm: its own entry (lm_entry), then the same gates and report files."""
+        from .lm_entry import run_lm_entry
+
+        return assemble.finish(ctx, run_lm_entry(ctx, self.hosts), self.hosts)
 
     def _verify_arm(self, ctx: RunContext, artifact: Artifact) -> dict:
         """Evaluate the final artifact on the aarch64 runtime under emulation (accuracy only, never latency)."""

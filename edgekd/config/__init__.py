@@ -166,11 +166,9 @@ class DistillConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # task causal-lm: the divergence over token distributions (jsd: generalized JSD, beta 0 = forward KL,
-    # 1 = reverse KL), sequence-level KD (train on the teacher's continuations) and an on-policy share
+    # 1 = reverse KL)
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, ge=0, le=1)
-    sequence_kd: bool = False
-    on_policy: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod

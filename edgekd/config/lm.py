@@ -12,7 +12,10 @@ TASKS = ("image-classification", "causal-lm")
 LM_TEACHER_DEFAULT = "smollm2-135m"  # lm_models.EMBEDDED_LM
 LM_STUDENT_SIZES = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
 LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init")
-LM_ONLY_DISTILL = ("loss", "beta", "sequence_kd", "on_policy")
+# one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
+# teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)
+LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs": 1, "lr": 1e-3, "cache_topk": 64}
+LM_ONLY_DISTILL = ("loss", "beta")
 
 
 class SpeculativeConfig(Section):
@@ -31,10 +34,10 @@ def lm_defaults(data: Any) -> Any:
     out["teacher"] = {"model": LM_TEACHER_DEFAULT, **(out.get("teacher") or {})}
     out["data"] = {"dataset": "text", **(out.get("data") or {})}
     out["student"] = {"model": "teacher", **(out.get("student") or {})}
+    out["data"].setdefault("batch_size", 8)
     distill = dict(out.get("distill") or {})
-    distill.setdefault("sweep", None)
-    distill.setdefault("temperature", 1.0)
-    distill.setdefault("alpha", 0.5)
+    for key, value in LM_DISTILL_DEFAULTS.items():
+        distill.setdefault(key, value)
     out["distill"] = distill
     out.setdefault("stages", ["distill", "quantize"])
     return out

@@ -24,6 +24,10 @@ GATES: dict[str, tuple[str, str]] = {
     "min_arm_agreement": ("≥", "%"),
     "max_memory_mb": ("≤", "MB"),
     "max_energy_mj": ("≤", "mJ"),
+    "min_decode_tokens_per_s": ("≥", "tokens/s"),
+    "max_perplexity": ("≤", ""),
+    "max_perplexity_increase": ("≤", "%"),
+    "min_speculative_speedup": ("≥", "x"),
 }
 SETTINGS = ("percentile", "baseline")
 PERCENTILES = (50, 90, 99)
@@ -94,9 +98,35 @@ def evaluate(report: dict, thresholds: dict, baseline: dict | None = None) -> li
         elif gate == "min_arm_agreement":
             results.append(_at_least(gate, final, "arm_agreement", t, " top-1 agreement, aarch64 vs host",
                                      "the report has no ARM agreement (run compress with --verify-arm)"))
+        elif gate in LM_GATES:
+            results.append(_lm_gate(report, gate, t))
         else:
             results.append(_at_most(gate, final, t))
     return results
+
+
+LM_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
+
+
+def _lm_gate(report: dict, gate: str, t: float) -> GateResult:
+    """The causal-LM gates: decode speed, test perplexity, perplexity added by quantization (against the
+    FP32 student) and speculative decoding's speedup over the teacher alone."""
+    final = report.get("final") or {}
+    holder, figure, what = {
+        "min_decode_tokens_per_s": (final, "decode_tokens_per_s", "decode"),
+        "max_perplexity": (final, "perplexity", "test perplexity"),
+        "max_perplexity_increase": (final, "perplexity_increase_vs_fp32", "test perplexity added to FP32's"),
+        "min_speculative_speedup": (report.get("speculative") or {}, "speedup", "speculative decoding"),
+    }[gate]
+    value = holder.get(figure)
+    if not isinstance(value, (int, float)):
+        return _not_measured(gate, t, holder, figure, "not in the report (a causal-lm run reports it)")
+    op = GATES[gate][0]
+    ok = value >= t if op == "≥" else value <= t
+    unit = GATES[gate][1]
+    shown = f"{value:.3f}{'' if unit in ('%', 'x', '') else ' '}{unit}"
+    return GateResult(gate, t, round(float(value), 4), ok,
+                      f"{what} {shown} {_cmp(ok, gate)} {t:g}{'' if unit in ('%', 'x', '') else ' '}{unit}")
 
 
 def apply_gates(report: dict, gates_cfg: Any, baseline: dict | None = None) -> tuple[list[GateResult], bool]:

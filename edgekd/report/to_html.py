@@ -24,6 +24,7 @@ from .tables import (
     stage,
     stage_table,
 )
+from .tables_lm import lm_headline, lm_sections
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1360px;
@@ -94,14 +95,18 @@ def render_html(report: dict) -> str:
     meta = (f"target {target.get('name', '?')} ({target.get('backend', '?')}, {target.get('device') or '?'}, "
             f"{target.get('threads') or '?'} threads) · edgekd {report.get('edgekd_version', '?')}"
             + (f" · {report['created']}" if report.get("created") else ""))
-    body = [f"<header><h1>{escape(title)}</h1><p>{_inline(headline(report))}</p>"
+    lm = report.get("task") == "causal-lm"
+    body = [f"<header><h1>{escape(title)}</h1><p>{_inline(lm_headline(report) if lm else headline(report))}</p>"
             f'<p class="meta">{escape(meta)}</p></header>']
     body += _gates(report)
-    body.append("<section><h2>Stages</h2>" + _table(stage_table(report)) + "</section>")
-    body.append('<section><h2>Plots</h2><div class="plots">' + "".join(_plots(report)) + "</div></section>")
-    quant = quantize_stage(report)
-    if quant:
-        body.append(_precision(report, quant))
+    if lm:
+        body += [f"<section><h2>{escape(t)}</h2>" + _table(table) + "</section>" for t, table in lm_sections(report)]
+    else:
+        body.append("<section><h2>Stages</h2>" + _table(stage_table(report)) + "</section>")
+        body.append('<section><h2>Plots</h2><div class="plots">' + "".join(_plots(report)) + "</div></section>")
+        quant = quantize_stage(report)
+        if quant:
+            body.append(_precision(report, quant))
     if report.get("notes"):
         body.append("<section><h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in report["notes"])
                     + "</ul></section>")

@@ -24,6 +24,7 @@ from .tables import (
     stage_table,
     where_note,
 )
+from .tables_lm import lm_headline, lm_sections
 
 
 class _Notes:
@@ -63,7 +64,9 @@ def render_markdown(report: dict) -> str:
     """report.md's text: ready to paste into a pull-request comment."""
     target = report.get("target") or {}
     name = report.get("name") or "run"
-    out = [f"## edgekd report: {name} → {target.get('name', '?')}", "", headline(report), ""]
+    lm = report.get("task") == "causal-lm"
+    out = [f"## edgekd report: {name} → {target.get('name', '?')}", "", lm_headline(report) if lm else headline(report),
+           ""]
     bits = [f"target **{target.get('name', '?')}** ({target.get('backend', '?')}"
             + (f", {target['device']}" if target.get("device") else "")
             + (f", {target['threads']} threads" if target.get("threads") else "") + ")",
@@ -72,11 +75,15 @@ def render_markdown(report: dict) -> str:
         bits.append(str(report["created"]))
     out += [" · ".join(bits), ""]
     out += _gates(report)
-    out += ["### Stages", ""] + _table(stage_table(report)) + [""]
-    quant = quantize_stage(report)
-    if quant:
-        out += _precision(report, quant)
-    out += _search(report) + _distill(report) + _prune(report) + _remote(report)
+    if lm:
+        for title, table in lm_sections(report):
+            out += [f"### {title}", ""] + _table(table) + [""]
+    else:
+        out += ["### Stages", ""] + _table(stage_table(report)) + [""]
+        quant = quantize_stage(report)
+        if quant:
+            out += _precision(report, quant)
+        out += _search(report) + _distill(report) + _prune(report) + _remote(report)
     if report.get("notes"):
         out += ["### Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     out += _environment(report)

@@ -1,0 +1,78 @@
+"""The distill stage for task causal-lm: token-level distillation from the teacher's top-k cache (built
+once per teacher, data and batch size, in the user cache, and reused by later runs), and with
+distill.baseline the same student trained on next-token cross-entropy alone for the same steps."""
+from __future__ import annotations
+
+import copy
+import time
+
+from torch import nn
+
+from ..context import RunContext
+from ..data.text import TextSplits
+from ..runs import cache_dir, hash_arrays, hash_obj
+from .lm_cache import TopKCache
+from .lm_trainer import build_topk_cache, train_lm
+
+__all__ = ["lm_distill_key", "lm_steps", "run_lm_distill"]
+
+
+def lm_steps(ctx: RunContext, splits: TextSplits) -> int:
+    """distill.steps, else distill.epochs passes over the training batches (at least one step)."""
+    d, bs = ctx.config.distill, ctx.config.data.batch_size
+    batches = -(-len(splits.train) // bs)
+    return d.steps if d.steps is not None else max(1, d.epochs * batches)
+
+
+def lm_distill_key(ctx: RunContext, teacher_key: str, splits: TextSplits) -> str:
+    cfg = ctx.config
+    return ctx.key("lm-distill-v1", teacher_key, hash_arrays(splits.train.ids.numpy(), splits.val.ids.numpy()),
+                   cfg.student.model_dump(mode="json"), cfg.distill.model_dump(mode="json"), cfg.data.batch_size)
+
+
+def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits) -> tuple[TopKCache, dict]:
+    cfg = ctx.config
+    k = min(int(cfg.distill.cache_topk), splits.vocab_size)  # type: ignore[arg-type]
+    key = hash_obj("lm-topk-v1", teacher_key, hash_arrays(splits.train.ids.numpy()), cfg.data.batch_size, k)
+    cache = TopKCache(cache_dir() / "lm-topk" / key, key, k=k, vocab=splits.vocab_size)
+    t0 = time.perf_counter()
+    built = build_topk_cache(teacher, splits.train.ids, cfg.data.batch_size, cache, ctx.progress)
+    info = {"k": k, "directory": str(cache.directory), "batches": len(cache.batches()),
+            "built_batches": built, "reused": built == 0, "mb": round(cache.nbytes() / 2**20, 2),
+            "seconds": round(time.perf_counter() - t0, 2)}
+    return cache, info
+
+
+def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.Module,
+                   splits: TextSplits) -> tuple[nn.Module, dict, nn.Module | None]:
+    """Distil `student` in place; returns it, the stage's metrics and (distill.baseline) the CE-only twin."""
+    cfg = ctx.config
+    d = cfg.distill
+    steps = lm_steps(ctx, splits)
+    initial = copy.deepcopy(student.state_dict()) if d.baseline else None
+    t0 = time.perf_counter()
+    metrics: dict = {"strategy": "kd", "loss": d.loss, "alpha": d.alpha, "temperature": d.temperature,
+                     "steps": steps, "batch_size": cfg.data.batch_size, "seq_len": splits.seq_len,
+                     "train_tokens": splits.train.tokens}
+    if d.loss == "jsd":
+        metrics["beta"] = d.beta
+    cache = None
+    if d.alpha > 0 and d.cache_topk:
+        cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits)
+    res = train_lm(student, splits.train.ids, splits.val.ids, steps=steps, lr=d.lr, batch_size=cfg.data.batch_size,
+                   seed=cfg.seed, kind=d.loss, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
+                   teacher=None if cache is not None else teacher, cache=cache, progress=ctx.progress,
+                   label="distilling the LM student")
+    metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "curve": res.curve,
+                    "train_seconds": res.seconds})
+    baseline = None
+    if initial is not None:
+        baseline = copy.deepcopy(student)
+        baseline.load_state_dict(initial)
+        base = train_lm(baseline, splits.train.ids, splits.val.ids, steps=steps, lr=d.lr,
+                        batch_size=cfg.data.batch_size, seed=cfg.seed, alpha=0.0, progress=ctx.progress,
+                        label="training the cross-entropy baseline")
+        metrics["baseline"] = {"steps": steps, "val_perplexity": round(base.val_perplexity, 4),
+                               "best_step": base.best_step, "train_seconds": base.seconds}
+    metrics["duration_s"] = round(time.perf_counter() - t0, 2)
+    return student, metrics, baseline

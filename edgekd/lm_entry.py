@@ -1,0 +1,226 @@
+"""The pipeline's entry for task causal-lm: teacher and text, the distill stage, the KV-cache export, the
+weight-only candidates, the choice on validation, then test perplexity, speed and speculative decoding.
+
+Validation chooses, test reports: candidates are judged on the validation blocks (perplexity against the
+FP32 student's, decode speed on validation prompts); the test blocks and test prompts are read only after
+the choice, for the reported figures. Every figure comes from the target's runtime on the exported
+decoder (teacher included), none from PyTorch."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .backends.base import Artifact, Runner
+from .bench.lm_bench import generation_bench, speculative_bench
+from .config.lm import SpeculativeConfig
+from .context import RunContext
+from .data import SPLIT_SEED
+from .data.text import TextSplits, build_text_splits, resolve_text_files, stdlib_sources
+from .errors import BadInputError, StageError
+from .lm_decode import Decoder
+from .lm_export import export_lm_onnx
+from .lm_models import build_lm_student, count_lm_params, load_lm
+from .report import assemble_lm
+from .runs import hash_arrays, write_npz
+
+__all__ = ["LMCandidate", "run_lm_entry"]
+
+PARITY_STEPS = 16
+SELECTION_PROMPTS = 4
+
+
+@dataclass
+class LMCandidate:
+    """One exported LM decoder compiled for the target and what was measured of it."""
+
+    name: str
+    precision: str
+    onnx: Path
+    label: str
+    artifact: Artifact | None = None
+    runner: Runner | None = None
+    decoder: Decoder | None = None
+    selection: dict = field(default_factory=dict)  # validation figures: what chose
+    figures: dict = field(default_factory=dict)  # test figures: what is reported
+    speed: dict = field(default_factory=dict)
+
+
+def _macs_per_token(model: nn.Module) -> int:
+    """Multiply-accumulates of the linear layers per generated token (attention over the context excluded)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _splits(ctx: RunContext, tokenizer) -> TextSplits:
+    d = ctx.config.data
+    files = resolve_text_files(d.files, d.root) if isinstance(d.files, list) else stdlib_sources()
+    return build_text_splits(files, tokenizer, d.seq_len, SPLIT_SEED, d.val_fraction, d.test_fraction,
+                             d.max_train_tokens, d.max_eval_tokens)
+
+
+def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
+    return [blocks[i, :length].tolist() for i in range(min(count, len(blocks)))]
+
+
+def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
+    backend = get_backend(ctx.profile.backend)
+    c.artifact = backend.compile(c.onnx, ctx.profile, ctx.run_dir / "target" / c.name, c.precision)
+    c.runner = backend.load(c.artifact, ctx.profile, ctx.threads)
+    c.decoder = Decoder(c.runner.run, config, layers)
+
+
+def _quality(dec: Decoder, blocks: np.ndarray, ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    """Perplexity, next-token accuracy against the text and (with `ref`) agreement with a reference's picks."""
+    picks = dec.next_tokens(blocks)
+    out = {"perplexity": round(dec.perplexity(blocks), 4),
+           "accuracy": round(100.0 * float((picks[:, :-1] == blocks[:, 1:]).mean()), 3)}
+    if ref is not None:
+        out["next_token_agreement"] = round(100.0 * float((picks == ref).mean()), 3)
+    return out, picks
+
+
+def _parity(student: nn.Module, dec: Decoder, blocks: torch.Tensor) -> dict:
+    with torch.no_grad():
+        ref = student(input_ids=blocks[:2], use_cache=False).logits.numpy()
+    got, _ = dec.forward(blocks[:2].numpy(), dec.empty_cache(min(2, len(blocks))))
+    prompt = blocks[0, :16].tolist()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        for _ in range(PARITY_STEPS):
+            ids = torch.cat([ids, student(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    torch_tokens = ids[0, len(prompt):].tolist()
+    ort_tokens = dec.greedy(prompt, PARITY_STEPS)
+    out = {"max_abs_diff": float(np.abs(ref - got).max()), "greedy_steps": PARITY_STEPS,
+           "greedy_identical": torch_tokens == ort_tokens}
+    if out["max_abs_diff"] > 1e-2 * max(1.0, float(np.abs(ref).max())) or not out["greedy_identical"]:
+        raise StageError(f"export: the KV-cache decoder differs from PyTorch (max logit difference "
+                         f"{out['max_abs_diff']:.2e}, greedy tokens identical: {out['greedy_identical']})")
+    return out
+
+
+def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.Module, splits: TextSplits):
+    from .distill.lm_stage import lm_distill_key, run_lm_distill
+
+    key = lm_distill_key(ctx, teacher_key, splits)
+    out = ctx.stage_dir("distill")
+    hit = ctx.cached("distill", key)
+    baseline = None
+    if hit is not None:
+        student.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+        if (out / "baseline.pt").is_file():
+            baseline = copy.deepcopy(student)
+            baseline.load_state_dict(torch.load(out / "baseline.pt", weights_only=True))
+        ctx.notes.append("distill: resumed from the stored result")
+        return student.eval(), {**hit, "resumed": True}, baseline
+    student, metrics, baseline = run_lm_distill(ctx, teacher, teacher_key, student, splits)
+    torch.save(student.state_dict(), out / "model.pt")
+    if baseline is not None:
+        torch.save(baseline.state_dict(), out / "baseline.pt")
+    ctx.mark_done("distill", key, metrics)
+    return student, metrics, baseline
+
+
+def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
+    """Run the causal-LM task; returns the report (without gates: the pipeline finishes it)."""
+    if hosts:
+        raise BadInputError("--host with task causal-lm: measuring an LM on a board over SSH is not available yet")
+    cfg, run = ctx.config, ctx.run_dir
+    t0 = time.perf_counter()
+    with ctx.progress.task("loading the teacher LM", None):
+        loaded = load_lm(cfg.teacher.model)
+    teacher = loaded.model
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher_key = hash_arrays(*[t.detach().numpy() for t in teacher.state_dict().values()])
+    teacher_seconds = round(time.perf_counter() - t0, 2)
+    splits = _splits(ctx, loaded.tokenizer)
+    write_npz(run / "eval.npz", x=splits.test.ids.numpy())
+    write_npz(run / "calib.npz", x=splits.val.ids.numpy())
+    student, init = build_lm_student(teacher, cfg.student.lm_sizes(), cfg.student.init, cfg.seed)
+    stages: list[dict] = [{"name": "teacher", "duration_s": teacher_seconds, "source": loaded.source,
+                           "params": count_lm_params(teacher), "macs": _macs_per_token(teacher)}]
+    baseline = None
+    if "distill" in cfg.stages:
+        student, entry, baseline = _distill(ctx, teacher, teacher_key, student, splits)
+        stages.append({"name": "distill", "init": init, **entry})
+    student.eval()
+    layers = teacher.config.num_hidden_layers
+    s_layers = student.config.num_hidden_layers
+    t_export = time.perf_counter()
+    export_lm_onnx(teacher, run / "teacher.fp32.onnx", ctx.profile.opset)
+    export_lm_onnx(student, run / "model.fp32.onnx", ctx.profile.opset)
+    cands = {"fp32": LMCandidate("fp32", "fp32", run / "model.fp32.onnx", "FP32")}
+    teacher_c = LMCandidate("teacher", "fp32", run / "teacher.fp32.onnx", "teacher FP32")
+    base_c = None
+    if baseline is not None:
+        export_lm_onnx(baseline.eval(), ctx.stage_dir("distill") / "baseline.onnx", ctx.profile.opset)
+        base_c = LMCandidate("baseline", "fp32", ctx.stage_dir("distill") / "baseline.onnx", "CE baseline FP32")
+    if "quantize" in cfg.stages:
+        from .quantize.lm_weights import WEIGHT_FORMATS, quantize_lm_weights
+
+        tq = time.perf_counter()
+        for w in cfg.quantize.weights:
+            path = run / f"model.{w}.onnx"
+            quantize_lm_weights(run / "model.fp32.onnx", path, w)
+            cands[w] = LMCandidate(w, w, path, WEIGHT_FORMATS[w])
+        quantize_seconds = round(time.perf_counter() - tq, 2)
+    opened = [teacher_c, *cands.values(), *([base_c] if base_c else [])]
+    try:
+        for c in opened:
+            _open(ctx, c, teacher.config if c is teacher_c else student.config, layers if c is teacher_c else s_layers)
+        stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
+                       "opset": ctx.profile.opset, "kv_cache": True,
+                       "parity": _parity(student, cands["fp32"].decoder, splits.test.ids)})  # type: ignore[arg-type]
+        spec_cfg = cfg.speculative or SpeculativeConfig()
+        # Validation chooses: perplexity and agreement with FP32 on the validation blocks, speed on
+        # validation prompts, all through the target's runtime.
+        val = splits.val.ids.numpy()
+        fp32_val, fp32_picks = _quality(cands["fp32"].decoder, val, None)  # type: ignore[arg-type]
+        cands["fp32"].selection = {**fp32_val, "next_token_agreement": 100.0}
+        for c in list(cands.values())[1:]:
+            c.selection, _ = _quality(c.decoder, val, fp32_picks)  # type: ignore[arg-type]
+        speed = generation_bench({n: c.decoder for n, c in cands.items()},  # type: ignore[misc]
+                                 _prompts(splits.val.ids, SELECTION_PROMPTS, spec_cfg.prompt_tokens),
+                                 spec_cfg.max_new_tokens)
+        for n, c in cands.items():
+            c.selection["decode_tokens_per_s"] = speed[n]["decode_tokens_per_s"]
+        name, why = assemble_lm.choose(cands, cfg.quantize.max_perplexity_increase)
+        # Test reports: read only now, after the choice.
+        test = splits.test.ids.numpy()
+        t_bench = time.perf_counter()
+        teacher_c.figures, teacher_picks = _quality(teacher_c.decoder, test, None)  # type: ignore[arg-type]
+        fp32_test, fp32_test_picks = _quality(cands["fp32"].decoder, test, teacher_picks)  # type: ignore[arg-type]
+        fp32_test["teacher_agreement"] = fp32_test.pop("next_token_agreement")
+        cands["fp32"].figures = {**fp32_test, "next_token_agreement": 100.0}
+        for c in list(cands.values())[1:]:
+            c.figures, _ = _quality(c.decoder, test, fp32_test_picks)  # type: ignore[arg-type]
+        if base_c is not None:
+            base_c.figures, _ = _quality(base_c.decoder, test, teacher_picks)  # type: ignore[arg-type]
+            base_c.figures["teacher_agreement"] = base_c.figures.pop("next_token_agreement")
+        test_prompts = _prompts(splits.test.ids, spec_cfg.prompts, spec_cfg.prompt_tokens)
+        timed = {"teacher": teacher_c, **cands}
+        speed = generation_bench({n: c.decoder for n, c in timed.items()},  # type: ignore[misc]
+                                 test_prompts[:SELECTION_PROMPTS * 2], spec_cfg.max_new_tokens)
+        for n, c in timed.items():
+            c.speed = speed[n]
+        spec = speculative_bench(teacher_c.decoder, cands[name].decoder, test_prompts,  # type: ignore[arg-type]
+                                 spec_cfg.max_new_tokens, spec_cfg.draft_tokens)
+        bench_seconds = round(time.perf_counter() - t_bench, 2)
+    finally:
+        for c in opened:
+            if c.runner is not None:
+                c.runner.close()
+    if "distill" in cfg.stages:
+        assemble_lm.distill_figures(stages[1], cands["fp32"], teacher_c, base_c)
+    if "quantize" in cfg.stages:
+        stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds))
+    stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads, "measured_on": "host"})
+    report = assemble_lm.report(ctx, loaded, splits, stages, teacher_c, cands, name, why, spec,
+                                {"params": count_lm_params(student), "macs": _macs_per_token(student)})
+    return report

@@ -1,0 +1,57 @@
+"""Weight-only quantization of an exported LM decoder with ONNX Runtime's own quantizers.
+
+int8: per-channel INT8 weights of every MatMul with a constant weight (onnxruntime.quantization.
+      quantize_dynamic: activations are quantized on the fly, MatMulInteger kernels).
+int4: block-wise INT4 weights (block 32, symmetric) in ONNX Runtime's MatMulNBits kernel
+      (onnxruntime.quantization.matmul_nbits_quantizer), with int8 compute where the CPU has it
+      (accuracy_level 4).
+The embedding Gather stays float (INT4 Gather saves no memory at run time, as ORT's docs note)."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from ..errors import StageError
+from ..runs import atomic_path
+
+__all__ = ["INT4_BLOCK", "WEIGHT_FORMATS", "quantize_lm_weights"]
+
+INT4_BLOCK = 32
+WEIGHT_FORMATS = {
+    "int8": "INT8 weights per channel (ONNX Runtime dynamic quantization, MatMulInteger)",
+    "int4": f"INT4 weights in blocks of {INT4_BLOCK}, symmetric (ONNX Runtime MatMulNBits)",
+}
+
+
+def quantize_lm_weights(fp32: Path, out: Path, weights: str) -> Path:
+    """Write `fp32` with `weights` ("int8" or "int4") quantized to `out`; returns `out`."""
+    import onnx
+
+    if weights not in WEIGHT_FORMATS:
+        raise StageError(f"quantize.weights: {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizers log every skipped node at WARNING
+    try:
+        with warnings.catch_warnings(), atomic_path(out) as tmp:
+            warnings.simplefilter("ignore")
+            if weights == "int8":
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True,
+                                 weight_type=QuantType.QInt8)
+            else:
+                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                         accuracy_level=4)
+                q.process()
+                onnx.save(q.model.model, str(tmp))
+    except StageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the quantizers raise many types
+        raise StageError(f"quantize: {weights} weights of {fp32.name} failed: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        logging.getLogger().setLevel(level)
+    return out

@@ -1,0 +1,116 @@
+"""report.json's blocks for task causal-lm: the choice among weight-only candidates, the distill stage's
+perplexities against its cross-entropy baseline, the teacher, the final model and speculative decoding."""
+from __future__ import annotations
+
+from ..context import RunContext
+from .assemble import skeleton
+
+__all__ = ["choose", "distill_figures", "quantize_entry", "report"]
+
+SPEED_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms")
+
+
+def choose(cands: dict, max_increase: float) -> tuple[str, str]:
+    """The candidate with the fastest decode on validation prompts among those whose validation perplexity
+    is within `max_increase` percent of the FP32 student's."""
+    base = cands["fp32"].selection["perplexity"]
+    limit = base * (1 + max_increase / 100)
+    within = {n: c for n, c in cands.items() if c.selection["perplexity"] <= limit}
+    name = max(within, key=lambda n: within[n].selection.get("decode_tokens_per_s") or 0.0)
+    c = cands[name]
+    why = (f"fastest decode on the validation prompts ({c.selection.get('decode_tokens_per_s')} tokens/s) among the "
+           f"candidates within quantize.max_perplexity_increase {max_increase}% of FP32's validation perplexity "
+           f"{base:.3f} (<= {limit:.3f}); {c.label}: {c.selection['perplexity']:.3f}")
+    for n, other in cands.items():
+        other.selection["within_budget"] = n in within
+    return name, why
+
+
+def distill_figures(entry: dict, fp32, teacher, baseline) -> None:
+    """The distill stage's test figures (the FP32 student through the target's runtime), its baseline's and
+    the share of the baseline's perplexity gap to the teacher that distillation recovered."""
+    entry.update({"perplexity": fp32.figures["perplexity"], "accuracy": fp32.figures["accuracy"],
+                  "teacher_agreement": fp32.figures.get("teacher_agreement"),
+                  "teacher_perplexity": teacher.figures["perplexity"],
+                  "measured_with": "the exported FP32 decoder on the target's runtime, test split"})
+    if baseline is not None:
+        entry["baseline"] = {**entry.get("baseline", {}), **baseline.figures}
+        gap = baseline.figures["perplexity"] - teacher.figures["perplexity"]
+        if gap > 0:
+            entry["gap_recovered"] = round((baseline.figures["perplexity"] - fp32.figures["perplexity"]) / gap, 4)
+        entry["perplexity_vs_baseline"] = round(fp32.figures["perplexity"] / baseline.figures["perplexity"] - 1, 4)
+
+
+def _candidate(ctx: RunContext, n: str, c, chosen: bool) -> dict:
+    return {"name": n, "precision": c.precision, "label": c.label, "chosen": chosen,
+            "artifact": str(c.artifact.path.relative_to(ctx.run_dir)), "size_bytes": c.artifact.size_bytes(),
+            "selection": c.selection, **c.figures, **{k: c.speed.get(k) for k in SPEED_KEYS}}
+
+
+def quantize_entry(ctx: RunContext, cands: dict, name: str, why: str, seconds: float) -> dict:
+    return {"name": "quantize", "duration_s": seconds, "kind": "weight-only",
+            "max_perplexity_increase": ctx.config.quantize.max_perplexity_increase,
+            "candidates": [_candidate(ctx, n, c, n == name) for n, c in cands.items()],
+            "choice": {"candidate": name, "precision": cands[name].precision, "why": why,
+                       "chosen_on": "validation split (perplexity, agreement with FP32) and validation prompts "
+                                    "(decode speed), through the target's runtime"}}
+
+
+def _speed_block(c) -> dict:
+    s = c.speed
+    tpot = s.get("tpot_ms") or {}
+    out = {k: s.get(k) for k in SPEED_KEYS}
+    out["latency_ms"] = {"p50": tpot.get("p50"), "p90": tpot.get("p90"), "p99": tpot.get("p99")} if tpot else None
+    if s.get("not_measured"):
+        out["not_measured"] = s["not_measured"]
+    return out
+
+
+def report(ctx: RunContext, loaded, splits, stages: list[dict], teacher, cands: dict, name: str, why: str,
+           spec: dict, counts: dict) -> dict:
+    """The whole report for a causal-LM run (the pipeline adds gates and writes it)."""
+    prof = ctx.profile
+    summary = splits.summary()
+    data_extra = {"task": "causal-lm", "seq_len": splits.seq_len, "vocab_size": splits.vocab_size, **summary,
+                  "chosen_on": f"validation split ({summary['validation']['blocks']} blocks of {splits.seq_len} tokens)",
+                  "reported_on": f"test split ({summary['test']['blocks']} blocks, eval.npz)",
+                  "calib_npz": "the validation blocks the candidates were chosen on (weight-only quantization "
+                               "reads no calibration data)"}
+    runtime = f"{prof.backend} fp32, {ctx.threads} threads"
+    tentry = stages[0]
+    teacher_block = {"model": ctx.config.teacher.model, "source": loaded.source, **teacher.figures,
+                     "params": tentry["params"], "macs": tentry["macs"], "macs_per": "token (linear layers)",
+                     "size_bytes": teacher.artifact.size_bytes(), **_speed_block(teacher),
+                     "measured_on": "host", "latency_runtime": runtime, "accuracy_runtime": f"{prof.backend} fp32",
+                     "accuracy_kind": "next-token accuracy on the test split"}
+    rep = skeleton(ctx, "text: " + ("data.files" if isinstance(ctx.config.data.files, list)
+                                    else "Python's standard library sources"), None, teacher=teacher_block,
+                   data_extra=data_extra)
+    rep["task"] = "causal-lm"
+    rep["stages"] = stages
+    c = cands[name]
+    final = {"artifact": str(c.artifact.path.relative_to(ctx.run_dir)), "precision": c.precision, "label": c.label,
+             "backend": prof.backend, "files": [str(f.relative_to(ctx.run_dir)) for f in c.artifact.files],
+             **c.figures, "size_bytes": c.artifact.size_bytes(), **counts, "macs_per": "token (linear layers)",
+             **_speed_block(c), "measured_on": "host",
+             "runtime": {"name": prof.backend, "version": ctx.versions.get(prof.backend)},
+             "candidate": name, "choice": {"why": why, "measured": prof.measures_here},
+             "peak_memory_mb": None}
+    nm = dict(final.pop("not_measured", {}) or {})
+    nm["peak_memory_mb"] = "not measured for LM decoders yet"
+    t_tps, f_tps = teacher.speed.get("decode_tokens_per_s"), c.speed.get("decode_tokens_per_s")
+    if t_tps and f_tps:
+        final["speedup_vs_teacher"] = round(f_tps / t_tps, 3)
+    else:
+        final["speedup_vs_teacher"] = None
+        nm["speedup_vs_teacher"] = "needs both decode speeds"
+    final["compression_vs_teacher"] = round(teacher.artifact.size_bytes() / final["size_bytes"], 3)
+    if teacher.figures.get("perplexity"):
+        final["perplexity_increase_vs_fp32"] = round(
+            100 * (c.figures["perplexity"] / cands["fp32"].figures["perplexity"] - 1), 3)
+    if not prof.measures_here:
+        final["measured_on_note"] = (f"measured on this host, not on a {prof.name}: not the board's speed")
+    final["not_measured"] = nm
+    rep["final"] = final
+    rep["speculative"] = spec
+    return rep

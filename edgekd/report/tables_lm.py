@@ -1,0 +1,91 @@
+"""The causal-LM sections of report.md and report.html: teacher, student and final side by side, the
+weight candidates, distillation against its cross-entropy baseline and speculative decoding."""
+from __future__ import annotations
+
+from .tables import ABSENT, Cell, Table, figure, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_ratio, stage
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _tps(x: float) -> str:
+    return f"{x:.1f} tok/s"
+
+
+def lm_headline(report: dict) -> str:
+    final, teacher = report.get("final") or {}, report.get("teacher") or {}
+    parts = [f"{final.get('precision', '?')} decoder `{final.get('artifact', '?')}`"]
+    ppl = figure(final, "perplexity", _num)
+    parts.append(f"test perplexity {ppl.text}" + (f" (teacher {teacher['perplexity']:.2f})"
+                                                  if isinstance(teacher.get("perplexity"), (int, float)) else ""))
+    tps = figure(final, "decode_tokens_per_s", _tps)
+    sp = final.get("speedup_vs_teacher")
+    parts.append(f"decode {tps.text}" + (f" ({fmt_ratio(sp)} the teacher's)" if isinstance(sp, (int, float)) else ""))
+    spec = report.get("speculative") or {}
+    if isinstance(spec.get("speedup"), (int, float)):
+        parts.append(f"speculative decoding {fmt_ratio(spec['speedup'])} over the teacher alone, "
+                     f"{spec.get('identical')}/{spec.get('prompts')} outputs identical")
+    parts.append(f"measured on {final.get('measured_on') or 'host'}")
+    return "; ".join(parts)
+
+
+def _row(label: str, h: dict) -> list[Cell]:
+    return [Cell(label), figure(h, "perplexity", _num), figure(h, "accuracy", fmt_pct),
+            figure(h, "decode_tokens_per_s", _tps), figure(h, "prefill_tokens_per_s", _tps),
+            figure(h, "ttft_ms", fmt_ms), figure(h, "tpot_ms", fmt_ms, "p50"), figure(h, "tpot_ms", fmt_ms, "p90"),
+            figure(h, "size_bytes", fmt_bytes), figure(h, "params", fmt_count)]
+
+
+HEADERS = ["model", "test perplexity", "next-token accuracy", "decode", "prefill", "TTFT", "TPOT p50",
+           "TPOT p90", "size", "params"]
+
+
+def models_table(report: dict) -> Table:
+    t = Table(HEADERS)
+    t.rows.append(_row("teacher (FP32)", report.get("teacher") or {}))
+    q = stage(report, "quantize")
+    for c in (q or {}).get("candidates") or []:
+        t.rows.append(_row(f"{c['label']}" + (" ← final" if c.get("chosen") else ""), c))
+    if not q:
+        t.rows.append(_row("final", report.get("final") or {}))
+    return t
+
+
+def distill_table(report: dict) -> Table | None:
+    d = stage(report, "distill")
+    if not d:
+        return None
+    t = Table(["student", "test perplexity", "next-token accuracy", "agreement with the teacher", "steps"])
+    t.rows.append([Cell(f"distilled ({d.get('loss', '?')})"), figure(d, "perplexity", _num),
+                   figure(d, "accuracy", fmt_pct), figure(d, "teacher_agreement", fmt_pct), figure(d, "steps", str)])
+    base = d.get("baseline")
+    if isinstance(base, dict):
+        t.rows.append([Cell("cross-entropy only (same steps)"), figure(base, "perplexity", _num),
+                       figure(base, "accuracy", fmt_pct), figure(base, "teacher_agreement", fmt_pct),
+                       figure(base, "steps", str)])
+    return t
+
+
+def speculative_table(report: dict) -> Table | None:
+    s = report.get("speculative")
+    if not isinstance(s, dict):
+        return None
+    t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", "speedup", "identical outputs"])
+    t.rows.append([figure(s, "draft_tokens", str), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
+                   figure(s, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
+                   figure(s, "speedup", fmt_ratio),
+                   Cell(f"{s.get('identical')}/{s.get('prompts')}" if "identical" in s else ABSENT)])
+    return t
+
+
+def lm_sections(report: dict) -> list[tuple[str, Table]]:
+    """(title, table) for every LM section the report has."""
+    out = [("Language models (test split, target runtime)", models_table(report))]
+    d = distill_table(report)
+    if d is not None:
+        out.append(("Distillation against cross-entropy alone", d))
+    s = speculative_table(report)
+    if s is not None:
+        out.append(("Speculative decoding (the final student drafts for the teacher)", s))
+    return out

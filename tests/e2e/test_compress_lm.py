@@ -1,0 +1,91 @@
+"""task causal-lm end to end on a tiny Llama teacher built here: distill (top-k cache, CE baseline), the
+KV-cache export, INT8/INT4 weight candidates chosen on validation, speed and speculative decoding, the
+report and the run-directory contract."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from edgekd import Pipeline  # noqa: E402
+from edgekd.config import from_dict  # noqa: E402
+from tests.lm_fixtures import corpus_files, tiny_llama_dir  # noqa: E402
+
+CHECK_RUN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "check_run.py"
+
+
+def lm_config(teacher_dir, **extra):
+    raw = {"task": "causal-lm", "name": "tiny-lm", "teacher": {"model": str(teacher_dir)},
+           "data": {"files": [str(f) for f in corpus_files(12)], "seq_len": 32, "max_train_tokens": 32 * 64,
+                    "max_eval_tokens": 32 * 8, "batch_size": 8, "val_fraction": 0.2, "test_fraction": 0.2},
+           "student": {"layers": 2}, "distill": {"steps": 30, "baseline": True, "lr": 3e-3, "cache_topk": 16},
+           "speculative": {"prompts": 3, "max_new_tokens": 8, "prompt_tokens": 8, "draft_tokens": 3},
+           "gates": {"max_perplexity_increase": 50.0}}
+    for k, v in extra.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lmrun")
+    teacher = tiny_llama_dir(tmp / "teacher")
+    cache = tmp / "cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    report = Pipeline(lm_config(teacher), target="cpu", out=tmp / "run").run()
+    yield report, tmp / "run", teacher, cache
+    mp.undo()
+
+
+def test_lm_run_reports_every_figure(lm_run):
+    report, run, _, _ = lm_run
+    assert report["task"] == "causal-lm" and json.loads((run / "report.json").read_text())["task"] == "causal-lm"
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["teacher", "distill", "export", "quantize", "bench"]
+    d = stages["distill"]
+    assert d["perplexity"] > 1 and d["baseline"]["perplexity"] > 1 and d["baseline"]["steps"] == d["steps"] == 30
+    assert d["teacher_cache"]["k"] == 16 and not d["teacher_cache"]["reused"]
+    assert stages["export"]["parity"]["greedy_identical"] and stages["export"]["parity"]["max_abs_diff"] < 1e-3
+    q = stages["quantize"]
+    assert {c["name"] for c in q["candidates"]} == {"fp32", "int8", "int4"}
+    assert sum(c["chosen"] for c in q["candidates"]) == 1 and "validation" in q["choice"]["chosen_on"]
+    for c in q["candidates"]:
+        assert c["perplexity"] > 1 and 0 <= c["next_token_agreement"] <= 100 and c["decode_tokens_per_s"] > 0
+        assert c["selection"]["perplexity"] > 1
+    f, t = report["final"], report["teacher"]
+    for block in (f, t):
+        assert block["perplexity"] > 1 and block["decode_tokens_per_s"] > 0 and block["prefill_tokens_per_s"] > 0
+        assert block["ttft_ms"] > 0 and block["tpot_ms"]["p50"] <= block["tpot_ms"]["p90"]
+    assert f["speedup_vs_teacher"] == pytest.approx(f["decode_tokens_per_s"] / t["decode_tokens_per_s"], rel=1e-2)
+    s = report["speculative"]
+    assert s["prompts"] == 3 and s["identical"] == 3 and 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0
+    assert s["draft_tokens"] == 3 and s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0
+    assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
+    assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
+
+
+def test_lm_run_directory_holds_the_contract(lm_run):
+    _, run, _, _ = lm_run
+    if not CHECK_RUN.is_file():
+        pytest.skip("the contract checker is not beside this checkout")
+    res = subprocess.run([sys.executable, str(CHECK_RUN), str(run)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_second_run_reuses_the_teacher_cache(lm_run, tmp_path):
+    _, _, teacher, _ = lm_run  # the same EDGEKD_CACHE is still set by the module fixture? set it again
+    cache = lm_run[3]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    try:
+        cfg = lm_config(teacher, quantize={"weights": ["int8"]}, distill={"baseline": False, "loss": "reverse_kl"})
+        report = Pipeline(cfg, target="cpu", out=tmp_path / "again").run()
+    finally:
+        mp.undo()
+    d = next(s for s in report["stages"] if s["name"] == "distill")
+    assert d["teacher_cache"]["reused"] and d["teacher_cache"]["built_batches"] == 0 and d["loss"] == "reverse_kl"
+    assert "baseline" not in d

@@ -1,0 +1,86 @@
+"""LM weight quantization in ONNX Runtime (INT8 per channel, INT4 MatMulNBits), the generation bench and
+lossless speculative decoding, on a tiny Llama exported with its KV cache."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from edgekd.backends import get_backend  # noqa: E402
+from edgekd.bench.lm_bench import generation_bench, speculative_bench  # noqa: E402
+from edgekd.config.profiles import load_profile  # noqa: E402
+from edgekd.distill.lm_trainer import train_lm  # noqa: E402
+from edgekd.lm_decode import Decoder  # noqa: E402
+from edgekd.lm_export import export_lm_onnx  # noqa: E402
+from edgekd.lm_models import build_lm_student, load_lm  # noqa: E402
+from edgekd.lm_speculative import speculative_greedy  # noqa: E402
+from edgekd.quantize.lm_weights import quantize_lm_weights  # noqa: E402
+from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
+
+
+def _decoder(path, config, tmp, name):
+    profile, backend = load_profile("cpu"), get_backend("onnxruntime")
+    runner = backend.load(backend.compile(path, profile, tmp / name, name.split("-")[0]), profile, 1)
+    return Decoder(runner.run, config, config.num_hidden_layers)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lmq")
+    teacher = load_lm(str(tiny_llama_dir(tmp / "teacher", hidden_size=64, intermediate_size=128))).model
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, teacher.config.vocab_size, (8, 6), generator=g).repeat(1, 6)  # periodic: learnable
+    train_lm(teacher, text, text[:2], steps=60, lr=1e-2, batch_size=4, seed=0, alpha=0.0)
+    fp32 = export_lm_onnx(teacher, tmp / "fp32.onnx")
+    return teacher, text, tmp, fp32
+
+
+@pytest.mark.parametrize("weights, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights, op):
+    import onnx
+
+    teacher, text, tmp, fp32 = models
+    q = quantize_lm_weights(fp32, tmp / f"{weights}.onnx", weights)
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert op in ops and q.stat().st_size < 0.7 * fp32.stat().st_size
+    ref = _decoder(fp32, teacher.config, tmp, "fp32-ref")
+    got = _decoder(q, teacher.config, tmp, f"{weights}-c")
+    blocks = text[:4].numpy()
+    assert got.perplexity(blocks) == pytest.approx(ref.perplexity(blocks), rel=0.1)
+    # where FP32 is clear about the next token (its top score leads by 2), the quantized model agrees; the
+    # tiny model's other positions are near ties that any rounding flips
+    ref_logits, _ = ref.forward(blocks, ref.empty_cache(len(blocks)))
+    got_logits, _ = got.forward(blocks, got.empty_cache(len(blocks)))
+    top2 = np.sort(ref_logits, -1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 2.0
+    assert clear.sum() >= 20
+    assert (ref_logits.argmax(-1) == got_logits.argmax(-1))[clear].mean() >= 0.95
+
+
+def test_generation_bench_figures(models):
+    teacher, text, tmp, fp32 = models
+    dec = _decoder(fp32, teacher.config, tmp, "fp32-bench")
+    prompts = [text[i, :8].tolist() for i in range(3)]
+    figs = generation_bench({"a": dec, "b": dec}, prompts, new_tokens=6, rounds=2)
+    for f in figs.values():
+        assert f["runs"] == 6 and f["new_tokens"] == 6
+        assert f["decode_tokens_per_s"] > 0 and f["prefill_tokens_per_s"] > 0 and f["ttft_ms"] > 0
+        assert 0 < f["tpot_ms"]["p50"] <= f["tpot_ms"]["p90"] <= f["tpot_ms"]["p99"]
+        assert f["decode_tokens_per_s"] == pytest.approx(1000 / np.mean([f["tpot_ms"]["p50"]]), rel=1.0)
+
+
+def test_speculative_decoding_is_the_targets_greedy_output(models):
+    teacher, text, tmp, fp32 = models
+    target = _decoder(fp32, teacher.config, tmp, "fp32-target")
+    prompt = text[1, :7].tolist()
+    expect = target.greedy(prompt, 20)
+    same = speculative_greedy(target, target, prompt, 20, draft_tokens=4)  # a perfect draft
+    assert same.tokens == expect and same.acceptance_rate == 1.0 and same.target_passes < 20
+    other, _ = build_lm_student(teacher, {"layers": 1}, init="scratch", seed=5)
+    draft = _decoder(export_lm_onnx(other, tmp / "draft.onnx"), other.config, tmp, "fp32-draft")
+    for k in (1, 3, 8):
+        res = speculative_greedy(target, draft, prompt, 20, draft_tokens=k)
+        assert res.tokens == expect and len(res.tokens) == 20 and 0 <= res.acceptance_rate <= 1
+    figs = speculative_bench(target, target, [text[i, :7].tolist() for i in range(2)], 12, 4)
+    assert figs["identical"] == 2 and figs["prompts"] == 2 and figs["acceptance_rate"] == 1.0
+    assert figs["tokens_per_s"] > 0 and figs["teacher_tokens_per_s"] > 0 and figs["speedup"] > 0
