@@ -142,6 +142,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     splits = _splits(ctx, loaded.tokenizer)
     write_npz(run / "eval.npz", x=splits.test.ids.numpy())
     write_npz(run / "calib.npz", x=splits.val.ids.numpy())
+    loaded.tokenizer.save_pretrained(str(run / "tokenizer"))  # for `edgekd generate`
     student, init = build_lm_student(teacher, cfg.student.lm_sizes(), cfg.student.init, cfg.seed)
     stages: list[dict] = [{"name": "teacher", "duration_s": teacher_seconds, "source": loaded.source,
                            "params": count_lm_params(teacher), "macs": _macs_per_token(teacher)}]
@@ -222,5 +223,5 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds))
     stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads, "measured_on": "host"})
     report = assemble_lm.report(ctx, loaded, splits, stages, teacher_c, cands, name, why, spec,
-                                {"params": count_lm_params(student), "macs": _macs_per_token(student)})
+                                {"params": count_lm_params(student), "macs": _macs_per_token(student)}, student.config)
     return report

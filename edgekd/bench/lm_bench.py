@@ -74,11 +74,11 @@ def speculative_bench(target: Decoder, draft: Decoder, prompts: Sequence[Sequenc
     drafted = accepted = identical = 0
     differences = []
     for i, prompt in enumerate(prompts):
-        def plain() -> list[int]:
-            return decode_once(target, prompt, new_tokens)["tokens"]
+        def plain(p: Sequence[int] = prompt) -> list[int]:
+            return decode_once(target, p, new_tokens)["tokens"]
 
-        def spec():
-            return speculative_greedy(target, draft, prompt, new_tokens, draft_tokens)
+        def spec(p: Sequence[int] = prompt):
+            return speculative_greedy(target, draft, p, new_tokens, draft_tokens)
 
         first, second = (plain, spec) if i % 2 == 0 else (spec, plain)
         t = time.perf_counter()

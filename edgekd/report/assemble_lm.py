@@ -66,8 +66,17 @@ def _speed_block(c) -> dict:
     return out
 
 
+def decoder_shape(config) -> dict:
+    """What a runner of the exported decoder needs to build its empty KV cache."""
+    heads = config.num_attention_heads
+    return {"num_hidden_layers": config.num_hidden_layers, "num_attention_heads": heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "hidden_size": config.hidden_size}
+
+
 def report(ctx: RunContext, loaded, splits, stages: list[dict], teacher, cands: dict, name: str, why: str,
-           spec: dict, counts: dict) -> dict:
+           spec: dict, counts: dict, student_config) -> dict:
     """The whole report for a causal-LM run (the pipeline adds gates and writes it)."""
     prof = ctx.profile
     summary = splits.summary()
@@ -79,6 +88,8 @@ def report(ctx: RunContext, loaded, splits, stages: list[dict], teacher, cands: 
     runtime = f"{prof.backend} fp32, {ctx.threads} threads"
     tentry = stages[0]
     teacher_block = {"model": ctx.config.teacher.model, "source": loaded.source, **teacher.figures,
+                     "artifact": str(teacher.artifact.path.relative_to(ctx.run_dir)),
+                     "decoder": decoder_shape(loaded.model.config),
                      "params": tentry["params"], "macs": tentry["macs"], "macs_per": "token (linear layers)",
                      "size_bytes": teacher.artifact.size_bytes(), **_speed_block(teacher),
                      "measured_on": "host", "latency_runtime": runtime, "accuracy_runtime": f"{prof.backend} fp32",
@@ -95,6 +106,7 @@ def report(ctx: RunContext, loaded, splits, stages: list[dict], teacher, cands: 
              **_speed_block(c), "measured_on": "host",
              "runtime": {"name": prof.backend, "version": ctx.versions.get(prof.backend)},
              "candidate": name, "choice": {"why": why, "measured": prof.measures_here},
+             "decoder": decoder_shape(student_config),
              "peak_memory_mb": None}
     nm = dict(final.pop("not_measured", {}) or {})
     nm["peak_memory_mb"] = "not measured for LM decoders yet"

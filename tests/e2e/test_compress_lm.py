@@ -89,3 +89,43 @@ def test_second_run_reuses_the_teacher_cache(lm_run, tmp_path):
     d = next(s for s in report["stages"] if s["name"] == "distill")
     assert d["teacher_cache"]["reused"] and d["teacher_cache"]["built_batches"] == 0 and d["loss"] == "reverse_kl"
     assert "baseline" not in d
+
+
+def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
+    from types import SimpleNamespace
+
+    from edgekd.cli import main
+    from edgekd.generate import _decoder, generate
+
+    report, run, _, _ = lm_run
+    out = tmp_path / "gen.json"
+    assert main(["generate", str(run), "--prompt", "def f(x):\n    return", "--max-new-tokens", "12",
+                 "--json", str(out)]) == 0
+    plain = json.loads(out.read_text())
+    assert isinstance(plain["text"], str) and 0 < plain["tokens"] <= 12 and plain["tokens_per_s"] > 0
+    spec = generate(run, "def f(x):\n    return", 12, speculative=True, draft_tokens=3)
+    assert spec["speculative"] and spec["draft_tokens"] == 3 and 0 <= spec["acceptance_rate"] <= 1
+    # lossless: the teacher's own greedy continuation
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    runner, teacher = _decoder(run, {**report["teacher"], "_target": "cpu"}, 1)
+    try:
+        ids = tok.encode("def f(x):\n    return", add_special_tokens=False)
+        expect = teacher.greedy(ids, 12)
+    finally:
+        runner.close()
+    if tok.eos_token_id in expect:
+        expect = expect[:expect.index(tok.eos_token_id)]
+    assert spec["token_ids"] == expect
+    assert SimpleNamespace(**report["final"]["decoder"]).num_hidden_layers == 2
+
+
+def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
+    from edgekd.cli import main
+
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "has no report.json" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text(json.dumps({"task": "image-classification"}))
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "generate needs a causal-lm run" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def models(tmp_path_factory):
     teacher = load_lm(str(tiny_llama_dir(tmp / "teacher", hidden_size=64, intermediate_size=128))).model
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, teacher.config.vocab_size, (8, 6), generator=g).repeat(1, 6)  # periodic: learnable
-    train_lm(teacher, text, text[:2], steps=60, lr=1e-2, batch_size=4, seed=0, alpha=0.0)
+    train_lm(teacher, text, text[:2], steps=150, lr=1e-2, batch_size=4, seed=0, alpha=0.0)
     fp32 = export_lm_onnx(teacher, tmp / "fp32.onnx")
     return teacher, text, tmp, fp32
 

@@ -1,0 +1,123 @@
+"""`edgekd generate RUN_DIR --prompt TEXT`: text from a finished causal-LM run's final decoder, alone or as
+the draft for its teacher (--speculative, lossless: the teacher's own greedy output), on this host with
+the run's target runtime."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from .errors import EXIT_OK, BadInputError
+
+__all__ = ["add_parser", "generate"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text with a causal-lm run's final model",
+                              description="Greedy generation with the final decoder of a finished causal-lm run; "
+                                          "--speculative drafts with it for the run's teacher.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (task causal-lm)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--speculative", action="store_true", help="the final model drafts, the teacher verifies")
+    p.add_argument("--draft-tokens", type=int, help="draft length (default: the run's speculative.draft_tokens)")
+    p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+    return p
+
+
+def _load(run: Path) -> dict:
+    path = run / "report.json"
+    if not path.is_file():
+        raise BadInputError(f"generate: {run} has no report.json (not a finished run directory)")
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as e:
+        raise BadInputError(f"generate: {path} is not valid JSON ({e})") from None
+    if report.get("task") != "causal-lm":
+        raise BadInputError(f"generate: {run} is a {report.get('task', 'image-classification')} run; generate needs "
+                            "a causal-lm run")
+    if not (run / "tokenizer").is_dir():
+        raise BadInputError(f"generate: {run}/tokenizer is missing")
+    return report
+
+
+def _decoder(run: Path, block: dict, threads: int | None):
+    from .backends import Artifact, get_backend
+    from .config.profiles import load_profile
+    from .lm_decode import Decoder
+
+    report_target = block["_target"]
+    profile = load_profile(report_target)
+    path = run / block["artifact"]
+    if not path.is_file():
+        raise BadInputError(f"generate: {path} is missing from the run directory")
+    art = Artifact(path=path, backend=profile.backend, precision=block.get("precision", "fp32"), files=[path])
+    runner = get_backend(profile.backend).load(art, profile, threads)
+    cfg = SimpleNamespace(**block["decoder"])
+    return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers)
+
+
+def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
+             draft_tokens: int | None = None, threads: int | None = None) -> dict:
+    """The continuation of `prompt` and its figures (see the module's docstring)."""
+    from transformers import AutoTokenizer
+
+    from .lm_speculative import speculative_greedy
+
+    if max_new_tokens < 1:
+        raise BadInputError("generate: --max-new-tokens must be at least 1")
+    run = Path(run_dir)
+    report = _load(run)
+    target = report["target"]["name"]
+    threads = threads or report["target"].get("threads")
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    ids = tok.encode(prompt, add_special_tokens=False)
+    if not ids:
+        raise BadInputError("generate: the prompt is empty after tokenisation")
+    final = {**report["final"], "_target": target}
+    runners = []
+    try:
+        runner, draft = _decoder(run, final, threads)
+        runners.append(runner)
+        out: dict = {"prompt_tokens": len(ids), "model": final["artifact"]}
+        t0 = time.perf_counter()
+        if speculative:
+            k = draft_tokens or (report.get("speculative") or {}).get("draft_tokens") or 4
+            runner, teacher = _decoder(run, {**report["teacher"], "_target": target}, threads)
+            runners.append(runner)
+            t0 = time.perf_counter()
+            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k)
+            tokens = res.tokens
+            out.update({"speculative": True, "draft_tokens": k, "acceptance_rate": round(res.acceptance_rate, 4),
+                        "teacher": report["teacher"]["artifact"]})
+        else:
+            tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
+        seconds = time.perf_counter() - t0
+    finally:
+        for r in runners:
+            r.close()
+    if tok.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tok.eos_token_id)]
+    out.update({"text": tok.decode(tokens), "tokens": len(tokens), "token_ids": tokens,
+                "seconds": round(seconds, 4), "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    out = generate(args.run_dir, args.prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads)
+    print(out["text"])
+    figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
+    if out.get("speculative"):
+        figures += f", acceptance {out['acceptance_rate']:.1%} with {out['draft_tokens']} draft tokens"
+    print(figures, file=sys.stderr)
+    if args.json_out:
+        from .runs import write_json
+
+        write_json(args.json_out, out)
+    return EXIT_OK
