@@ -63,7 +63,7 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                    seed=cfg.seed, kind=d.loss, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
                    teacher=None if cache is not None else teacher, cache=cache, progress=ctx.progress,
                    label="distilling the LM student")
-    metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "curve": res.curve,
+    metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "step_curve": res.curve,
                     "train_seconds": res.seconds})
     baseline = None
     if initial is not None:

@@ -12,7 +12,8 @@ from .schema import SCHEMA_VERSION, load_report, read_report_json, validate_repo
 
 # CLI flag (as argparse stores it) -> gate name; all gates use the same name in config.gates.
 _GATE_FLAGS = ("max_size_mb", "max_latency_ms", "min_accuracy", "max_accuracy_drop", "max_regression",
-               "min_accuracy_arm", "min_arm_agreement", "max_memory_mb", "max_energy_mj")
+               "min_accuracy_arm", "min_arm_agreement", "max_memory_mb", "max_energy_mj", "min_decode_tokens_per_s",
+               "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
 
 
 def _number(lo: float, hi: float | None = None, lo_open: bool = False) -> Any:
@@ -50,6 +51,14 @@ def add_parsers(subparsers: Any) -> None:
                    help="peak resident memory of the inference process, MB")
     g.add_argument("--max-energy-mj", type=_number(0, lo_open=True), metavar="X",
                    help="energy per inference, mJ (boards with a power sensor)")
+    g.add_argument("--min-decode-tokens-per-s", type=_number(0, lo_open=True), metavar="X",
+                   help="causal-lm: the final model's decode speed, tokens/s")
+    g.add_argument("--max-perplexity", type=_number(0, lo_open=True), metavar="X",
+                   help="causal-lm: the final model's test perplexity")
+    g.add_argument("--max-perplexity-increase", type=_number(0), metavar="PCT",
+                   help="causal-lm: test perplexity added by quantization, percent of the FP32 student's")
+    g.add_argument("--min-speculative-speedup", type=_number(0, lo_open=True), metavar="X",
+                   help="causal-lm: speculative decoding's speedup over the teacher alone")
     g.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one testcase per gate")
     g.set_defaults(func=run_gate)
 

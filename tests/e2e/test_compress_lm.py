@@ -129,3 +129,16 @@ def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     (tmp_path / "report.json").write_text(json.dumps({"task": "image-classification"}))
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "generate needs a causal-lm run" in capsys.readouterr().err
+
+
+def test_lm_gates_from_the_command_line(lm_run, capsys):
+    from edgekd.cli import main
+
+    report, run, _, _ = lm_run
+    tps = report["final"]["decode_tokens_per_s"]
+    ok = ["gate", str(run / "report.json"), "--min-decode-tokens-per-s", str(tps / 2), "--max-perplexity", "1e9",
+          "--min-speculative-speedup", "0.001"]
+    assert main(["report", "validate", str(run / "report.json")]) == 0
+    assert main(ok) == 0
+    assert main(["gate", str(run / "report.json"), "--max-perplexity", "1.0"]) == 1
+    assert "test perplexity" in capsys.readouterr().out
