@@ -130,6 +130,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     """Run the causal-LM task; returns the report (without gates: the pipeline finishes it)."""
     if hosts:
         raise BadInputError("--host with task causal-lm: measuring an LM on a board over SSH is not available yet")
+    if ctx.profile.backend not in ("onnxruntime", "openvino"):
+        raise BadInputError(f"task causal-lm for {ctx.profile.name} ({ctx.profile.backend}): LM decoders are built "
+                            "for ONNX Runtime and OpenVINO targets only so far")
     cfg, run = ctx.config, ctx.run_dir
     t0 = time.perf_counter()
     with ctx.progress.task("loading the teacher LM", None):
@@ -163,13 +166,16 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         export_lm_onnx(baseline.eval(), ctx.stage_dir("distill") / "baseline.onnx", ctx.profile.opset)
         base_c = LMCandidate("baseline", "fp32", ctx.stage_dir("distill") / "baseline.onnx", "CE baseline FP32")
     if "quantize" in cfg.stages:
-        from .quantize.lm_weights import WEIGHT_FORMATS, quantize_lm_weights
+        from .quantize.lm_weights import OV_WEIGHT_FORMATS, WEIGHT_FORMATS, compress_ov_weights, quantize_lm_weights
 
         tq = time.perf_counter()
         for w in cfg.quantize.weights:
-            path = run / f"model.{w}.onnx"
-            quantize_lm_weights(run / "model.fp32.onnx", path, w)
-            cands[w] = LMCandidate(w, w, path, WEIGHT_FORMATS[w])
+            onnx_q = quantize_lm_weights(run / "model.fp32.onnx", run / f"model.{w}.onnx", w)  # portable ONNX
+            if ctx.profile.backend == "openvino":  # NNCF compresses the IR's weights for OpenVINO's kernels
+                path = compress_ov_weights(run / "model.fp32.onnx", ctx.stage_dir("quantize") / f"model.{w}.xml", w)
+                cands[w] = LMCandidate(w, w, path, OV_WEIGHT_FORMATS[w])
+            else:
+                cands[w] = LMCandidate(w, w, onnx_q, WEIGHT_FORMATS[w])
         quantize_seconds = round(time.perf_counter() - tq, 2)
     opened = [teacher_c, *cands.values(), *([base_c] if base_c else [])]
     try:

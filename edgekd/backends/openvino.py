@@ -56,7 +56,7 @@ def compile_config(core, device: str, precision: str, threads: int | None) -> di
     config: dict = {"PERFORMANCE_HINT": "LATENCY"}
     if threads and (not supported or "INFERENCE_NUM_THREADS" in supported):
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    if precision in ("fp32", "int8") and "INFERENCE_PRECISION_HINT" in supported:
+    if precision in ("fp32", "int8", "int4") and "INFERENCE_PRECISION_HINT" in supported:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     return config
 
@@ -104,6 +104,13 @@ class OpenVinoRunner(Runner):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.array(self.request.infer({0: batch})[0], copy=True)
 
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            res = self.request.infer(feeds)
+        except Exception as e:  # noqa: BLE001
+            raise StageError(f"openvino inference failed: {_first_line(e)}") from None
+        return [np.array(res[out], copy=True) for out in self.compiled.outputs]
+
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         n, b = batch.shape[0], self.batch
         if b is None or n == b:
@@ -139,8 +146,8 @@ class OpenVinoBackend(Backend):
     def _compile(self, onnx_path: Path, profile: Profile, out_dir: Path, precision: str) -> Artifact:
         import openvino as ov
 
-        if precision not in ("fp32", "fp16", "int8"):
-            raise ModelError(f"openvino: unknown precision {precision!r}; expected fp32, fp16 or int8")
+        if precision not in ("fp32", "fp16", "int8", "int4"):
+            raise ModelError(f"openvino: unknown precision {precision!r}; expected fp32, fp16, int8 or int4")
         xml = out_dir / f"model.{precision}.xml"
         bin_ = xml.with_suffix(".bin")
         tmp_xml = out_dir / f".tmp.{xml.name}"

@@ -15,13 +15,42 @@ from pathlib import Path
 from ..errors import StageError
 from ..runs import atomic_path
 
-__all__ = ["INT4_BLOCK", "WEIGHT_FORMATS", "quantize_lm_weights"]
+__all__ = ["INT4_BLOCK", "OV_WEIGHT_FORMATS", "WEIGHT_FORMATS", "compress_ov_weights", "quantize_lm_weights"]
 
 INT4_BLOCK = 32
 WEIGHT_FORMATS = {
     "int8": "INT8 weights per channel (ONNX Runtime dynamic quantization, MatMulInteger)",
     "int4": f"INT4 weights in blocks of {INT4_BLOCK}, symmetric (ONNX Runtime MatMulNBits)",
 }
+OV_WEIGHT_FORMATS = {
+    "int8": "INT8 weights per channel, asymmetric (NNCF weight compression, OpenVINO)",
+    "int4": f"INT4 weights in groups of {INT4_BLOCK}, symmetric (NNCF weight compression, OpenVINO)",
+}
+
+
+def compress_ov_weights(fp32: Path, out: Path, weights: str) -> Path:
+    """The OpenVINO IR of `fp32` with NNCF's weight compression (`weights`: int8 or int4) at `out` (.xml)."""
+    if weights not in OV_WEIGHT_FORMATS:
+        raise StageError(f"quantize.weights: {weights!r} is not one of {', '.join(OV_WEIGHT_FORMATS)}")
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        raise StageError("quantize: NNCF weight compression needs the openvino extra (pip install 'edgekd[openvino]')") \
+            from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model = ov.convert_model(str(fp32))
+        if weights == "int8":
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        else:
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_BLOCK,
+                                          ratio=1.0)
+        ov.save_model(model, str(out), compress_to_fp16=False)
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"quantize: NNCF {weights} weight compression of {fp32.name} failed: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    return out
 
 
 def quantize_lm_weights(fp32: Path, out: Path, weights: str) -> Path:

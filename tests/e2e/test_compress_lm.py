@@ -142,3 +142,35 @@ def test_lm_gates_from_the_command_line(lm_run, capsys):
     assert main(ok) == 0
     assert main(["gate", str(run / "report.json"), "--max-perplexity", "1.0"]) == 1
     assert "test perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["intel-cpu", "raspberry-pi-5"])
+def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
+    _, _, teacher, cache = lm_run
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    try:
+        cfg = lm_config(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8", "int4"]},
+                        speculative={"prompts": 2})
+        report = Pipeline(cfg, target=target, out=tmp_path / "run").run()
+    finally:
+        mp.undo()
+    q = next(s for s in report["stages"] if s["name"] == "quantize")
+    labels = " ".join(c["label"] for c in q["candidates"])
+    assert ("NNCF" in labels) == (target == "intel-cpu")
+    assert report["final"]["decode_tokens_per_s"] > 0 and report["speculative"]["identical"] == 2
+    assert (tmp_path / "run" / "model.int8.onnx").is_file()
+    if target == "raspberry-pi-5":
+        assert "not the board's speed" in report["final"]["measured_on_note"]
+
+
+def test_lm_on_a_jetson_profile_is_a_clear_error(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+
+    _, _, teacher, _ = lm_run
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text(f"task: causal-lm\nteacher: {{model: '{teacher}'}}\ndata: {{files: ['/nonexistent/*.txt']}}\n")
+    assert main(["compress", "--config", str(cfg), "--target", "jetson", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX Runtime and OpenVINO targets only" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
