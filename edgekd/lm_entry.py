@@ -166,7 +166,12 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         export_lm_onnx(baseline.eval(), ctx.stage_dir("distill") / "baseline.onnx", ctx.profile.opset)
         base_c = LMCandidate("baseline", "fp32", ctx.stage_dir("distill") / "baseline.onnx", "CE baseline FP32")
     if "quantize" in cfg.stages:
-        from .quantize.lm_weights import OV_WEIGHT_FORMATS, WEIGHT_FORMATS, compress_ov_weights, quantize_lm_weights
+        from .quantize.lm_weights import (
+            OV_WEIGHT_FORMATS,
+            WEIGHT_FORMATS,
+            compress_ov_weights,
+            quantize_lm_weights,
+        )
 
         tq = time.perf_counter()
         for w in cfg.quantize.weights:
