@@ -38,6 +38,10 @@ class IdxFiles(Section):
     test_labels: str | None = None
 
 
+TEXT_ONLY_DATA = ("seq_len", "max_train_tokens", "max_eval_tokens")
+LM_ONLY_DISTILL_KEYS = ("loss", "beta")
+
+
 class DataConfig(Section):
     # digits: the embedded demo; fashion-mnist and idx: IDX files with their official train/test split
     # (the validation split is carved from train); imagefolder: ROOT/CLASS/*.jpg
@@ -58,6 +62,15 @@ class DataConfig(Section):
     augment: bool = True
     # image folders are decoded per batch; this many MB of decoded images are kept for the next epoch
     decoded_cache_mb: float = Field(1024, ge=0)
+
+    def key_dump(self) -> dict:
+        """The settings that shape the data, for cache keys: the text-only keys are left out of an image
+        dataset's dump, so adding them did not invalidate caches built before."""
+        out = self.model_dump(mode="json")
+        if self.dataset != "text":
+            for k in TEXT_ONLY_DATA:
+                out.pop(k, None)
+        return out
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> DataConfig:
@@ -212,6 +225,13 @@ class DistillConfig(Section):
                 raise ValueError(f"distill.losses.{feats[0]} needs distill.feature_layers "
                                  "(e.g. {student: features.3, teacher: layer3})")
         return self
+
+    def key_dump(self) -> dict:
+        """The settings for cache keys of the image task (the LM-only keys left out, see DataConfig.key_dump)."""
+        out = self.model_dump(mode="json")
+        for k in LM_ONLY_DISTILL_KEYS:
+            out.pop(k, None)
+        return out
 
     def sweep_budget(self) -> int:
         """Epochs per sweep point: sweep_epochs, or a sixth of the full run's epochs (at least one)."""

@@ -60,7 +60,7 @@ def space(cfg) -> list[str]:
 def search_key(ctx: RunContext, teacher_key: str) -> str:
     cfg = ctx.config
     return ctx.key("search-v1", teacher_key, cfg.student.search.model_dump(mode="json"),  # type: ignore[union-attr]
-                   cfg.data.model_dump(mode="json"), cfg.distill.temperature, cfg.distill.alpha, cfg.distill.lr,
+                   cfg.data.key_dump(), cfg.distill.temperature, cfg.distill.alpha, cfg.distill.lr,
                    ctx.profile.name, ctx.board[0] if ctx.board else None, ctx.threads)
 
 

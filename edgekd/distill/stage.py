@@ -22,8 +22,7 @@ from .trainer import TrainResult, augmented_views, kd_draws, resolve_device, tra
 def distill_key(ctx: RunContext, teacher_key: str, student_spec: str) -> str:
     """The stage's cache key: teacher, student, the distill and data config, seed and library versions."""
     cfg = ctx.config
-    return ctx.key("distill-v3", teacher_key, student_spec, cfg.distill.model_dump(mode="json"),
-                   cfg.data.model_dump(mode="json"))
+    return ctx.key("distill-v3", teacher_key, student_spec, cfg.distill.key_dump(), cfg.data.key_dump())
 
 
 def _secs(values: list[float]) -> list[float]:

@@ -20,7 +20,7 @@ def _cache_path(ctx: RunContext, model: nn.Module) -> Path:
     cfg = ctx.config
     checkpoint = sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else None
     shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    key = hash_obj("teacher-v2", cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+    key = hash_obj("teacher-v2", cfg.teacher.model_dump(mode="json"), cfg.data.key_dump(),
                    {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")}, checkpoint, shapes)
     return cache_dir() / "teachers" / f"{cfg.teacher.model.replace(':', '_').replace('/', '_')}-{key}.pt"
 

@@ -38,3 +38,12 @@ def test_text_files_and_a_gguf_teacher_are_relative_to_the_config_file(tmp_path)
     c = load_config(cfg)
     assert c.data.files == [str(tmp_path / "corpus/*.txt"), "/abs/x.txt"]
     assert c.teacher.model == f"gguf:{tmp_path / 'models/m.gguf'}"
+
+
+def test_image_cache_keys_leave_the_lm_keys_out():
+    c = from_dict({})
+    assert not {"seq_len", "max_train_tokens", "max_eval_tokens"} & set(c.data.key_dump())
+    assert not {"loss", "beta"} & set(c.distill.key_dump())
+    assert c.data.key_dump()["dataset"] == "digits" and "temperature" in c.distill.key_dump()
+    lm = from_dict({"task": "causal-lm"})
+    assert lm.data.key_dump()["seq_len"] == 256

@@ -72,7 +72,7 @@ def extra_teacher(ctx: RunContext, spec: ExtraTeacher, index: int) -> tuple[nn.M
     if spec.train_epochs == 0:
         ctx.notes.append(f"{key}: no checkpoint and train_epochs 0: a randomly initialised teacher")
         return frozen(model), "random initialisation"
-    digest = hash_obj("extra-teacher-v2", spec.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+    digest = hash_obj("extra-teacher-v2", spec.model_dump(mode="json"), cfg.data.key_dump(),
                       cfg.teacher.lr, {k: ctx.versions.get(k) for k in ("torch", "torchvision", "edgekd")})
     path = cache_dir() / "teachers" / f"extra-{spec.model.replace(':', '_').replace('/', '_')}-{digest}.pt"
     if path.is_file():
