@@ -143,7 +143,7 @@ def config_key(config: Config, profile: Profile) -> str:
 
 # The user cache (cache_dir()): what edgekd writes there, by kind -> (pattern under the cache folder).
 # Anything else in the folder (a virtual environment, other tools' files) is never listed or removed.
-CACHE_KINDS = {"teachers": "teachers/*", "logits": "teacher-logits/*", "sysroots": "arm64-sysroot-*"}
+CACHE_KINDS = {"teachers": "teachers/*", "logits": "teacher-logits/*", "lm-topk": "lm-topk/*", "sysroots": "arm64-sysroot-*"}
 
 
 @dataclass(frozen=True)
