@@ -13,7 +13,9 @@ the teacher's embeddings, final norm and an evenly spaced subset of its layers w
 principal directions and the layers start fresh. `init: scratch` starts everything fresh."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +73,8 @@ def _quiet_load(fn, *args, **kwargs):
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return fn(*args, **kwargs)
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own tqdm bar ignores the switch
+            return fn(*args, **kwargs)
     finally:
         if was:
             hf_logging.enable_progress_bar()
