@@ -54,9 +54,12 @@ class Decoder:
         for i in range(0, len(blocks), batch_size):
             ids = blocks[i:i + batch_size]
             logits, _ = self.forward(ids, self.empty_cache(len(ids)))
-            lp = log_softmax(logits[:, :-1].astype(np.float64))
+            lg = np.asarray(logits[:, :-1], dtype=np.float32)
             target = ids[:, 1:]
-            total -= float(np.take_along_axis(lp, target[..., None], -1).sum())
+            top = lg.max(-1, keepdims=True)
+            lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))  # log-sum-exp, no full log-softmax array
+            picked = np.take_along_axis(lg, target[..., None], -1)[..., 0]
+            total += float((lse - picked).astype(np.float64).sum())
             count += target.size
         return math.exp(total / max(count, 1))
 
