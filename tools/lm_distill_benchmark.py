@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Causal-LM distillation side by side: the same student (same initial weights, same batches, same steps)
+trained with forward KL, reverse KL, generalized JSD and next-token cross-entropy alone, each for every
+seed; test perplexity of each exported FP32 decoder through ONNX Runtime, and how much lower the KD
+students' perplexity is than the cross-entropy student's.
+
+    python tools/lm_distill_benchmark.py --config examples/smollm2.yaml --seeds 0 1
+
+The teacher's top-k cache is the one `edgekd compress` builds (the user cache), so a run after compress
+reuses it. Prints a Markdown table and writes results.json under --out."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=ROOT / "examples" / "smollm2.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--steps", type=int, help="optimizer steps for every student (default: the config's)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "lm-distill-bench")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from edgekd.backends import get_backend
+    from edgekd.config import load_config
+    from edgekd.config.profiles import load_profile
+    from edgekd.context import RunContext, usable_cores
+    from edgekd.distill.lm_stage import _cache, lm_steps
+    from edgekd.distill.lm_trainer import train_lm
+    from edgekd.lm_decode import Decoder
+    from edgekd.lm_entry import _splits
+    from edgekd.lm_export import export_lm_onnx
+    from edgekd.lm_models import build_lm_student, load_lm
+    from edgekd.runs import hash_arrays
+
+    cfg = load_config(args.config)
+    if cfg.task != "causal-lm":
+        sys.exit(f"{args.config}: not a causal-lm config")
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or usable_cores()
+    profile = load_profile("cpu")
+    ctx = RunContext(cfg, profile, args.out, threads=threads)
+    lm = load_lm(cfg.teacher.model)
+    teacher = lm.model
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    teacher_key = hash_arrays(*[t.detach().numpy() for t in teacher.state_dict().values()])
+    splits = _splits(ctx, lm.tokenizer)
+    steps = args.steps or lm_steps(ctx, splits)
+    cache, info = _cache(ctx, teacher, teacher_key, splits)
+    print(f"teacher cache: {info}", file=sys.stderr)
+    backend = get_backend("onnxruntime")
+    test = splits.test.ids.numpy()
+    rows = []
+    for seed in args.seeds:
+        for loss in args.losses:
+            student, _ = build_lm_student(teacher, cfg.student.lm_sizes(), cfg.student.init, seed)
+            t0 = time.perf_counter()
+            res = train_lm(student, splits.train.ids, splits.val.ids, steps=steps, lr=cfg.distill.lr,
+                           batch_size=cfg.data.batch_size, seed=seed, kind="forward_kl" if loss == "ce" else loss,
+                           alpha=0.0 if loss == "ce" else cfg.distill.alpha, temperature=cfg.distill.temperature,
+                           beta=cfg.distill.beta, cache=None if loss == "ce" else cache)
+            seconds = time.perf_counter() - t0
+            onnx = export_lm_onnx(student.eval(), args.out / f"{loss}-{seed}" / "model.onnx")
+            art = backend.compile(onnx, profile, args.out / f"{loss}-{seed}" / "compiled", "fp32")
+            runner = backend.load(art, profile, threads)
+            try:
+                ppl = Decoder(runner.run, student.config, student.config.num_hidden_layers).perplexity(test)
+            finally:
+                runner.close()
+            rows.append({"seed": seed, "loss": loss, "steps": steps, "test_perplexity": round(ppl, 4),
+                         "val_perplexity": round(res.val_perplexity, 4), "train_seconds": round(seconds, 1)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+            del student
+            torch.set_num_threads(usable_cores())
+    mean = {loss: sum(r["test_perplexity"] for r in rows if r["loss"] == loss) / len(args.seeds)
+            for loss in args.losses}
+    print(f"| loss | test perplexity (mean of seeds {', '.join(map(str, args.seeds))}) | vs cross-entropy alone |")
+    print("|---|---:|---:|")
+    for loss in args.losses:
+        vs = f"{100 * (1 - mean[loss] / mean['ce']):+.1f}% lower" if "ce" in mean and loss != "ce" else ""
+        print(f"| {loss} | {mean[loss]:.3f} | {vs} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
