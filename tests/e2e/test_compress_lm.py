@@ -4,7 +4,6 @@ report and the run-directory contract."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,10 @@ pytest.importorskip("transformers")
 
 from edgekd import Pipeline  # noqa: E402
 from edgekd.config import from_dict  # noqa: E402
+from tests.conftest import SHARED  # noqa: E402
 from tests.lm_fixtures import corpus_files, tiny_llama_dir  # noqa: E402
 
-CHECK_RUN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "check_run.py"
+CHECK_RUN = SHARED / "tools" / "check_run.py"
 
 
 def lm_config(teacher_dir, **extra):
