@@ -154,10 +154,13 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         student, entry, baseline = _distill(ctx, teacher, teacher_key, student, splits)
         stages.append({"name": "distill", "init": init, **entry})
     student.eval()
-    layers = teacher.config.num_hidden_layers
+    t_config = teacher.config
+    layers = t_config.num_hidden_layers
     s_layers = student.config.num_hidden_layers
     t_export = time.perf_counter()
     export_lm_onnx(teacher, run / "teacher.fp32.onnx", ctx.profile.opset)
+    del teacher  # from here on the teacher runs exported, on the target's runtime: its torch weights can go
+    loaded.model = None
     export_lm_onnx(student, run / "model.fp32.onnx", ctx.profile.opset)
     cands = {"fp32": LMCandidate("fp32", "fp32", run / "model.fp32.onnx", "FP32")}
     teacher_c = LMCandidate("teacher", "fp32", run / "teacher.fp32.onnx", "teacher FP32")
@@ -185,7 +188,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     opened = [teacher_c, *cands.values(), *([base_c] if base_c else [])]
     try:
         for c in opened:
-            _open(ctx, c, teacher.config if c is teacher_c else student.config, layers if c is teacher_c else s_layers)
+            _open(ctx, c, t_config if c is teacher_c else student.config, layers if c is teacher_c else s_layers)
         stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
                        "opset": ctx.profile.opset, "kv_cache": True,
                        "parity": _parity(student, cands["fp32"].decoder, splits.test.ids)})  # type: ignore[arg-type]
@@ -233,6 +236,6 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     if "quantize" in cfg.stages:
         stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds))
     stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads, "measured_on": "host"})
-    report = assemble_lm.report(ctx, loaded, splits, stages, teacher_c, cands, name, why, spec,
+    report = assemble_lm.report(ctx, loaded.source, t_config, splits, stages, teacher_c, cands, name, why, spec,
                                 {"params": count_lm_params(student), "macs": _macs_per_token(student)}, student.config)
     return report

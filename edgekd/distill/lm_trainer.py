@@ -23,6 +23,7 @@ from .lm_losses import lm_distill_loss, lm_distill_loss_topk, next_token_ce
 __all__ = ["LMTrainResult", "build_topk_cache", "lm_logits", "next_token_agreement", "perplexity", "train_lm"]
 
 EVAL_BATCH = 8
+SELECTION_BLOCKS = 32  # validation blocks scored during training to keep the best weights (a bounded cost)
 
 
 @dataclass
@@ -96,7 +97,8 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
 
     With a teacher (live) or a cache (its top-k, as build_topk_cache wrote it for these blocks and this
     batch size) and alpha > 0 the loss is alpha * divergence(kind) + (1 - alpha) * next-token CE;
-    otherwise CE alone (the baseline). Keeps the weights with the lowest validation perplexity."""
+    otherwise CE alone (the baseline). Keeps the weights with the lowest validation perplexity (on the first
+    SELECTION_BLOCKS validation blocks)."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     if teacher is not None and cache is not None:
@@ -116,6 +118,7 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     every = eval_every or max(1, steps // 4)
+    val = val[:SELECTION_BLOCKS]
     best = (perplexity(student, val), 0, copy.deepcopy(student.state_dict()))
     curve: list[dict] = [{"step": 0, "val_perplexity": round(best[0], 4)}]
     order: list[int] = []

@@ -75,7 +75,8 @@ def decoder_shape(config) -> dict:
             "hidden_size": config.hidden_size}
 
 
-def report(ctx: RunContext, loaded, splits, stages: list[dict], teacher, cands: dict, name: str, why: str,
+def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[dict], teacher, cands: dict, name: str,
+           why: str,
            spec: dict, counts: dict, student_config) -> dict:
     """The whole report for a causal-LM run (the pipeline adds gates and writes it)."""
     prof = ctx.profile
@@ -87,9 +88,9 @@ def report(ctx: RunContext, loaded, splits, stages: list[dict], teacher, cands: 
                                "reads no calibration data)"}
     runtime = f"{prof.backend} fp32, {ctx.threads} threads"
     tentry = stages[0]
-    teacher_block = {"model": ctx.config.teacher.model, "source": loaded.source, **teacher.figures,
+    teacher_block = {"model": ctx.config.teacher.model, "source": source, **teacher.figures,
                      "artifact": str(teacher.artifact.path.relative_to(ctx.run_dir)),
-                     "decoder": decoder_shape(loaded.model.config),
+                     "decoder": decoder_shape(teacher_config),
                      "params": tentry["params"], "macs": tentry["macs"], "macs_per": "token (linear layers)",
                      "size_bytes": teacher.artifact.size_bytes(), **_speed_block(teacher),
                      "measured_on": "host", "latency_runtime": runtime, "accuracy_runtime": f"{prof.backend} fp32",
