@@ -62,8 +62,9 @@ def check_task(cfg) -> None:
         raise ValueError("data.dataset text needs task: causal-lm")
     if cfg.speculative is not None:
         raise ValueError("speculative is read only with task: causal-lm")
-    set_student = [k for k in LM_ONLY_STUDENT if k in cfg.student.model_fields_set]
-    set_distill = [k for k in LM_ONLY_DISTILL if k in cfg.distill.model_fields_set]
+    # a key at its default is not refused: a saved config (every key written out) must load again
+    set_student = [k for k in LM_ONLY_STUDENT if getattr(cfg.student, k) != type(cfg.student).model_fields[k].default]
+    set_distill = [k for k in LM_ONLY_DISTILL if getattr(cfg.distill, k) != type(cfg.distill).model_fields[k].default]
     if set_student or set_distill:
         key = f"student.{set_student[0]}" if set_student else f"distill.{set_distill[0]}"
         raise ValueError(f"{key} is read only with task: causal-lm")

@@ -47,3 +47,9 @@ def test_image_cache_keys_leave_the_lm_keys_out():
     assert c.data.key_dump()["dataset"] == "digits" and "temperature" in c.distill.key_dump()
     lm = from_dict({"task": "causal-lm"})
     assert lm.data.key_dump()["seq_len"] == 256
+
+
+def test_saved_configs_load_again():
+    for raw in ({}, {"task": "causal-lm", "student": {"layers": 2}}):
+        c = from_dict(raw)
+        assert from_dict(c.model_dump(mode="json")) == c
