@@ -209,7 +209,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
                 break
         else:
             outcome = PruneOutcome(before=outcome.before, after=outcome.before, family=outcome.family,
-                                   note=guard.refusal())
+                                   steps=outcome.steps, note=guard.refusal())  # the steps of the last try
             ctx.notes.append(f"prune: {guard.refusal()}")
     finally:
         probe.close()
