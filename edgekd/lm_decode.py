@@ -9,14 +9,9 @@ import numpy as np
 
 from .lm_export import io_names, kv_shape
 
-__all__ = ["Decoder", "log_softmax"]
+__all__ = ["Decoder"]
 
 RunFn = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 class Decoder:
