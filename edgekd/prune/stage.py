@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from ..distill.trainer import AUG_DRAWS, TeacherLogitCache, augmented_views, tra
 from ..models import build_model, student_from
 from ..runs import atomic_path
 from .guard import AccuracyGuard
-from .loop import PruneOutcome, PruneStep, prune
+from .loop import PruneStep, prune
 from .pruner import load_pruned, save_pruned
 
 # Each probe: PROBE_ROUNDS interleaved rounds of about PROBE_ROUND_S seconds per model (iterations
@@ -208,8 +209,8 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
                 model = candidate
                 break
         else:
-            outcome = PruneOutcome(before=outcome.before, after=outcome.before, family=outcome.family,
-                                   steps=outcome.steps, note=guard.refusal())  # the steps of the last try
+            # the last try's evidence (steps, allocation search, latency shares) stays; the model is the unpruned one
+            outcome = dataclasses.replace(outcome, after=outcome.before, reached=False, note=guard.refusal())
             ctx.notes.append(f"prune: {guard.refusal()}")
     finally:
         probe.close()
