@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_cache_parser(sub)
     from .bench.cli import add_parser as add_bench_parser
     from .bench.sysroot import add_parser as add_arm_parser
-    from .generate import add_parser as add_generate_parser
+    from .lm.generate import add_parser as add_generate_parser
     from .report.cli import add_parsers as add_report_parsers
 
     add_bench_parser(sub)

@@ -105,8 +105,8 @@ class Pipeline:
         return assemble.finish(ctx, report, self.hosts)
 
     def _lm(self, ctx: RunContext, created: bool) -> dict:
-        """task causal-lm: its own entry (lm_entry), then the same gates and report files."""
-        from .lm_entry import run_lm_entry
+        """task causal-lm: its own entry (lm/entry.py), then the same gates and report files."""
+        from .lm.entry import run_lm_entry
 
         return assemble.finish(ctx, run_lm_entry(ctx, self.hosts), self.hosts)
 

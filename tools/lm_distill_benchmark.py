@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from edgekd.context import RunContext, usable_cores
     from edgekd.distill.lm_stage import _cache, lm_steps
     from edgekd.distill.lm_trainer import train_lm
-    from edgekd.lm_decode import Decoder
-    from edgekd.lm_entry import _splits
-    from edgekd.lm_export import export_lm_onnx
-    from edgekd.lm_models import build_lm_student, load_lm
+    from edgekd.lm.decode import Decoder
+    from edgekd.lm.entry import _splits
+    from edgekd.lm.export import export_lm_onnx
+    from edgekd.lm.models import build_lm_student, load_lm
     from edgekd.runs import hash_arrays
 
     cfg = load_config(args.config)

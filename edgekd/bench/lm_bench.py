@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..lm_decode import Decoder
-from ..lm_speculative import speculative_greedy
+from ..lm.decode import Decoder
+from ..lm.speculative import speculative_greedy
 
 __all__ = ["decode_once", "figures", "generation_bench", "speculative_bench"]
 

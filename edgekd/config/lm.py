@@ -9,7 +9,7 @@ from pydantic import Field
 from .base import Section
 
 TASKS = ("image-classification", "causal-lm")
-LM_TEACHER_DEFAULT = "smollm2-135m"  # lm_models.EMBEDDED_LM
+LM_TEACHER_DEFAULT = "smollm2-135m"  # lm.models.EMBEDDED_LM
 LM_STUDENT_SIZES = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
 LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the

@@ -95,7 +95,7 @@ def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     from types import SimpleNamespace
 
     from edgekd.cli import main
-    from edgekd.generate import _decoder, generate
+    from edgekd.lm.generate import _decoder, generate
 
     report, run, _, _ = lm_run
     out = tmp_path / "gen.json"

@@ -10,10 +10,10 @@ from edgekd.backends import get_backend  # noqa: E402
 from edgekd.bench.lm_bench import generation_bench, speculative_bench  # noqa: E402
 from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.distill.lm_trainer import train_lm  # noqa: E402
-from edgekd.lm_decode import Decoder  # noqa: E402
-from edgekd.lm_export import export_lm_onnx  # noqa: E402
-from edgekd.lm_models import build_lm_student, load_lm  # noqa: E402
-from edgekd.lm_speculative import speculative_greedy  # noqa: E402
+from edgekd.lm.decode import Decoder  # noqa: E402
+from edgekd.lm.export import export_lm_onnx  # noqa: E402
+from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
+from edgekd.lm.speculative import speculative_greedy  # noqa: E402
 from edgekd.quantize.lm_weights import quantize_lm_weights  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 

@@ -10,9 +10,9 @@ from edgekd.backends import get_backend  # noqa: E402
 from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.distill.lm_trainer import perplexity  # noqa: E402
 from edgekd.errors import ModelError  # noqa: E402
-from edgekd.lm_decode import Decoder  # noqa: E402
-from edgekd.lm_export import KVDecoder, export_lm_onnx, kv_shape  # noqa: E402
-from edgekd.lm_models import load_lm  # noqa: E402
+from edgekd.lm.decode import Decoder  # noqa: E402
+from edgekd.lm.export import KVDecoder, export_lm_onnx, kv_shape  # noqa: E402
+from edgekd.lm.models import load_lm  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 
 

@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("transformers")
 
 from edgekd.errors import ModelError  # noqa: E402
-from edgekd.lm_models import build_lm_student, count_lm_params, lm_layers, load_lm  # noqa: E402
+from edgekd.lm.models import build_lm_student, count_lm_params, lm_layers, load_lm  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 
 

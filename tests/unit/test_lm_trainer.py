@@ -16,7 +16,7 @@ from edgekd.distill.lm_trainer import (  # noqa: E402
     perplexity,
     train_lm,
 )
-from edgekd.lm_models import build_lm_student, load_lm  # noqa: E402
+from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
 from tests.lm_fixtures import corpus_files, tiny_llama_dir  # noqa: E402
 
 

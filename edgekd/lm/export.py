@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError, StageError
-from .lm_models import lm_layers
-from .runs import atomic_path
+from ..errors import ModelError, StageError
+from ..runs import atomic_path
+from .models import lm_layers
 
 __all__ = ["KVDecoder", "export_lm_onnx", "io_names", "kv_shape"]
 

@@ -1,4 +1,4 @@
-"""Running an exported KV-cache decoder (lm_export) on any runner that takes named inputs: prefill, decode
+"""Running an exported KV-cache decoder (lm.export) on any runner that takes named inputs: prefill, decode
 steps, greedy generation and perplexity, with the same code for every runtime."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .lm_export import io_names, kv_shape
+from .export import io_names, kv_shape
 
 __all__ = ["Decoder"]
 

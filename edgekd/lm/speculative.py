@@ -1,6 +1,6 @@
 """Greedy speculative decoding: a small draft proposes tokens, the target checks them all in one forward
 pass and keeps the longest prefix it agrees with plus its own next token. The output is the target's own
-greedy output (lossless); both models run through their KV caches (lm_decode.Decoder)."""
+greedy output (lossless); both models run through their KV caches (decode.Decoder)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lm_decode import Decoder
+from .decode import Decoder
 
 __all__ = ["SpeculativeResult", "speculative_greedy", "trim"]
 

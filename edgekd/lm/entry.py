@@ -16,19 +16,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import get_backend
-from .backends.base import Artifact, Runner
-from .bench.lm_bench import generation_bench, speculative_bench
-from .config.lm import SpeculativeConfig
-from .context import RunContext
-from .data import SPLIT_SEED
-from .data.text import TextSplits, build_text_splits, resolve_text_files, stdlib_sources
-from .errors import BadInputError, StageError
-from .lm_decode import Decoder
-from .lm_export import export_lm_onnx
-from .lm_models import build_lm_student, count_lm_params, load_lm
-from .report import assemble_lm
-from .runs import hash_arrays, write_npz
+from ..backends import get_backend
+from ..backends.base import Artifact, Runner
+from ..bench.lm_bench import generation_bench, speculative_bench
+from ..config.lm import SpeculativeConfig
+from ..context import RunContext
+from ..data import SPLIT_SEED
+from ..data.text import TextSplits, build_text_splits, resolve_text_files, stdlib_sources
+from ..errors import BadInputError, StageError
+from ..report import assemble_lm
+from ..runs import hash_arrays, write_npz
+from .decode import Decoder
+from .export import export_lm_onnx
+from .models import build_lm_student, count_lm_params, load_lm
 
 __all__ = ["LMCandidate", "run_lm_entry"]
 
@@ -105,7 +105,7 @@ def _parity(student: nn.Module, dec: Decoder, blocks: torch.Tensor) -> dict:
 
 
 def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.Module, splits: TextSplits):
-    from .distill.lm_stage import lm_distill_key, run_lm_distill
+    from ..distill.lm_stage import lm_distill_key, run_lm_distill
 
     key = lm_distill_key(ctx, teacher_key, splits)
     out = ctx.stage_dir("distill")
@@ -169,7 +169,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         export_lm_onnx(baseline.eval(), ctx.stage_dir("distill") / "baseline.onnx", ctx.profile.opset)
         base_c = LMCandidate("baseline", "fp32", ctx.stage_dir("distill") / "baseline.onnx", "CE baseline FP32")
     if "quantize" in cfg.stages:
-        from .quantize.lm_weights import (
+        from ..quantize.lm_weights import (
             OV_WEIGHT_FORMATS,
             WEIGHT_FORMATS,
             compress_ov_weights,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError, RuntimeMissingError
+from ..errors import ModelError, RuntimeMissingError
 
 __all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "count_lm_params", "load_lm", "lm_layers"]
 

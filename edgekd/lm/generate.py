@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .errors import EXIT_OK, BadInputError
+from ..errors import EXIT_OK, BadInputError
 
 __all__ = ["add_parser", "generate"]
 
@@ -48,9 +48,9 @@ def _load(run: Path) -> dict:
 
 
 def _decoder(run: Path, block: dict, threads: int | None):
-    from .backends import Artifact, get_backend
-    from .config.profiles import load_profile
-    from .lm_decode import Decoder
+    from ..backends import Artifact, get_backend
+    from ..config.profiles import load_profile
+    from .decode import Decoder
 
     report_target = block["_target"]
     profile = load_profile(report_target)
@@ -68,7 +68,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     """The continuation of `prompt` and its figures (see the module's docstring)."""
     from transformers import AutoTokenizer
 
-    from .lm_speculative import speculative_greedy
+    from .speculative import speculative_greedy
 
     if max_new_tokens < 1:
         raise BadInputError("generate: --max-new-tokens must be at least 1")
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         figures += f", acceptance {out['acceptance_rate']:.1%} with {out['draft_tokens']} draft tokens"
     print(figures, file=sys.stderr)
     if args.json_out:
-        from .runs import write_json
+        from ..runs import write_json
 
         write_json(args.json_out, out)
     return EXIT_OK
