@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from .base import Section
+from .distill import LM_ONLY_DISTILL_KEYS as LM_ONLY_DISTILL
 
 TASKS = ("image-classification", "causal-lm")
 LM_TEACHER_DEFAULT = "smollm2-135m"  # lm.models.EMBEDDED_LM
@@ -15,7 +16,6 @@ LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
 # teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)
 LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs": 1, "lr": 1e-3, "cache_topk": 64}
-LM_ONLY_DISTILL = ("loss", "beta")
 
 
 class SpeculativeConfig(Section):
@@ -55,6 +55,10 @@ def check_task(cfg) -> None:
         if cfg.student.model != "teacher":
             raise ValueError("task causal-lm: student.model must be teacher (the teacher's family, sized by "
                              "student.layers, hidden_size, heads, kv_heads, intermediate_size)")
+        seq = cfg.distill.sequence_kd
+        if seq is not None and seq >= cfg.data.seq_len:
+            raise ValueError(f"distill.sequence_kd {seq} must be less than data.seq_len {cfg.data.seq_len}: the "
+                             "teacher continues the first seq_len - sequence_kd tokens of each block")
         if cfg.distill.strategy != "kd":
             raise ValueError(f"task causal-lm: distill.strategy {cfg.distill.strategy} is for image classifiers")
         return

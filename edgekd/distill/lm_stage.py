@@ -1,17 +1,20 @@
 """The distill stage for task causal-lm: token-level distillation from the teacher's top-k cache (built
-once per teacher, data and batch size, in the user cache, and reused by later runs), and with
+once per teacher, data and batch size, in the user cache, and reused by later runs), optionally over the
+teacher's own continuations (distill.sequence_kd) and with on-policy steps (distill.on_policy); with
 distill.baseline the same student trained on next-token cross-entropy alone for the same steps."""
 from __future__ import annotations
 
 import copy
 import time
 
+import torch
 from torch import nn
 
 from ..context import RunContext
 from ..data.text import TextSplits
 from ..runs import cache_dir, hash_arrays, hash_obj
 from .lm_cache import TopKCache
+from .lm_sequence import sequence_kd_blocks
 from .lm_trainer import build_topk_cache, train_lm
 
 __all__ = ["lm_distill_key", "lm_steps", "run_lm_distill"]
@@ -30,13 +33,16 @@ def lm_distill_key(ctx: RunContext, teacher_key: str, splits: TextSplits) -> str
                    cfg.student.model_dump(mode="json"), cfg.distill.model_dump(mode="json"), cfg.data.batch_size)
 
 
-def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits) -> tuple[TopKCache, dict]:
+def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits,
+           blocks: torch.Tensor | None = None) -> tuple[TopKCache, dict]:
+    """The teacher's top-k cache over `blocks` (default: the training blocks), built where missing."""
     cfg = ctx.config
+    blocks = splits.train.ids if blocks is None else blocks
     k = min(int(cfg.distill.cache_topk), splits.vocab_size)  # type: ignore[arg-type]
-    key = hash_obj("lm-topk-v1", teacher_key, hash_arrays(splits.train.ids.numpy()), cfg.data.batch_size, k)
+    key = hash_obj("lm-topk-v1", teacher_key, hash_arrays(blocks.numpy()), cfg.data.batch_size, k)
     cache = TopKCache(cache_dir() / "lm-topk" / key, key, k=k, vocab=splits.vocab_size)
     t0 = time.perf_counter()
-    built = build_topk_cache(teacher, splits.train.ids, cfg.data.batch_size, cache, ctx.progress)
+    built = build_topk_cache(teacher, blocks, cfg.data.batch_size, cache, ctx.progress)
     info = {"k": k, "directory": str(cache.directory), "batches": len(cache.batches()),
             "built_batches": built, "reused": built == 0, "mb": round(cache.nbytes() / 2**20, 2),
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -56,15 +62,23 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                      "train_tokens": splits.train.tokens}
     if d.loss == "jsd":
         metrics["beta"] = d.beta
+    blocks = splits.train.ids
+    if d.sequence_kd:  # the transfer set is the training text as the teacher continues it
+        blocks, metrics["sequence_kd"] = sequence_kd_blocks(teacher, teacher_key, blocks, d.sequence_kd,
+                                                            cfg.data.batch_size, ctx.progress)
     cache = None
     if d.alpha > 0 and d.cache_topk:
-        cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits)
-    res = train_lm(student, splits.train.ids, splits.val.ids, steps=steps, lr=d.lr, batch_size=cfg.data.batch_size,
+        cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits, blocks)
+    policy_tokens = d.sequence_kd or max(1, splits.seq_len // 4)
+    res = train_lm(student, blocks, splits.val.ids, steps=steps, lr=d.lr, batch_size=cfg.data.batch_size,
                    seed=cfg.seed, kind=d.loss, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
                    teacher=None if cache is not None else teacher, cache=cache, progress=ctx.progress,
-                   label="distilling the LM student")
+                   label="distilling the LM student", on_policy=d.on_policy,
+                   policy_teacher=teacher if d.on_policy else None, policy_tokens=policy_tokens)
     metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "step_curve": res.curve,
                     "train_seconds": res.seconds})
+    if d.on_policy:
+        metrics["on_policy"] = {"share": d.on_policy, "steps": res.on_policy_steps, "sampled_tokens": policy_tokens}
     baseline = None
     if initial is not None:
         baseline = copy.deepcopy(student)

@@ -19,6 +19,7 @@ from torch import nn
 from ..progress import NullProgress, Progress
 from .lm_cache import TopKCache
 from .lm_losses import lm_distill_loss, lm_distill_loss_topk, next_token_ce
+from .lm_sequence import sample_continuations
 
 __all__ = ["LMTrainResult", "build_topk_cache", "lm_logits", "next_token_agreement", "perplexity", "train_lm"]
 
@@ -35,6 +36,7 @@ class LMTrainResult:
     seconds: float
     curve: list[dict] = field(default_factory=list)
     best_step: int = 0
+    on_policy_steps: int = 0
 
 
 def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -92,18 +94,31 @@ def build_topk_cache(teacher: nn.Module, blocks: torch.Tensor, batch_size: int, 
 def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, steps: int, lr: float, batch_size: int,
              seed: int, kind: str = "forward_kl", alpha: float = 0.5, temperature: float = 1.0, beta: float = 0.5,
              teacher: nn.Module | None = None, cache: TopKCache | None = None, eval_every: int | None = None,
-             warmup: float = 0.05, progress: Progress | None = None, label: str = "training") -> LMTrainResult:
+             warmup: float = 0.05, progress: Progress | None = None, label: str = "training",
+             on_policy: float = 0.0, policy_teacher: nn.Module | None = None,
+             policy_tokens: int = 32) -> LMTrainResult:
     """Train `student` in place for `steps` optimizer steps (AdamW, linear warm-up then cosine decay).
 
     With a teacher (live) or a cache (its top-k, as build_topk_cache wrote it for these blocks and this
     batch size) and alpha > 0 the loss is alpha * divergence(kind) + (1 - alpha) * next-token CE;
     otherwise CE alone (the baseline). Keeps the weights with the lowest validation perplexity (on the first
-    SELECTION_BLOCKS validation blocks)."""
+    SELECTION_BLOCKS validation blocks).
+
+    With `on_policy` > 0 (and `policy_teacher`, a live teacher) that share of the steps, drawn with the
+    seed, is on-policy (GKD): the student samples the last `policy_tokens` tokens of each block at the
+    temperature, and the divergence to the teacher's distributions on those sampled tokens is the loss."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     if teacher is not None and cache is not None:
         raise ValueError("give a live teacher or a cache, not both")
+    if on_policy > 0 and policy_teacher is None:
+        raise ValueError("on-policy steps need the live teacher (policy_teacher)")
+    if on_policy > 0 and not 1 <= policy_tokens < train.shape[1]:
+        raise ValueError(f"policy_tokens {policy_tokens} must be between 1 and seq_len - 1 ({train.shape[1] - 1})")
     progress = progress or NullProgress()
+    policy_rng = random.Random(seed + 7919)
+    sampler = torch.Generator().manual_seed(seed)
+    policy_steps = 0
     distil = (teacher is not None or cache is not None) and alpha > 0
     batches = _batches(train, batch_size)
     rng = random.Random(seed)
@@ -132,14 +147,24 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
                 rng.shuffle(order)
             b = order.pop()
             ids = batches[b]
-            logits = lm_logits(student, ids)[:, :-1]
-            labels = ids[:, 1:]
-            if not distil:
-                loss = next_token_ce(logits, labels, None)
+            if on_policy > 0 and policy_rng.random() < on_policy:
+                prompt = ids.shape[1] - policy_tokens
+                ids = sample_continuations(student, ids[:, :prompt], policy_tokens, temperature, sampler)
+                with torch.no_grad():
+                    t_logits = lm_logits(policy_teacher, ids)[:, :-1]  # type: ignore[arg-type]
+                logits = lm_logits(student, ids)[:, :-1]
+                mask = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
+                mask[:, prompt - 1:] = True  # the targets the student sampled
+                loss = lm_distill_loss(logits, t_logits, None, mask, kind, 1.0, temperature, beta)
+                policy_steps += 1
+            elif not distil:
+                loss = next_token_ce(lm_logits(student, ids)[:, :-1], ids[:, 1:], None)
             elif cache is not None:
                 top, mask = cache.read(b)
-                loss = lm_distill_loss_topk(logits, top, labels, mask, kind, alpha, temperature, beta)
+                loss = lm_distill_loss_topk(lm_logits(student, ids)[:, :-1], top, ids[:, 1:], mask, kind, alpha,
+                                            temperature, beta)
             else:
+                logits, labels = lm_logits(student, ids)[:, :-1], ids[:, 1:]
                 with torch.no_grad():
                     t_logits = lm_logits(teacher, ids)[:, :-1]  # type: ignore[arg-type]
                 loss = lm_distill_loss(logits, t_logits, labels, None, kind, alpha, temperature, beta)
@@ -161,4 +186,4 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
     student.load_state_dict(best[2])
     student.eval()
     return LMTrainResult(val_perplexity=best[0], steps=steps, seconds=round(time.perf_counter() - t0, 2),
-                         curve=curve, best_step=best[1])
+                         curve=curve, best_step=best[1], on_policy_steps=policy_steps)

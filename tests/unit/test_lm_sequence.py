@@ -1,0 +1,92 @@
+"""Sequence-level KD (the teacher's greedy continuations, stored and reused) and on-policy steps (the
+student samples, the live teacher scores), on a tiny Llama."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from edgekd.config import load_config  # noqa: E402
+from edgekd.data.text import build_text_splits  # noqa: E402
+from edgekd.distill.lm_sequence import continue_greedy, sample_continuations, sequence_kd_blocks  # noqa: E402
+from edgekd.distill.lm_trainer import lm_logits, train_lm  # noqa: E402
+from edgekd.errors import ConfigError  # noqa: E402
+from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
+from tests.lm_fixtures import corpus_files, tiny_llama_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    loaded = load_lm(str(tiny_llama_dir(tmp_path_factory.mktemp("lm") / "teacher")))
+    splits = build_text_splits(corpus_files(), loaded.tokenizer, seq_len=24, seed=0, val_fraction=0.2,
+                               test_fraction=0.2, max_train_tokens=24 * 16, max_eval_tokens=24 * 4)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded, splits
+
+
+def _greedy_without_cache(model, prompts, n):
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, lm_logits(model, ids)[:, -1:].argmax(-1)], 1)
+    return ids
+
+
+def test_greedy_continuation_through_the_kv_cache_equals_full_recomputation(lm):
+    loaded, splits = lm
+    prompts = splits.train.ids[:3, :10]
+    got = continue_greedy(loaded.model, prompts, 6)
+    assert got.shape == (3, 16)
+    assert torch.equal(got[:, :10], prompts)
+    assert torch.equal(got, _greedy_without_cache(loaded.model, prompts, 6))
+
+
+def test_sequence_kd_blocks_are_the_teachers_continuations_and_are_stored_once(lm, tmp_path):
+    loaded, splits = lm
+    blocks = splits.train.ids[:5]
+    written, info = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, 2, root=tmp_path)
+    assert written.shape == blocks.shape and written.dtype == torch.long
+    assert torch.equal(written[:, :16], blocks[:, :16])  # the prompts stay the text
+    assert torch.equal(written, _greedy_without_cache(loaded.model, blocks[:, :16], 8))
+    assert info["reused"] is False and info["prompt_tokens"] == 16 and 0 <= info["differs_from_text"] <= 100
+    again, info2 = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, 2, root=tmp_path)
+    assert info2["reused"] is True and torch.equal(again, written)
+    _, info3 = sequence_kd_blocks(loaded.model, "another-teacher", blocks, 8, 2, root=tmp_path)
+    assert info3["reused"] is False  # another teacher never reads this one's text
+    with pytest.raises(ValueError, match="sequence_kd 24"):
+        sequence_kd_blocks(loaded.model, "teacher-key", blocks, 24, 2, root=tmp_path)
+
+
+def test_sampled_continuations_follow_the_seed(lm):
+    loaded, splits = lm
+    prompts = splits.train.ids[:4, :12]
+    a = sample_continuations(loaded.model, prompts, 10, 1.0, torch.Generator().manual_seed(1))
+    b = sample_continuations(loaded.model, prompts, 10, 1.0, torch.Generator().manual_seed(1))
+    c = sample_continuations(loaded.model, prompts, 10, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :12], prompts) and a.shape == (4, 22)
+
+
+def test_on_policy_steps_train_towards_the_teacher_on_the_students_own_text(lm):
+    loaded, splits = lm
+    student, _ = build_lm_student(loaded.model, {"layers": 2}, "teacher", 0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    res = train_lm(student, splits.train.ids, splits.val.ids, steps=6, lr=1e-3, batch_size=4, seed=0, alpha=0.5,
+                   teacher=loaded.model, on_policy=0.5, policy_teacher=loaded.model, policy_tokens=8)
+    assert 0 < res.on_policy_steps < 6  # a seeded share of the steps
+    res_all = train_lm(student, splits.train.ids, splits.val.ids, steps=3, lr=1e-3, batch_size=4, seed=0,
+                       alpha=0.5, teacher=loaded.model, on_policy=1.0, policy_teacher=loaded.model, policy_tokens=8)
+    assert res_all.on_policy_steps == 3
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    with pytest.raises(ValueError, match="live teacher"):
+        train_lm(student, splits.train.ids, splits.val.ids, steps=1, lr=1e-3, batch_size=4, seed=0, on_policy=0.5)
+
+
+def test_sequence_kd_longer_than_a_block_and_lm_keys_on_images_are_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: causal-lm\ndata: {seq_len: 64}\ndistill: {sequence_kd: 64}\n")
+    with pytest.raises(ConfigError, match="sequence_kd 64 must be less than data.seq_len 64"):
+        load_config(cfg)
+    cfg.write_text("distill: {on_policy: 0.5}\n")
+    with pytest.raises(ConfigError, match="distill.on_policy is read only with task: causal-lm"):
+        load_config(cfg)
