@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Causal-LM distillation side by side: the same student (same initial weights, same batches, same steps)
-trained with forward KL, reverse KL, generalized JSD and next-token cross-entropy alone, each for every
-seed; test perplexity of each exported FP32 decoder through ONNX Runtime, and how much lower the KD
+trained with forward KL, reverse KL, generalized JSD, sequence-level KD (cross-entropy on the training
+blocks as the teacher continues them), on-policy GKD steps, and next-token cross-entropy alone, each for
+every seed; test perplexity of each exported FP32 decoder through ONNX Runtime, and how much lower the KD
 students' perplexity is than the cross-entropy student's.
 
     python tools/lm_distill_benchmark.py --config examples/smollm2.yaml --seeds 0 1
@@ -19,14 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "sequence", "on_policy", "ce")
+DEFAULT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "sequence", "ce")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "examples" / "smollm2.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(DEFAULT_LOSSES))
+    p.add_argument("--sequence-tokens", type=int, help="tokens the teacher writes per block for sequence-level KD "
+                   "(default: distill.sequence_kd, else half of data.seq_len)")
     p.add_argument("--steps", type=int, help="optimizer steps for every student (default: the config's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "lm-distill-bench")
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekd.config import load_config
     from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext, usable_cores
+    from edgekd.distill.lm_sequence import sequence_kd_blocks
     from edgekd.distill.lm_stage import _cache, lm_steps
     from edgekd.distill.lm_trainer import train_lm
     from edgekd.lm.decode import Decoder
@@ -62,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or lm_steps(ctx, splits)
     cache, info = _cache(ctx, teacher, teacher_key, splits)
     print(f"teacher cache: {info}", file=sys.stderr)
+    seq_blocks = None
+    if "sequence" in args.losses:
+        n = args.sequence_tokens or cfg.distill.sequence_kd or splits.seq_len // 2
+        seq_blocks, seq_info = sequence_kd_blocks(teacher, teacher_key, splits.train.ids, n, cfg.data.batch_size)
+        print(f"sequence-KD blocks: {seq_info}", file=sys.stderr)
     backend = get_backend("onnxruntime")
     test = splits.test.ids.numpy()
     rows = []
@@ -69,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         for loss in args.losses:
             student, _ = build_lm_student(teacher, cfg.student.lm_sizes(), cfg.student.init, seed)
             t0 = time.perf_counter()
-            res = train_lm(student, splits.train.ids, splits.val.ids, steps=steps, lr=cfg.distill.lr,
-                           batch_size=cfg.data.batch_size, seed=seed, kind="forward_kl" if loss == "ce" else loss,
-                           alpha=0.0 if loss == "ce" else cfg.distill.alpha, temperature=cfg.distill.temperature,
-                           beta=cfg.distill.beta, cache=None if loss == "ce" else cache)
+            kind = loss if loss in ("forward_kl", "reverse_kl", "jsd") else cfg.distill.loss
+            plain = loss in ("ce", "sequence")  # cross-entropy alone, on the text or on the teacher's text
+            res = train_lm(student, seq_blocks if loss == "sequence" else splits.train.ids, splits.val.ids,
+                           steps=steps, lr=cfg.distill.lr, batch_size=cfg.data.batch_size, seed=seed, kind=kind,
+                           alpha=0.0 if plain else cfg.distill.alpha, temperature=cfg.distill.temperature,
+                           beta=cfg.distill.beta, cache=None if plain else cache,
+                           on_policy=(cfg.distill.on_policy or 0.5) if loss == "on_policy" else 0.0,
+                           policy_teacher=teacher if loss == "on_policy" else None,
+                           policy_tokens=cfg.distill.sequence_kd or splits.seq_len // 4)
             seconds = time.perf_counter() - t0
             onnx = export_lm_onnx(student.eval(), args.out / f"{loss}-{seed}" / "model.onnx")
             art = backend.compile(onnx, profile, args.out / f"{loss}-{seed}" / "compiled", "fp32")
