@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| loss | test perplexity (mean of seeds {', '.join(map(str, args.seeds))}) | vs cross-entropy alone |")
     print("|---|---:|---:|")
     for loss in args.losses:
-        vs = f"{100 * (1 - mean[loss] / mean['ce']):+.1f}% lower" if "ce" in mean and loss != "ce" else ""
+        vs = ""
+        if "ce" in mean and loss != "ce":
+            lower = 100 * (1 - mean[loss] / mean["ce"])
+            vs = f"{lower:.1f}% lower" if lower >= 0 else f"{-lower:.1f}% higher"
         print(f"| {loss} | {mean[loss]:.3f} | {vs} |")
     return 0
 
