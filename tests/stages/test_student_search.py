@@ -73,7 +73,8 @@ def test_search_times_on_the_target_then_proxy_trains_within_budget_and_distill_
     cands = s["candidates"]
     assert {c["architecture"] for c in cands} == {"edge_cnn@w0.5", "edge_cnn@w1", "tiny_cnn@w0.5", "tiny_cnn@w1"}
     assert all(c["latency_ms"] > 0 and c["measured_on"] == "host" and c["params"] > 0 and c["macs"] > 0 for c in cands)
-    assert s["teacher_latency_ms"] > 0 and s["budget_ms"] == pytest.approx(s["teacher_latency_ms"] / 0.01, rel=1e-3)
+    # the teacher's figure is rounded to 0.0001 ms, so the budget (from the unrounded one) agrees within 0.005 ms
+    assert s["teacher_latency_ms"] > 0 and s["budget_ms"] == pytest.approx(s["teacher_latency_ms"] / 0.01, abs=0.0051)
     tried = [c for c in cands if c["proxy_accuracy"] is not None]
     # two trials, the largest of each family; every one within the budget; the best proxy accuracy is chosen
     assert sorted(c["architecture"] for c in tried) == ["edge_cnn@w1", "tiny_cnn@w1"]
