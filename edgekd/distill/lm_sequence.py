@@ -35,7 +35,7 @@ def _generate(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, sampl
     out = prompts
     with torch.no_grad():
         res = model(input_ids=prompts, use_cache=True)
-        past, logits = res.past_key_values, res.logits[:, -1]
+        past, logits = res.cache, res.logits[:, -1]
         for i in range(new_tokens):
             if sample:
                 probs = torch.softmax(logits.float() / temperature, -1)
@@ -44,8 +44,8 @@ def _generate(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, sampl
                 nxt = logits.argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], 1)
             if i + 1 < new_tokens:
-                res = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, logits = res.past_key_values, res.logits[:, -1]
+                res = model(input_ids=nxt, cache=past, use_cache=True)
+                past, logits = res.cache, res.logits[:, -1]
     model.train(was)
     return out
 

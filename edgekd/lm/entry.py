@@ -130,9 +130,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     """Run the causal-LM task; returns the report (without gates: the pipeline finishes it)."""
     if hosts:
         raise BadInputError("--host with task causal-lm: measuring an LM on a board over SSH is not available yet")
-    if ctx.profile.backend not in ("onnxruntime", "openvino"):
+    if ctx.profile.backend not in ("onnxruntime", "openvino", "tensorrt"):
         raise BadInputError(f"task causal-lm for {ctx.profile.name} ({ctx.profile.backend}): LM decoders are built "
-                            "for ONNX Runtime and OpenVINO targets only so far")
+                            "for ONNX Runtime, OpenVINO and TensorRT (Jetson) targets only so far")
     cfg, run = ctx.config, ctx.run_dir
     t0 = time.perf_counter()
     with ctx.progress.task("loading the teacher LM", None):
@@ -162,6 +162,12 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     del teacher  # from here on the teacher runs exported, on the target's runtime: its torch weights can go
     loaded.model = None
     export_lm_onnx(student, run / "model.fp32.onnx", ctx.profile.opset)
+    if ctx.profile.backend == "tensorrt":  # the board builds and times its engines from a bundle (lm/jetson.py)
+        from .jetson import run_lm_jetson
+
+        return run_lm_jetson(ctx, loaded.source, {"model": student.config, "teacher": t_config}, splits, stages,
+                             {"params": count_lm_params(student), "macs": _macs_per_token(student)},
+                             lambda dec: _parity(student, dec, splits.test.ids), t_export)
     cands = {"fp32": LMCandidate("fp32", "fp32", run / "model.fp32.onnx", "FP32")}
     teacher_c = LMCandidate("teacher", "fp32", run / "teacher.fp32.onnx", "teacher FP32")
     base_c = None

@@ -1,11 +1,12 @@
 """report.json's blocks for task causal-lm: the choice among weight-only candidates, the distill stage's
-perplexities against its cross-entropy baseline, the teacher, the final model and speculative decoding."""
+perplexities against its cross-entropy baseline, the teacher, the final model and speculative decoding; for
+a Jetson bundle (lm/jetson.py), the same blocks with every figure of the board's engines null and the reason."""
 from __future__ import annotations
 
 from ..context import RunContext
 from .assemble import skeleton
 
-__all__ = ["choose", "distill_figures", "quantize_entry", "report"]
+__all__ = ["bundle_quantize_entry", "bundle_report", "choose", "distill_figures", "quantize_entry", "report"]
 
 SPEED_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms")
 
@@ -75,17 +76,26 @@ def decoder_shape(config) -> dict:
             "hidden_size": config.hidden_size}
 
 
-def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[dict], teacher, cands: dict, name: str,
-           why: str,
-           spec: dict, counts: dict, student_config) -> dict:
-    """The whole report for a causal-LM run (the pipeline adds gates and writes it)."""
-    prof = ctx.profile
+def _skeleton(ctx: RunContext, splits, teacher_block: dict, stages: list[dict]) -> dict:
     summary = splits.summary()
     data_extra = {"task": "causal-lm", "seq_len": splits.seq_len, "vocab_size": splits.vocab_size, **summary,
                   "chosen_on": f"validation split ({summary['validation']['blocks']} blocks of {splits.seq_len} tokens)",
                   "reported_on": f"test split ({summary['test']['blocks']} blocks, eval.npz)",
                   "calib_npz": "the validation blocks the candidates were chosen on (weight-only quantization "
                                "reads no calibration data)"}
+    rep = skeleton(ctx, "text: " + ("data.files" if isinstance(ctx.config.data.files, list)
+                                    else "Python's standard library sources"), None, teacher=teacher_block,
+                   data_extra=data_extra)
+    rep["task"] = "causal-lm"
+    rep["stages"] = stages
+    return rep
+
+
+def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[dict], teacher, cands: dict, name: str,
+           why: str,
+           spec: dict, counts: dict, student_config) -> dict:
+    """The whole report for a causal-LM run (the pipeline adds gates and writes it)."""
+    prof = ctx.profile
     runtime = f"{prof.backend} fp32, {ctx.threads} threads"
     tentry = stages[0]
     teacher_block = {"model": ctx.config.teacher.model, "source": source, **teacher.figures,
@@ -95,11 +105,7 @@ def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[di
                      "size_bytes": teacher.artifact.size_bytes(), **_speed_block(teacher),
                      "measured_on": "host", "latency_runtime": runtime, "accuracy_runtime": f"{prof.backend} fp32",
                      "accuracy_kind": "next-token accuracy on the test split"}
-    rep = skeleton(ctx, "text: " + ("data.files" if isinstance(ctx.config.data.files, list)
-                                    else "Python's standard library sources"), None, teacher=teacher_block,
-                   data_extra=data_extra)
-    rep["task"] = "causal-lm"
-    rep["stages"] = stages
+    rep = _skeleton(ctx, splits, teacher_block, stages)
     c = cands[name]
     final = {"artifact": str(c.artifact.path.relative_to(ctx.run_dir)), "precision": c.precision, "label": c.label,
              "backend": prof.backend, "files": [str(f.relative_to(ctx.run_dir)) for f in c.artifact.files],
@@ -126,4 +132,73 @@ def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[di
     final["not_measured"] = nm
     rep["final"] = final
     rep["speculative"] = spec
+    return rep
+
+
+# ---- a Jetson bundle: built and timed on the board, so every engine figure is null with its reason ----
+
+ENGINE_FIGURES = ("perplexity", "accuracy", *SPEED_KEYS, "latency_ms", "peak_memory_mb")
+SPECULATIVE_FIGURES = ("acceptance_rate", "tokens_per_s", "teacher_tokens_per_s", "speedup", "identical")
+
+
+def _nulls(keys, reason: str) -> dict:
+    return {**dict.fromkeys(keys), "not_measured": dict.fromkeys(keys, reason)}
+
+
+def _bundle_size(ctx: RunContext, info: dict, name: str) -> int:
+    return (ctx.run_dir / info["path"] / f"{name}.fp16.onnx").stat().st_size
+
+
+def bundle_quantize_entry(ctx: RunContext, info: dict, portable: list[dict], reason: str, seconds: float) -> dict:
+    """The quantize stage for a Jetson bundle: the FP16 engine it serves (chosen, not measured) and the
+    portable weight-only files written beside it (not served)."""
+    engine = {"name": "fp16", "precision": "fp16", "label": "FP16 engine (TensorRT, built on the board)",
+              "chosen": True, "served": True, "artifact": f"{info['path']}/model.fp16.onnx",
+              "size_bytes": _bundle_size(ctx, info, "model"), **_nulls(("perplexity", "accuracy", *SPEED_KEYS), reason)}
+    return {"name": "quantize", "duration_s": seconds, "kind": "weight-only",
+            "max_perplexity_increase": ctx.config.quantize.max_perplexity_increase,
+            "candidates": [engine, *portable],
+            "choice": {"candidate": "fp16", "precision": "fp16", "measured": False,
+                       "why": "the Jetson bundle serves FP16 engines of the distilled student; the weight-only "
+                              "formats are ONNX Runtime's, which TensorRT does not run",
+                       "chosen_on": f"not measured: {reason}"}}
+
+
+def _bundle_distill(entry: dict, reason: str) -> None:
+    """The distill stage keeps what training measured (PyTorch, validation split); its test figures would be
+    the engine's, so they are null with the reason."""
+    entry["measured_with"] = "PyTorch during training, validation split (val_perplexity)"
+    entry.update(_nulls(("perplexity", "accuracy", "teacher_agreement"), reason))
+    if isinstance(entry.get("baseline"), dict):
+        entry["baseline"].update(_nulls(("perplexity", "accuracy", "teacher_agreement"), reason))
+
+
+def bundle_report(ctx: RunContext, source: str, configs: dict, splits, stages: list[dict], counts: dict, info: dict,
+                  reason: str) -> dict:
+    """The whole report for a causal-LM run whose target builds and times its engines itself (Jetson)."""
+    path, tentry = info["path"], stages[0]
+    for st in stages:
+        if st["name"] == "distill":
+            _bundle_distill(st, reason)
+    served = {"precision": "fp16", "backend": "tensorrt", "measured_on": None,
+              "latency_runtime": "tensorrt fp16, on the board (not measured here)"}
+    teacher = {"model": ctx.config.teacher.model, "source": source, "label": "teacher (FP16 engine)",
+               "artifact": f"{path}/teacher.fp16.onnx", "engine": f"{path}/teacher.engine (built on the board)",
+               "decoder": decoder_shape(configs["teacher"]), "params": tentry["params"], "macs": tentry["macs"],
+               "macs_per": "token (linear layers)", "size_bytes": _bundle_size(ctx, info, "teacher"), **served,
+               **_nulls((*ENGINE_FIGURES, "measured_on"), reason)}
+    rep = _skeleton(ctx, splits, teacher, stages)
+    final = {"artifact": f"{path}/model.fp16.onnx", "engine": f"{path}/model.engine (built on the board)",
+             "label": "FP16 engine (TensorRT)", "files": info["files"], "candidate": "fp16", **served,
+             "size_bytes": _bundle_size(ctx, info, "model"), **counts, "macs_per": "token (linear layers)",
+             "runtime": {"name": "tensorrt", "where": "on the board"}, "decoder": decoder_shape(configs["model"]),
+             "compression_vs_teacher": round(teacher["size_bytes"] / _bundle_size(ctx, info, "model"), 3),
+             "choice": {"why": "the Jetson bundle's FP16 engine of the distilled student", "measured": False},
+             "bundle": {k: v for k, v in info.items() if k != "files"},
+             **_nulls((*ENGINE_FIGURES, "measured_on", "next_token_agreement", "teacher_agreement",
+                       "speedup_vs_teacher", "perplexity_increase_vs_fp32"), reason)}
+    rep["final"] = final
+    rep["speculative"] = {"draft_tokens": info["draft_tokens"], "prompts": info["prompts"], "prompt_tokens": info["prompt_tokens"],
+                          "max_new_tokens": info["max_new_tokens"], "on_board": info["bench_on_board"][-1],
+                          **_nulls(SPECULATIVE_FIGURES, reason)}
     return rep

@@ -2,7 +2,8 @@
 weight candidates, distillation against its cross-entropy baseline and speculative decoding."""
 from __future__ import annotations
 
-from .tables import ABSENT, Cell, Table, figure, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_ratio, stage
+from .schema import not_measured_reason
+from .tables import ABSENT, NOT_MEASURED, Cell, Table, figure, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_ratio, stage
 
 
 def _num(x: float) -> str:
@@ -26,7 +27,10 @@ def lm_headline(report: dict) -> str:
     if isinstance(spec.get("speedup"), (int, float)):
         parts.append(f"speculative decoding {fmt_ratio(spec['speedup'])} over the teacher alone, "
                      f"{spec.get('identical')}/{spec.get('prompts')} outputs identical")
-    parts.append(f"measured on {final.get('measured_on') or 'host'}")
+    if final.get("measured_on") is None and "measured_on" in final:  # a board that builds and times it itself
+        parts.append(f"not measured: {not_measured_reason(final, 'measured_on')}")
+    else:
+        parts.append(f"measured on {final.get('measured_on') or 'host'}")
     return "; ".join(parts)
 
 
@@ -43,7 +47,8 @@ HEADERS = ["model", "test perplexity", "next-token accuracy", "decode", "prefill
 
 def models_table(report: dict) -> Table:
     t = Table(HEADERS)
-    t.rows.append(_row("teacher (FP32)", report.get("teacher") or {}))
+    teacher = report.get("teacher") or {}
+    t.rows.append(_row(teacher.get("label") or "teacher (FP32)", teacher))
     q = stage(report, "quantize")
     for c in (q or {}).get("candidates") or []:
         t.rows.append(_row(f"{c['label']}" + (" ← final" if c.get("chosen") else ""), c))
@@ -67,6 +72,14 @@ def distill_table(report: dict) -> Table | None:
     return t
 
 
+def _identical(s: dict) -> Cell:
+    if "identical" not in s:
+        return Cell(ABSENT)
+    if s["identical"] is None:
+        return Cell(NOT_MEASURED, not_measured_reason(s, "identical"))
+    return Cell(f"{s['identical']}/{s.get('prompts')}")
+
+
 def speculative_table(report: dict) -> Table | None:
     s = report.get("speculative")
     if not isinstance(s, dict):
@@ -75,7 +88,7 @@ def speculative_table(report: dict) -> Table | None:
     t.rows.append([figure(s, "draft_tokens", str), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
                    figure(s, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
                    figure(s, "speedup", fmt_ratio),
-                   Cell(f"{s.get('identical')}/{s.get('prompts')}" if "identical" in s else ABSENT)])
+                   _identical(s)])
     return t
 
 

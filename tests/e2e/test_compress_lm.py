@@ -17,7 +17,7 @@ from tests.lm_fixtures import corpus_files, tiny_llama_dir  # noqa: E402
 CHECK_RUN = SHARED / "tools" / "check_run.py"
 
 
-def lm_config(teacher_dir, **extra):
+def lm_raw(teacher_dir, **extra) -> dict:
     raw = {"task": "causal-lm", "name": "tiny-lm", "teacher": {"model": str(teacher_dir)},
            "data": {"files": [str(f) for f in corpus_files(12)], "seq_len": 32, "max_train_tokens": 32 * 64,
                     "max_eval_tokens": 32 * 8, "batch_size": 8, "val_fraction": 0.2, "test_fraction": 0.2},
@@ -26,7 +26,11 @@ def lm_config(teacher_dir, **extra):
            "gates": {"max_perplexity_increase": 50.0}}
     for k, v in extra.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
-    return from_dict(raw)
+    return raw
+
+
+def lm_config(teacher_dir, **extra):
+    return from_dict(lm_raw(teacher_dir, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +168,93 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
         assert "not the board's speed" in report["final"]["measured_on_note"]
 
 
-def test_lm_on_a_jetson_profile_is_a_clear_error(lm_run, tmp_path, capsys):
+def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_here(lm_run, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import py_compile
+
+    import numpy as np
+    import onnx
+
+    from edgekd.backends.tensorrt_bundle.trt_lm_decode import context_limits
+    from edgekd.cli import main
+
+    _, _, teacher, cache = lm_run
+    monkeypatch.setenv("EDGEKD_CACHE", str(cache))
+    cfg = tmp_path / "lm.yaml"  # JSON is YAML
+    cfg.write_text(json.dumps(lm_raw(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8"]},
+                                     gates={"max_perplexity_increase": None})))
+    run = tmp_path / "run"
+    assert main(["compress", "--config", str(cfg), "--target", "jetson", "--out", str(run)]) == 0, capsys.readouterr().err
+    bundle = run / "target" / "jetson-lm"
+    for name in ("model.onnx", "model.fp16.onnx", "teacher.onnx", "teacher.fp16.onnx", "build_engine.sh", "bundle.json",
+                 "README.md", "trt_lm_runner.py", "trt_lm_decode.py", "trt_runner.py", "trt_device.py", "prompts.npz",
+                 "eval.npz", "tokenizer/tokenizer.json"):
+        assert (bundle / name).is_file(), name
+    assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
+    for name in ("trt_lm_runner.py", "trt_lm_decode.py"):
+        py_compile.compile(str(bundle / name), doraise=True)
+    # the trtexec shapes name every input of each exported decoder, with its KV heads and head size
+    script = (bundle / "build_engine.sh").read_text()
+    flags = [line.strip().strip("\\").strip().strip("'") for line in script.splitlines() if "Shapes=input_ids" in line]
+    assert len(flags) == 6  # min, opt, max for the student, then the teacher
+    limits = context_limits(32, 8, 8, 3)
+    for name, (lo, opt, hi) in zip(("model", "teacher"), (flags[:3], flags[3:]), strict=True):
+        graph = onnx.load(str(bundle / f"{name}.onnx")).graph
+        dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        shapes = [dict(p.split(":") for p in f.split("=", 1)[1].split(",")) for f in (lo, opt, hi)]
+        assert [f.split("=")[0] for f in (lo, opt, hi)] == ["--minShapes", "--optShapes", "--maxShapes"]
+        assert all(list(s) == list(dims) for s in shapes)  # the same inputs, in the graph's order
+        for inp, d in dims.items():
+            low, best, top = ([int(x) for x in s[inp].split("x")] for s in shapes)
+            assert len(low) == len(d) and all(x == v for x, v in zip(top, d, strict=True) if isinstance(v, int))
+            if inp == "input_ids":
+                assert (low, best, top) == ([1, 1], [1, 1], [1, limits["max_input"]])
+            else:  # (batch, kv_heads, past, head_dim): prefill passes no past, the longest context fits
+                assert d[1:4:2] == [2, 8] and low[2] == 0 and top[2] == limits["max_context"] - 1 >= 8 + 8 + 3
+    b = json.loads((bundle / "bundle.json").read_text())
+    assert b["models"]["model"]["layers"] == 2 and b["models"]["teacher"]["layers"] == 4 and b["draft_tokens"] == 3
+    assert np.load(bundle / "prompts.npz")["prompts"].shape == (3, 8)
+    # the report: what TensorRT would measure is null with the reason, nothing of ONNX Runtime under its name
+    report = json.loads((run / "report.json").read_text())
+    final, t, spec = report["final"], report["teacher"], report["speculative"]
+    why = final["not_measured"]["decode_tokens_per_s"]
+    assert why.startswith("TensorRT is not installed here; build the bundle on the board") and \
+        "target/jetson-lm/build_engine.sh" in why
+    for block in (final, t):
+        for key in ("perplexity", "accuracy", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms",
+                    "latency_ms", "peak_memory_mb", "measured_on"):
+            assert block[key] is None and block["not_measured"][key] == why, key
+        assert block["backend"] == "tensorrt" and block["precision"] == "fp16"
+    assert final["speedup_vs_teacher"] is None and final["compression_vs_teacher"] > 1
+    for key in ("acceptance_rate", "tokens_per_s", "teacher_tokens_per_s", "speedup", "identical"):
+        assert spec[key] is None and spec["not_measured"][key] == why
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["teacher", "distill", "export", "quantize", "bench"]
+    assert stages["export"]["parity"]["greedy_identical"] and stages["export"]["parity"]["checked_with"].startswith(
+        "onnxruntime")
+    assert stages["distill"]["perplexity"] is None and stages["distill"]["val_perplexity"] > 1
+    assert "PyTorch" in stages["distill"]["measured_with"]
+    q = stages["quantize"]
+    assert [c["name"] for c in q["candidates"]] == ["fp16", "int8"] and q["choice"]["candidate"] == "fp16"
+    assert not q["candidates"][1]["served"] and "TensorRT does not run" in q["candidates"][1]["not_measured"]["perplexity"]
+    assert stages["bench"]["measured_on"] is None and (run / "model.int8.onnx").is_file()
+    md = (run / "report.md").read_text()
+    assert "not measured: TensorRT is not installed here" in md and "tok/s" not in md
+    assert "not measured" in (run / "report.html").read_text()
+    assert main(["report", "validate", str(run / "report.json")]) == 0
+    if CHECK_RUN.is_file():
+        res = subprocess.run([sys.executable, str(CHECK_RUN), str(run)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+
+
+def test_lm_with_hosts_is_a_clear_error(lm_run, tmp_path, capsys):
     from edgekd.cli import main
 
     _, _, teacher, _ = lm_run
     cfg = tmp_path / "lm.yaml"
-    cfg.write_text(f"task: causal-lm\nteacher: {{model: '{teacher}'}}\ndata: {{files: ['/nonexistent/*.txt']}}\n")
-    assert main(["compress", "--config", str(cfg), "--target", "jetson", "--out", str(tmp_path / "r")]) == 2
+    cfg.write_text(json.dumps(lm_raw(teacher)))
+    assert main(["compress", "--config", str(cfg), "--target", "jetson", "--host", "pi@board",
+                 "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "ONNX Runtime and OpenVINO targets only" in err and "Traceback" not in err
+    assert "measuring an LM on a board over SSH is not available yet" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
