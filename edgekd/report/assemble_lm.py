@@ -149,15 +149,23 @@ def _bundle_size(ctx: RunContext, info: dict, name: str) -> int:
     return (ctx.run_dir / info["path"] / f"{name}.fp16.onnx").stat().st_size
 
 
-def bundle_quantize_entry(ctx: RunContext, info: dict, portable: list[dict], reason: str, seconds: float) -> dict:
+UNSERVED = ("ONNX Runtime's weight-only format (MatMulInteger / MatMulNBits), which TensorRT does not run: the "
+            "Jetson bundle serves the FP16 engine; this file is for ONNX Runtime targets")
+
+
+def bundle_quantize_entry(ctx: RunContext, info: dict, portable: dict, reason: str, seconds: float) -> dict:
     """The quantize stage for a Jetson bundle: the FP16 engine it serves (chosen, not measured) and the
-    portable weight-only files written beside it (not served)."""
+    portable weight-only files ({weights: (label, path)}) written beside it, not served."""
+    unserved = [{"name": w, "precision": w, "label": label, "chosen": False, "served": False,
+                 "artifact": str(path.relative_to(ctx.run_dir)), "size_bytes": path.stat().st_size,
+                 **_nulls(("perplexity", "accuracy", "decode_tokens_per_s"), UNSERVED)}
+                for w, (label, path) in portable.items()]
     engine = {"name": "fp16", "precision": "fp16", "label": "FP16 engine (TensorRT, built on the board)",
               "chosen": True, "served": True, "artifact": f"{info['path']}/model.fp16.onnx",
               "size_bytes": _bundle_size(ctx, info, "model"), **_nulls(("perplexity", "accuracy", *SPEED_KEYS), reason)}
     return {"name": "quantize", "duration_s": seconds, "kind": "weight-only",
             "max_perplexity_increase": ctx.config.quantize.max_perplexity_increase,
-            "candidates": [engine, *portable],
+            "candidates": [engine, *unserved],
             "choice": {"candidate": "fp16", "precision": "fp16", "measured": False,
                        "why": "the Jetson bundle serves FP16 engines of the distilled student; the weight-only "
                               "formats are ONNX Runtime's, which TensorRT does not run",

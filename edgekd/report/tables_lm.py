@@ -3,7 +3,7 @@ weight candidates, distillation against its cross-entropy baseline and speculati
 from __future__ import annotations
 
 from .schema import not_measured_reason
-from .tables import ABSENT, NOT_MEASURED, Cell, Table, figure, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_ratio, stage
+from .tables import Cell, Table, figure, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_ratio, stage
 
 
 def _num(x: float) -> str:
@@ -72,14 +72,6 @@ def distill_table(report: dict) -> Table | None:
     return t
 
 
-def _identical(s: dict) -> Cell:
-    if "identical" not in s:
-        return Cell(ABSENT)
-    if s["identical"] is None:
-        return Cell(NOT_MEASURED, not_measured_reason(s, "identical"))
-    return Cell(f"{s['identical']}/{s.get('prompts')}")
-
-
 def speculative_table(report: dict) -> Table | None:
     s = report.get("speculative")
     if not isinstance(s, dict):
@@ -88,7 +80,7 @@ def speculative_table(report: dict) -> Table | None:
     t.rows.append([figure(s, "draft_tokens", str), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
                    figure(s, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
                    figure(s, "speedup", fmt_ratio),
-                   _identical(s)])
+                   figure(s, "identical", lambda n: f"{n}/{s.get('prompts')}")])
     return t
 
 
