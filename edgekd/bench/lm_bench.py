@@ -3,50 +3,34 @@ token, time per output token, and speculative decoding against the target alone.
 
 Every model decodes the same prompts for a fixed number of new tokens (no early stop at end-of-text, so
 each run does the same work), in interleaved rounds whose order rotates, so a drift in the machine's
-speed touches all of them alike."""
+speed touches all of them alike. The decode loop and the figures live in lm_runner.py, the standalone runner
+copied to boards; `run_local` and `run_remote` run it in a fresh process of its own (peak memory) on this
+host or on a board over SSH (the image runner's remote machinery: bench/remote.py)."""
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from ..config.profiles import Profile
+from ..errors import BadInputError, BoardError, ModelError, StageError
 from ..lm.decode import Decoder
 from ..lm.speculative import speculative_greedy
+from .lm_runner import EXIT_BAD_INPUT, decode_once, figures
 
-__all__ = ["decode_once", "figures", "generation_bench", "speculative_bench"]
+__all__ = ["LMJob", "decode_once", "figures", "generation_bench", "run_local", "run_remote", "speculative_bench"]
 
-
-def decode_once(decoder: Decoder, prompt: Sequence[int], new_tokens: int) -> dict:
-    """One greedy generation, timed: prefill seconds (which give the first token) and each later step's."""
-    t0 = time.perf_counter()
-    logits, cache = decoder.forward(np.asarray([list(prompt)]), decoder.empty_cache())
-    token = int(logits[0, -1].argmax())
-    prefill = time.perf_counter() - t0
-    steps, tokens = [], [token]
-    for _ in range(new_tokens - 1):
-        t = time.perf_counter()
-        logits, cache = decoder.forward(np.asarray([[token]]), cache)
-        token = int(logits[0, -1].argmax())
-        steps.append(time.perf_counter() - t)
-        tokens.append(token)
-    return {"prefill_s": prefill, "prompt_tokens": len(prompt), "step_s": steps, "tokens": tokens}
-
-
-def figures(runs: list[dict]) -> dict:
-    """The report's speed figures from several timed generations."""
-    prefill = sum(r["prefill_s"] for r in runs)
-    steps = np.asarray([s for r in runs for s in r["step_s"]]) * 1000
-    ttft = np.asarray([r["prefill_s"] for r in runs]) * 1000
-    out = {"prefill_tokens_per_s": round(sum(r["prompt_tokens"] for r in runs) / prefill, 2) if prefill else None,
-           "decode_tokens_per_s": round(len(steps) / (steps.sum() / 1000), 2) if len(steps) else None,
-           "ttft_ms": round(float(np.median(ttft)), 3),
-           "tpot_ms": ({"p50": round(float(np.percentile(steps, 50)), 3), "p90": round(float(np.percentile(steps, 90)), 3),
-                        "p99": round(float(np.percentile(steps, 99)), 3)} if len(steps) else None),
-           "runs": len(runs), "new_tokens": len(runs[0]["tokens"]) if runs else 0}
-    if out["decode_tokens_per_s"] is None or out["tpot_ms"] is None:
-        out["not_measured"] = "one new token per run: no decode step to time"
-    return out
+LM_RUNNER = Path(__file__).with_name("lm_runner.py")
 
 
 def generation_bench(decoders: dict[str, Decoder], prompts: Sequence[Sequence[int]], new_tokens: int,
@@ -104,4 +88,138 @@ def speculative_bench(target: Decoder, draft: Decoder, prompts: Sequence[Sequenc
            "new_tokens": new_tokens}
     if differences:
         out["differences"] = differences
+    return out
+
+
+# ---- one decoder per process, through lm_runner.py: on this host or on a board over SSH ----
+
+@dataclass
+class LMJob:
+    """One decoder for lm_runner.py: the file it loads, every file it needs, and its KV cache's shape."""
+
+    name: str
+    model: Path
+    files: list[Path]
+    precision: str
+    kv_heads: int
+    head_dim: int
+
+
+def _arguments(job: LMJob, model: str, profile: Profile, threads: int | None, new_tokens: int,
+               prompt_count: int | None) -> list[str]:
+    from .harness import runner_backend
+
+    backend = runner_backend(job.model, profile)
+    if backend == "tensorrt":
+        raise BadInputError(f"{job.model.name}: a Jetson builds and times its own engines (target/jetson-lm/)")
+    args = ["--model", model, "--backend", backend, "--precision", job.precision, "--kv-heads", str(job.kv_heads),
+            "--head-dim", str(job.head_dim), "--prompts", "prompts.npz", "--new-tokens", str(new_tokens),
+            "--keep-times"]
+    if threads or profile.threads:
+        args += ["--threads", str(threads or profile.threads)]
+    if backend == "onnxruntime" and profile.execution_providers:
+        args += ["--providers", ",".join(profile.execution_providers)]
+    if backend == "openvino":
+        args += ["--device", profile.device]
+    if prompt_count:
+        args += ["--prompt-count", str(prompt_count)]
+    return args
+
+
+def _pooled(rounds: list[dict]) -> dict:
+    """One decoder's result from its runs in several rounds: the figures over every timed generation, the
+    highest peak memory, the first round's tokens and details."""
+    first = dict(rounds[0])
+    timings = [dict(t, tokens=tok) for r in rounds for t, tok in zip(r["timings"], r["tokens"], strict=True)]
+    first.pop("not_measured", None)
+    first.update(figures(timings))
+    peaks = [r["peak_rss_mb"] for r in rounds if r.get("peak_rss_mb") is not None]
+    first["peak_rss_mb"] = max(peaks) if peaks else None
+    first["rounds"] = len(rounds)
+    first.pop("timings", None)
+    return first
+
+
+def _write_prompts(path: Path, prompts: Sequence[Sequence[int]]) -> None:
+    np.savez(path, prompts=np.asarray([list(p) for p in prompts], dtype=np.int64))
+
+
+def run_local(jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
+              threads: int | None, timeout_s: float | None = None) -> dict[str, dict]:
+    """{job name: lm_runner's result} with each decoder run in a fresh process on this host, one after the other."""
+    from ..quantize.recipes import needs_precise_int8
+
+    env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
+    limit = timeout_s or profile.remote.timeout_s
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="edgekd-lm-") as tmp:
+        _write_prompts(Path(tmp) / "prompts.npz", prompts)
+        for job in jobs:
+            args = _arguments(job, str(Path(job.model).resolve()), profile, threads, new_tokens, None)
+            if "onnxruntime" in args and needs_precise_int8(job.model):
+                args.append("--precise-int8")  # as the in-process runner does on this host
+            try:
+                proc = subprocess.run([sys.executable, str(LM_RUNNER), *args, "--json", "result.json"], cwd=tmp,
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise StageError(f"bench: {job.model.name} did not finish within {limit} s on this host") from None
+            if proc.returncode != 0:
+                line = (proc.stderr.strip().splitlines() or [f"exited with code {proc.returncode}"])[-1]
+                raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(
+                    f"bench on this host: {line.removeprefix('runner: ')}")
+            out[job.name] = _pooled([json.loads((Path(tmp) / "result.json").read_text())])
+    return out
+
+
+def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
+               threads: int | None, *, rounds: int = 1, ssh_config: str | Path | None = None,
+               remote_python: str | None = None, timeout_s: int | None = None) -> dict[str, dict]:
+    """{job name: its result on the board `host`}: lm_runner.py, the decoders and the prompts go over in ONE SSH
+    connection (bench/remote.py's script: a temporary directory removed by a trap), each decoder runs in a
+    process of its own, in `rounds` interleaved rounds whose order rotates. Failures raise as bench_remote's."""
+    from .remote import _reply, board_mismatch, parse_host, remote_script, ssh_command
+
+    spec = parse_host(host)
+    python = remote_python or profile.remote.python
+    timeout_s = int(timeout_s or profile.remote.timeout_s)
+    connect = profile.remote.connect_timeout_s
+    steps = [["mkdir", "-p", "out"]]
+    for r in range(rounds):
+        for k in range(len(jobs)):
+            i = (r + k) % len(jobs)
+            args = _arguments(jobs[i], f"m{i}/{jobs[i].model.name}", profile, threads, new_tokens, None)
+            steps.append([python, "lm_runner.py", *args, "--json", f"out/r{r}-m{i}.json"])
+    merge = ("import glob, json; json.dump({p[4:-5]: json.load(open(p)) for p in sorted(glob.glob('out/*.json'))}, "
+             "open('result.json', 'w'))")
+    script = remote_script(profile.remote.workdir, python, [], timeout_s, [*steps, [python, "-c", merge]])
+    cmd = ssh_command(spec, ssh_config=Path(ssh_config) if ssh_config else None, connect_timeout_s=connect)
+    cmd.append("sh -c " + shlex.quote(script))
+    with tempfile.TemporaryDirectory(prefix="edgekd-remote-") as tmp:
+        _write_prompts(Path(tmp) / "prompts.npz", prompts)
+        bundle = Path(tmp) / "bundle.tar"
+        with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
+            tar.add(str(LM_RUNNER), arcname="lm_runner.py")
+            tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
+            for i, job in enumerate(jobs):
+                for f in job.files:
+                    tar.add(os.path.realpath(f), arcname=f"m{i}/{Path(f).name}")
+        limit = timeout_s * max(1, len(steps)) + connect + 60
+        with open(bundle, "rb") as stdin:
+            try:
+                proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise BoardError(f"board {host}: no result within {limit} s (connection or generation hung)") from None
+    runs = _reply(proc, host, profile, python, timeout_s)
+    out = {}
+    for i, job in enumerate(jobs):
+        got = [runs[f"r{r}-m{i}"] for r in range(rounds) if isinstance(runs.get(f"r{r}-m{i}"), dict)]
+        if len(got) != rounds:
+            raise BoardError(f"board {host}: the LM runner returned no result for {job.model.name}")
+        res = _pooled(got)
+        res["measured_on"] = host
+        note = board_mismatch(profile, res.get("environment") or {})
+        if note:
+            res["board_mismatch"] = note
+        out[job.name] = res
     return out

@@ -4,7 +4,8 @@ weight-only candidates, the choice on validation, then test perplexity, speed an
 Validation chooses, test reports: candidates are judged on the validation blocks (perplexity against the
 FP32 student's, decode speed on validation prompts); the test blocks and test prompts are read only after
 the choice, for the reported figures. Every figure comes from the target's runtime on the exported
-decoder (teacher included), none from PyTorch."""
+decoder (teacher included), none from PyTorch. With --host the board times the candidates for the choice and
+every reported speed and peak memory (lm/measure.py); otherwise peak memory is measured on this host."""
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ from ..report import assemble_lm
 from ..runs import hash_arrays, write_npz
 from .decode import Decoder
 from .export import export_lm_onnx
+from .measure import check_hosts, on_board, peak_memory_here
 from .models import build_lm_student, count_lm_params, load_lm
 
 __all__ = ["LMCandidate", "run_lm_entry"]
@@ -50,6 +52,9 @@ class LMCandidate:
     selection: dict = field(default_factory=dict)  # validation figures: what chose
     figures: dict = field(default_factory=dict)  # test figures: what is reported
     speed: dict = field(default_factory=dict)
+    footprint: dict = field(default_factory=dict)  # peak memory, its scope and runtime
+    measured_on: str = "host"  # where speed and memory were taken: "host" or the board
+    board: dict = field(default_factory=dict)  # the board's environment and versions, with --host
 
 
 def _macs_per_token(model: nn.Module) -> int:
@@ -128,8 +133,7 @@ def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.
 
 def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     """Run the causal-LM task; returns the report (without gates: the pipeline finishes it)."""
-    if hosts:
-        raise BadInputError("--host with task causal-lm: measuring an LM on a board over SSH is not available yet")
+    check_hosts(ctx, hosts)
     if ctx.profile.backend not in ("onnxruntime", "openvino", "tensorrt"):
         raise BadInputError(f"task causal-lm for {ctx.profile.name} ({ctx.profile.backend}): LM decoders are built "
                             "for ONNX Runtime, OpenVINO and TensorRT (Jetson) targets only so far")
@@ -206,11 +210,18 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         cands["fp32"].selection = {**fp32_val, "next_token_agreement": 100.0}
         for c in list(cands.values())[1:]:
             c.selection, _ = _quality(c.decoder, val, fp32_picks)  # type: ignore[arg-type]
-        speed = generation_bench({n: c.decoder for n, c in cands.items()},  # type: ignore[misc]
-                                 _prompts(splits.val.ids, SELECTION_PROMPTS, spec_cfg.prompt_tokens),
-                                 spec_cfg.max_new_tokens)
+        shapes = {n: assemble_lm.decoder_shape(t_config if n == "teacher" else student.config)
+                  for n in ("teacher", *cands)}
+        val_prompts = _prompts(splits.val.ids, SELECTION_PROMPTS, spec_cfg.prompt_tokens)
+        if hosts:  # the board decides: interleaved rounds there, one SSH session
+            board = on_board(ctx, hosts[0], cands, shapes, val_prompts, spec_cfg.max_new_tokens, rounds=2)
+            speed = {n: b["speed"] for n, b in board.items()}
+        else:
+            speed = generation_bench({n: c.decoder for n, c in cands.items()},  # type: ignore[misc]
+                                     val_prompts, spec_cfg.max_new_tokens)
         for n, c in cands.items():
             c.selection["decode_tokens_per_s"] = speed[n]["decode_tokens_per_s"]
+            c.selection["speed_measured_on"] = hosts[0] if hosts else "host"
         name, why = assemble_lm.choose(cands, cfg.quantize.max_perplexity_increase)
         # Test reports: read only now, after the choice.
         test = splits.test.ids.numpy()
@@ -226,10 +237,20 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             base_c.figures["teacher_agreement"] = base_c.figures.pop("next_token_agreement")
         test_prompts = _prompts(splits.test.ids, spec_cfg.prompts, spec_cfg.prompt_tokens)
         timed = {"teacher": teacher_c, **cands}
-        speed = generation_bench({n: c.decoder for n, c in timed.items()},  # type: ignore[misc]
-                                 test_prompts[:SELECTION_PROMPTS * 2], spec_cfg.max_new_tokens)
-        for n, c in timed.items():
-            c.speed = speed[n]
+        remote = []
+        if hosts:
+            for h in hosts:  # the first board's figures are the report's; every board's are in report["remote"]
+                got = on_board(ctx, h, timed, shapes, test_prompts[:SELECTION_PROMPTS * 2], spec_cfg.max_new_tokens)
+                remote.append((h, got))
+            for n, c in timed.items():
+                c.speed, c.footprint, c.board = (remote[0][1][n][k] for k in ("speed", "footprint", "board"))
+                c.measured_on = hosts[0]
+        else:
+            speed = generation_bench({n: c.decoder for n, c in timed.items()},  # type: ignore[misc]
+                                     test_prompts[:SELECTION_PROMPTS * 2], spec_cfg.max_new_tokens)
+            for n, c in timed.items():
+                c.speed = speed[n]
+            peak_memory_here(ctx, timed, shapes, test_prompts, spec_cfg.max_new_tokens)
         spec = speculative_bench(teacher_c.decoder, cands[name].decoder, test_prompts,  # type: ignore[arg-type]
                                  spec_cfg.max_new_tokens, spec_cfg.draft_tokens)
         bench_seconds = round(time.perf_counter() - t_bench, 2)
@@ -240,8 +261,10 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     if "distill" in cfg.stages:
         assemble_lm.distill_figures(stages[1], cands["fp32"], teacher_c, base_c)
     if "quantize" in cfg.stages:
-        stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds))
-    stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads, "measured_on": "host"})
+        stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds, hosts[0] if hosts else None))
+    stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads,
+                   "measured_on": hosts[0] if hosts else "host"})
     report = assemble_lm.report(ctx, loaded.source, t_config, splits, stages, teacher_c, cands, name, why, spec,
-                                {"params": count_lm_params(student), "macs": _macs_per_token(student)}, student.config)
+                                {"params": count_lm_params(student), "macs": _macs_per_token(student)}, student.config,
+                                remote)
     return report

@@ -9,6 +9,7 @@ from .assemble import skeleton
 __all__ = ["bundle_quantize_entry", "bundle_report", "choose", "distill_figures", "quantize_entry", "report"]
 
 SPEED_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms")
+NO_PEAK = "the runner's platform does not report peak resident memory (resource.getrusage)"
 
 
 def choose(cands: dict, max_increase: float) -> tuple[str, str]:
@@ -42,19 +43,38 @@ def distill_figures(entry: dict, fp32, teacher, baseline) -> None:
         entry["perplexity_vs_baseline"] = round(fp32.figures["perplexity"] / baseline.figures["perplexity"] - 1, 4)
 
 
+def _memory(c) -> dict:
+    """peak_memory_mb with its scope and the runtime that produced it, or null with the reason."""
+    fp = getattr(c, "footprint", None) or {}
+    out = {"peak_memory_mb": fp.get("peak_memory_mb"), **{k: fp[k] for k in ("memory_scope", "memory_runtime") if k in fp}}
+    if out["peak_memory_mb"] is None:
+        out["not_measured"] = {"peak_memory_mb": NO_PEAK if fp else "not measured"}
+    return out
+
+
 def _candidate(ctx: RunContext, n: str, c, chosen: bool) -> dict:
-    return {"name": n, "precision": c.precision, "label": c.label, "chosen": chosen,
-            "artifact": str(c.artifact.path.relative_to(ctx.run_dir)), "size_bytes": c.artifact.size_bytes(),
-            "selection": c.selection, **c.figures, **{k: c.speed.get(k) for k in SPEED_KEYS}}
+    mem = _memory(c)
+    nm = mem.pop("not_measured", {})
+    if c.speed.get("not_measured"):
+        nm.update(dict.fromkeys(("decode_tokens_per_s", "tpot_ms"), c.speed["not_measured"]))
+    out = {"name": n, "precision": c.precision, "label": c.label, "chosen": chosen,
+           "artifact": str(c.artifact.path.relative_to(ctx.run_dir)), "size_bytes": c.artifact.size_bytes(),
+           "selection": c.selection, **c.figures, **{k: c.speed.get(k) for k in SPEED_KEYS}, **mem,
+           "measured_on": c.measured_on}
+    if nm:
+        out["not_measured"] = nm
+    return out
 
 
-def quantize_entry(ctx: RunContext, cands: dict, name: str, why: str, seconds: float) -> dict:
+def quantize_entry(ctx: RunContext, cands: dict, name: str, why: str, seconds: float, board: str | None = None) -> dict:
+    where = f"{board}, the board, with the target's runtime" if board else "this host, with the target's runtime"
     return {"name": "quantize", "duration_s": seconds, "kind": "weight-only",
             "max_perplexity_increase": ctx.config.quantize.max_perplexity_increase,
             "candidates": [_candidate(ctx, n, c, n == name) for n, c in cands.items()],
-            "choice": {"candidate": name, "precision": cands[name].precision, "why": why,
+            "choice": {"candidate": name, "precision": cands[name].precision, "why": why, "measured": True,
+                       "measured_where": where,
                        "chosen_on": "validation split (perplexity, agreement with FP32) and validation prompts "
-                                    "(decode speed), through the target's runtime"}}
+                                    "(decode speed" + (f", on {board}" if board else "") + "), through the target's runtime"}}
 
 
 def _speed_block(c) -> dict:
@@ -91,32 +111,65 @@ def _skeleton(ctx: RunContext, splits, teacher_block: dict, stages: list[dict]) 
     return rep
 
 
+def _remote(host: str, got: dict, name: str) -> dict:
+    """One board's entry in report["remote"]: the final decoder's and the teacher's figures there."""
+    f, t = got[name], got["teacher"]
+    entry = {"host": host, **{k: f["speed"].get(k) for k in SPEED_KEYS}, "peak_memory_mb": f["footprint"]["peak_memory_mb"],
+             "teacher_decode_tokens_per_s": t["speed"].get("decode_tokens_per_s"),
+             "teacher_peak_memory_mb": t["footprint"]["peak_memory_mb"],
+             "environment": f["board"].get("environment"), "versions": f["board"].get("versions")}
+    if f["board"].get("board_mismatch"):
+        entry["board_mismatch"] = f["board"]["board_mismatch"]
+    nulls = [k for k, v in entry.items() if v is None]
+    if nulls:
+        entry["not_measured"] = dict.fromkeys(nulls, f"{host} did not report it")
+    return entry
+
+
+def _where(block: dict, c, prof) -> None:
+    """measured_on and, for a figure taken elsewhere than on the profile's board, the note that says so."""
+    block["measured_on"] = c.measured_on
+    if c.measured_on != "host":
+        block["runtime_details"] = c.board.get("details")
+        if c.board.get("board_mismatch"):
+            block["measured_on_note"] = f"{c.measured_on}: {c.board['board_mismatch']}"
+    elif not prof.measures_here:
+        block["measured_on_note"] = f"measured on this host, not on a {prof.name}: not the board's speed"
+
+
 def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[dict], teacher, cands: dict, name: str,
-           why: str,
-           spec: dict, counts: dict, student_config) -> dict:
-    """The whole report for a causal-LM run (the pipeline adds gates and writes it)."""
+           why: str, spec: dict, counts: dict, student_config, remote: list | None = None) -> dict:
+    """The whole report for a causal-LM run (the pipeline adds gates and writes it). `remote`: (host, its
+    figures by decoder) for every board of --host, the first one's already in the candidates."""
     prof = ctx.profile
-    runtime = f"{prof.backend} fp32, {ctx.threads} threads"
+    where = teacher.measured_on
+    runtime = f"{prof.backend} fp32, {ctx.threads} threads" + ("" if where == "host" else f", on {where}")
+    t_mem = _memory(teacher)
+    t_nm = t_mem.pop("not_measured", None)
     tentry = stages[0]
     teacher_block = {"model": ctx.config.teacher.model, "source": source, **teacher.figures,
                      "artifact": str(teacher.artifact.path.relative_to(ctx.run_dir)),
                      "decoder": decoder_shape(teacher_config),
                      "params": tentry["params"], "macs": tentry["macs"], "macs_per": "token (linear layers)",
                      "size_bytes": teacher.artifact.size_bytes(), **_speed_block(teacher),
-                     "measured_on": "host", "latency_runtime": runtime, "accuracy_runtime": f"{prof.backend} fp32",
-                     "accuracy_kind": "next-token accuracy on the test split"}
+                     "latency_runtime": runtime, "accuracy_runtime": f"{prof.backend} fp32",
+                     "accuracy_kind": "next-token accuracy on the test split", **t_mem}
+    _where(teacher_block, teacher, prof)
+    if t_nm:
+        speed_nm = teacher_block.get("not_measured")
+        teacher_block["not_measured"] = {**(dict.fromkeys(("decode_tokens_per_s", "tpot_ms"), speed_nm)
+                                            if isinstance(speed_nm, str) else {}), **t_nm}
     rep = _skeleton(ctx, splits, teacher_block, stages)
     c = cands[name]
+    board_version = ((c.board.get("versions") or {}).get(prof.backend)) if c.measured_on != "host" else None
     final = {"artifact": str(c.artifact.path.relative_to(ctx.run_dir)), "precision": c.precision, "label": c.label,
              "backend": prof.backend, "files": [str(f.relative_to(ctx.run_dir)) for f in c.artifact.files],
              **c.figures, "size_bytes": c.artifact.size_bytes(), **counts, "macs_per": "token (linear layers)",
-             **_speed_block(c), "measured_on": "host",
-             "runtime": {"name": prof.backend, "version": ctx.versions.get(prof.backend)},
-             "candidate": name, "choice": {"why": why, "measured": prof.measures_here},
-             "decoder": decoder_shape(student_config),
-             "peak_memory_mb": None}
+             **_speed_block(c),
+             "runtime": {"name": prof.backend, "version": board_version or ctx.versions.get(prof.backend)},
+             "candidate": name, "choice": {"why": why, "measured": prof.measures_here or c.measured_on != "host"},
+             "decoder": decoder_shape(student_config), **_memory(c)}
     nm = dict(final.pop("not_measured", {}) or {})
-    nm["peak_memory_mb"] = "not measured for LM decoders yet"
     t_tps, f_tps = teacher.speed.get("decode_tokens_per_s"), c.speed.get("decode_tokens_per_s")
     if t_tps and f_tps:
         final["speedup_vs_teacher"] = round(f_tps / t_tps, 3)
@@ -127,10 +180,20 @@ def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[di
     if teacher.figures.get("perplexity"):
         final["perplexity_increase_vs_fp32"] = round(
             100 * (c.figures["perplexity"] / cands["fp32"].figures["perplexity"] - 1), 3)
-    if not prof.measures_here:
-        final["measured_on_note"] = (f"measured on this host, not on a {prof.name}: not the board's speed")
-    final["not_measured"] = nm
+    _where(final, c, prof)
+    if c.measured_on != "host":
+        final["accuracy_source"] = f"{prof.backend} on this host (perplexity and next-token figures)"
+    if nm:
+        final["not_measured"] = nm
     rep["final"] = final
+    if remote:
+        rep["remote"] = [_remote(h, got, name) for h, got in remote]
+    spec = {**spec, "measured_on": "host"}
+    if where != "host":
+        spec["measured_on_note"] = (f"speculative decoding was measured on this host with {prof.backend}, not on "
+                                    f"{where}: the board runner decodes greedily, one model at a time")
+    elif not prof.measures_here:
+        spec["measured_on_note"] = f"measured on this host, not on a {prof.name}: not the board's speed"
     rep["speculative"] = spec
     return rep
 

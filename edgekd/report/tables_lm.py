@@ -14,9 +14,15 @@ def _tps(x: float) -> str:
     return f"{x:.1f} tok/s"
 
 
+def _mb(x: float) -> str:
+    return f"{x:.1f} MB"
+
+
 def lm_headline(report: dict) -> str:
     final, teacher = report.get("final") or {}, report.get("teacher") or {}
     parts = [f"{final.get('precision', '?')} decoder `{final.get('artifact', '?')}`"]
+    if isinstance(final.get("peak_memory_mb"), (int, float)):
+        parts.append(f"peak memory {_mb(final['peak_memory_mb'])}")
     ppl = figure(final, "perplexity", _num)
     parts.append(f"test perplexity {ppl.text}" + (f" (teacher {teacher['perplexity']:.2f})"
                                                   if isinstance(teacher.get("perplexity"), (int, float)) else ""))
@@ -38,11 +44,12 @@ def _row(label: str, h: dict) -> list[Cell]:
     return [Cell(label), figure(h, "perplexity", _num), figure(h, "accuracy", fmt_pct),
             figure(h, "decode_tokens_per_s", _tps), figure(h, "prefill_tokens_per_s", _tps),
             figure(h, "ttft_ms", fmt_ms), figure(h, "tpot_ms", fmt_ms, "p50"), figure(h, "tpot_ms", fmt_ms, "p90"),
-            figure(h, "size_bytes", fmt_bytes), figure(h, "params", fmt_count)]
+            figure(h, "peak_memory_mb", _mb), figure(h, "size_bytes", fmt_bytes), figure(h, "params", fmt_count),
+            Cell(str(h.get("measured_on") or "—"))]
 
 
 HEADERS = ["model", "test perplexity", "next-token accuracy", "decode", "prefill", "TTFT", "TPOT p50",
-           "TPOT p90", "size", "params"]
+           "TPOT p90", "peak memory", "size", "params", "speed measured on"]
 
 
 def models_table(report: dict) -> Table:
@@ -76,11 +83,13 @@ def speculative_table(report: dict) -> Table | None:
     s = report.get("speculative")
     if not isinstance(s, dict):
         return None
-    t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", "speedup", "identical outputs"])
+    t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", "speedup", "identical outputs",
+               "measured on"])
     t.rows.append([figure(s, "draft_tokens", str), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
                    figure(s, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
                    figure(s, "speedup", fmt_ratio),
-                   figure(s, "identical", lambda n: f"{n}/{s.get('prompts')}")])
+                   figure(s, "identical", lambda n: f"{n}/{s.get('prompts')}"),
+                   Cell(str(s.get("measured_on") or "—"))])
     return t
 
 

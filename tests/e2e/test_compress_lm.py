@@ -59,15 +59,22 @@ def test_lm_run_reports_every_figure(lm_run):
     assert sum(c["chosen"] for c in q["candidates"]) == 1 and "validation" in q["choice"]["chosen_on"]
     for c in q["candidates"]:
         assert c["perplexity"] > 1 and 0 <= c["next_token_agreement"] <= 100 and c["decode_tokens_per_s"] > 0
-        assert c["selection"]["perplexity"] > 1
+        assert c["selection"]["perplexity"] > 1 and c["selection"]["speed_measured_on"] == "host"
+        assert c["peak_memory_mb"] > 10 and c["measured_on"] == "host"
+    assert q["choice"]["measured_where"].startswith("this host")
     f, t = report["final"], report["teacher"]
     for block in (f, t):
         assert block["perplexity"] > 1 and block["decode_tokens_per_s"] > 0 and block["prefill_tokens_per_s"] > 0
         assert block["ttft_ms"] > 0 and block["tpot_ms"]["p50"] <= block["tpot_ms"]["p90"]
+        # peak memory of the decoder's own runner process, on the target's runtime (ONNX Runtime here)
+        assert block["peak_memory_mb"] > 10 and block["measured_on"] == "host"
+        assert block["memory_scope"].startswith("peak resident memory of its own runner process")
+        assert block["memory_runtime"].startswith("onnxruntime ") and "peak_memory_mb" not in (block.get("not_measured") or {})
+    assert f["peak_memory_mb"] == next(c["peak_memory_mb"] for c in q["candidates"] if c["chosen"])
     assert f["speedup_vs_teacher"] == pytest.approx(f["decode_tokens_per_s"] / t["decode_tokens_per_s"], rel=1e-2)
     s = report["speculative"]
     assert s["prompts"] == 3 and s["identical"] == 3 and 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0
-    assert s["draft_tokens"] == 3 and s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0
+    assert s["draft_tokens"] == 3 and s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0 and s["measured_on"] == "host"
     assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
     assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
 
@@ -141,11 +148,13 @@ def test_lm_gates_from_the_command_line(lm_run, capsys):
     report, run, _, _ = lm_run
     tps = report["final"]["decode_tokens_per_s"]
     ok = ["gate", str(run / "report.json"), "--min-decode-tokens-per-s", str(tps / 2), "--max-perplexity", "1e9",
-          "--min-speculative-speedup", "0.001"]
+          "--min-speculative-speedup", "0.001", "--max-memory-mb", "1e6"]
     assert main(["report", "validate", str(run / "report.json")]) == 0
     assert main(ok) == 0
     assert main(["gate", str(run / "report.json"), "--max-perplexity", "1.0"]) == 1
     assert "test perplexity" in capsys.readouterr().out
+    assert main(["gate", str(run / "report.json"), "--max-memory-mb", "1"]) == 1
+    assert "peak resident memory" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("target", ["intel-cpu", "raspberry-pi-5"])
@@ -163,6 +172,9 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     labels = " ".join(c["label"] for c in q["candidates"])
     assert ("NNCF" in labels) == (target == "intel-cpu")
     assert report["final"]["decode_tokens_per_s"] > 0 and report["speculative"]["identical"] == 2
+    runtime = "openvino " if target == "intel-cpu" else "onnxruntime "  # memory from the target's own runtime
+    assert report["final"]["peak_memory_mb"] > 10 and report["final"]["memory_runtime"].startswith(runtime)
+    assert report["teacher"]["memory_runtime"].startswith(runtime)
     assert (tmp_path / "run" / "model.int8.onnx").is_file()
     if target == "raspberry-pi-5":
         assert "not the board's speed" in report["final"]["measured_on_note"]
@@ -247,14 +259,19 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
         assert res.returncode == 0, res.stdout
 
 
-def test_lm_with_hosts_is_a_clear_error(lm_run, tmp_path, capsys):
+@pytest.mark.parametrize("target, host, needle", [
+    ("jetson", "pi@board", "the Jetson builds and times its own engines"),  # the bundle is measured on the board
+    ("cpu", "emulate:aarch64", "emulated timing is never reported as speed"),
+    ("cpu", "pi@bad host", "expected [user@]host[:port]"),
+])
+def test_lm_hosts_it_cannot_measure_on_are_one_clear_line(lm_run, tmp_path, capsys, target, host, needle):
     from edgekd.cli import main
 
     _, _, teacher, _ = lm_run
     cfg = tmp_path / "lm.yaml"
     cfg.write_text(json.dumps(lm_raw(teacher)))
-    assert main(["compress", "--config", str(cfg), "--target", "jetson", "--host", "pi@board",
+    assert main(["compress", "--config", str(cfg), "--target", target, "--host", host,
                  "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "measuring an LM on a board over SSH is not available yet" in err and "Traceback" not in err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()

@@ -1,0 +1,71 @@
+"""`edgekd compress --host` for task causal-lm: the runner, the decoders and the prompts go to a board over SSH
+(a real sshd on loopback), the board's decode speed chooses the precision, and the report's speed and peak
+memory for the final student and the teacher are the board's."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tests.conftest import SHARED, run_edgekd  # noqa: E402
+from tests.e2e.sshd import SSHD, start_sshd  # noqa: E402
+from tests.e2e.test_compress_lm import lm_raw  # noqa: E402
+from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not SSHD.exists(), reason=f"{SSHD} is missing (Debian package openssh-server)")]
+
+
+def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
+    teacher = tiny_llama_dir(tmp_path / "teacher")
+    cfg = tmp_path / "lm.yaml"  # JSON is YAML
+    cfg.write_text(json.dumps(lm_raw(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8"]},
+                                     speculative={"prompts": 2}, gates={"max_memory_mb": 1e6})))
+    profile = tmp_path / "pi.yaml"
+    profile.write_text(f"name: test-pi\nbackend: onnxruntime\narch: aarch64\nthreads: 1\n"
+                       f"remote: {{workdir: {tmp_path}, timeout_s: 120, connect_timeout_s: 5}}\n")
+    server = start_sshd(tmp_path / "sshd")
+    try:
+        out = tmp_path / "run"
+        r = run_edgekd("compress", "--config", str(cfg), "--target", str(profile), "--out", str(out), "--host", "board",
+                       "--ssh-config", str(server.ssh_config()), "--remote-python", sys.executable, "--quiet",
+                       timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rep = json.loads((out / "report.json").read_text())
+        bad = run_edgekd("compress", "--config", str(cfg), "--target", str(profile), "--out", str(tmp_path / "run2"),
+                         "--host", "nosuchboard:1", "--ssh-config", str(server.ssh_config()), "--quiet", timeout=600)
+    finally:
+        server.stop()
+    final, teacher = rep["final"], rep["teacher"]
+    for block in (final, teacher):
+        assert block["measured_on"] == "board" and block["decode_tokens_per_s"] > 0 and block["prefill_tokens_per_s"] > 0
+        assert block["ttft_ms"] > 0 and 0 < block["tpot_ms"]["p50"] <= block["tpot_ms"]["p90"]
+        assert block["peak_memory_mb"] > 10 and block["memory_scope"].endswith("on board")
+        assert block["memory_runtime"].startswith("onnxruntime ")
+        # the loopback "board" is this x86 host, not the aarch64 board the profile names: the report says so
+        assert "x86_64 processor where test-pi is aarch64" in block["measured_on_note"]
+    assert final["speedup_vs_teacher"] == pytest.approx(final["decode_tokens_per_s"] / teacher["decode_tokens_per_s"],
+                                                        rel=1e-2)
+    assert rep["remote"][0]["host"] == "board" and rep["remote"][0]["peak_memory_mb"] == final["peak_memory_mb"]
+    stages = {s["name"]: s for s in rep["stages"]}
+    q = stages["quantize"]
+    assert q["choice"]["measured_where"].startswith("board, the board") and "on board" in q["choice"]["chosen_on"]
+    for c in q["candidates"]:
+        assert c["measured_on"] == "board" and c["selection"]["speed_measured_on"] == "board"
+        assert c["decode_tokens_per_s"] > 0 and c["peak_memory_mb"] > 10
+    assert stages["bench"]["measured_on"] == "board"
+    spec = rep["speculative"]  # greedy decoding only on the board: speculative decoding says where it ran
+    assert spec["measured_on"] == "host" and "not on board" in spec["measured_on_note"] and spec["identical"] == 2
+    assert rep["gates"][0]["gate"] == "max_memory_mb" and "measured on board" in rep["gates"][0]["detail"]
+    assert "board" in (out / "report.md").read_text()
+    check = SHARED / "tools" / "check_run.py"
+    if check.is_file():
+        res = subprocess.run([sys.executable, str(check), str(out)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+    # an unreachable board: one line, exit 3, no report
+    assert bad.returncode == 3 and "nosuchboard" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in bad.stderr and not (tmp_path / "run2" / "report.json").exists()

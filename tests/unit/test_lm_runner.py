@@ -1,0 +1,101 @@
+"""The standalone LM runner (copied to boards): the same greedy tokens as edgekd.lm.decode.Decoder, the same
+perplexity, its figures and peak memory in one JSON object, and one line with exit 2 for a bad model."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from edgekd.backends import get_backend  # noqa: E402
+from edgekd.bench import lm_runner  # noqa: E402
+from edgekd.bench.lm_bench import LMJob, run_local  # noqa: E402
+from edgekd.config.profiles import load_profile  # noqa: E402
+from edgekd.lm.decode import Decoder  # noqa: E402
+from edgekd.lm.export import export_lm_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("lmrunner")
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    onnx_path = export_lm_onnx(model, tmp / "m.onnx")
+    profile, backend = load_profile("cpu"), get_backend("onnxruntime")
+    artifact = backend.compile(onnx_path, profile, tmp / "target", "fp32")
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, 96, (3, 7))
+    np.savez(tmp / "prompts.npz", prompts=prompts)
+    np.savez(tmp / "eval.npz", x=rng.integers(0, 96, (5, 16)))
+    return cfg, artifact, prompts, tmp
+
+
+def _args(artifact, tmp, *extra):
+    return ["--model", str(artifact.path), "--threads", "1", "--prompts", str(tmp / "prompts.npz"),
+            "--new-tokens", "9", *extra]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_runner_decodes_exactly_what_the_decoder_decodes(decoder, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    cfg, artifact, prompts, tmp = decoder
+    profile = load_profile("cpu" if backend == "onnxruntime" else "intel-cpu")
+    runner = get_backend(backend).load(
+        artifact if backend == "onnxruntime" else get_backend(backend).compile(artifact.path, profile, tmp / "ov", "fp32"),
+        profile, 1)
+    try:
+        ref = Decoder(runner.run, cfg, 2)
+        expect = [ref.greedy(p.tolist(), 9) for p in prompts]
+        blocks = np.load(tmp / "eval.npz")["x"]
+        ppl = ref.perplexity(blocks)
+        picks = ref.next_tokens(blocks)
+    finally:
+        runner.close()
+    model = str(artifact.path) if backend == "onnxruntime" else str(tmp / "ov" / "model.fp32.xml")
+    args = lm_runner.parse_args(["--model", model, "--backend", backend, "--threads", "1", "--prompts",
+                                 str(tmp / "prompts.npz"), "--new-tokens", "9", "--eval-data", str(tmp / "eval.npz"),
+                                 "--keep-times"])
+    out = lm_runner.run(args)
+    assert out["tokens"] == expect
+    assert out["perplexity"] == pytest.approx(ppl, rel=1e-4) and out["next_tokens"] == picks.tolist()
+    assert out["runs"] == 3 and out["new_tokens"] == 9 and len(out["timings"]) == 3
+    assert out["decode_tokens_per_s"] > 0 and out["prefill_tokens_per_s"] > 0 and out["ttft_ms"] > 0
+    assert 0 < out["tpot_ms"]["p50"] <= out["tpot_ms"]["p90"] <= out["tpot_ms"]["p99"]
+
+
+def test_runner_as_a_script_prints_one_json_object_with_its_peak_memory(decoder):
+    _, artifact, prompts, tmp = decoder
+    res = subprocess.run([sys.executable, lm_runner.__file__, *_args(artifact, tmp, "--prompt-count", "2")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["peak_rss_mb"] > 10 and out["memory_scope"].startswith("peak resident memory of its own runner")
+    assert out["prompts"] == 2 and len(out["tokens"]) == 2 and "timings" not in out
+    assert out["versions"]["onnxruntime"] and out["environment"]["cpu_count"] >= 1
+    # the same through lm_bench.run_local (a fresh process per decoder, as on a board)
+    job = LMJob("m", artifact.path, [artifact.path], "fp32", 2, 8)
+    local = run_local([job], prompts[:2].tolist(), 9, load_profile("cpu"), 1)["m"]
+    assert local["tokens"] == out["tokens"] and local["peak_rss_mb"] > 10 and local["decode_tokens_per_s"] > 0
+
+
+def test_runner_refuses_a_model_that_is_not_a_kv_decoder(decoder, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    _, artifact, _, tmp = decoder
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "id.onnx")
+    for model, needle in ((tmp_path / "id.onnx", "is not a KV-cache decoder"), (tmp_path / "none.onnx", "does not exist")):
+        res = subprocess.run([sys.executable, lm_runner.__file__, "--model", str(model), "--prompts",
+                              str(tmp / "prompts.npz"), "--new-tokens", "2"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
