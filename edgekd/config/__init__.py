@@ -125,13 +125,16 @@ class StudentConfig(Section):
     model: str = "edge_cnn"  # or 'search' with student.search
     search: StudentSearch | None = None
     # task causal-lm: the teacher's family at these sizes (None: the teacher's own), initialised from the
-    # teacher (embeddings and evenly spaced layers) or from scratch
+    # teacher (embeddings and a subset of its layers) or from scratch
     layers: int | None = Field(None, ge=1, le=512)
     hidden_size: int | None = Field(None, ge=8, le=65536)
     heads: int | None = Field(None, ge=1, le=512)
     kv_heads: int | None = Field(None, ge=1, le=512)
     intermediate_size: int | None = Field(None, ge=8, le=262144)
     init: Literal["teacher", "scratch"] = "teacher"
+    # which teacher layers init: teacher copies: greedy drops, one at a time, the layer whose removal costs
+    # the least perplexity on a few validation blocks; even takes them evenly spaced
+    layer_choice: Literal["greedy", "even"] = "greedy"
 
     def lm_sizes(self) -> dict:
         return {k: getattr(self, k) for k in ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")

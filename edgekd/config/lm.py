@@ -12,7 +12,7 @@ from .distill import LM_ONLY_DISTILL_KEYS as LM_ONLY_DISTILL
 TASKS = ("image-classification", "causal-lm")
 LM_TEACHER_DEFAULT = "smollm2-135m"  # lm.models.EMBEDDED_LM
 LM_STUDENT_SIZES = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
-LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init")
+LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init", "layer_choice")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
 # teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)
 LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs": 1, "lr": 1e-3, "cache_topk": 64}

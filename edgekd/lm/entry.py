@@ -30,11 +30,12 @@ from ..runs import hash_arrays, write_npz
 from .decode import Decoder
 from .export import export_lm_onnx
 from .measure import check_hosts, on_board, peak_memory_here
-from .models import build_lm_student, count_lm_params, load_lm
+from .models import build_lm_student, choose_layers, count_lm_params, load_lm
 
 __all__ = ["LMCandidate", "run_lm_entry"]
 
 PARITY_STEPS = 16
+LAYER_CHOICE_BLOCKS, LAYER_CHOICE_TOKENS = 3, 128  # what the greedy layer choice scores each removal on
 SELECTION_PROMPTS = 4
 
 
@@ -109,6 +110,31 @@ def _parity(student: nn.Module, dec: Decoder, blocks: torch.Tensor) -> dict:
     return out
 
 
+def _student(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits) -> tuple[nn.Module, dict]:
+    """The student, its teacher layers chosen greedily on a few validation blocks (student.layer_choice) unless
+    the distill stage will load its trained weights anyway."""
+    from ..distill.lm_stage import lm_distill_key
+
+    s = ctx.config.student
+    sizes = s.lm_sizes()
+    n_teacher = teacher.config.num_hidden_layers
+    greedy = (s.init == "teacher" and s.layer_choice == "greedy" and set(sizes) <= {"layers"}
+              and sizes.get("layers", n_teacher) < n_teacher)
+    resumes = "distill" in ctx.config.stages and \
+        ctx.cached("distill", lm_distill_key(ctx, teacher_key, splits)) is not None
+    if not greedy or resumes:
+        return build_lm_student(teacher, sizes, s.init, ctx.config.seed)
+    t0 = time.perf_counter()
+    blocks = splits.val.ids[:LAYER_CHOICE_BLOCKS, :LAYER_CHOICE_TOKENS]
+    with ctx.progress.task("choosing the teacher layers to keep", None):
+        layers, removals = choose_layers(teacher, sizes["layers"], blocks)
+    student, init = build_lm_student(teacher, sizes, s.init, ctx.config.seed, layers=layers)
+    init["layer_choice"] = {"method": "greedy", "chosen_on": f"{len(blocks)} validation blocks of "
+                            f"{blocks.shape[1]} tokens", "removals": removals,
+                            "seconds": round(time.perf_counter() - t0, 2)}
+    return student, init
+
+
 def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.Module, splits: TextSplits):
     from ..distill.lm_stage import lm_distill_key, run_lm_distill
 
@@ -150,7 +176,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     write_npz(run / "eval.npz", x=splits.test.ids.numpy())
     write_npz(run / "calib.npz", x=splits.val.ids.numpy())
     loaded.tokenizer.save_pretrained(str(run / "tokenizer"))  # for `edgekd generate`
-    student, init = build_lm_student(teacher, cfg.student.lm_sizes(), cfg.student.init, cfg.seed)
+    student, init = _student(ctx, teacher, teacher_key, splits)
     stages: list[dict] = [{"name": "teacher", "duration_s": teacher_seconds, "source": loaded.source,
                            "params": count_lm_params(teacher), "macs": _macs_per_token(teacher)}]
     baseline = None

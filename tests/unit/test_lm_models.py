@@ -67,3 +67,32 @@ def test_bad_student_sizes_are_model_errors(teacher_dir):
         build_lm_student(teacher, {"depth": 2})
     with pytest.raises(ModelError, match="student.init"):
         build_lm_student(teacher, {}, init="random")
+
+
+def test_greedy_layer_choice_drops_the_cheapest_layer_each_time_and_leaves_the_teacher_whole(teacher_dir):
+    import math
+
+    from edgekd.lm.models import choose_layers
+
+    teacher = load_lm(str(teacher_dir)).model
+    torch.manual_seed(0)
+    blocks = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    before = teacher(input_ids=blocks).logits
+
+    def ppl_of(layers):
+        student, info = build_lm_student(teacher, {"layers": len(layers)}, "teacher", layers=layers)
+        assert info["layers_from_teacher"] == layers
+        logits = student.eval()(input_ids=blocks, use_cache=False).logits[:, :-1]
+        return math.exp(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())))
+
+    keep, removals = choose_layers(teacher, 2, blocks)
+    assert len(keep) == 2 and keep == sorted(keep) and len(removals) == 2
+    assert sorted(keep + [r["dropped"] for r in removals]) == [0, 1, 2, 3]
+    # the first removal is the cheapest of the four single-layer removals, and its perplexity is a student's
+    singles = {d: ppl_of([k for k in range(4) if k != d]) for d in range(4)}
+    assert removals[0]["dropped"] == min(singles, key=singles.get)
+    assert removals[0]["perplexity"] == pytest.approx(singles[removals[0]["dropped"]], rel=1e-4)
+    assert removals[1]["perplexity"] == pytest.approx(ppl_of(keep), rel=1e-4)
+    assert len(lm_layers(teacher)) == 4 and torch.equal(teacher(input_ids=blocks).logits, before)
+    with pytest.raises(ModelError, match="cannot copy teacher layers"):
+        build_lm_student(teacher, {"layers": 2}, "teacher", layers=[0, 9])
