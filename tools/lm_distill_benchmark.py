@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgekd.distill.lm_stage import _cache, lm_steps
     from edgekd.distill.lm_trainer import train_lm
     from edgekd.lm.decode import Decoder
-    from edgekd.lm.entry import _splits
+    from edgekd.lm.entry import LAYER_CHOICE_BLOCKS, LAYER_CHOICE_TOKENS, _splits
     from edgekd.lm.export import export_lm_onnx
-    from edgekd.lm.models import build_lm_student, load_lm
+    from edgekd.lm.models import build_lm_student, choose_layers, load_lm
     from edgekd.runs import hash_arrays
 
     cfg = load_config(args.config)
@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or lm_steps(ctx, splits)
     cache, info = _cache(ctx, teacher, teacher_key, splits)
     print(f"teacher cache: {info}", file=sys.stderr)
+    sizes = cfg.student.lm_sizes()
+    layers = None  # the teacher layers the student copies: chosen as `edgekd compress` chooses them
+    if cfg.student.init == "teacher" and cfg.student.layer_choice == "greedy" and set(sizes) == {"layers"}:
+        layers, _ = choose_layers(teacher, sizes["layers"], splits.val.ids[:LAYER_CHOICE_BLOCKS, :LAYER_CHOICE_TOKENS])
+        print(f"teacher layers kept: {layers}", file=sys.stderr)
     seq_blocks = None
     if "sequence" in args.losses:
         n = args.sequence_tokens or cfg.distill.sequence_kd or splits.seq_len // 2
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         for loss in args.losses:
-            student, _ = build_lm_student(teacher, cfg.student.lm_sizes(), cfg.student.init, seed)
+            student, _ = build_lm_student(teacher, sizes, cfg.student.init, seed, layers=layers)
             t0 = time.perf_counter()
             kind = loss if loss in ("forward_kl", "reverse_kl", "jsd") else cfg.distill.loss
             plain = loss in ("ce", "sequence")  # cross-entropy alone, on the text or on the teacher's text
