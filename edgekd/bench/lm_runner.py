@@ -232,7 +232,18 @@ def environment() -> dict:
 
 
 def peak_rss_mb():
-    """Peak resident memory of this process in MiB, or None where the platform does not say."""
+    """Peak resident memory of this process in MiB, or None where the platform does not say.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own address space. Not
+    ru_maxrss: that survives execve, so a runner started by a large process would report its parent's
+    resident memory at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 2)
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

@@ -143,7 +143,18 @@ def split_trials(times_ms: np.ndarray, trials: int) -> list:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MiB, or None where the platform does not say."""
+    """Peak resident memory of this process in MiB, or None where the platform does not say.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own address space. Not
+    ru_maxrss: that survives execve, so a runner started by a large process would report its parent's
+    resident memory at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

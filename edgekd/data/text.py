@@ -25,8 +25,11 @@ __all__ = ["TextSplits", "TokenBlocks", "build_text_splits", "resolve_text_files
            "tokenize_blocks"]
 
 # The standard library's own tests are left out of the default corpus: they are a third of its text and
-# mostly repeated boilerplate, where the library itself is the code users write.
-STDLIB_EXCLUDED = ("test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3")
+# mostly repeated boilerplate, where the library itself is the code users write. So are generated files:
+# the codec tables of `encodings` (cp1251.py, mac_greek.py, ...: 256-line character maps that a small
+# model predicts as well as its teacher) and pydoc_data's dump of the documentation.
+STDLIB_EXCLUDED = ("test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3",
+                   "encodings", "pydoc_data")
 
 
 @dataclass
@@ -61,7 +64,8 @@ class TextSplits:
 
 
 def stdlib_sources() -> list[Path]:
-    """Python's standard library sources (*.py) on this machine, its test suites excluded, sorted."""
+    """Python's standard library sources (*.py) on this machine, its test suites and generated files excluded,
+    sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for path in sorted(root.rglob("*.py")):

@@ -170,7 +170,7 @@ def _fp16_check(fp32: Decoder, fp16: Decoder, blocks: np.ndarray) -> dict:
 
 def _portable_weights(ctx: RunContext) -> dict[str, tuple[str, Path]]:
     """{weights: (label, path)}: the weight-only candidates as portable ONNX in ONNX Runtime's formats, which
-    the bundle does not serve (TensorRT does not run MatMulInteger or MatMulNBits)."""
+    the bundle does not serve (TensorRT does not run MatMulNBits)."""
     from ..quantize.lm_weights import WEIGHT_FORMATS, quantize_lm_weights
 
     run = ctx.run_dir

@@ -212,7 +212,7 @@ def _bundle_size(ctx: RunContext, info: dict, name: str) -> int:
     return (ctx.run_dir / info["path"] / f"{name}.fp16.onnx").stat().st_size
 
 
-UNSERVED = ("ONNX Runtime's weight-only format (MatMulInteger / MatMulNBits), which TensorRT does not run: the "
+UNSERVED = ("ONNX Runtime's weight-only format (MatMulNBits), which TensorRT does not run: the "
             "Jetson bundle serves the FP16 engine; this file is for ONNX Runtime targets")
 
 

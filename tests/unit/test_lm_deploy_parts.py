@@ -35,14 +35,17 @@ def models(tmp_path_factory):
     return teacher, text, tmp, fp32
 
 
-@pytest.mark.parametrize("weights, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
-def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights, op):
+@pytest.mark.parametrize("weights, bits", [("int8", 8), ("int4", 4)])
+def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights, bits):
     import onnx
 
     teacher, text, tmp, fp32 = models
     q = quantize_lm_weights(fp32, tmp / f"{weights}.onnx", weights)
-    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
-    assert op in ops and q.stat().st_size < 0.7 * fp32.stat().st_size
+    nodes = onnx.load(str(q)).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits and not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in nodes)
+    assert all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)  # weight-only, k bits
+    assert q.stat().st_size < 0.7 * fp32.stat().st_size
     ref = _decoder(fp32, teacher.config, tmp, "fp32-ref")
     got = _decoder(q, teacher.config, tmp, f"{weights}-c")
     blocks = text[:4].numpy()
