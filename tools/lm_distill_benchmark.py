@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-tokens", type=int, help="tokens the teacher writes per block for sequence-level KD "
                    "(default: distill.sequence_kd, else half of data.seq_len)")
     p.add_argument("--steps", type=int, help="optimizer steps for every student (default: the config's)")
+    p.add_argument("--layers-from", type=Path, metavar="RUN_DIR",
+                   help="copy the teacher layers a finished compress run chose (its report's distill init) "
+                        "instead of choosing them again")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "lm-distill-bench")
     args = p.parse_args(argv)
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher cache: {info}", file=sys.stderr)
     sizes = cfg.student.lm_sizes()
     layers = None  # the teacher layers the student copies: chosen as `edgekd compress` chooses them
-    if cfg.student.init == "teacher" and cfg.student.layer_choice == "greedy" and set(sizes) == {"layers"}:
+    if args.layers_from:
+        report = json.loads((args.layers_from / "report.json").read_text())
+        layers = next(st for st in report["stages"] if st["name"] == "distill")["init"]["layers_from_teacher"]
+        print(f"teacher layers kept (from {args.layers_from}): {layers}", file=sys.stderr)
+    elif cfg.student.init == "teacher" and cfg.student.layer_choice == "greedy" and set(sizes) == {"layers"}:
         layers, _ = choose_layers(teacher, sizes["layers"], splits.val.ids[:LAYER_CHOICE_BLOCKS, :LAYER_CHOICE_TOKENS])
         print(f"teacher layers kept: {layers}", file=sys.stderr)
     seq_blocks = None
