@@ -80,18 +80,21 @@ class Backend(abc.ABC):
             raise StageError(f"compile ({self.name}) did not produce {', '.join(str(m) for m in missing)}")
         return art
 
-    def load(self, artifact: Artifact, profile: Profile, threads: int | None = None) -> Runner:
+    def load(self, artifact: Artifact, profile: Profile, threads: int | None = None, *, spin: bool = True) -> Runner:
+        """A runner for `artifact`. spin=False: the runtime's threads sleep between calls instead of spinning,
+        for sessions that take turns on the same cores (speculative decoding alternates draft and target
+        every few milliseconds, and a spinning idle pool would hold the cores the other one needs)."""
         if not artifact.runnable_here:
             raise StageError(f"{self.name} artifact {artifact.path} cannot run here: {artifact.not_runnable_reason}")
         if not artifact.path.exists():
             raise ModelError(f"artifact {artifact.path} does not exist")
-        return self._load(artifact, profile, threads)
+        return self._load(artifact, profile, threads, spin)
 
     @abc.abstractmethod
     def _compile(self, onnx_path: Path, profile: Profile, out_dir: Path, precision: str) -> Artifact: ...
 
     @abc.abstractmethod
-    def _load(self, artifact: Artifact, profile: Profile, threads: int | None) -> Runner: ...
+    def _load(self, artifact: Artifact, profile: Profile, threads: int | None, spin: bool = True) -> Runner: ...
 
     @abc.abstractmethod
     def versions(self) -> dict: ...

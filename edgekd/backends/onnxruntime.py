@@ -63,10 +63,12 @@ def provider_settings(providers: list[str], threads: int | None, so) -> list:
 class OrtRunner(Runner):
     """An ONNX Runtime session on the given providers (XNNPACK configured as its docs advise)."""
 
-    def __init__(self, path: Path, threads: int | None, providers: list[str]):
+    def __init__(self, path: Path, threads: int | None, providers: list[str], spin: bool = True):
         import onnxruntime as ort
 
         so = session_options(threads)
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.precise_int8 = needs_precise_int8(path)
         if self.precise_int8:
             so.add_session_config_entry("session.x64quantprecision", "1")
@@ -123,8 +125,8 @@ class OnnxRuntimeBackend(Backend):
                         info={"optimization_level": level, "providers": profile.execution_providers,
                               "source_copy": files[1].name if len(files) > 1 else None})
 
-    def _load(self, artifact: Artifact, profile: Profile, threads: int | None) -> Runner:
-        return OrtRunner(artifact.path, threads, providers_for(profile))
+    def _load(self, artifact: Artifact, profile: Profile, threads: int | None, spin: bool = True) -> Runner:
+        return OrtRunner(artifact.path, threads, providers_for(profile), spin)
 
     def versions(self) -> dict:
         import onnxruntime as ort

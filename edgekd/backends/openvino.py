@@ -175,7 +175,7 @@ class OpenVinoBackend(Backend):
                         info={"device": profile.device, "source": source, "source_file": onnx_path.name,
                               "compress_to_fp16": compress})
 
-    def _load(self, artifact: Artifact, profile: Profile, threads: int | None) -> Runner:
+    def _load(self, artifact: Artifact, profile: Profile, threads: int | None, spin: bool = True) -> Runner:
         return OpenVinoRunner(artifact.path, profile.device, artifact.precision, threads or profile.threads)
 
     def versions(self) -> dict:

@@ -265,7 +265,7 @@ class TensorRtBackend(Backend):
         return Artifact(path=engine, backend=self.name, precision=precision, files=[engine, cache, *files],
                         info=info)
 
-    def _load(self, artifact: Artifact, profile: Profile, threads: int | None) -> Runner:
+    def _load(self, artifact: Artifact, profile: Profile, threads: int | None, spin: bool = True) -> Runner:
         return TensorRtRunner(artifact.path)
 
     def versions(self) -> dict:

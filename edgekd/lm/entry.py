@@ -77,7 +77,7 @@ def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
 def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
     backend = get_backend(ctx.profile.backend)
     c.artifact = backend.compile(c.onnx, ctx.profile, ctx.run_dir / "target" / c.name, c.precision)
-    c.runner = backend.load(c.artifact, ctx.profile, ctx.threads)
+    c.runner = backend.load(c.artifact, ctx.profile, ctx.threads, spin=False)  # sessions take turns: see load
     c.decoder = Decoder(c.runner.run, config, layers)
 
 

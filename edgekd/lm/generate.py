@@ -61,7 +61,7 @@ def _decoder(run: Path, block: dict, threads: int | None):
     if not path.is_file():
         raise BadInputError(f"generate: {path} is missing from the run directory")
     art = Artifact(path=path, backend=profile.backend, precision=block.get("precision", "fp32"), files=[path])
-    runner = get_backend(profile.backend).load(art, profile, threads)
+    runner = get_backend(profile.backend).load(art, profile, threads, spin=False)
     cfg = SimpleNamespace(**block["decoder"])
     return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers)
 

@@ -87,3 +87,17 @@ def test_speculative_decoding_is_the_targets_greedy_output(models):
     figs = speculative_bench(target, target, [text[i, :7].tolist() for i in range(2)], 12, 4)
     assert figs["identical"] == 2 and figs["prompts"] == 2 and figs["acceptance_rate"] == 1.0
     assert figs["tokens_per_s"] > 0 and figs["teacher_tokens_per_s"] > 0 and figs["speedup"] > 0
+
+
+def test_decoder_sessions_that_take_turns_do_not_spin(models):
+    from edgekd.backends import get_backend
+    from edgekd.config.profiles import load_profile
+
+    _, _, tmp, fp32 = models
+    backend, profile = get_backend("onnxruntime"), load_profile("cpu")
+    art = backend.compile(fp32, profile, tmp / "spin", "fp32")
+    turns = backend.load(art, profile, 1, spin=False).session.get_session_options()
+    assert turns.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    alone = backend.load(art, profile, 1).session.get_session_options()
+    with pytest.raises(Exception, match="allow_spinning"):  # not set: ONNX Runtime's default, spin
+        alone.get_session_config_entry("session.intra_op.allow_spinning")
