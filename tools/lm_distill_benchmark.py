@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher_key = hash_arrays(*[t.detach().numpy() for t in teacher.state_dict().values()])
     splits = _splits(ctx, lm.tokenizer)
     steps = args.steps or lm_steps(ctx, splits)
-    cache, info = _cache(ctx, teacher, teacher_key, splits)
+    # every row trains on the same blocks: with --steps below one pass, the first `steps` batches (one pass
+    # each), so the teacher's cache and its sequence-KD text cover only what is trained on
+    train = splits.train.ids[:steps * cfg.data.batch_size]
+    cache, info = _cache(ctx, teacher, teacher_key, splits, train)
     print(f"teacher cache: {info}", file=sys.stderr)
     sizes = cfg.student.lm_sizes()
     layers = None  # the teacher layers the student copies: chosen as `edgekd compress` chooses them
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     seq_blocks = None
     if "sequence" in args.losses:
         n = args.sequence_tokens or cfg.distill.sequence_kd or splits.seq_len // 2
-        seq_blocks, seq_info = sequence_kd_blocks(teacher, teacher_key, splits.train.ids, n, cfg.data.batch_size)
+        seq_blocks, seq_info = sequence_kd_blocks(teacher, teacher_key, train, n, cfg.data.batch_size)
         print(f"sequence-KD blocks: {seq_info}", file=sys.stderr)
     backend = get_backend("onnxruntime")
     test = splits.test.ids.numpy()
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             kind = loss if loss in ("forward_kl", "reverse_kl", "jsd") else cfg.distill.loss
             plain = loss in ("ce", "sequence")  # cross-entropy alone, on the text or on the teacher's text
-            res = train_lm(student, seq_blocks if loss == "sequence" else splits.train.ids, splits.val.ids,
+            res = train_lm(student, seq_blocks if loss == "sequence" else train, splits.val.ids,
                            steps=steps, lr=cfg.distill.lr, batch_size=cfg.data.batch_size, seed=seed, kind=kind,
                            alpha=0.0 if plain else cfg.distill.alpha, temperature=cfg.distill.temperature,
                            beta=cfg.distill.beta, cache=None if plain else cache,
