@@ -61,8 +61,11 @@ def quantize_lm_weights(fp32: Path, out: Path, weights: str) -> Path:
     if weights not in WEIGHT_FORMATS:
         raise StageError(f"quantize.weights: {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizers log every skipped node at WARNING
+    # the quantizers log every skipped node (MatMulNBits' own logger at INFO, with its own handler)
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [g.level for g in loggers]
+    for g in loggers:
+        g.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), atomic_path(out) as tmp:
             warnings.simplefilter("ignore")
@@ -77,5 +80,6 @@ def quantize_lm_weights(fp32: Path, out: Path, weights: str) -> Path:
     except Exception as e:  # noqa: BLE001 - the quantizers raise many types
         raise StageError(f"quantize: {weights} weights of {fp32.name} failed: {str(e).splitlines()[0][:200]}") from None
     finally:
-        logging.getLogger().setLevel(level)
+        for g, lv in zip(loggers, levels, strict=True):
+            g.setLevel(lv)
     return out
