@@ -200,6 +200,7 @@ def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], n
         bundle = Path(tmp) / "bundle.tar"
         with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
             tar.add(str(LM_RUNNER), arcname="lm_runner.py")
+            tar.add(str(LM_RUNNER.parent / "runner.py"), arcname="runner.py")  # lm_runner imports its helpers
             tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
             for i, job in enumerate(jobs):
                 for f in job.files:

@@ -31,22 +31,11 @@ except ImportError as missing:  # a board without numpy: one line and exit 3, li
     print(f"runner: numpy is not installed for {sys.executable} ({missing})", file=sys.stderr)
     sys.exit(3)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runner.py travels beside this file
+from runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb  # noqa: E402
+
 LM_RUNNER_VERSION = 1
-EXIT_BAD_INPUT = 2
-EXIT_RUNTIME = 3
 MEMORY_SCOPE = "peak resident memory of its own runner process: Python, the runtime, the decoder, generation at batch 1"
-
-
-class RunnerError(Exception):
-    """A failure reported as one line on stderr with its exit code (2 bad input, 3 runtime)."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0][:300]
 
 
 # ---------------------------------------------------------------- the decode loop and its figures
@@ -229,27 +218,6 @@ def environment() -> dict:
         usable = os.cpu_count() or 1
     return {"hostname": platform.node(), "os": platform.platform(), "machine": platform.machine(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "usable_cores": usable}
-
-
-def peak_rss_mb():
-    """Peak resident memory of this process in MiB, or None where the platform does not say.
-
-    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own address space. Not
-    ru_maxrss: that survives execve, so a runner started by a large process would report its parent's
-    resident memory at the fork."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 2)
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(float(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024), 2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
