@@ -28,7 +28,8 @@ from ..lm.decode import Decoder
 from ..lm.speculative import speculative_greedy
 from .lm_runner import EXIT_BAD_INPUT, decode_once, figures
 
-__all__ = ["LMJob", "decode_once", "figures", "generation_bench", "run_local", "run_remote", "speculative_bench"]
+__all__ = ["LMJob", "choose_speculation", "decode_once", "figures", "generation_bench", "run_local", "run_remote",
+           "speculative_bench"]
 
 LM_RUNNER = Path(__file__).with_name("lm_runner.py")
 
@@ -50,7 +51,7 @@ def generation_bench(decoders: dict[str, Decoder], prompts: Sequence[Sequence[in
 
 
 def speculative_bench(target: Decoder, draft: Decoder, prompts: Sequence[Sequence[int]], new_tokens: int,
-                      draft_tokens: int) -> dict:
+                      draft_tokens: int, min_confidence: float = 0.0) -> dict:
     """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
     tokens/s of both (prefill included), acceptance, and whether each output equals the target's."""
     decode_once(target, prompts[0], min(4, new_tokens))
@@ -62,7 +63,7 @@ def speculative_bench(target: Decoder, draft: Decoder, prompts: Sequence[Sequenc
             return decode_once(target, p, new_tokens)["tokens"]
 
         def spec(p: Sequence[int] = prompt):
-            return speculative_greedy(target, draft, p, new_tokens, draft_tokens)
+            return speculative_greedy(target, draft, p, new_tokens, draft_tokens, min_confidence)
 
         first, second = (plain, spec) if i % 2 == 0 else (spec, plain)
         t = time.perf_counter()
@@ -82,13 +83,43 @@ def speculative_bench(target: Decoder, draft: Decoder, prompts: Sequence[Sequenc
             pos = next(j for j, (x, y) in enumerate(zip(res.tokens, ref, strict=False)) if x != y)
             differences.append({"prompt": i, "position": pos})
     n_tokens = new_tokens * len(prompts)
-    out = {"draft_tokens": draft_tokens, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+    out = {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "drafted": drafted,
+           "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
            "tokens_per_s": round(n_tokens / spec_s, 2), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
            "speedup": round(plain_s / spec_s, 3), "prompts": len(prompts), "identical": identical,
            "new_tokens": new_tokens}
     if differences:
         out["differences"] = differences
     return out
+
+
+def choose_speculation(target: Decoder, draft: Decoder, prompts: Sequence[Sequence[int]], new_tokens: int,
+                       draft_tokens: Sequence[int], min_confidence: Sequence[float]) -> dict:
+    """The fastest (draft_tokens, min_confidence) pair of the grid on `prompts` (validation), with every pair's
+    acceptance and tokens/s and the target alone's, all timed prompt by prompt in a rotating order."""
+    settings = [(k, c) for k in draft_tokens for c in min_confidence]
+    runs = [("teacher", None), *settings]
+    seconds = dict.fromkeys(runs, 0.0)
+    drafted = dict.fromkeys(settings, 0)
+    accepted = dict.fromkeys(settings, 0)
+    decode_once(target, prompts[0], min(4, new_tokens))
+    for i, prompt in enumerate(prompts):
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            t = time.perf_counter()
+            if run[0] == "teacher":
+                decode_once(target, prompt, new_tokens)
+            else:
+                res = speculative_greedy(target, draft, prompt, new_tokens, *run)
+                drafted[run] += res.drafted
+                accepted[run] += res.accepted
+            seconds[run] += time.perf_counter() - t
+    n_tokens = new_tokens * len(prompts)
+    tried = [{"draft_tokens": k, "min_confidence": c, "tokens_per_s": round(n_tokens / seconds[(k, c)], 2),
+              "acceptance_rate": round(accepted[(k, c)] / drafted[(k, c)], 4) if drafted[(k, c)] else 0.0}
+             for k, c in settings]
+    best = max(tried, key=lambda t: t["tokens_per_s"])
+    return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "prompts": len(prompts),
+            "teacher_tokens_per_s": round(n_tokens / seconds[runs[0]], 2), "tried": tried}
 
 
 # ---- one decoder per process, through lm_runner.py: on this host or on a board over SSH ----

@@ -2,7 +2,7 @@
 when `task: causal-lm` (the LM keys of data, student, distill and quantize live in those sections)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -19,7 +19,9 @@ LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs"
 
 
 class SpeculativeConfig(Section):
-    draft_tokens: int = Field(4, ge=1, le=64)
+    # auto: the fastest of lm.speculative's grid on validation prompts; a number pins it
+    draft_tokens: int | Literal["auto"] = Field("auto", ge=1, le=64)
+    min_confidence: float | Literal["auto"] = Field("auto", ge=0.0, lt=1.0)
     prompts: int = Field(20, ge=1, le=10000)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     prompt_tokens: int = Field(32, ge=1, le=4096)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..backends import get_backend
 from ..backends.base import Artifact, Runner
-from ..bench.lm_bench import generation_bench, speculative_bench
+from ..bench.lm_bench import choose_speculation, generation_bench, speculative_bench
 from ..config.lm import SpeculativeConfig
 from ..context import RunContext
 from ..data import SPLIT_SEED
@@ -31,6 +31,7 @@ from .decode import Decoder
 from .export import export_lm_onnx
 from .measure import check_hosts, on_board, peak_memory_here
 from .models import build_lm_student, choose_layers, count_lm_params, load_lm
+from .speculative import DRAFT_TOKEN_GRID, MIN_CONFIDENCE_GRID
 
 __all__ = ["LMCandidate", "run_lm_entry"]
 
@@ -72,6 +73,17 @@ def _splits(ctx: RunContext, tokenizer) -> TextSplits:
 
 def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
     return [blocks[i, :length].tolist() for i in range(min(count, len(blocks)))]
+
+
+def _choose_speculation(teacher: LMCandidate, draft: LMCandidate, prompts: list[list[int]], spec) -> dict:
+    """The draft length and confidence floor: as configured, or where either is auto, the fastest pair of
+    the grid on the validation prompts (test prompts only report)."""
+    if "auto" not in (spec.draft_tokens, spec.min_confidence):
+        return {"draft_tokens": spec.draft_tokens, "min_confidence": spec.min_confidence}
+    grid_k = DRAFT_TOKEN_GRID if spec.draft_tokens == "auto" else (spec.draft_tokens,)
+    grid_c = MIN_CONFIDENCE_GRID if spec.min_confidence == "auto" else (spec.min_confidence,)
+    return choose_speculation(teacher.decoder, draft.decoder, prompts, spec.max_new_tokens,  # type: ignore[arg-type]
+                              grid_k, grid_c)
 
 
 def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
@@ -249,6 +261,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             c.selection["decode_tokens_per_s"] = speed[n]["decode_tokens_per_s"]
             c.selection["speed_measured_on"] = hosts[0] if hosts else "host"
         name, why = assemble_lm.choose(cands, cfg.quantize.max_perplexity_increase)
+        spec_choice = _choose_speculation(teacher_c, cands[name], val_prompts, spec_cfg)
         # Test reports: read only now, after the choice.
         test = splits.test.ids.numpy()
         t_bench = time.perf_counter()
@@ -278,7 +291,11 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
                 c.speed = speed[n]
             peak_memory_here(ctx, timed, shapes, test_prompts, spec_cfg.max_new_tokens)
         spec = speculative_bench(teacher_c.decoder, cands[name].decoder, test_prompts,  # type: ignore[arg-type]
-                                 spec_cfg.max_new_tokens, spec_cfg.draft_tokens)
+                                 spec_cfg.max_new_tokens, spec_choice["draft_tokens"], spec_choice["min_confidence"])
+        if "tried" in spec_choice:
+            spec["selection"] = {"on": "validation prompts", "prompts": spec_choice["prompts"],
+                                 "teacher_tokens_per_s": spec_choice["teacher_tokens_per_s"],
+                                 "tried": spec_choice["tried"]}
         bench_seconds = round(time.perf_counter() - t_bench, 2)
     finally:
         for c in opened:

@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--speculative", action="store_true", help="the final model drafts, the teacher verifies")
-    p.add_argument("--draft-tokens", type=int, help="draft length (default: the run's speculative.draft_tokens)")
+    p.add_argument("--draft-tokens", type=int, help="the most a round drafts (default: the run's choice)")
+    p.add_argument("--min-confidence", type=float, help="the draft stops where its probability for its next token is "
+                                                        "under this, 0 never (default: the run's choice)")
     p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -67,14 +69,19 @@ def _decoder(run: Path, block: dict, threads: int | None):
 
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
-             draft_tokens: int | None = None, threads: int | None = None) -> dict:
+             draft_tokens: int | None = None, threads: int | None = None,
+             min_confidence: float | None = None) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring)."""
     from transformers import AutoTokenizer
 
-    from .speculative import speculative_greedy
+    from .speculative import UNCHOSEN, speculative_greedy
 
     if max_new_tokens < 1:
         raise BadInputError("generate: --max-new-tokens must be at least 1")
+    if draft_tokens is not None and draft_tokens < 1:
+        raise BadInputError("generate: --draft-tokens must be at least 1")
+    if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
+        raise BadInputError("generate: --min-confidence must be in [0, 1)")
     run = Path(run_dir)
     report = _load(run)
     target = report["target"]["name"]
@@ -91,13 +98,16 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         out: dict = {"prompt_tokens": len(ids), "model": final["artifact"]}
         t0 = time.perf_counter()
         if speculative:
-            k = draft_tokens or (report.get("speculative") or {}).get("draft_tokens") or 4
+            chosen = report.get("speculative") or {}
+            k = draft_tokens or chosen.get("draft_tokens") or UNCHOSEN[0]
+            floor = min_confidence if min_confidence is not None else chosen.get("min_confidence", 0.0)
             runner, teacher = _decoder(run, {**report["teacher"], "_target": target}, threads)
             runners.append(runner)
             t0 = time.perf_counter()
-            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k)
+            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor)
             tokens = res.tokens
-            out.update({"speculative": True, "draft_tokens": k, "acceptance_rate": round(res.acceptance_rate, 4),
+            out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor,
+                        "drafted": res.drafted, "acceptance_rate": round(res.acceptance_rate, 4),
                         "teacher": report["teacher"]["artifact"]})
         else:
             tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
@@ -113,11 +123,13 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
 
 
 def run(args: argparse.Namespace) -> int:
-    out = generate(args.run_dir, args.prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads)
+    out = generate(args.run_dir, args.prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
+                   args.min_confidence)
     print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("speculative"):
-        figures += f", acceptance {out['acceptance_rate']:.1%} with {out['draft_tokens']} draft tokens"
+        floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
+        figures += f", acceptance {out['acceptance_rate']:.1%} drafting up to {out['draft_tokens']} tokens{floor}"
     print(figures, file=sys.stderr)
     if args.json_out:
         from ..runs import write_json

@@ -28,6 +28,7 @@ from ..runs import write_json, write_npz, write_text
 from .decode import Decoder
 from .export import io_names, kv_shape
 from .fp16 import write_mixed_fp16
+from .speculative import pinned
 
 __all__ = ["BUNDLE", "not_measured_reason", "run_lm_jetson", "write_lm_bundle"]
 
@@ -103,8 +104,9 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     the report says of it (its files, the shapes, the FP16 copies' float32 layers)."""
     run, cfg = ctx.run_dir, ctx.config
     spec = cfg.speculative or SpeculativeConfig()
+    draft_tokens, min_confidence = pinned(spec.draft_tokens, spec.min_confidence)  # auto: nothing here times TensorRT
     out.mkdir(parents=True, exist_ok=True)
-    limits = context_limits(cfg.data.seq_len, int(prompts.shape[1]), spec.max_new_tokens, spec.draft_tokens)
+    limits = context_limits(cfg.data.seq_len, int(prompts.shape[1]), spec.max_new_tokens, draft_tokens)
     sources = {"model": run / "model.fp32.onnx", "teacher": run / "teacher.fp32.onnx"}
     models = {}
     for name, config in configs.items():
@@ -127,14 +129,14 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     bundle = {"edgekd_version": __version__, "target": ctx.profile.name, "task": "causal-lm", "precision": "fp16",
               "models": models, **limits, "seq_len": cfg.data.seq_len, "prompts": "prompts.npz",
               "prompt_tokens": int(prompts.shape[1]), "max_new_tokens": spec.max_new_tokens,
-              "draft_tokens": spec.draft_tokens, "eval_data": "eval.npz", "tokenizer": "tokenizer",
+              "draft_tokens": draft_tokens, "min_confidence": min_confidence, "eval_data": "eval.npz", "tokenizer": "tokenizer",
               "workspace_mb": int(ctx.profile.workspace_mb)}
     write_json(out / "bundle.json", bundle)
     rel = str(out.relative_to(run))
     files = sorted(str(p.relative_to(run)) for p in out.rglob("*") if p.is_file())
     return {"path": rel, "files": files, **limits, "precision": "fp16", "prompts": int(prompts.shape[0]),
             "prompt_tokens": int(prompts.shape[1]), "max_new_tokens": spec.max_new_tokens,
-            "draft_tokens": spec.draft_tokens,
+            "draft_tokens": draft_tokens, "min_confidence": min_confidence,
             "fp32_layers": {n: len(m["fp32_layers"]) for n, m in models.items()},
             "build_on_board": "./build_engine.sh",
             "bench_on_board": ["python3 trt_lm_runner.py bench --eval-data eval.npz",

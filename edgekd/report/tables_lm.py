@@ -79,17 +79,38 @@ def distill_table(report: dict) -> Table | None:
     return t
 
 
+def _draft(s: dict) -> str:
+    k, c = s.get("draft_tokens"), s.get("min_confidence")
+    if k is None:
+        return "—"
+    return f"up to {k}, while p ≥ {c:g}" if c else str(k)
+
+
 def speculative_table(report: dict) -> Table | None:
     s = report.get("speculative")
     if not isinstance(s, dict):
         return None
     t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", "speedup", "identical outputs",
                "measured on"])
-    t.rows.append([figure(s, "draft_tokens", str), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
+    t.rows.append([Cell(_draft(s)), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
                    figure(s, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
                    figure(s, "speedup", fmt_ratio),
                    figure(s, "identical", lambda n: f"{n}/{s.get('prompts')}"),
                    Cell(str(s.get("measured_on") or "—"))])
+    return t
+
+
+def speculative_choice_table(report: dict) -> Table | None:
+    sel = (report.get("speculative") or {}).get("selection")
+    if not isinstance(sel, dict) or not sel.get("tried"):
+        return None
+    s = report["speculative"]
+    t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", ""])
+    for row in sel["tried"]:
+        chosen = (row["draft_tokens"], row["min_confidence"]) == (s.get("draft_tokens"), s.get("min_confidence"))
+        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)),
+                       figure(row, "tokens_per_s", _tps), figure(sel, "teacher_tokens_per_s", _tps),
+                       Cell("✔ chosen" if chosen else "")])
     return t
 
 
@@ -102,4 +123,7 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
     s = speculative_table(report)
     if s is not None:
         out.append(("Speculative decoding (the final student drafts for the teacher)", s))
+    c = speculative_choice_table(report)
+    if c is not None:
+        out.append(("Draft length and confidence floor, chosen on validation prompts", c))
     return out

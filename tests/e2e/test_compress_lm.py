@@ -78,6 +78,12 @@ def test_lm_run_reports_every_figure(lm_run):
     s = report["speculative"]
     assert s["prompts"] == 3 and s["identical"] == 3 and 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0
     assert s["draft_tokens"] == 3 and s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0 and s["measured_on"] == "host"
+    # min_confidence auto: the pinned draft length with each floor of the grid, timed on validation prompts
+    sel = s["selection"]
+    assert sel["on"] == "validation prompts" and [t["min_confidence"] for t in sel["tried"]] == [0.0, 0.3, 0.5]
+    assert {t["draft_tokens"] for t in sel["tried"]} == {3} and s["min_confidence"] in (0.0, 0.3, 0.5)
+    assert max(sel["tried"], key=lambda t: t["tokens_per_s"])["min_confidence"] == s["min_confidence"]
+    assert "chosen on validation prompts" in (run / "report.md").read_text()
     assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
     assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
 

@@ -7,13 +7,13 @@ import torch
 pytest.importorskip("transformers")
 
 from edgekd.backends import get_backend  # noqa: E402
-from edgekd.bench.lm_bench import generation_bench, speculative_bench  # noqa: E402
+from edgekd.bench.lm_bench import choose_speculation, generation_bench, speculative_bench  # noqa: E402
 from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.distill.lm_trainer import train_lm  # noqa: E402
 from edgekd.lm.decode import Decoder  # noqa: E402
 from edgekd.lm.export import export_lm_onnx  # noqa: E402
 from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
-from edgekd.lm.speculative import speculative_greedy  # noqa: E402
+from edgekd.lm.speculative import draft_token, speculative_greedy  # noqa: E402
 from edgekd.quantize.lm_weights import quantize_lm_weights  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 
@@ -87,6 +87,46 @@ def test_speculative_decoding_is_the_targets_greedy_output(models):
     figs = speculative_bench(target, target, [text[i, :7].tolist() for i in range(2)], 12, 4)
     assert figs["identical"] == 2 and figs["prompts"] == 2 and figs["acceptance_rate"] == 1.0
     assert figs["tokens_per_s"] > 0 and figs["teacher_tokens_per_s"] > 0 and figs["speedup"] > 0
+
+
+def test_draft_token_keeps_only_a_guess_as_likely_as_the_floor():
+    logits = np.log(np.array([0.1, 0.6, 0.3], dtype=np.float32))
+    assert draft_token(logits, 0.0) == 1 and draft_token(logits, 0.59) == 1
+    assert draft_token(logits, 0.61) is None  # p(top) = 0.6
+    assert draft_token(np.array([0.0, 0.0, 0.0]), 0.34) is None and draft_token(np.array([0.0, 0.0, 0.0]), 0.33) == 0
+
+
+def test_a_confidence_floor_drafts_less_and_stays_lossless(models):
+    teacher, text, tmp, fp32 = models
+    target = _decoder(fp32, teacher.config, tmp, "fp32-floor")
+    other, _ = build_lm_student(teacher, {"layers": 1}, init="teacher", seed=5)
+    draft = _decoder(export_lm_onnx(other, tmp / "draft-floor.onnx"), other.config, tmp, "fp32-dfloor")
+    prompt = text[2, :7].tolist()
+    expect = target.greedy(prompt, 20)
+    drafted = []
+    for floor in (0.0, 0.5, 0.999999):
+        res = speculative_greedy(target, draft, prompt, 20, draft_tokens=4, min_confidence=floor)
+        assert res.tokens == expect  # lossless at any floor
+        drafted.append(res.drafted)
+    assert drafted[0] >= drafted[1] >= drafted[2] and drafted[0] > drafted[2]
+    silent = speculative_greedy(target, draft, prompt, 20, draft_tokens=4, min_confidence=0.999999)
+    if silent.drafted == 0:  # no proposal at all: every round is one plain step of the target
+        assert silent.target_passes == 20
+
+
+def test_the_speculation_choice_times_every_pair_and_keeps_the_fastest(models):
+    teacher, text, tmp, fp32 = models
+    target = _decoder(fp32, teacher.config, tmp, "fp32-choice")
+    prompts = [text[i, :7].tolist() for i in range(3)]
+    got = choose_speculation(target, target, prompts, 10, (1, 3), (0.0, 0.5))
+    pairs = [(t["draft_tokens"], t["min_confidence"]) for t in got["tried"]]
+    assert pairs == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)] and got["prompts"] == 3
+    assert all(t["tokens_per_s"] > 0 and 0 <= t["acceptance_rate"] <= 1 for t in got["tried"])
+    best = max(got["tried"], key=lambda t: t["tokens_per_s"])
+    assert (got["draft_tokens"], got["min_confidence"]) == (best["draft_tokens"], best["min_confidence"])
+    assert got["teacher_tokens_per_s"] > 0
+    figs = speculative_bench(target, target, prompts[:2], 10, got["draft_tokens"], got["min_confidence"])
+    assert figs["identical"] == 2 and figs["min_confidence"] == got["min_confidence"]
 
 
 def test_decoder_sessions_that_take_turns_do_not_spin(models):

@@ -132,6 +132,14 @@ def test_speculative_decoding_is_the_targets_greedy_output(bias, full):
         assert 0 < res["drafted"] and (res["accepted"] == res["drafted"]) == full
         assert res["target_passes"] < 12 if full else res["target_passes"] <= 12
     assert (target.trims > 0) == (not full)  # a rejected draft cuts the target's cache back
+    # the toy's top token has probability e / (e + 10) = 0.214: a floor under it drafts as before, one over
+    # it drafts nothing, and both stay lossless
+    plain = lm.greedy_timed(target, [1, 2, 3], 12)["tokens"]
+    free = lm.speculative_greedy(target, draft, [1, 2, 3], 12, draft_tokens=3)
+    low = lm.speculative_greedy(target, draft, [1, 2, 3], 12, draft_tokens=3, min_confidence=0.2)
+    high = lm.speculative_greedy(target, draft, [1, 2, 3], 12, draft_tokens=3, min_confidence=0.25)
+    assert low == free and high["tokens"] == plain
+    assert high["drafted"] == 0 and high["target_passes"] == 12
 
 
 def test_quality_scores_every_predicted_token():

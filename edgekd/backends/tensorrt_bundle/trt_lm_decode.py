@@ -81,9 +81,19 @@ def accepted_prefix(proposals: list, preds) -> int:
     return n
 
 
-def speculative_greedy(target, draft, prompt, new_tokens: int, draft_tokens: int) -> dict:
-    """The target's greedy continuation of `prompt`, drafted `draft_tokens` at a time; both decoders keep
-    their KV caches, cut back to the accepted tokens after every check."""
+def draft_token(logits: np.ndarray, min_confidence: float):
+    """The most likely token of one row of logits, or None where its probability is under min_confidence."""
+    token = int(logits.argmax())
+    if min_confidence <= 0.0:
+        return token
+    row = np.asarray(logits, dtype=np.float64)
+    return token if 1.0 / np.exp(row - row[token]).sum() >= min_confidence else None
+
+
+def speculative_greedy(target, draft, prompt, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0) -> dict:
+    """The target's greedy continuation of `prompt`, drafted up to `draft_tokens` at a time (fewer where the
+    draft's probability for its next token falls under `min_confidence`); both decoders keep their KV caches,
+    cut back to the accepted tokens after every check."""
     target.reset()
     draft.reset()
     seq = list(prompt)
@@ -95,14 +105,21 @@ def speculative_greedy(target, draft, prompt, new_tokens: int, draft_tokens: int
         if produced >= new_tokens:
             break
         k = min(draft_tokens, new_tokens - produced)
-        proposals = [int(draft.forward(seq[draft.length:])[-1].argmax())]
-        for _ in range(k - 1):
-            proposals.append(int(draft.forward([proposals[-1]])[-1].argmax()))
+        logits = draft.forward(seq[draft.length:])
+        proposals = []
+        while True:
+            token = draft_token(logits[-1], min_confidence)
+            if token is None:
+                break
+            proposals.append(token)
+            if len(proposals) == k:
+                break
+            logits = draft.forward([token])
         start = len(seq) - target.length - 1  # the fed position whose prediction checks proposals[0]
         preds = target.forward(seq[target.length:] + proposals)[start:].argmax(-1)
         passes += 1
         n = accepted_prefix(proposals, preds)
-        drafted, accepted, produced = drafted + k, accepted + n, produced + n
+        drafted, accepted, produced = drafted + len(proposals), accepted + n, produced + n
         seq.extend(proposals[:n])
         target.trim(len(seq))
         draft.trim(min(draft.length, len(seq)))
@@ -113,13 +130,14 @@ def speculative_greedy(target, draft, prompt, new_tokens: int, draft_tokens: int
             "target_passes": passes}
 
 
-def speculative_figures(results: list, spec_s: float, plain_s: float, same: list, draft_tokens: int) -> dict:
+def speculative_figures(results: list, spec_s: float, plain_s: float, same: list, draft_tokens: int,
+                        min_confidence: float = 0.0) -> dict:
     """The speculative block: acceptance, tokens/s with and without the draft, speedup, identical outputs."""
     drafted, accepted = sum(r["drafted"] for r in results), sum(r["accepted"] for r in results)
     tokens = sum(len(r["tokens"]) for r in results)
     spec_tps = tokens / spec_s if spec_s else None
     plain_tps = tokens / plain_s if plain_s else None
-    return {"draft_tokens": draft_tokens, "prompts": len(results), "drafted": drafted, "accepted": accepted,
+    return {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "prompts": len(results), "drafted": drafted, "accepted": accepted,
             "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
             "tokens_per_s": round(spec_tps, 2) if spec_tps else None,
             "teacher_tokens_per_s": round(plain_tps, 2) if plain_tps else None,

@@ -190,7 +190,7 @@ def _npz(path: str, key: str) -> np.ndarray:
 
 
 def bench(engine: str, draft: str | None, prompts_path: str, eval_data: str | None, new_tokens: int,
-          draft_tokens: int) -> dict:
+          draft_tokens: int, min_confidence: float = 0.0) -> dict:
     """The engine's speed on the prompts, its quality on eval data and (with a draft) speculative decoding."""
     trt, cuda = _import_tensorrt(), cuda_memory()
     t0 = time.perf_counter()
@@ -210,18 +210,18 @@ def bench(engine: str, draft: str | None, prompts_path: str, eval_data: str | No
     out["memory"] = {"engine_mb": round(os.path.getsize(engine) / 2**20, 2), **target.memory()}
     if draft:
         d = EngineDecoder.load(trt, draft, cuda)
-        speculative_greedy(target, d, prompts[0], min(new_tokens, 4), draft_tokens)  # warm-up
+        speculative_greedy(target, d, prompts[0], min(new_tokens, 4), draft_tokens, min_confidence)  # warm-up
         results, same, spec_s, plain_s = [], [], 0.0, 0.0
         for p in prompts:  # interleaved: a drift in clocks touches both alike
             t = time.perf_counter()
             plain = greedy_timed(target, p, new_tokens)["tokens"]
             plain_s += time.perf_counter() - t
             t = time.perf_counter()
-            results.append(speculative_greedy(target, d, p, new_tokens, draft_tokens))
+            results.append(speculative_greedy(target, d, p, new_tokens, draft_tokens, min_confidence))
             spec_s += time.perf_counter() - t
             same.append(results[-1]["tokens"] == plain)
         out["speculative"] = {"draft": os.path.basename(draft),
-                              **speculative_figures(results, spec_s, plain_s, same, draft_tokens)}
+                              **speculative_figures(results, spec_s, plain_s, same, draft_tokens, min_confidence)}
         d.close()
     try:
         import resource
@@ -250,11 +250,13 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     b.add_argument("--prompts", default=here(d.get("prompts", "prompts.npz")), help=".npz with prompts (n, tokens)")
     b.add_argument("--eval-data", help=".npz with x (blocks of token ids): perplexity and next-token accuracy")
     b.add_argument("--max-new-tokens", type=int, default=d.get("max_new_tokens", 32))
-    b.add_argument("--draft-tokens", type=int, default=d.get("draft_tokens", 4))
+    b.add_argument("--draft-tokens", type=int, default=d.get("draft_tokens", 4), help="the most a round drafts")
+    b.add_argument("--min-confidence", type=float, default=d.get("min_confidence", 0.0),
+                   help="the draft stops where its probability for its next token is under this (0: never)")
     b.add_argument("--json", help="also write the JSON object to this file")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 2 or args.draft_tokens < 1:
-        p.error("--max-new-tokens must be >= 2 and --draft-tokens >= 1")
+    if args.max_new_tokens < 2 or args.draft_tokens < 1 or not 0.0 <= args.min_confidence < 1.0:
+        p.error("--max-new-tokens must be >= 2, --draft-tokens >= 1 and --min-confidence in [0, 1)")
     return args
 
 
@@ -262,7 +264,8 @@ def main(argv: list | None = None) -> int:
     """Run one command; JSON on stdout, or one line on stderr and exit 2 or 3."""
     args = parse_args(argv)
     try:
-        result = bench(args.engine, args.draft, args.prompts, args.eval_data, args.max_new_tokens, args.draft_tokens)
+        result = bench(args.engine, args.draft, args.prompts, args.eval_data, args.max_new_tokens, args.draft_tokens,
+                       args.min_confidence)
         text = json.dumps(result, allow_nan=False)
         if args.json:
             _write(args.json, (text + "\n").encode())
