@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,10 @@ import numpy as np
 from ..config.profiles import Profile
 from ..errors import BadInputError, BoardError, ModelError, StageError
 from ..lm.decode import Decoder
-from ..lm.speculative import speculative_greedy
-from .lm_runner import EXIT_BAD_INPUT, decode_once, figures
+from .lm_runner import EXIT_BAD_INPUT, choose_speculation, decode_once, figures, speculative_bench
 
 __all__ = ["LMJob", "choose_speculation", "decode_once", "figures", "generation_bench", "run_local", "run_remote",
-           "speculative_bench"]
+           "speculative_bench", "speculative_remote"]
 
 LM_RUNNER = Path(__file__).with_name("lm_runner.py")
 
@@ -48,78 +46,6 @@ def generation_bench(decoders: dict[str, Decoder], prompts: Sequence[Sequence[in
             for name in order:
                 runs[name].append(decode_once(decoders[name], prompt, new_tokens))
     return {n: figures(runs[n]) for n in names}
-
-
-def speculative_bench(target: Decoder, draft: Decoder, prompts: Sequence[Sequence[int]], new_tokens: int,
-                      draft_tokens: int, min_confidence: float = 0.0) -> dict:
-    """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
-    tokens/s of both (prefill included), acceptance, and whether each output equals the target's."""
-    decode_once(target, prompts[0], min(4, new_tokens))
-    spec_s = plain_s = 0.0
-    drafted = accepted = identical = 0
-    differences = []
-    for i, prompt in enumerate(prompts):
-        def plain(p: Sequence[int] = prompt) -> list[int]:
-            return decode_once(target, p, new_tokens)["tokens"]
-
-        def spec(p: Sequence[int] = prompt):
-            return speculative_greedy(target, draft, p, new_tokens, draft_tokens, min_confidence)
-
-        first, second = (plain, spec) if i % 2 == 0 else (spec, plain)
-        t = time.perf_counter()
-        a = first()
-        ta = time.perf_counter() - t
-        t = time.perf_counter()
-        b = second()
-        tb = time.perf_counter() - t
-        ref, res = (a, b) if first is plain else (b, a)
-        plain_s += ta if first is plain else tb
-        spec_s += tb if first is plain else ta
-        drafted += res.drafted
-        accepted += res.accepted
-        if res.tokens == ref:
-            identical += 1
-        else:
-            pos = next(j for j, (x, y) in enumerate(zip(res.tokens, ref, strict=False)) if x != y)
-            differences.append({"prompt": i, "position": pos})
-    n_tokens = new_tokens * len(prompts)
-    out = {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "drafted": drafted,
-           "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
-           "tokens_per_s": round(n_tokens / spec_s, 2), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
-           "speedup": round(plain_s / spec_s, 3), "prompts": len(prompts), "identical": identical,
-           "new_tokens": new_tokens}
-    if differences:
-        out["differences"] = differences
-    return out
-
-
-def choose_speculation(target: Decoder, draft: Decoder, prompts: Sequence[Sequence[int]], new_tokens: int,
-                       draft_tokens: Sequence[int], min_confidence: Sequence[float]) -> dict:
-    """The fastest (draft_tokens, min_confidence) pair of the grid on `prompts` (validation), with every pair's
-    acceptance and tokens/s and the target alone's, all timed prompt by prompt in a rotating order."""
-    settings = [(k, c) for k in draft_tokens for c in min_confidence]
-    runs = [("teacher", None), *settings]
-    seconds = dict.fromkeys(runs, 0.0)
-    drafted = dict.fromkeys(settings, 0)
-    accepted = dict.fromkeys(settings, 0)
-    decode_once(target, prompts[0], min(4, new_tokens))
-    for i, prompt in enumerate(prompts):
-        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
-            t = time.perf_counter()
-            if run[0] == "teacher":
-                decode_once(target, prompt, new_tokens)
-            else:
-                res = speculative_greedy(target, draft, prompt, new_tokens, *run)
-                drafted[run] += res.drafted
-                accepted[run] += res.accepted
-            seconds[run] += time.perf_counter() - t
-    n_tokens = new_tokens * len(prompts)
-    tried = [{"draft_tokens": k, "min_confidence": c, "tokens_per_s": round(n_tokens / seconds[(k, c)], 2),
-              "acceptance_rate": round(accepted[(k, c)] / drafted[(k, c)], 4) if drafted[(k, c)] else 0.0}
-             for k, c in settings]
-    best = max(tried, key=lambda t: t["tokens_per_s"])
-    return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "prompts": len(prompts),
-            "teacher_tokens_per_s": round(n_tokens / seconds[runs[0]], 2), "tried": tried}
 
 
 # ---- one decoder per process, through lm_runner.py: on this host or on a board over SSH ----
@@ -203,27 +129,19 @@ def run_local(jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: i
     return out
 
 
-def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
-               threads: int | None, *, rounds: int = 1, ssh_config: str | Path | None = None,
-               remote_python: str | None = None, timeout_s: int | None = None) -> dict[str, dict]:
-    """{job name: its result on the board `host`}: lm_runner.py, the decoders and the prompts go over in ONE SSH
-    connection (bench/remote.py's script: a temporary directory removed by a trap), each decoder runs in a
-    process of its own, in `rounds` interleaved rounds whose order rotates. Failures raise as bench_remote's."""
-    from .remote import _reply, board_mismatch, parse_host, remote_script, ssh_command
+def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequence[int]], steps: list[list[str]],
+              profile: Profile, ssh_config: str | Path | None, python: str, timeout_s: int) -> dict:
+    """{result name: JSON} of lm_runner `steps` (each writing out/NAME.json) run on `host` in ONE SSH connection
+    (bench/remote.py's script: a temporary directory removed by a trap) with the runner, the prompts and
+    `files` ((path here, name there)) sent over. Failures raise as bench_remote's."""
+    from .remote import _reply, parse_host, remote_script, ssh_command
 
     spec = parse_host(host)
-    python = remote_python or profile.remote.python
-    timeout_s = int(timeout_s or profile.remote.timeout_s)
     connect = profile.remote.connect_timeout_s
-    steps = [["mkdir", "-p", "out"]]
-    for r in range(rounds):
-        for k in range(len(jobs)):
-            i = (r + k) % len(jobs)
-            args = _arguments(jobs[i], f"m{i}/{jobs[i].model.name}", profile, threads, new_tokens, None)
-            steps.append([python, "lm_runner.py", *args, "--json", f"out/r{r}-m{i}.json"])
     merge = ("import glob, json; json.dump({p[4:-5]: json.load(open(p)) for p in sorted(glob.glob('out/*.json'))}, "
              "open('result.json', 'w'))")
-    script = remote_script(profile.remote.workdir, python, [], timeout_s, [*steps, [python, "-c", merge]])
+    script = remote_script(profile.remote.workdir, python, [], timeout_s,
+                           [["mkdir", "-p", "out"], *steps, [python, "-c", merge]])
     cmd = ssh_command(spec, ssh_config=Path(ssh_config) if ssh_config else None, connect_timeout_s=connect)
     cmd.append("sh -c " + shlex.quote(script))
     with tempfile.TemporaryDirectory(prefix="edgekd-remote-") as tmp:
@@ -233,16 +151,38 @@ def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], n
             tar.add(str(LM_RUNNER), arcname="lm_runner.py")
             tar.add(str(LM_RUNNER.parent / "runner.py"), arcname="runner.py")  # lm_runner imports its helpers
             tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
-            for i, job in enumerate(jobs):
-                for f in job.files:
-                    tar.add(os.path.realpath(f), arcname=f"m{i}/{Path(f).name}")
-        limit = timeout_s * max(1, len(steps)) + connect + 60
+            for path, name in files:
+                tar.add(os.path.realpath(path), arcname=name)
+        limit = timeout_s * max(1, len(steps) + 1) + connect + 60
         with open(bundle, "rb") as stdin:
             try:
                 proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=limit)
             except subprocess.TimeoutExpired:
                 raise BoardError(f"board {host}: no result within {limit} s (connection or generation hung)") from None
-    runs = _reply(proc, host, profile, python, timeout_s)
+    return _reply(proc, host, profile, python, timeout_s)
+
+
+def _job_files(job: LMJob, folder: str) -> list[tuple[str, str]]:
+    return [(str(f), f"{folder}/{Path(f).name}") for f in job.files]
+
+
+def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
+               threads: int | None, *, rounds: int = 1, ssh_config: str | Path | None = None,
+               remote_python: str | None = None, timeout_s: int | None = None) -> dict[str, dict]:
+    """{job name: its result on the board `host`}: each decoder runs in a process of its own, in `rounds`
+    interleaved rounds whose order rotates, all in one SSH connection (_on_board)."""
+    from .remote import board_mismatch
+
+    python = remote_python or profile.remote.python
+    timeout_s = int(timeout_s or profile.remote.timeout_s)
+    steps = []
+    for r in range(rounds):
+        for k in range(len(jobs)):
+            i = (r + k) % len(jobs)
+            args = _arguments(jobs[i], f"m{i}/{jobs[i].model.name}", profile, threads, new_tokens, None)
+            steps.append([python, "lm_runner.py", *args, "--json", f"out/r{r}-m{i}.json"])
+    files = [f for i, job in enumerate(jobs) for f in _job_files(job, f"m{i}")]
+    runs = _on_board(host, files, prompts, steps, profile, ssh_config, python, timeout_s)
     out = {}
     for i, job in enumerate(jobs):
         got = [runs[f"r{r}-m{i}"] for r in range(rounds) if isinstance(runs.get(f"r{r}-m{i}"), dict)]
@@ -254,4 +194,32 @@ def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], n
         if note:
             res["board_mismatch"] = note
         out[job.name] = res
+    return out
+
+
+def speculative_remote(host: str, target: LMJob, draft: LMJob, prompts: Sequence[Sequence[int]], new_tokens: int,
+                       profile: Profile, threads: int | None, draft_tokens: Sequence[int],
+                       min_confidence: Sequence[float], *, ssh_config: str | Path | None = None,
+                       remote_python: str | None = None, timeout_s: int | None = None) -> dict:
+    """Speculative decoding on the board `host` (lm_runner.py --draft, the code this host runs): one pair timed
+    against the target alone, or with several, lm_runner's choose_speculation; its result with measured_on."""
+    from .remote import board_mismatch
+
+    python = remote_python or profile.remote.python
+    timeout_s = int(timeout_s or profile.remote.timeout_s)
+    args = _arguments(target, f"t/{target.model.name}", profile, threads, new_tokens, None)
+    args += ["--draft", f"d/{draft.model.name}", "--draft-precision", draft.precision,
+             "--draft-kv-heads", str(draft.kv_heads), "--draft-head-dim", str(draft.head_dim),
+             "--draft-tokens", ",".join(str(k) for k in draft_tokens),
+             "--min-confidence", ",".join(f"{c:g}" for c in min_confidence)]
+    runs = _on_board(host, [*_job_files(target, "t"), *_job_files(draft, "d")], prompts,
+                     [[python, "lm_runner.py", *args, "--json", "out/spec.json"]], profile, ssh_config, python,
+                     timeout_s * (1 + len(draft_tokens) * len(min_confidence)))
+    got = runs.get("spec")
+    if not isinstance(got, dict) or not isinstance(got.get("speculative"), dict):
+        raise BoardError(f"board {host}: the LM runner returned no speculative result")
+    out = {**got["speculative"], "measured_on": host}
+    note = board_mismatch(profile, got.get("environment") or {})
+    if note:
+        out["board_mismatch"] = note
     return out

@@ -5,12 +5,16 @@
                         [--device CPU] [--precision fp32|int8|int4] [--precise-int8] [--kv-heads H --head-dim D]
                         --prompts prompts.npz [--prompt-count K] --new-tokens N [--warmup N]
                         [--eval-data eval.npz [--eval-blocks M]] [--keep-times] [--json OUT]
+                        [--draft PATH [--draft-precision P] [--draft-kv-heads H --draft-head-dim D]
+                         [--draft-tokens K[,K...]] [--min-confidence C[,C...]]]
 
 Loads one KV-cache decoder (the ONNX that edgekd.lm.export writes, or its OpenVINO IR), decodes every prompt
 greedily for N new tokens after a warm-up (no early stop, so every run does the same work) and prints one JSON
 object: prefill and decode tokens/s, time to first token, time per output token (p50/p90/p99), the peak resident
 memory of this process and the generated tokens; with --eval-data, perplexity and next-token picks on the
-blocks. Exit 2: a bad model or bad data; exit 3: the runtime is missing or failed. edgekd.bench.lm_bench
+blocks. With --draft, speculative decoding instead: --model verifies what the draft proposes, timed against
+--model alone on every prompt (one draft length and floor), or the fastest pair of the lists given.
+Exit 2: a bad model or bad data; exit 3: the runtime is missing or failed. edgekd.bench.lm_bench
 imports the decode loop and the figures from here, so a board and the host measure with the same code.
 """
 from __future__ import annotations
@@ -98,6 +102,149 @@ def score(decoder, blocks, batch_size: int = 4) -> dict:
             "accuracy": round(100.0 * float((p[:, :-1] == blocks[:, 1:]).mean()), 3), "next_tokens": p.tolist()}
 
 
+# ---------------------------------------------------------------- speculative decoding
+
+def draft_token(logits, min_confidence: float):
+    """The most likely token of one row of logits, or None where its probability is under min_confidence."""
+    token = int(logits.argmax())
+    if min_confidence <= 0.0:
+        return token
+    row = np.asarray(logits, dtype=np.float64)
+    return token if 1.0 / np.exp(row - row[token]).sum() >= min_confidence else None
+
+
+def trim(cache: list, length: int) -> list:
+    """The KV cache cut back to its first `length` tokens."""
+    return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+
+
+class SpeculativeResult:
+    """One speculative generation: its tokens, the draft tokens proposed and kept, the target's passes."""
+
+    def __init__(self, tokens: list, drafted: int, accepted: int, target_passes: int):
+        self.tokens, self.drafted, self.accepted, self.target_passes = tokens, drafted, accepted, target_passes
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
+                       min_confidence: float = 0.0) -> SpeculativeResult:
+    """The target's greedy continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
+    `draft_tokens` (stopping where its probability for its next token is under `min_confidence`), the target
+    checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
+    their KV caches, cut back to the kept tokens. Lossless: the output is the target's own greedy output."""
+    seq = list(prompt)
+    logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
+    t_len, passes = len(seq), 1
+    d_cache, d_len = draft.empty_cache(), 0
+    nxt = int(logits[0, -1].argmax())
+    produced = drafted = accepted = 0
+    while True:
+        seq.append(nxt)
+        produced += 1
+        if produced >= max_new_tokens:
+            break
+        k = min(draft_tokens, max_new_tokens - produced)
+        d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
+        d_len = len(seq)
+        proposals: list = []
+        while True:
+            token = draft_token(d_logits[0, -1], min_confidence)
+            if token is None:
+                break
+            proposals.append(token)
+            if len(proposals) == k:
+                break
+            d_logits, d_cache = draft.forward(np.asarray([[token]]), d_cache)
+            d_len += 1
+        start = len(seq) - t_len - 1  # the position in the fed tokens whose prediction checks proposals[0]
+        logits, t_cache = target.forward(np.asarray([seq[t_len:] + proposals]), t_cache)
+        passes += 1
+        preds = logits[0, start:].argmax(-1)
+        n = 0
+        while n < len(proposals) and proposals[n] == int(preds[n]):
+            n += 1
+        drafted += len(proposals)
+        accepted += n
+        seq.extend(proposals[:n])
+        produced += n
+        t_len = len(seq)
+        t_cache = trim(t_cache, t_len)
+        d_len = min(d_len, t_len)
+        d_cache = trim(d_cache, d_len)
+        if produced >= max_new_tokens:
+            break
+        nxt = int(preds[n])
+    return SpeculativeResult(seq[len(prompt):len(prompt) + max_new_tokens], drafted, accepted, passes)
+
+
+def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0) -> dict:
+    """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
+    tokens/s of both (prefill included), acceptance, and whether each output equals the target's."""
+    decode_once(target, prompts[0], min(4, new_tokens))
+    spec_s = plain_s = 0.0
+    drafted = accepted = identical = 0
+    differences = []
+    for i, prompt in enumerate(prompts):
+        plain_first = i % 2 == 0
+        times = {}
+        for kind in (("plain", "spec") if plain_first else ("spec", "plain")):
+            t = time.perf_counter()
+            if kind == "plain":
+                ref = decode_once(target, prompt, new_tokens)["tokens"]
+            else:
+                res = speculative_greedy(target, draft, prompt, new_tokens, draft_tokens, min_confidence)
+            times[kind] = time.perf_counter() - t
+        plain_s += times["plain"]
+        spec_s += times["spec"]
+        drafted += res.drafted
+        accepted += res.accepted
+        if res.tokens == ref:
+            identical += 1
+        else:
+            pos = next(j for j, (x, y) in enumerate(zip(res.tokens, ref)) if x != y)  # noqa: B905 - Python 3.8 boards
+            differences.append({"prompt": i, "position": pos})
+    n_tokens = new_tokens * len(prompts)
+    out = {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "drafted": drafted,
+           "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+           "tokens_per_s": round(n_tokens / spec_s, 2), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
+           "speedup": round(plain_s / spec_s, 3), "prompts": len(prompts), "identical": identical,
+           "new_tokens": new_tokens}
+    if differences:
+        out["differences"] = differences
+    return out
+
+
+def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, min_confidence) -> dict:
+    """The fastest (draft_tokens, min_confidence) pair of the grid on `prompts` (validation), with every pair's
+    acceptance and tokens/s and the target alone's, all timed prompt by prompt in a rotating order."""
+    settings = [(k, c) for k in draft_tokens for c in min_confidence]
+    runs = [None, *settings]  # None: the target alone
+    seconds = {r: 0.0 for r in runs}
+    drafted = {r: 0 for r in settings}
+    accepted = {r: 0 for r in settings}
+    decode_once(target, prompts[0], min(4, new_tokens))
+    for i, prompt in enumerate(prompts):
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            t = time.perf_counter()
+            if run is None:
+                decode_once(target, prompt, new_tokens)
+            else:
+                res = speculative_greedy(target, draft, prompt, new_tokens, *run)
+                drafted[run] += res.drafted
+                accepted[run] += res.accepted
+            seconds[run] += time.perf_counter() - t
+    n_tokens = new_tokens * len(prompts)
+    tried = [{"draft_tokens": k, "min_confidence": c, "tokens_per_s": round(n_tokens / seconds[(k, c)], 2),
+              "acceptance_rate": round(accepted[(k, c)] / drafted[(k, c)], 4) if drafted[(k, c)] else 0.0}
+             for k, c in settings]
+    best = max(tried, key=lambda t: t["tokens_per_s"])
+    return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "prompts": len(prompts),
+            "teacher_tokens_per_s": round(n_tokens / seconds[None], 2), "tried": tried}
+
+
 # ---------------------------------------------------------------- loading a decoder
 
 class KVDecoder:
@@ -181,6 +328,8 @@ def load(args) -> tuple:
     so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
     if args.precise_int8:
         so.add_session_config_entry("session.x64quantprecision", "1")
+    if getattr(args, "draft", None):  # two sessions taking turns: an idle spinning pool would hold the cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = rt.get_available_providers()
     wanted = [p for p in (args.providers.split(",") if args.providers else []) if p in available]
     providers: list = [p for p in wanted if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
@@ -238,14 +387,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", default=None, help=".npz with x (n, seq_len) token blocks")
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--keep-times", action="store_true", help="also return every run's prefill and step seconds")
+    p.add_argument("--draft", default=None, help="a draft decoder: speculative decoding for --model instead")
+    p.add_argument("--draft-precision", default="fp32")
+    p.add_argument("--draft-kv-heads", type=int, default=None)
+    p.add_argument("--draft-head-dim", type=int, default=None)
+    p.add_argument("--draft-tokens", default="4", help="the most a round drafts; a comma list: the fastest is chosen")
+    p.add_argument("--min-confidence", default="0", help="the draft's probability floor; a comma list as above")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
+
+
+def _grid(text: str, kind, name: str, ok) -> list:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(ok(v) for v in values):
+        raise RunnerError(f"{name} {text!r} is not a comma list of valid values", EXIT_BAD_INPUT)
+    return values
+
+
+def run_speculative(args: argparse.Namespace, prompts: list) -> dict:
+    """--model verified, --draft drafting: one pair timed against the target alone, or the fastest of a grid."""
+    lengths = _grid(args.draft_tokens, int, "--draft-tokens", lambda k: k >= 1)
+    floors = _grid(args.min_confidence, float, "--min-confidence", lambda c: 0.0 <= c < 1.0)
+    target, details, versions = load(args)  # both sessions sleep between calls: they take turns on the cores
+    draft, draft_details, _ = load(argparse.Namespace(**{**vars(args), "model": args.draft, "precision": args.draft_precision,
+                                                          "kv_heads": args.draft_kv_heads, "head_dim": args.draft_head_dim}))
+    try:
+        if len(lengths) * len(floors) > 1:
+            spec = choose_speculation(target, draft, prompts, args.new_tokens, lengths, floors)
+        else:
+            spec = speculative_bench(target, draft, prompts, args.new_tokens, lengths[0], floors[0])
+    except RunnerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a runtime's failure mid-run
+        raise RunnerError(f"{args.backend} failed in speculative decoding: {_first_line(e)}") from None
+    return {"runner": "lm", "runner_version": LM_RUNNER_VERSION, "model": os.path.basename(args.model),
+            "draft": os.path.basename(args.draft), "backend": args.backend, "details": details,
+            "draft_details": draft_details, "versions": versions, "environment": environment(), "speculative": spec}
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.new_tokens < 1:
         raise RunnerError(f"--new-tokens must be at least 1, got {args.new_tokens}", EXIT_BAD_INPUT)
     prompts = _array(args.prompts, "prompts", args.prompt_count).tolist()
+    if args.draft:
+        return run_speculative(args, prompts)
     t0 = time.perf_counter()
     decoder, details, versions = load(args)
     load_ms = (time.perf_counter() - t0) * 1e3

@@ -29,7 +29,7 @@ from ..report import assemble_lm
 from ..runs import hash_arrays, write_npz
 from .decode import Decoder
 from .export import export_lm_onnx
-from .measure import check_hosts, on_board, peak_memory_here
+from .measure import check_hosts, on_board, peak_memory_here, speculative_on_board
 from .models import build_lm_student, choose_layers, count_lm_params, load_lm
 from .speculative import DRAFT_TOKEN_GRID, MIN_CONFIDENCE_GRID
 
@@ -75,15 +75,18 @@ def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
     return [blocks[i, :length].tolist() for i in range(min(count, len(blocks)))]
 
 
-def _choose_speculation(teacher: LMCandidate, draft: LMCandidate, prompts: list[list[int]], spec) -> dict:
+def _choose_speculation(ctx: RunContext, hosts: list[str], teacher: LMCandidate, draft: LMCandidate, shapes: dict,
+                        prompts: list[list[int]], spec) -> dict:
     """The draft length and confidence floor: as configured, or where either is auto, the fastest pair of
-    the grid on the validation prompts (test prompts only report)."""
+    the grid on the validation prompts (test prompts only report), timed on the first board with --host."""
     if "auto" not in (spec.draft_tokens, spec.min_confidence):
         return {"draft_tokens": spec.draft_tokens, "min_confidence": spec.min_confidence}
     grid_k = DRAFT_TOKEN_GRID if spec.draft_tokens == "auto" else (spec.draft_tokens,)
     grid_c = MIN_CONFIDENCE_GRID if spec.min_confidence == "auto" else (spec.min_confidence,)
-    return choose_speculation(teacher.decoder, draft.decoder, prompts, spec.max_new_tokens,  # type: ignore[arg-type]
-                              grid_k, grid_c)
+    if hosts:
+        return speculative_on_board(ctx, hosts[0], teacher, draft, shapes, prompts, spec.max_new_tokens, grid_k, grid_c)
+    return {**choose_speculation(teacher.decoder, draft.decoder, prompts, spec.max_new_tokens,  # type: ignore[arg-type]
+                                 grid_k, grid_c), "measured_on": "host"}
 
 
 def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
@@ -261,7 +264,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             c.selection["decode_tokens_per_s"] = speed[n]["decode_tokens_per_s"]
             c.selection["speed_measured_on"] = hosts[0] if hosts else "host"
         name, why = assemble_lm.choose(cands, cfg.quantize.max_perplexity_increase)
-        spec_choice = _choose_speculation(teacher_c, cands[name], val_prompts, spec_cfg)
+        spec_choice = _choose_speculation(ctx, hosts, teacher_c, cands[name], shapes, val_prompts, spec_cfg)
         # Test reports: read only now, after the choice.
         test = splits.test.ids.numpy()
         t_bench = time.perf_counter()
@@ -290,10 +293,16 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             for n, c in timed.items():
                 c.speed = speed[n]
             peak_memory_here(ctx, timed, shapes, test_prompts, spec_cfg.max_new_tokens)
-        spec = speculative_bench(teacher_c.decoder, cands[name].decoder, test_prompts,  # type: ignore[arg-type]
-                                 spec_cfg.max_new_tokens, spec_choice["draft_tokens"], spec_choice["min_confidence"])
+        pair = (spec_choice["draft_tokens"], spec_choice["min_confidence"])
+        if hosts:  # on the first board, like the report's other speed figures
+            spec = speculative_on_board(ctx, hosts[0], teacher_c, cands[name], shapes, test_prompts,
+                                        spec_cfg.max_new_tokens, [pair[0]], [pair[1]])
+        else:
+            spec = {**speculative_bench(teacher_c.decoder, cands[name].decoder, test_prompts,  # type: ignore[arg-type]
+                                        spec_cfg.max_new_tokens, *pair), "measured_on": "host"}
         if "tried" in spec_choice:
             spec["selection"] = {"on": "validation prompts", "prompts": spec_choice["prompts"],
+                                 "measured_on": spec_choice["measured_on"],
                                  "teacher_tokens_per_s": spec_choice["teacher_tokens_per_s"],
                                  "tried": spec_choice["tried"]}
         bench_seconds = round(time.perf_counter() - t_bench, 2)

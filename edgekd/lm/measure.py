@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..bench.lm_bench import LMJob, run_local, run_remote
+from ..bench.lm_bench import LMJob, run_local, run_remote, speculative_remote
 from ..bench.lm_runner import MEMORY_SCOPE
 from ..context import RunContext
 from ..errors import BadInputError
 
-__all__ = ["MEMORY_PROMPTS", "check_hosts", "on_board", "peak_memory_here"]
+__all__ = ["MEMORY_PROMPTS", "check_hosts", "on_board", "peak_memory_here", "speculative_on_board"]
 
 MEMORY_PROMPTS = 2  # the first test prompts: memory needs a few generations, not a benchmark
 SPEED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "runs", "new_tokens", "not_measured")
@@ -71,3 +71,16 @@ def on_board(ctx: RunContext, host: str, cands: dict, shapes: dict, prompts: Seq
                   "board": {"host": host, "environment": r.get("environment"), "versions": r.get("versions"),
                             "details": r.get("details"), "board_mismatch": r.get("board_mismatch")}}
     return out
+
+
+def speculative_on_board(ctx: RunContext, host: str, teacher, draft, shapes: dict, prompts: Sequence[Sequence[int]],
+                         new_tokens: int, draft_tokens: Sequence[int], min_confidence: Sequence[float]) -> dict:
+    """Speculative decoding on the board: the draft `draft` for `teacher` (LMCandidates), one (draft_tokens,
+    min_confidence) pair timed against the teacher alone, or the fastest of the grid (lm_runner's choice)."""
+    _, ssh_config, remote_python = ctx.board or (host, None, None)
+    target_job, draft_job = _jobs({"teacher": teacher, "draft": draft}, {"teacher": shapes["teacher"],
+                                                                         "draft": shapes[draft.name]})
+    what = "choosing the draft length" if len(draft_tokens) * len(min_confidence) > 1 else "speculative decoding"
+    with ctx.progress.task(f"{what} on {host}", None):
+        return speculative_remote(host, target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads,
+                                  draft_tokens, min_confidence, ssh_config=ssh_config, remote_python=remote_python)

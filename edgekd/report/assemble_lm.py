@@ -188,11 +188,11 @@ def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[di
     rep["final"] = final
     if remote:
         rep["remote"] = [_remote(h, got, name) for h, got in remote]
-    spec = {**spec, "measured_on": "host"}
-    if where != "host":
-        spec["measured_on_note"] = (f"speculative decoding was measured on this host with {prof.backend}, not on "
-                                    f"{where}: the board runner decodes greedily, one model at a time")
-    elif not prof.measures_here:
+    spec = {"measured_on": "host", **spec}
+    mismatch = spec.pop("board_mismatch", None)
+    if mismatch:
+        spec["measured_on_note"] = mismatch
+    elif spec["measured_on"] == "host" and not prof.measures_here:
         spec["measured_on_note"] = f"measured on this host, not on a {prof.name}: not the board's speed"
     rep["speculative"] = spec
     return rep

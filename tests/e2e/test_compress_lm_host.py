@@ -1,6 +1,6 @@
 """`edgekd compress --host` for task causal-lm: the runner, the decoders and the prompts go to a board over SSH
 (a real sshd on loopback), the board's decode speed chooses the precision, and the report's speed and peak
-memory for the final student and the teacher are the board's."""
+memory for the final student and the teacher, and speculative decoding, are the board's."""
 from __future__ import annotations
 
 import json
@@ -58,8 +58,12 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
         assert c["measured_on"] == "board" and c["selection"]["speed_measured_on"] == "board"
         assert c["decode_tokens_per_s"] > 0 and c["peak_memory_mb"] > 10
     assert stages["bench"]["measured_on"] == "board"
-    spec = rep["speculative"]  # greedy decoding only on the board: speculative decoding says where it ran
-    assert spec["measured_on"] == "host" and "not on board" in spec["measured_on_note"] and spec["identical"] == 2
+    spec = rep["speculative"]  # on the board too: the floor chosen there on validation prompts, then the test
+    assert spec["measured_on"] == "board" and spec["identical"] == 2 and spec["prompts"] == 2
+    assert "x86_64 processor where test-pi is aarch64" in spec["measured_on_note"]
+    assert spec["tokens_per_s"] > 0 and spec["teacher_tokens_per_s"] > 0 and spec["draft_tokens"] == 3
+    sel = spec["selection"]
+    assert sel["measured_on"] == "board" and [t["min_confidence"] for t in sel["tried"]] == [0.0, 0.3, 0.5]
     assert rep["gates"][0]["gate"] == "max_memory_mb" and "measured on board" in rep["gates"][0]["detail"]
     assert "board" in (out / "report.md").read_text()
     check = SHARED / "tools" / "check_run.py"

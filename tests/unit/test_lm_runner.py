@@ -99,3 +99,25 @@ def test_runner_refuses_a_model_that_is_not_a_kv_decoder(decoder, tmp_path):
         res = subprocess.run([sys.executable, lm_runner.__file__, "--model", str(model), "--prompts",
                               str(tmp / "prompts.npz"), "--new-tokens", "2"], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_runner_with_a_draft_decodes_speculatively_and_losslessly(decoder):
+    from edgekd.lm.speculative import speculative_greedy
+
+    cfg, artifact, prompts, tmp = decoder
+    base = _args(artifact, tmp, "--draft", str(artifact.path), "--draft-kv-heads", "2", "--draft-head-dim", "8")
+    one = lm_runner.run(lm_runner.parse_args([*base, "--draft-tokens", "3", "--min-confidence", "0"]))
+    s = one["speculative"]  # the model drafting for itself: every proposal kept, every output its own
+    assert s["identical"] == 3 and s["prompts"] == 3 and s["acceptance_rate"] == 1.0 and s["draft_tokens"] == 3
+    assert s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0 and one["draft"] == artifact.path.name
+    grid = lm_runner.run(lm_runner.parse_args([*base, "--draft-tokens", "2,4", "--min-confidence", "0,0.5"]))["speculative"]
+    assert [(t["draft_tokens"], t["min_confidence"]) for t in grid["tried"]] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
+    best = max(grid["tried"], key=lambda t: t["tokens_per_s"])
+    assert (grid["draft_tokens"], grid["min_confidence"]) == (best["draft_tokens"], best["min_confidence"])
+    # the loop is the one edgekd runs on this host
+    assert speculative_greedy is lm_runner.speculative_greedy
+    for bad, needle in ((["--draft-tokens", "0"], "--draft-tokens"), (["--min-confidence", "1.5"], "--min-confidence"),
+                        (["--min-confidence", "x"], "--min-confidence")):
+        res = subprocess.run([sys.executable, lm_runner.__file__, *base, *bad], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
