@@ -35,8 +35,11 @@ except ImportError as missing:  # a board without numpy: one line and exit 3, li
     print(f"runner: numpy is not installed for {sys.executable} ({missing})", file=sys.stderr)
     sys.exit(3)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runner.py travels beside this file
-from runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb  # noqa: E402
+if __package__:  # imported as edgekd.bench.lm_runner: one runner module, one RunnerError
+    from .runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb
+else:  # a script on a board: runner.py travels beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb  # type: ignore[no-redef]
 
 LM_RUNNER_VERSION = 1
 MEMORY_SCOPE = "peak resident memory of its own runner process: Python, the runtime, the decoder, generation at batch 1"

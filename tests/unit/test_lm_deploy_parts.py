@@ -45,6 +45,9 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in nodes)
     assert all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)  # weight-only, k bits
+    # INT4 also stores the token embedding in 4-bit blocks; the rotary tables and INT8's embedding stay float
+    embedding = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    assert [n.input[1] for n in embedding] == (["input_ids"] if bits == 4 else [])
     assert q.stat().st_size < 0.7 * fp32.stat().st_size
     ref = _decoder(fp32, teacher.config, tmp, "fp32-ref")
     got = _decoder(q, teacher.config, tmp, f"{weights}-c")
