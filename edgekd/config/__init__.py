@@ -298,15 +298,27 @@ class Config(Section):
         return self
 
 
+def _union_tag(part: Any) -> bool:
+    """Whether a location part names a member of a union (pydantic's `constrained-int`, `literal['auto']`)."""
+    return isinstance(part, str) and (part.startswith(("constrained-", "literal[")) or part in ("int", "float", "str"))
+
+
 def _format_error(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    loc = ".".join(_key_text(p) for p in err["loc"])
+    errors = e.errors()
+    err = errors[0]
+    path = [p for p in err["loc"] if not _union_tag(p)]
+    # a value that fits no member of a union: one error per member, said together
+    same = [x for x in errors if [p for p in x["loc"] if not _union_tag(p)] == path]
+    loc = ".".join(_key_text(p) for p in path)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif len(same) > 1:
+        msg = " or ".join(dict.fromkeys(x["msg"] for x in same))
     msg = msg.removeprefix("Value error, ")
     where = f"{source}: {loc}" if loc else source
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    rest = len(errors) - len(same) if len(same) > 1 else len(errors) - 1
+    more = f" (and {rest} more)" if rest > 0 else ""
     return _one_line(f"{where}: {msg}{more}")
 
 

@@ -2,7 +2,7 @@
 when `task: causal-lm` (the LM keys of data, student, distill and quantize live in those sections)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -20,8 +20,8 @@ LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs"
 
 class SpeculativeConfig(Section):
     # auto: the fastest of lm.speculative's grid on validation prompts; a number pins it
-    draft_tokens: int | Literal["auto"] = Field("auto", ge=1, le=64)
-    min_confidence: float | Literal["auto"] = Field("auto", ge=0.0, lt=1.0)
+    draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    min_confidence: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = "auto"
     prompts: int = Field(20, ge=1, le=10000)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     prompt_tokens: int = Field(32, ge=1, le=4096)

@@ -25,6 +25,9 @@ def test_causal_lm_defaults():
     ({"task": "causal-lm", "data": {"files": []}}, "data.files is empty"),
     ({"task": "causal-lm", "distill": {"beta": 1.5}}, "distill.beta"),
     ({"task": "chat"}, "task"),
+    ({"task": "causal-lm", "speculative": {"draft_tokens": 0}},
+     "speculative.draft_tokens: Input should be greater than or equal to 1 or Input should be 'auto'$"),
+    ({"task": "causal-lm", "speculative": {"min_confidence": 1.0}}, "speculative.min_confidence: Input should be less"),
 ])
 def test_keys_that_do_not_fit_the_task_are_config_errors(raw, words):
     with pytest.raises(ConfigError, match=words):
@@ -53,3 +56,11 @@ def test_saved_configs_load_again():
     for raw in ({}, {"task": "causal-lm", "student": {"layers": 2}}):
         c = from_dict(raw)
         assert from_dict(c.model_dump(mode="json")) == c
+
+
+def test_speculative_auto_is_written_and_read_back():
+    c = from_dict({"task": "causal-lm", "speculative": {"draft_tokens": "auto", "min_confidence": 0.3}})
+    assert (c.speculative.draft_tokens, c.speculative.min_confidence) == ("auto", 0.3)
+    again = from_dict(c.model_dump(mode="json"))  # what report.json's config holds, read again by the tools
+    assert (again.speculative.draft_tokens, again.speculative.min_confidence) == ("auto", 0.3)
+    assert from_dict({"task": "causal-lm", "speculative": {"draft_tokens": 3}}).speculative.min_confidence == "auto"
