@@ -28,7 +28,7 @@ from ..errors import BadInputError, StageError
 from ..report import assemble_lm
 from ..runs import hash_arrays, write_npz
 from .decode import Decoder
-from .export import export_lm_onnx
+from .export import export_lm_onnx, fusable
 from .measure import check_hosts, on_board, peak_memory_here, speculative_on_board
 from .models import build_lm_student, choose_layers, count_lm_params, load_lm
 from .speculative import DRAFT_TOKEN_GRID, MIN_CONFIDENCE_GRID
@@ -203,10 +203,12 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     layers = t_config.num_hidden_layers
     s_layers = student.config.num_hidden_layers
     t_export = time.perf_counter()
-    export_lm_onnx(teacher, run / "teacher.fp32.onnx", ctx.profile.opset)
+    ort = ctx.profile.backend == "onnxruntime"  # its fused GroupQueryAttention; the other runtimes read plain graphs
+    export_lm_onnx(teacher, run / "teacher.fp32.onnx", ctx.profile.opset, fused=ort and fusable(t_config))
     del teacher  # from here on the teacher runs exported, on the target's runtime: its torch weights can go
     loaded.model = None
-    export_lm_onnx(student, run / "model.fp32.onnx", ctx.profile.opset)
+    fused = ort and fusable(student.config)
+    export_lm_onnx(student, run / "model.fp32.onnx", ctx.profile.opset, fused=fused)
     if ctx.profile.backend == "tensorrt":  # the board builds and times its engines from a bundle (lm/jetson.py)
         from .jetson import run_lm_jetson
 
@@ -217,7 +219,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     teacher_c = LMCandidate("teacher", "fp32", run / "teacher.fp32.onnx", "teacher FP32")
     base_c = None
     if baseline is not None:
-        export_lm_onnx(baseline.eval(), ctx.stage_dir("distill") / "baseline.onnx", ctx.profile.opset)
+        export_lm_onnx(baseline.eval(), ctx.stage_dir("distill") / "baseline.onnx", ctx.profile.opset, fused=fused)
         base_c = LMCandidate("baseline", "fp32", ctx.stage_dir("distill") / "baseline.onnx", "CE baseline FP32")
     if "quantize" in cfg.stages:
         from ..quantize.lm_weights import (
@@ -242,6 +244,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             _open(ctx, c, t_config if c is teacher_c else student.config, layers if c is teacher_c else s_layers)
         stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
                        "opset": ctx.profile.opset, "kv_cache": True,
+                       "attention": "fused (ONNX Runtime GroupQueryAttention)" if fused else "plain ONNX operators",
                        "parity": _parity(student, cands["fp32"].decoder, splits.test.ids)})  # type: ignore[arg-type]
         spec_cfg = cfg.speculative or SpeculativeConfig()
         # Validation chooses: perplexity and agreement with FP32 on the validation blocks, speed on

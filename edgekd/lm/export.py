@@ -10,7 +10,13 @@ Outputs: logits (batch, seq, vocab); present_key_{i}, present_value_{i} (batch, 
 
 Prefill passes a past of length 0; each decode step passes the presents it got back and one new token.
 Positions continue from the past's length; attention is causal over past and new tokens. Batches are
-unpadded (every sequence in a batch has the same length)."""
+unpadded (every sequence in a batch has the same length).
+
+For ONNX Runtime the attention is exported fused (`fused=True`): each layer's rotary positions, grouped-query
+attention and cache concatenation become one com.microsoft GroupQueryAttention node, with the same inputs
+and outputs; the plain graph (for OpenVINO and TensorRT, which do not run the contrib op) has hundreds of
+shape and attention nodes more (SmolLM2-135M in ONNX Runtime: its INT8 12-layer student decodes 1.34x
+faster fused, the FP32 teacher 1.16x). Fused needs head sizes in multiples of 16."""
 from __future__ import annotations
 
 import io
@@ -25,7 +31,7 @@ from ..errors import ModelError, StageError
 from ..runs import atomic_path
 from .models import lm_layers
 
-__all__ = ["KVDecoder", "export_lm_onnx", "io_names", "kv_shape"]
+__all__ = ["KVDecoder", "export_lm_onnx", "fusable", "io_names", "kv_shape"]
 
 MASKED = -1e9  # added to the scores of future tokens (finite: a fully masked row cannot make NaNs)
 
@@ -44,6 +50,12 @@ def kv_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
     return batch, getattr(config, "num_key_value_heads", None) or heads, length, head_dim
 
 
+def fusable(config) -> bool:
+    """Whether ONNX Runtime's GroupQueryAttention with rotary takes this model: head sizes in multiples of 16."""
+    heads = config.num_attention_heads
+    return (getattr(config, "head_dim", None) or config.hidden_size // heads) % 16 == 0
+
+
 class _RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -59,11 +71,50 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class KVDecoder(nn.Module):
-    """The Hugging Face causal LM's weights in a decoder that takes and returns its KV cache as tensors."""
+class _GroupQueryAttention(torch.autograd.Function):
+    """Rotary positions and causal grouped-query attention over the past and the new tokens, exported as ONNX
+    Runtime's fused com.microsoft GroupQueryAttention (one node per layer, do_rotary with the cos/sin tables;
+    present = past + new, as the plain graph's). q (b, t, heads * d), k, v (b, t, kv_heads * d) unrotated;
+    past (b, kv_heads, p, d); cos, sin (max positions, d / 2)."""
 
-    def __init__(self, hf_model: nn.Module):
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):  # noqa: ARG004
+        b, t, _ = q.shape
+        d = past_k.shape[-1]
+        p = past_k.shape[2]
+        c = torch.cat((cos[p:p + t], cos[p:p + t]), dim=-1)[None, :, None]
+        s = torch.cat((sin[p:p + t], sin[p:p + t]), dim=-1)[None, :, None]
+        qh, kh = q.view(b, t, heads, d), k.view(b, t, kv_heads, d)
+        qh = (qh * c + _rotate_half(qh) * s).transpose(1, 2)
+        kh = (kh * c + _rotate_half(kh) * s).transpose(1, 2)
+        kk = torch.cat([past_k, kh], dim=2)
+        vv = torch.cat([past_v, v.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
+        rep = heads // kv_heads
+        scores = torch.matmul(qh, kk.repeat_interleave(rep, dim=1).transpose(2, 3)) / math.sqrt(d)
+        future = torch.arange(p + t)[None, :] > (torch.arange(t) + p)[:, None]
+        scores = scores.masked_fill(future, MASKED)
+        out = torch.matmul(torch.softmax(scores, dim=-1), vv.repeat_interleave(rep, dim=1))
+        return out.transpose(1, 2).reshape(b, t, heads * d), kk, vv
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k,
+                                         total, cos, sin, num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=1,
+                                         rotary_interleaved_i=0, outputs=3)
+        out.setType(q.type())  # what ONNX shape inference cannot say of a contrib op
+        present_k.setType(past_k.type().with_sizes([None] * 4))
+        present_v.setType(past_v.type().with_sizes([None] * 4))
+        return out, present_k, present_v
+
+
+class KVDecoder(nn.Module):
+    """The Hugging Face causal LM's weights in a decoder that takes and returns its KV cache as tensors.
+    fused: attention as ONNX Runtime's GroupQueryAttention node (ONNX Runtime only; other runtimes read
+    the plain graph)."""
+
+    def __init__(self, hf_model: nn.Module, fused: bool = False):
         super().__init__()
+        self.fused = fused
         cfg = hf_model.config
         if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2", "smollm3"):
             raise ModelError(f"KV-cache export: model family {getattr(cfg, 'model_type', '?')!r} is not supported "
@@ -77,6 +128,10 @@ class KVDecoder(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        if fused:  # GroupQueryAttention's rotary tables: every position the model takes
+            angles = torch.arange(int(getattr(cfg, "max_position_embeddings", 2048)), dtype=torch.float32)[:, None] * inv
+            self.register_buffer("cos_table", angles.cos(), persistent=False)
+            self.register_buffer("sin_table", angles.sin(), persistent=False)
         eps = cfg.rms_norm_eps
         self.embed = hf_model.get_input_embeddings()
         self.layers = nn.ModuleList()
@@ -109,7 +164,15 @@ class KVDecoder(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), vv)
         return block.o(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), k, v
 
+    def _attend_fused(self, block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                      seqlens: torch.Tensor, total: torch.Tensor):
+        out, k, v = _GroupQueryAttention.apply(block.q(x), block.k(x), block.v(x), past_k, past_v, seqlens, total,
+                                               self.cos_table, self.sin_table, self.heads, self.kv_heads)
+        return block.o(out), k, v
+
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        if self.fused:
+            return self._forward_fused(input_ids, *past)
         t = input_ids.shape[1]
         p = past[0].shape[2]
         positions = torch.arange(t, dtype=torch.float32) + p
@@ -128,12 +191,30 @@ class KVDecoder(nn.Module):
             presents += [k, v]
         return (self.head(self.norm(h)), *presents)
 
+    def _forward_fused(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        from torch.onnx.operators import shape_as_tensor
 
-def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17) -> Path:
-    """Write the KV-cache decoder of `hf_model` to `path` (checked with onnx.checker); returns `path`."""
+        t = shape_as_tensor(input_ids)[1]
+        p = shape_as_tensor(past[0])[2]
+        total = (p + t).to(torch.int32)  # GroupQueryAttention: the total length, and per row its last index
+        seqlens = (input_ids[:, 0] * 0 + (p + t - 1)).to(torch.int32)
+        h = self.embed(input_ids)
+        presents = []
+        for i, block in enumerate(self.layers):
+            a, k, v = self._attend_fused(block, block.norm1(h), past[2 * i], past[2 * i + 1], seqlens, total)
+            h = h + a
+            x = block.norm2(h)
+            h = h + block.down(nn.functional.silu(block.gate(x)) * block.up(x))
+            presents += [k, v]
+        return (self.head(self.norm(h)), *presents)
+
+
+def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool = False) -> Path:
+    """Write the KV-cache decoder of `hf_model` to `path` (checked with onnx.checker); returns `path`.
+    fused: attention as ONNX Runtime's GroupQueryAttention (a graph for ONNX Runtime only)."""
     import onnx
 
-    dec = KVDecoder(hf_model).eval()
+    dec = KVDecoder(hf_model, fused=fused).eval()
     n = len(dec.layers)
     inputs, outputs = io_names(n)
     ids = torch.zeros(1, 3, dtype=torch.long)

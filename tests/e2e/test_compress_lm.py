@@ -288,3 +288,22 @@ def test_lm_hosts_it_cannot_measure_on_are_one_clear_line(lm_run, tmp_path, caps
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_onnx_runtime_targets_get_the_fused_attention_graph(tmp_path):
+    import onnx
+
+    teacher = tiny_llama_dir(tmp_path / "teacher", hidden_size=64)  # head size 16: GroupQueryAttention takes it
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
+    try:
+        cfg = lm_config(teacher, quantize={"weights": ["int8"]}, distill={"baseline": False, "steps": 5},
+                        speculative={"prompts": 2})
+        report = Pipeline(cfg, target="cpu", out=tmp_path / "run").run()
+    finally:
+        mp.undo()
+    export = next(s for s in report["stages"] if s["name"] == "export")
+    assert export["attention"].startswith("fused") and export["parity"]["greedy_identical"]
+    for name in ("model.fp32.onnx", "teacher.fp32.onnx", "model.int8.onnx"):
+        assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(tmp_path / "run" / name)).graph.node}
+    assert report["speculative"]["identical"] == 2 and report["final"]["decode_tokens_per_s"] > 0

@@ -77,3 +77,40 @@ def test_unsupported_family_is_a_clear_model_error(hf):
 
     with pytest.raises(ModelError, match="model family 'gpt2' is not supported"):
         KVDecoder(Other())
+
+
+def test_the_fused_attention_graph_decodes_what_the_plain_graph_decodes(tmp_path):
+    import onnx
+
+    from edgekd.lm.export import fusable
+    from edgekd.quantize.lm_weights import quantize_lm_weights
+
+    wide = load_lm(str(tiny_llama_dir(tmp_path / "wide", seed=4, hidden_size=64))).model  # head size 16
+    assert fusable(wide.config) and not fusable(load_lm(str(tiny_llama_dir(tmp_path / "narrow"))).model.config)
+    profile, backend = load_profile("cpu"), get_backend("onnxruntime")
+    decoders, runners = {}, []
+    for fused in (False, True):
+        path = export_lm_onnx(wide, tmp_path / f"d{int(fused)}.onnx", fused=fused)
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert ("GroupQueryAttention" in ops) == fused and ("Softmax" in ops) != fused
+        runners.append(backend.load(backend.compile(path, profile, tmp_path / f"c{int(fused)}", "fp32"), profile, 1))
+        decoders[fused] = Decoder(runners[-1].run, wide.config, wide.config.num_hidden_layers)
+    try:
+        ids = _ids(wide, n=3, t=16, seed=5).numpy()
+        with torch.no_grad():
+            ref = wide(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
+        plain, fused = decoders[False], decoders[True]
+        full, _ = fused.forward(ids, fused.empty_cache(3))
+        assert np.abs(full - ref).max() < 1e-4  # prefill of a batch
+        _, cache = fused.forward(ids[:1, :9], fused.empty_cache())
+        chunk, cache = fused.forward(ids[:1, 9:13], cache)  # several new tokens after a past: a speculative check
+        assert np.abs(chunk - ref[:1, 9:13]).max() < 1e-4 and cache[0].shape == kv_shape(wide.config, 1, 13)
+        prompt = ids[0, :6].tolist()
+        assert fused.greedy(prompt, 16) == plain.greedy(prompt, 16)
+        assert fused.perplexity(ids) == pytest.approx(plain.perplexity(ids), rel=1e-4)
+    finally:
+        for r in runners:
+            r.close()
+    q = quantize_lm_weights(tmp_path / "d1.onnx", tmp_path / "d1.int4.onnx", "int4")  # the contrib op stays
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits"} <= ops
