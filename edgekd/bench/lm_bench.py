@@ -24,7 +24,8 @@ import numpy as np
 from ..config.profiles import Profile
 from ..errors import BadInputError, BoardError, ModelError, StageError
 from ..lm.decode import Decoder
-from .lm_runner import EXIT_BAD_INPUT, choose_speculation, decode_once, figures, speculative_bench
+from .lm_generation import choose_speculation, decode_once, figures, speculative_bench
+from .lm_runner import EXIT_BAD_INPUT
 
 __all__ = ["LMJob", "choose_speculation", "decode_once", "figures", "generation_bench", "run_local", "run_remote",
            "speculative_bench", "speculative_remote"]
@@ -149,7 +150,8 @@ def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequenc
         bundle = Path(tmp) / "bundle.tar"
         with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
             tar.add(str(LM_RUNNER), arcname="lm_runner.py")
-            tar.add(str(LM_RUNNER.parent / "runner.py"), arcname="runner.py")  # lm_runner imports its helpers
+            for helper in ("runner.py", "lm_generation.py"):  # lm_runner imports its helpers and loops
+                tar.add(str(LM_RUNNER.parent / helper), arcname=helper)
             tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
             for path, name in files:
                 tar.add(os.path.realpath(path), arcname=name)

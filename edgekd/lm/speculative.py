@@ -1,14 +1,14 @@
 """Greedy speculative decoding: a small draft proposes tokens, the target checks them all in one forward
 pass and keeps the longest prefix it agrees with plus its own next token. The output is the target's own
 greedy output (lossless); both models run through their KV caches (decode.Decoder or the runner's KVDecoder).
-The loop lives in bench/lm_runner.py, so a board over SSH and this host decode with the same code.
+The loop lives in bench/lm_generation.py (beside lm_runner.py), so a board over SSH and this host decode with the same code.
 
 The draft proposes up to `draft_tokens` a round and stops early where its own probability for its next
 token falls under `min_confidence` (0: never): a guess it doubts is likely rejected, and drafting it costs a
 draft step and a longer check. A round with no proposal is a plain target step."""
 from __future__ import annotations
 
-from ..bench.lm_runner import SpeculativeResult, draft_token, speculative_greedy, trim
+from ..bench.lm_generation import SpeculativeResult, draft_token, speculative_greedy, trim
 
 __all__ = ["DRAFT_TOKEN_GRID", "MIN_CONFIDENCE_GRID", "UNCHOSEN", "SpeculativeResult", "draft_token", "pinned",
            "speculative_greedy", "trim"]

@@ -114,8 +114,10 @@ def test_runner_with_a_draft_decodes_speculatively_and_losslessly(decoder):
     assert [(t["draft_tokens"], t["min_confidence"]) for t in grid["tried"]] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
     best = max(grid["tried"], key=lambda t: t["tokens_per_s"])
     assert (grid["draft_tokens"], grid["min_confidence"]) == (best["draft_tokens"], best["min_confidence"])
-    # the loop is the one edgekd runs on this host
-    assert speculative_greedy is lm_runner.speculative_greedy
+    # the loop is the one edgekd runs on this host, and it travels beside the runner
+    from edgekd.bench import lm_generation
+
+    assert speculative_greedy is lm_generation.speculative_greedy
     for bad, needle in ((["--draft-tokens", "0"], "--draft-tokens"), (["--min-confidence", "1.5"], "--min-confidence"),
                         (["--min-confidence", "x"], "--min-confidence")):
         res = subprocess.run([sys.executable, lm_runner.__file__, *base, *bad], capture_output=True, text=True,

@@ -1,0 +1,213 @@
+"""The decode loops of edgekd's standalone LM runner and their figures: greedy generation, timed; scoring;
+speculative decoding (the draft proposes, the target checks) timed against the target alone, and the choice
+of draft length and confidence floor. Needs only numpy: it travels beside lm_runner.py to a board, and
+edgekd.bench.lm_bench imports it too, so a board and the host measure with the same code. The decoders have
+forward(ids, cache) -> (logits, cache) and empty_cache() (lm_runner.KVDecoder or edgekd.lm.decode.Decoder)."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+# ---------------------------------------------------------------- the decode loop and its figures
+
+def decode_once(decoder, prompt, new_tokens: int) -> dict:
+    """One greedy generation, timed: prefill seconds (which give the first token) and each later step's.
+    `decoder` has forward(ids, cache) -> (logits, cache) and empty_cache() (this module's or edgekd's)."""
+    t0 = time.perf_counter()
+    logits, cache = decoder.forward(np.asarray([list(prompt)]), decoder.empty_cache())
+    token = int(logits[0, -1].argmax())
+    prefill = time.perf_counter() - t0
+    steps, tokens = [], [token]
+    for _ in range(new_tokens - 1):
+        t = time.perf_counter()
+        logits, cache = decoder.forward(np.asarray([[token]]), cache)
+        token = int(logits[0, -1].argmax())
+        steps.append(time.perf_counter() - t)
+        tokens.append(token)
+    return {"prefill_s": prefill, "prompt_tokens": len(prompt), "step_s": steps, "tokens": tokens}
+
+
+def figures(runs: list) -> dict:
+    """The report's speed figures from several timed generations."""
+    prefill = sum(r["prefill_s"] for r in runs)
+    steps = np.asarray([s for r in runs for s in r["step_s"]]) * 1000
+    ttft = np.asarray([r["prefill_s"] for r in runs]) * 1000
+    out = {"prefill_tokens_per_s": round(sum(r["prompt_tokens"] for r in runs) / prefill, 2) if prefill else None,
+           "decode_tokens_per_s": round(len(steps) / (steps.sum() / 1000), 2) if len(steps) else None,
+           "ttft_ms": round(float(np.median(ttft)), 3) if len(ttft) else None,
+           "tpot_ms": ({"p50": round(float(np.percentile(steps, 50)), 3), "p90": round(float(np.percentile(steps, 90)), 3),
+                        "p99": round(float(np.percentile(steps, 99)), 3)} if len(steps) else None),
+           "runs": len(runs), "new_tokens": len(runs[0]["tokens"]) if runs else 0}
+    if out["decode_tokens_per_s"] is None or out["tpot_ms"] is None:
+        out["not_measured"] = "one new token per run: no decode step to time"
+    return out
+
+
+def generate(decoder, prompts, new_tokens: int, warmup: int = 1) -> list:
+    """Warm-up generations (short: the first runs allocate and plan), then one timed generation per prompt."""
+    for p in prompts[:warmup]:
+        decode_once(decoder, p, min(new_tokens, 4))
+    return [decode_once(decoder, p, new_tokens) for p in prompts]
+
+
+def score(decoder, blocks, batch_size: int = 4) -> dict:
+    """Perplexity (exp of the mean next-token NLL, each block prefilled), next-token accuracy and the picks."""
+    total, count, picks = 0.0, 0, []
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size]
+        logits, _ = decoder.forward(ids, decoder.empty_cache(len(ids)))
+        lg = np.asarray(logits[:, :-1], dtype=np.float32)
+        top = lg.max(-1, keepdims=True)
+        lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))
+        picked = np.take_along_axis(lg, ids[:, 1:][..., None], -1)[..., 0]
+        total += float((lse - picked).astype(np.float64).sum())
+        count += ids[:, 1:].size
+        picks.append(logits.argmax(-1))
+    p = np.concatenate(picks)
+    return {"perplexity": round(math.exp(total / max(count, 1)), 4),
+            "accuracy": round(100.0 * float((p[:, :-1] == blocks[:, 1:]).mean()), 3), "next_tokens": p.tolist()}
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+def draft_token(logits, min_confidence: float):
+    """The most likely token of one row of logits, or None where its probability is under min_confidence."""
+    token = int(logits.argmax())
+    if min_confidence <= 0.0:
+        return token
+    row = np.asarray(logits, dtype=np.float64)
+    return token if 1.0 / np.exp(row - row[token]).sum() >= min_confidence else None
+
+
+def trim(cache: list, length: int) -> list:
+    """The KV cache cut back to its first `length` tokens."""
+    return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+
+
+class SpeculativeResult:
+    """One speculative generation: its tokens, the draft tokens proposed and kept, the target's passes."""
+
+    def __init__(self, tokens: list, drafted: int, accepted: int, target_passes: int):
+        self.tokens, self.drafted, self.accepted, self.target_passes = tokens, drafted, accepted, target_passes
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
+                       min_confidence: float = 0.0) -> SpeculativeResult:
+    """The target's greedy continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
+    `draft_tokens` (stopping where its probability for its next token is under `min_confidence`), the target
+    checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
+    their KV caches, cut back to the kept tokens. Lossless: the output is the target's own greedy output."""
+    seq = list(prompt)
+    logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
+    t_len, passes = len(seq), 1
+    d_cache, d_len = draft.empty_cache(), 0
+    nxt = int(logits[0, -1].argmax())
+    produced = drafted = accepted = 0
+    while True:
+        seq.append(nxt)
+        produced += 1
+        if produced >= max_new_tokens:
+            break
+        k = min(draft_tokens, max_new_tokens - produced)
+        d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
+        d_len = len(seq)
+        proposals: list = []
+        while True:
+            token = draft_token(d_logits[0, -1], min_confidence)
+            if token is None:
+                break
+            proposals.append(token)
+            if len(proposals) == k:
+                break
+            d_logits, d_cache = draft.forward(np.asarray([[token]]), d_cache)
+            d_len += 1
+        start = len(seq) - t_len - 1  # the position in the fed tokens whose prediction checks proposals[0]
+        logits, t_cache = target.forward(np.asarray([seq[t_len:] + proposals]), t_cache)
+        passes += 1
+        preds = logits[0, start:].argmax(-1)
+        n = 0
+        while n < len(proposals) and proposals[n] == int(preds[n]):
+            n += 1
+        drafted += len(proposals)
+        accepted += n
+        seq.extend(proposals[:n])
+        produced += n
+        t_len = len(seq)
+        t_cache = trim(t_cache, t_len)
+        d_len = min(d_len, t_len)
+        d_cache = trim(d_cache, d_len)
+        if produced >= max_new_tokens:
+            break
+        nxt = int(preds[n])
+    return SpeculativeResult(seq[len(prompt):len(prompt) + max_new_tokens], drafted, accepted, passes)
+
+
+def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0) -> dict:
+    """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
+    tokens/s of both (prefill included), acceptance, and whether each output equals the target's."""
+    decode_once(target, prompts[0], min(4, new_tokens))
+    spec_s = plain_s = 0.0
+    drafted = accepted = identical = 0
+    differences = []
+    for i, prompt in enumerate(prompts):
+        plain_first = i % 2 == 0
+        times = {}
+        for kind in (("plain", "spec") if plain_first else ("spec", "plain")):
+            t = time.perf_counter()
+            if kind == "plain":
+                ref = decode_once(target, prompt, new_tokens)["tokens"]
+            else:
+                res = speculative_greedy(target, draft, prompt, new_tokens, draft_tokens, min_confidence)
+            times[kind] = time.perf_counter() - t
+        plain_s += times["plain"]
+        spec_s += times["spec"]
+        drafted += res.drafted
+        accepted += res.accepted
+        if res.tokens == ref:
+            identical += 1
+        else:
+            pos = next(j for j, (x, y) in enumerate(zip(res.tokens, ref)) if x != y)  # noqa: B905 - Python 3.8 boards
+            differences.append({"prompt": i, "position": pos})
+    n_tokens = new_tokens * len(prompts)
+    out = {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "drafted": drafted,
+           "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+           "tokens_per_s": round(n_tokens / spec_s, 2), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
+           "speedup": round(plain_s / spec_s, 3), "prompts": len(prompts), "identical": identical,
+           "new_tokens": new_tokens}
+    if differences:
+        out["differences"] = differences
+    return out
+
+
+def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, min_confidence) -> dict:
+    """The fastest (draft_tokens, min_confidence) pair of the grid on `prompts` (validation), with every pair's
+    acceptance and tokens/s and the target alone's, all timed prompt by prompt in a rotating order."""
+    settings = [(k, c) for k in draft_tokens for c in min_confidence]
+    runs = [None, *settings]  # None: the target alone
+    seconds = {r: 0.0 for r in runs}
+    drafted = {r: 0 for r in settings}
+    accepted = {r: 0 for r in settings}
+    decode_once(target, prompts[0], min(4, new_tokens))
+    for i, prompt in enumerate(prompts):
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            t = time.perf_counter()
+            if run is None:
+                decode_once(target, prompt, new_tokens)
+            else:
+                res = speculative_greedy(target, draft, prompt, new_tokens, *run)
+                drafted[run] += res.drafted
+                accepted[run] += res.accepted
+            seconds[run] += time.perf_counter() - t
+    n_tokens = new_tokens * len(prompts)
+    tried = [{"draft_tokens": k, "min_confidence": c, "tokens_per_s": round(n_tokens / seconds[(k, c)], 2),
+              "acceptance_rate": round(accepted[(k, c)] / drafted[(k, c)], 4) if drafted[(k, c)] else 0.0}
+             for k, c in settings]
+    best = max(tried, key=lambda t: t["tokens_per_s"])
+    return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "prompts": len(prompts),
+            "teacher_tokens_per_s": round(n_tokens / seconds[None], 2), "tried": tried}
