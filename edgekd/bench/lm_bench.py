@@ -28,7 +28,7 @@ from .lm_generation import choose_speculation, decode_once, figures, speculative
 from .lm_runner import EXIT_BAD_INPUT
 
 __all__ = ["LMJob", "choose_speculation", "decode_once", "figures", "generation_bench", "run_local", "run_remote",
-           "speculative_bench", "speculative_remote"]
+           "speculative_bench", "speculative_local", "speculative_remote"]
 
 LM_RUNNER = Path(__file__).with_name("lm_runner.py")
 
@@ -199,24 +199,69 @@ def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], n
     return out
 
 
+Setting = tuple  # (draft_tokens, min_confidence, lookup): see lm_generation.speculative_greedy
+
+
+def _speculative_arguments(target: LMJob, draft: LMJob, target_path: str, draft_path: str, profile: Profile,
+                           threads: int | None, new_tokens: int, grid: Sequence[Sequence], compare: Sequence[Setting]
+                           ) -> list[str]:
+    """lm_runner's arguments for speculative decoding: grid = (draft lengths, floors, lookups); one value in
+    each times that setting (and `compare`'s) against the target alone, more choose the fastest."""
+    lengths, floors, lookups = grid
+    args = _arguments(target, target_path, profile, threads, new_tokens, None)
+    args += ["--draft", draft_path, "--draft-precision", draft.precision,
+             "--draft-kv-heads", str(draft.kv_heads), "--draft-head-dim", str(draft.head_dim),
+             "--draft-tokens", ",".join(str(k) for k in lengths),
+             "--min-confidence", ",".join(f"{c:g}" for c in floors),
+             "--lookup", ",".join(str(int(bool(u))) for u in lookups)]
+    if compare:
+        args += ["--compare", ",".join(f"{k}:{c:g}:{int(bool(u))}" for k, c, u in compare)]
+    return args
+
+
+def _settings(grid: Sequence[Sequence]) -> int:
+    return len(grid[0]) * len(grid[1]) * len(grid[2])
+
+
+def speculative_local(target: LMJob, draft: LMJob, prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
+                      threads: int | None, grid: Sequence[Sequence], compare: Sequence[Setting] = (),
+                      timeout_s: float | None = None) -> dict:
+    """Speculative decoding on this host in a fresh lm_runner process (the code a board runs, with the two
+    sessions sharing one thread pool): one setting timed against the target alone, or the fastest of `grid`."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
+    limit = (timeout_s or profile.remote.timeout_s) * (1 + _settings(grid) + len(compare))
+    with tempfile.TemporaryDirectory(prefix="edgekd-lm-") as tmp:
+        _write_prompts(Path(tmp) / "prompts.npz", prompts)
+        args = _speculative_arguments(target, draft, str(Path(target.model).resolve()), str(Path(draft.model).resolve()),
+                                      profile, threads, new_tokens, grid, compare)
+        try:
+            proc = subprocess.run([sys.executable, str(LM_RUNNER), *args, "--json", "result.json"], cwd=tmp, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise StageError(f"bench: speculative decoding did not finish within {limit:.0f} s on this host") from None
+        if proc.returncode != 0:
+            line = (proc.stderr.strip().splitlines() or [f"exited with code {proc.returncode}"])[-1]
+            raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(
+                f"speculative decoding on this host: {line.removeprefix('runner: ')}")
+        got = json.loads((Path(tmp) / "result.json").read_text())
+    return {**got["speculative"], "measured_on": "host"}
+
+
 def speculative_remote(host: str, target: LMJob, draft: LMJob, prompts: Sequence[Sequence[int]], new_tokens: int,
-                       profile: Profile, threads: int | None, draft_tokens: Sequence[int],
-                       min_confidence: Sequence[float], *, ssh_config: str | Path | None = None,
-                       remote_python: str | None = None, timeout_s: int | None = None) -> dict:
-    """Speculative decoding on the board `host` (lm_runner.py --draft, the code this host runs): one pair timed
-    against the target alone, or with several, lm_runner's choose_speculation; its result with measured_on."""
+                       profile: Profile, threads: int | None, grid: Sequence[Sequence], compare: Sequence[Setting] = (),
+                       *, ssh_config: str | Path | None = None, remote_python: str | None = None,
+                       timeout_s: int | None = None) -> dict:
+    """Speculative decoding on the board `host` (lm_runner.py --draft, the code this host runs): one setting
+    timed against the target alone, or the fastest of `grid`; its result with measured_on."""
     from .remote import board_mismatch
 
     python = remote_python or profile.remote.python
     timeout_s = int(timeout_s or profile.remote.timeout_s)
-    args = _arguments(target, f"t/{target.model.name}", profile, threads, new_tokens, None)
-    args += ["--draft", f"d/{draft.model.name}", "--draft-precision", draft.precision,
-             "--draft-kv-heads", str(draft.kv_heads), "--draft-head-dim", str(draft.head_dim),
-             "--draft-tokens", ",".join(str(k) for k in draft_tokens),
-             "--min-confidence", ",".join(f"{c:g}" for c in min_confidence)]
+    args = _speculative_arguments(target, draft, f"t/{target.model.name}", f"d/{draft.model.name}", profile, threads,
+                                  new_tokens, grid, compare)
     runs = _on_board(host, [*_job_files(target, "t"), *_job_files(draft, "d")], prompts,
                      [[python, "lm_runner.py", *args, "--json", "out/spec.json"]], profile, ssh_config, python,
-                     timeout_s * (1 + len(draft_tokens) * len(min_confidence)))
+                     timeout_s * (1 + _settings(grid) + len(compare)))
     got = runs.get("spec")
     if not isinstance(got, dict) or not isinstance(got.get("speculative"), dict):
         raise BoardError(f"board {host}: the LM runner returned no speculative result")

@@ -86,11 +86,34 @@ def trim(cache: list, length: int) -> list:
     return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
 
 
-class SpeculativeResult:
-    """One speculative generation: its tokens, the draft tokens proposed and kept, the target's passes."""
+LOOKUP_TOKENS = 8  # the most a context match proposes in one round (it costs no draft step)
+LOOKUP_NGRAMS = (4, 3, 2)  # the context's last n tokens searched for, longest first
 
-    def __init__(self, tokens: list, drafted: int, accepted: int, target_passes: int):
+
+def context_lookup(seq, limit: int) -> list:
+    """Up to `limit` tokens that followed the most recent earlier occurrence of `seq`'s last 4, 3 or 2 tokens
+    (longest first) in `seq` itself, or [] where none recurs: code and structured text repeat themselves, and
+    a copied guess costs no draft step (prompt lookup decoding)."""
+    arr = np.asarray(seq)
+    for n in LOOKUP_NGRAMS:
+        if len(arr) <= n or limit < 1:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # every start but the tail's own
+        hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return arr[start:start + limit].tolist()
+    return []
+
+
+class SpeculativeResult:
+    """One speculative generation: its tokens, the guesses proposed and kept (all, and those copied from the
+    context), the target's passes."""
+
+    def __init__(self, tokens: list, drafted: int, accepted: int, target_passes: int, looked_up: int = 0,
+                 lookup_accepted: int = 0):
         self.tokens, self.drafted, self.accepted, self.target_passes = tokens, drafted, accepted, target_passes
+        self.looked_up, self.lookup_accepted = looked_up, lookup_accepted
 
     @property
     def acceptance_rate(self) -> float:
@@ -98,35 +121,40 @@ class SpeculativeResult:
 
 
 def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
-                       min_confidence: float = 0.0) -> SpeculativeResult:
+                       min_confidence: float = 0.0, lookup: bool = False) -> SpeculativeResult:
     """The target's greedy continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
     `draft_tokens` (stopping where its probability for its next token is under `min_confidence`), the target
     checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
-    their KV caches, cut back to the kept tokens. Lossless: the output is the target's own greedy output."""
+    their KV caches, cut back to the kept tokens. With `lookup`, a round whose last tokens recur earlier in
+    the text proposes what followed them there (up to LOOKUP_TOKENS) instead, and the draft catches up on
+    the kept tokens in its next round. Lossless: the output is the target's own greedy output."""
     seq = list(prompt)
     logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
     t_len, passes = len(seq), 1
     d_cache, d_len = draft.empty_cache(), 0
     nxt = int(logits[0, -1].argmax())
-    produced = drafted = accepted = 0
+    produced = drafted = accepted = looked_up = lookup_accepted = 0
     while True:
         seq.append(nxt)
         produced += 1
         if produced >= max_new_tokens:
             break
-        k = min(draft_tokens, max_new_tokens - produced)
-        d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
-        d_len = len(seq)
-        proposals: list = []
-        while True:
-            token = draft_token(d_logits[0, -1], min_confidence)
-            if token is None:
-                break
-            proposals.append(token)
-            if len(proposals) == k:
-                break
-            d_logits, d_cache = draft.forward(np.asarray([[token]]), d_cache)
-            d_len += 1
+        left = max_new_tokens - produced
+        proposals = context_lookup(seq, min(LOOKUP_TOKENS, left)) if lookup else []
+        copied = bool(proposals)
+        if not copied and draft_tokens > 0:  # draft_tokens 0: context lookup alone
+            k = min(draft_tokens, left)
+            d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
+            d_len = len(seq)
+            while True:
+                token = draft_token(d_logits[0, -1], min_confidence)
+                if token is None:
+                    break
+                proposals.append(token)
+                if len(proposals) == k:
+                    break
+                d_logits, d_cache = draft.forward(np.asarray([[token]]), d_cache)
+                d_len += 1
         start = len(seq) - t_len - 1  # the position in the fed tokens whose prediction checks proposals[0]
         logits, t_cache = target.forward(np.asarray([seq[t_len:] + proposals]), t_cache)
         passes += 1
@@ -136,78 +164,96 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
             n += 1
         drafted += len(proposals)
         accepted += n
+        if copied:
+            looked_up += len(proposals)
+            lookup_accepted += n
         seq.extend(proposals[:n])
         produced += n
         t_len = len(seq)
         t_cache = trim(t_cache, t_len)
-        d_len = min(d_len, t_len)
-        d_cache = trim(d_cache, d_len)
+        if d_len > t_len:
+            d_len = t_len
+            d_cache = trim(d_cache, d_len)
         if produced >= max_new_tokens:
             break
         nxt = int(preds[n])
-    return SpeculativeResult(seq[len(prompt):len(prompt) + max_new_tokens], drafted, accepted, passes)
+    return SpeculativeResult(seq[len(prompt):len(prompt) + max_new_tokens], drafted, accepted, passes,
+                             looked_up, lookup_accepted)
 
 
-def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0) -> dict:
-    """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
-    tokens/s of both (prefill included), acceptance, and whether each output equals the target's."""
-    decode_once(target, prompts[0], min(4, new_tokens))
-    spec_s = plain_s = 0.0
-    drafted = accepted = identical = 0
-    differences = []
-    for i, prompt in enumerate(prompts):
-        plain_first = i % 2 == 0
-        times = {}
-        for kind in (("plain", "spec") if plain_first else ("spec", "plain")):
-            t = time.perf_counter()
-            if kind == "plain":
-                ref = decode_once(target, prompt, new_tokens)["tokens"]
-            else:
-                res = speculative_greedy(target, draft, prompt, new_tokens, draft_tokens, min_confidence)
-            times[kind] = time.perf_counter() - t
-        plain_s += times["plain"]
-        spec_s += times["spec"]
-        drafted += res.drafted
-        accepted += res.accepted
-        if res.tokens == ref:
-            identical += 1
-        else:
-            pos = next(j for j, (x, y) in enumerate(zip(res.tokens, ref)) if x != y)  # noqa: B905 - Python 3.8 boards
-            differences.append({"prompt": i, "position": pos})
-    n_tokens = new_tokens * len(prompts)
-    out = {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "drafted": drafted,
-           "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
-           "tokens_per_s": round(n_tokens / spec_s, 2), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
-           "speedup": round(plain_s / spec_s, 3), "prompts": len(prompts), "identical": identical,
-           "new_tokens": new_tokens}
-    if differences:
-        out["differences"] = differences
-    return out
+Setting = tuple  # (draft_tokens, min_confidence, lookup); draft_tokens 0 with lookup: context lookup alone
 
 
-def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, min_confidence) -> dict:
-    """The fastest (draft_tokens, min_confidence) pair of the grid on `prompts` (validation), with every pair's
-    acceptance and tokens/s and the target alone's, all timed prompt by prompt in a rotating order."""
-    settings = [(k, c) for k in draft_tokens for c in min_confidence]
-    runs = [None, *settings]  # None: the target alone
-    seconds = {r: 0.0 for r in runs}
-    drafted = {r: 0 for r in settings}
-    accepted = {r: 0 for r in settings}
+def _timed_settings(target, draft, prompts, new_tokens: int, settings: list) -> dict:
+    """{setting: {seconds, drafted, accepted, looked_up, lookup_accepted, results}} with the target alone as
+    the setting None, every prompt run by each in an order that rotates from prompt to prompt."""
+    runs = [None, *settings]
+    got = {r: {"seconds": 0.0, "drafted": 0, "accepted": 0, "looked_up": 0, "lookup_accepted": 0, "tokens": []}
+           for r in runs}
     decode_once(target, prompts[0], min(4, new_tokens))
     for i, prompt in enumerate(prompts):
         for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            g = got[run]
             t = time.perf_counter()
             if run is None:
-                decode_once(target, prompt, new_tokens)
+                g["tokens"].append(decode_once(target, prompt, new_tokens)["tokens"])
             else:
                 res = speculative_greedy(target, draft, prompt, new_tokens, *run)
-                drafted[run] += res.drafted
-                accepted[run] += res.accepted
-            seconds[run] += time.perf_counter() - t
-    n_tokens = new_tokens * len(prompts)
-    tried = [{"draft_tokens": k, "min_confidence": c, "tokens_per_s": round(n_tokens / seconds[(k, c)], 2),
-              "acceptance_rate": round(accepted[(k, c)] / drafted[(k, c)], 4) if drafted[(k, c)] else 0.0}
-             for k, c in settings]
+                g["tokens"].append(res.tokens)
+                for key in ("drafted", "accepted", "looked_up", "lookup_accepted"):
+                    g[key] += getattr(res, key)
+            g["seconds"] += time.perf_counter() - t
+    return got
+
+
+def _figures(setting: Setting, g: dict, plain_s: float, n_tokens: int) -> dict:
+    k, c, lookup = setting
+    out = {"draft_tokens": k, "min_confidence": c, "lookup": bool(lookup), "drafted": g["drafted"],
+           "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else 0.0,
+           "tokens_per_s": round(n_tokens / g["seconds"], 2), "speedup": round(plain_s / g["seconds"], 3)}
+    if lookup:
+        student = g["drafted"] - g["looked_up"]
+        out["sources"] = {"draft": {"proposed": student, "accepted": g["accepted"] - g["lookup_accepted"]},
+                          "lookup": {"proposed": g["looked_up"], "accepted": g["lookup_accepted"]}}
+    return out
+
+
+def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0,
+                      lookup: bool = False, compare: tuple = ()) -> dict:
+    """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
+    tokens/s of both (prefill included), acceptance, and whether each output equals the target's. Each
+    setting of `compare` ((draft_tokens, min_confidence, lookup)) is timed in the same rounds, into "compared"."""
+    chosen = (draft_tokens, min_confidence, bool(lookup))
+    settings = [chosen, *[tuple(s) for s in compare if tuple(s) != chosen]]
+    got = _timed_settings(target, draft, prompts, new_tokens, settings)
+    plain_s, n_tokens = got[None]["seconds"], new_tokens * len(prompts)
+    identical, differences = 0, []
+    for i, (res, ref) in enumerate(zip(got[chosen]["tokens"], got[None]["tokens"])):  # noqa: B905 - Python 3.8 boards
+        if res == ref:
+            identical += 1
+        else:
+            pos = next(j for j, (x, y) in enumerate(zip(res, ref)) if x != y)  # noqa: B905
+            differences.append({"prompt": i, "position": pos})
+    out = {**_figures(chosen, got[chosen], plain_s, n_tokens), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
+           "prompts": len(prompts), "identical": identical, "new_tokens": new_tokens}
+    if differences:
+        out["differences"] = differences
+    if settings[1:]:
+        out["compared"] = [dict(_figures(s, got[s], plain_s, n_tokens),
+                                identical=sum(a == b for a, b in zip(got[s]["tokens"], got[None]["tokens"])))  # noqa: B905
+                           for s in settings[1:]]
+    return out
+
+
+def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, min_confidence,
+                       lookup=(False,)) -> dict:
+    """The fastest (draft_tokens, min_confidence, lookup) of the grid on `prompts` (validation), with every
+    setting's acceptance and tokens/s and the target alone's, all timed prompt by prompt in a rotating order."""
+    settings = [(k, c, bool(u)) for u in lookup for k in draft_tokens for c in min_confidence]
+    got = _timed_settings(target, draft, prompts, new_tokens, settings)
+    plain_s, n_tokens = got[None]["seconds"], new_tokens * len(prompts)
+    tried = [{key: f[key] for key in ("draft_tokens", "min_confidence", "lookup", "tokens_per_s", "acceptance_rate")}
+             for f in (_figures(s, got[s], plain_s, n_tokens) for s in settings)]
     best = max(tried, key=lambda t: t["tokens_per_s"])
-    return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "prompts": len(prompts),
-            "teacher_tokens_per_s": round(n_tokens / seconds[None], 2), "tried": tried}
+    return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "lookup": best["lookup"],
+            "prompts": len(prompts), "teacher_tokens_per_s": round(n_tokens / plain_s, 2), "tried": tried}

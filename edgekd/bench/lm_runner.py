@@ -6,14 +6,17 @@
                         --prompts prompts.npz [--prompt-count K] --new-tokens N [--warmup N]
                         [--eval-data eval.npz [--eval-blocks M]] [--keep-times] [--json OUT]
                         [--draft PATH [--draft-precision P] [--draft-kv-heads H --draft-head-dim D]
-                         [--draft-tokens K[,K...]] [--min-confidence C[,C...]]]
+                         [--draft-tokens K[,K...]] [--min-confidence C[,C...]] [--lookup 0|1[,...]]
+                         [--compare K:C:L[,K:C:L...]]]
 
 Loads one KV-cache decoder (the ONNX that edgekd.lm.export writes, or its OpenVINO IR), decodes every prompt
 greedily for N new tokens after a warm-up (no early stop, so every run does the same work) and prints one JSON
 object: prefill and decode tokens/s, time to first token, time per output token (p50/p90/p99), the peak resident
 memory of this process and the generated tokens; with --eval-data, perplexity and next-token picks on the
 blocks. With --draft, speculative decoding instead: --model verifies what the draft proposes, timed against
---model alone on every prompt (one draft length and floor), or the fastest pair of the lists given.
+--model alone on every prompt (one draft length, floor and lookup), or the fastest setting of the lists given;
+--compare times other settings in the same rounds (draft length 0 with lookup 1: context lookup alone). With
+ONNX Runtime the two sessions share one pool of threads, as they take turns on the cores.
 Exit 2: a bad model or bad data; exit 3: the runtime is missing or failed. The decode loops and their
 figures are lm_generation.py's, which travels beside this file and which edgekd.bench.lm_bench imports too,
 so a board and the host measure with the same code.
@@ -81,6 +84,24 @@ def _kv_dims(shapes: dict, args) -> tuple:
     return layers, int(heads), int(size)
 
 
+_POOL: list = []  # the threads of the process-wide ONNX Runtime pool, once made
+SHARE_POOL = [False]  # set by main(): a process-wide pool would refuse any later per-session pool in an importer
+
+
+def _shared_pool(rt, threads: int) -> bool:
+    """Whether this process's ONNX Runtime sessions can share one pool of `threads` intra-op threads
+    (set before the first session; runtimes without global pools say no)."""
+    if not _POOL:
+        if not SHARE_POOL[0] or not hasattr(rt, "set_global_thread_pool_sizes"):
+            return False
+        try:
+            rt.set_global_thread_pool_sizes(threads, 1)
+        except Exception:  # noqa: BLE001 - already set up by an earlier session
+            return False
+        _POOL.append(threads)
+    return _POOL[0] == threads
+
+
 def load(args) -> tuple:
     """(decoder, details, versions) for --model on --backend, with --threads."""
     if not os.path.isfile(args.model):
@@ -130,11 +151,17 @@ def load(args) -> tuple:
     so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
     if args.precise_int8:
         so.add_session_config_entry("session.x64quantprecision", "1")
-    if getattr(args, "draft", None):  # two sessions taking turns: an idle spinning pool would hold the cores
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = rt.get_available_providers()
     wanted = [p for p in (args.providers.split(",") if args.providers else []) if p in available]
     providers: list = [p for p in wanted if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
+    pool = "own"
+    if getattr(args, "draft", None):  # two sessions taking turns on the cores
+        if "XnnpackExecutionProvider" not in providers and _shared_pool(rt, so.intra_op_num_threads):
+            so.use_per_session_threads = False  # one spinning pool serves both, none idles holding a core
+            pool = "shared"
+        else:  # separate pools: an idle spinning one would hold the cores
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            pool = "own, not spinning"
     if "XnnpackExecutionProvider" in providers:  # its own pool does the work, the session's stays at 1
         so.intra_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -145,7 +172,7 @@ def load(args) -> tuple:
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RunnerError(f"onnxruntime cannot load {args.model}: {_first_line(e)}", EXIT_BAD_INPUT) from None
     dims = _kv_dims({i.name: i.shape for i in sess.get_inputs()}, args)
-    details = {"execution_providers": sess.get_providers(), "threads": args.threads}
+    details = {"execution_providers": sess.get_providers(), "threads": args.threads, "thread_pool": pool}
     return KVDecoder(lambda feeds: sess.run(None, feeds), *dims), details, {"onnxruntime": rt.__version__}
 
 
@@ -195,6 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-head-dim", type=int, default=None)
     p.add_argument("--draft-tokens", default="4", help="the most a round drafts; a comma list: the fastest is chosen")
     p.add_argument("--min-confidence", default="0", help="the draft's probability floor; a comma list as above")
+    p.add_argument("--lookup", default="0", help="1: a round whose last tokens recur earlier proposes what followed "
+                   "them there instead of drafting; a comma list as above")
+    p.add_argument("--compare", default="", help="settings DRAFT_TOKENS:MIN_CONFIDENCE:LOOKUP timed in the same rounds")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -209,18 +239,35 @@ def _grid(text: str, kind, name: str, ok) -> list:
     return values
 
 
+def _setting(text: str) -> tuple:
+    """(draft_tokens, min_confidence, lookup) from K:C:L."""
+    try:
+        k, c, u = text.split(":")
+        setting = (int(k), float(c), bool(int(u)))
+    except ValueError:
+        raise RunnerError(f"--compare {text!r} is not DRAFT_TOKENS:MIN_CONFIDENCE:LOOKUP", EXIT_BAD_INPUT) from None
+    if setting[0] < 0 or not 0.0 <= setting[1] < 1.0 or (setting[0] == 0 and not setting[2]):
+        raise RunnerError(f"--compare {text!r}: draft tokens >= 0 (0 only with lookup), confidence in [0, 1)",
+                          EXIT_BAD_INPUT)
+    return setting
+
+
 def run_speculative(args: argparse.Namespace, prompts: list) -> dict:
     """--model verified, --draft drafting: one pair timed against the target alone, or the fastest of a grid."""
     lengths = _grid(args.draft_tokens, int, "--draft-tokens", lambda k: k >= 1)
     floors = _grid(args.min_confidence, float, "--min-confidence", lambda c: 0.0 <= c < 1.0)
+    lookups = _grid(args.lookup, int, "--lookup", lambda u: u in (0, 1))
+    compare = [_setting(t) for t in args.compare.split(",") if t]
     target, details, versions = load(args)  # both sessions sleep between calls: they take turns on the cores
     draft, draft_details, _ = load(argparse.Namespace(**{**vars(args), "model": args.draft, "precision": args.draft_precision,
                                                           "kv_heads": args.draft_kv_heads, "head_dim": args.draft_head_dim}))
     try:
-        if len(lengths) * len(floors) > 1:
-            spec = choose_speculation(target, draft, prompts, args.new_tokens, lengths, floors)
+        if len(lengths) * len(floors) * len(lookups) > 1:
+            spec = choose_speculation(target, draft, prompts, args.new_tokens, lengths, floors,
+                                      [bool(u) for u in lookups])
         else:
-            spec = speculative_bench(target, draft, prompts, args.new_tokens, lengths[0], floors[0])
+            spec = speculative_bench(target, draft, prompts, args.new_tokens, lengths[0], floors[0],
+                                     bool(lookups[0]), compare)
     except RunnerError:
         raise
     except Exception as e:  # noqa: BLE001 - a runtime's failure mid-run
@@ -261,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     """Run and print the JSON; on failure one line on stderr and exit 2 or 3."""
     args = parse_args(argv)
+    SHARE_POOL[0] = True  # this process is the runner's own
     try:
         text = json.dumps(run(args), allow_nan=False)
         if args.json:

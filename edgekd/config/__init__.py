@@ -300,7 +300,7 @@ class Config(Section):
 
 def _union_tag(part: Any) -> bool:
     """Whether a location part names a member of a union (pydantic's `constrained-int`, `literal['auto']`)."""
-    return isinstance(part, str) and (part.startswith(("constrained-", "literal[")) or part in ("int", "float", "str"))
+    return isinstance(part, str) and (part.startswith(("constrained-", "literal[")) or part in ("int", "float", "str", "bool"))
 
 
 def _format_error(e: ValidationError, source: str) -> str:

@@ -22,6 +22,8 @@ class SpeculativeConfig(Section):
     # auto: the fastest of lm.speculative's grid on validation prompts; a number pins it
     draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     min_confidence: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = "auto"
+    # true: a round whose last tokens recur in the text proposes what followed them (no draft step)
+    lookup: bool | Literal["auto"] = "auto"
     prompts: int = Field(20, ge=1, le=10000)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     prompt_tokens: int = Field(32, ge=1, le=4096)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..backends import get_backend
 from ..backends.base import Artifact, Runner
-from ..bench.lm_bench import choose_speculation, generation_bench, speculative_bench
+from ..bench.lm_bench import generation_bench
 from ..config.lm import SpeculativeConfig
 from ..context import RunContext
 from ..data import SPLIT_SEED
@@ -29,9 +29,9 @@ from ..report import assemble_lm
 from ..runs import hash_arrays, write_npz
 from .decode import Decoder
 from .export import export_lm_onnx, fusable
-from .measure import check_hosts, on_board, peak_memory_here, speculative_on_board
+from .measure import check_hosts, on_board, peak_memory_here, speculative_measured
 from .models import build_lm_student, choose_layers, count_lm_params, load_lm
-from .speculative import DRAFT_TOKEN_GRID, MIN_CONFIDENCE_GRID
+from .speculative import DRAFT_TOKEN_GRID, LOOKUP_GRID, MIN_CONFIDENCE_GRID
 
 __all__ = ["LMCandidate", "run_lm_entry"]
 
@@ -77,16 +77,25 @@ def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
 
 def _choose_speculation(ctx: RunContext, hosts: list[str], teacher: LMCandidate, draft: LMCandidate, shapes: dict,
                         prompts: list[list[int]], spec) -> dict:
-    """The draft length and confidence floor: as configured, or where either is auto, the fastest pair of
-    the grid on the validation prompts (test prompts only report), timed on the first board with --host."""
-    if "auto" not in (spec.draft_tokens, spec.min_confidence):
-        return {"draft_tokens": spec.draft_tokens, "min_confidence": spec.min_confidence}
-    grid_k = DRAFT_TOKEN_GRID if spec.draft_tokens == "auto" else (spec.draft_tokens,)
-    grid_c = MIN_CONFIDENCE_GRID if spec.min_confidence == "auto" else (spec.min_confidence,)
-    if hosts:
-        return speculative_on_board(ctx, hosts[0], teacher, draft, shapes, prompts, spec.max_new_tokens, grid_k, grid_c)
-    return {**choose_speculation(teacher.decoder, draft.decoder, prompts, spec.max_new_tokens,  # type: ignore[arg-type]
-                                 grid_k, grid_c), "measured_on": "host"}
+    """The draft length, confidence floor and context lookup: as configured, or where any is auto, the fastest
+    setting of the grid on the validation prompts (test prompts only report), timed on the first board with
+    --host, else on this host."""
+    if "auto" not in (spec.draft_tokens, spec.min_confidence, spec.lookup):
+        return {"draft_tokens": spec.draft_tokens, "min_confidence": spec.min_confidence, "lookup": spec.lookup}
+    grid = (DRAFT_TOKEN_GRID if spec.draft_tokens == "auto" else (spec.draft_tokens,),
+            MIN_CONFIDENCE_GRID if spec.min_confidence == "auto" else (spec.min_confidence,),
+            LOOKUP_GRID if spec.lookup == "auto" else (spec.lookup,))
+    return speculative_measured(ctx, hosts[0] if hosts else None, teacher, draft, shapes, prompts, spec.max_new_tokens,
+                                grid)
+
+
+def _compared(choice: dict) -> list[tuple]:
+    """Settings timed beside the chosen one on the test prompts: the other lookup mode (its fastest setting on
+    validation where it was tried, else the chosen draft length and floor) and context lookup alone."""
+    k, c, lookup = choice["draft_tokens"], choice["min_confidence"], bool(choice["lookup"])
+    other = [t for t in choice.get("tried", []) if t["lookup"] != lookup]
+    best = max(other, key=lambda t: t["tokens_per_s"]) if other else {"draft_tokens": k, "min_confidence": c}
+    return [(best["draft_tokens"], best["min_confidence"], not lookup), (0, 0.0, True)]
 
 
 def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
@@ -296,13 +305,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             for n, c in timed.items():
                 c.speed = speed[n]
             peak_memory_here(ctx, timed, shapes, test_prompts, spec_cfg.max_new_tokens)
-        pair = (spec_choice["draft_tokens"], spec_choice["min_confidence"])
-        if hosts:  # on the first board, like the report's other speed figures
-            spec = speculative_on_board(ctx, hosts[0], teacher_c, cands[name], shapes, test_prompts,
-                                        spec_cfg.max_new_tokens, [pair[0]], [pair[1]])
-        else:
-            spec = {**speculative_bench(teacher_c.decoder, cands[name].decoder, test_prompts,  # type: ignore[arg-type]
-                                        spec_cfg.max_new_tokens, *pair), "measured_on": "host"}
+        chosen = (spec_choice["draft_tokens"], spec_choice["min_confidence"], spec_choice["lookup"])
+        spec = speculative_measured(ctx, hosts[0] if hosts else None, teacher_c, cands[name], shapes, test_prompts,
+                                    spec_cfg.max_new_tokens, [[v] for v in chosen], _compared(spec_choice))
         if "tried" in spec_choice:
             spec["selection"] = {"on": "validation prompts", "prompts": spec_choice["prompts"],
                                  "measured_on": spec_choice["measured_on"],

@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--draft-tokens", type=int, help="the most a round drafts (default: the run's choice)")
     p.add_argument("--min-confidence", type=float, help="the draft stops where its probability for its next token is "
                                                         "under this, 0 never (default: the run's choice)")
+    p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=None,
+                   help="rounds whose last tokens recur in the text propose what followed them (default: the run's choice)")
     p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -70,7 +72,7 @@ def _decoder(run: Path, block: dict, threads: int | None):
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
              draft_tokens: int | None = None, threads: int | None = None,
-             min_confidence: float | None = None) -> dict:
+             min_confidence: float | None = None, lookup: bool | None = None) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring)."""
     from transformers import AutoTokenizer
 
@@ -101,13 +103,15 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             chosen = report.get("speculative") or {}
             k = draft_tokens or chosen.get("draft_tokens") or UNCHOSEN[0]
             floor = min_confidence if min_confidence is not None else chosen.get("min_confidence", 0.0)
+            copy = bool(chosen.get("lookup", False)) if lookup is None else lookup
             runner, teacher = _decoder(run, {**report["teacher"], "_target": target}, threads)
             runners.append(runner)
             t0 = time.perf_counter()
-            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor)
+            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy)
             tokens = res.tokens
-            out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor,
+            out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                         "drafted": res.drafted, "acceptance_rate": round(res.acceptance_rate, 4),
+                        "looked_up": res.looked_up, "lookup_accepted": res.lookup_accepted,
                         "teacher": report["teacher"]["artifact"]})
         else:
             tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
@@ -124,12 +128,14 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
 
 def run(args: argparse.Namespace) -> int:
     out = generate(args.run_dir, args.prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
-                   args.min_confidence)
+                   args.min_confidence, args.lookup)
     print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
         figures += f", acceptance {out['acceptance_rate']:.1%} drafting up to {out['draft_tokens']} tokens{floor}"
+        if out["lookup"]:
+            figures += f", {out['lookup_accepted']}/{out['looked_up']} looked-up tokens kept"
     print(figures, file=sys.stderr)
     if args.json_out:
         from ..runs import write_json

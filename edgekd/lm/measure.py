@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..bench.lm_bench import LMJob, run_local, run_remote, speculative_remote
+from ..bench.lm_bench import LMJob, run_local, run_remote, speculative_local, speculative_remote
 from ..bench.lm_runner import MEMORY_SCOPE
 from ..context import RunContext
 from ..errors import BadInputError
 
-__all__ = ["MEMORY_PROMPTS", "check_hosts", "on_board", "peak_memory_here", "speculative_on_board"]
+__all__ = ["MEMORY_PROMPTS", "check_hosts", "on_board", "peak_memory_here", "speculative_measured"]
 
 MEMORY_PROMPTS = 2  # the first test prompts: memory needs a few generations, not a benchmark
 SPEED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "runs", "new_tokens", "not_measured")
@@ -73,14 +73,20 @@ def on_board(ctx: RunContext, host: str, cands: dict, shapes: dict, prompts: Seq
     return out
 
 
-def speculative_on_board(ctx: RunContext, host: str, teacher, draft, shapes: dict, prompts: Sequence[Sequence[int]],
-                         new_tokens: int, draft_tokens: Sequence[int], min_confidence: Sequence[float]) -> dict:
-    """Speculative decoding on the board: the draft `draft` for `teacher` (LMCandidates), one (draft_tokens,
-    min_confidence) pair timed against the teacher alone, or the fastest of the grid (lm_runner's choice)."""
-    _, ssh_config, remote_python = ctx.board or (host, None, None)
+def speculative_measured(ctx: RunContext, host: str | None, teacher, draft, shapes: dict,
+                         prompts: Sequence[Sequence[int]], new_tokens: int, grid: Sequence[Sequence],
+                         compare: Sequence[tuple] = ()) -> dict:
+    """Speculative decoding with `draft` for `teacher` (LMCandidates) in a runner process of its own, on the
+    board `host` or on this host (None): one setting of grid (draft lengths, floors, lookups) timed against
+    the teacher alone with `compare`'s settings beside it, or the fastest setting of the grid."""
     target_job, draft_job = _jobs({"teacher": teacher, "draft": draft}, {"teacher": shapes["teacher"],
                                                                          "draft": shapes[draft.name]})
-    what = "choosing the draft length" if len(draft_tokens) * len(min_confidence) > 1 else "speculative decoding"
+    choosing = len(grid[0]) * len(grid[1]) * len(grid[2]) > 1
+    what = "choosing how to draft" if choosing else "speculative decoding"
+    if host is None:
+        with ctx.progress.task(f"{what} on this host", None):
+            return speculative_local(target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads, grid, compare)
+    _, ssh_config, remote_python = ctx.board or (host, None, None)
     with ctx.progress.task(f"{what} on {host}", None):
-        return speculative_remote(host, target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads,
-                                  draft_tokens, min_confidence, ssh_config=ssh_config, remote_python=remote_python)
+        return speculative_remote(host, target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads, grid,
+                                  compare, ssh_config=ssh_config, remote_python=remote_python)

@@ -5,17 +5,30 @@ The loop lives in bench/lm_generation.py (beside lm_runner.py), so a board over 
 
 The draft proposes up to `draft_tokens` a round and stops early where its own probability for its next
 token falls under `min_confidence` (0: never): a guess it doubts is likely rejected, and drafting it costs a
-draft step and a longer check. A round with no proposal is a plain target step."""
+draft step and a longer check. A round with no proposal is a plain target step.
+
+With `lookup`, a round whose last 4, 3 or 2 tokens occurred earlier in the prompt or the output proposes
+what followed them there (up to LOOKUP_TOKENS, prompt lookup decoding) and the draft rests that round: a
+copied guess costs no draft step, and code repeats itself. The report times the draft alone, lookup alone
+and both side by side, so a figure never credits the draft with what the lookup earned."""
 from __future__ import annotations
 
-from ..bench.lm_generation import SpeculativeResult, draft_token, speculative_greedy, trim
+from ..bench.lm_generation import (
+    LOOKUP_TOKENS,
+    SpeculativeResult,
+    context_lookup,
+    draft_token,
+    speculative_greedy,
+    trim,
+)
 
-__all__ = ["DRAFT_TOKEN_GRID", "MIN_CONFIDENCE_GRID", "UNCHOSEN", "SpeculativeResult", "draft_token", "pinned",
-           "speculative_greedy", "trim"]
+__all__ = ["DRAFT_TOKEN_GRID", "LOOKUP_GRID", "LOOKUP_TOKENS", "MIN_CONFIDENCE_GRID", "UNCHOSEN", "SpeculativeResult",
+           "context_lookup", "draft_token", "pinned", "speculative_greedy", "trim"]
 
 # what `speculative.draft_tokens: auto` / `min_confidence: auto` try on validation prompts
 DRAFT_TOKEN_GRID = (2, 3, 4, 6)
 MIN_CONFIDENCE_GRID = (0.0, 0.3, 0.5)
+LOOKUP_GRID = (False, True)
 UNCHOSEN = (4, 0.3)  # what auto means where nothing here can time the pair (the Jetson bundle)
 
 

@@ -31,8 +31,11 @@ def lm_headline(report: dict) -> str:
     parts.append(f"decode {tps.text}" + (f" ({fmt_ratio(sp)} the teacher's)" if isinstance(sp, (int, float)) else ""))
     spec = report.get("speculative") or {}
     if isinstance(spec.get("speedup"), (int, float)):
-        parts.append(f"speculative decoding {fmt_ratio(spec['speedup'])} over the teacher alone, "
-                     f"{spec.get('identical')}/{spec.get('prompts')} outputs identical")
+        beside = "; ".join(f"{_draft(c)} {fmt_ratio(c['speedup'])}" for c in spec.get("compared") or []
+                           if isinstance(c.get("speedup"), (int, float)))
+        parts.append(f"speculative decoding {fmt_ratio(spec['speedup'])} over the teacher alone ({_draft(spec)}"
+                     + (f"; {beside}" if beside else "") + f"), {spec.get('identical')}/{spec.get('prompts')} "
+                     "outputs identical")
     if final.get("measured_on") is None and "measured_on" in final:  # a board that builds and times it itself
         parts.append(f"not measured: {not_measured_reason(final, 'measured_on')}")
     else:
@@ -80,23 +83,37 @@ def distill_table(report: dict) -> Table | None:
 
 
 def _draft(s: dict) -> str:
+    """How a setting drafts: the student's length and floor, with or without context lookup, or lookup alone."""
     k, c = s.get("draft_tokens"), s.get("min_confidence")
     if k is None:
         return "—"
-    return f"up to {k}, while p ≥ {c:g}" if c else str(k)
+    if k == 0:
+        return "context lookup alone"
+    student = f"student, up to {k}" + (f" while p ≥ {c:g}" if c else "")
+    return student + (" + context lookup" if s.get("lookup") else "")
+
+
+def _sources(s: dict) -> str:
+    src = s.get("sources")
+    if not isinstance(src, dict):
+        return "—"
+    return ", ".join(f"{name} {v['accepted']}/{v['proposed']}" for name, v in src.items()
+                     if isinstance(v, dict) and v.get("proposed"))
 
 
 def speculative_table(report: dict) -> Table | None:
+    """The chosen setting and those timed beside it in the same rounds (the student alone, lookup alone)."""
     s = report.get("speculative")
     if not isinstance(s, dict):
         return None
-    t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", "speedup", "identical outputs",
-               "measured on"])
-    t.rows.append([Cell(_draft(s)), figure(s, "acceptance_rate", lambda x: fmt_pct(100 * x)),
-                   figure(s, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
-                   figure(s, "speedup", fmt_ratio),
-                   figure(s, "identical", lambda n: f"{n}/{s.get('prompts')}"),
-                   Cell(str(s.get("measured_on") or "—"))])
+    t = Table(["drafting", "acceptance", "kept / proposed", "tokens/s", "teacher alone", "speedup", "identical outputs",
+               "measured on", ""])
+    for row in [s, *(s.get("compared") or [])]:
+        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)), Cell(_sources(row)),
+                       figure(row, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
+                       figure(row, "speedup", fmt_ratio),
+                       figure(row, "identical", lambda n: f"{n}/{s.get('prompts')}"),
+                       Cell(str(s.get("measured_on") or "—")), Cell("✔ chosen" if row is s else "")])
     return t
 
 
@@ -105,9 +122,10 @@ def speculative_choice_table(report: dict) -> Table | None:
     if not isinstance(sel, dict) or not sel.get("tried"):
         return None
     s = report["speculative"]
-    t = Table(["draft tokens", "acceptance", "with draft", "teacher alone", ""])
+    key = ("draft_tokens", "min_confidence", "lookup")
+    t = Table(["drafting", "acceptance", "tokens/s", "teacher alone", ""])
     for row in sel["tried"]:
-        chosen = (row["draft_tokens"], row["min_confidence"]) == (s.get("draft_tokens"), s.get("min_confidence"))
+        chosen = all(row.get(k) == s.get(k) for k in key)
         t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)),
                        figure(row, "tokens_per_s", _tps), figure(sel, "teacher_tokens_per_s", _tps),
                        Cell("✔ chosen" if chosen else "")])
@@ -122,8 +140,8 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
         out.append(("Distillation against cross-entropy alone", d))
     s = speculative_table(report)
     if s is not None:
-        out.append(("Speculative decoding (the final student drafts for the teacher)", s))
+        out.append(("Speculative decoding (the final student drafts for the teacher; test prompts, the same rounds)", s))
     c = speculative_choice_table(report)
     if c is not None:
-        out.append(("Draft length and confidence floor, chosen on validation prompts", c))
+        out.append(("Draft length, confidence floor and context lookup, chosen on validation prompts", c))
     return out

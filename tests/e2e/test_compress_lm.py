@@ -78,12 +78,20 @@ def test_lm_run_reports_every_figure(lm_run):
     s = report["speculative"]
     assert s["prompts"] == 3 and s["identical"] == 3 and 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0
     assert s["draft_tokens"] == 3 and s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0 and s["measured_on"] == "host"
-    # min_confidence auto: the pinned draft length with each floor of the grid, timed on validation prompts
+    # min_confidence and lookup auto: the pinned draft length with each floor, with and without context lookup,
+    # timed on validation prompts
     sel = s["selection"]
-    assert sel["on"] == "validation prompts" and [t["min_confidence"] for t in sel["tried"]] == [0.0, 0.3, 0.5]
+    assert sel["on"] == "validation prompts"
+    assert [(t["min_confidence"], t["lookup"]) for t in sel["tried"]] == [(c, u) for u in (False, True)
+                                                                         for c in (0.0, 0.3, 0.5)]
     assert {t["draft_tokens"] for t in sel["tried"]} == {3} and s["min_confidence"] in (0.0, 0.3, 0.5)
-    assert max(sel["tried"], key=lambda t: t["tokens_per_s"])["min_confidence"] == s["min_confidence"]
-    assert "chosen on validation prompts" in (run / "report.md").read_text()
+    best = max(sel["tried"], key=lambda t: t["tokens_per_s"])
+    assert (best["min_confidence"], best["lookup"]) == (s["min_confidence"], s["lookup"])
+    # beside the choice, in the same rounds on the test prompts: the other lookup mode and lookup alone
+    assert [c["lookup"] for c in s["compared"]] == [not s["lookup"], True] and s["compared"][1]["draft_tokens"] == 0
+    assert all(c["identical"] == 3 and c["speedup"] > 0 for c in s["compared"])
+    md = (run / "report.md").read_text()
+    assert "chosen on validation prompts" in md and "context lookup alone" in md
     assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
     assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
 

@@ -63,7 +63,8 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
     assert "x86_64 processor where test-pi is aarch64" in spec["measured_on_note"]
     assert spec["tokens_per_s"] > 0 and spec["teacher_tokens_per_s"] > 0 and spec["draft_tokens"] == 3
     sel = spec["selection"]
-    assert sel["measured_on"] == "board" and [t["min_confidence"] for t in sel["tried"]] == [0.0, 0.3, 0.5]
+    assert sel["measured_on"] == "board" and [t["min_confidence"] for t in sel["tried"]] == [0.0, 0.3, 0.5] * 2
+    assert [c["draft_tokens"] for c in spec["compared"]][-1] == 0  # lookup alone, timed on the board as well
     assert rep["gates"][0]["gate"] == "max_memory_mb" and "measured on board" in rep["gates"][0]["detail"]
     assert "board" in (out / "report.md").read_text()
     check = SHARED / "tools" / "check_run.py"

@@ -28,6 +28,7 @@ def test_causal_lm_defaults():
     ({"task": "causal-lm", "speculative": {"draft_tokens": 0}},
      "speculative.draft_tokens: Input should be greater than or equal to 1 or Input should be 'auto'$"),
     ({"task": "causal-lm", "speculative": {"min_confidence": 1.0}}, "speculative.min_confidence: Input should be less"),
+    ({"task": "causal-lm", "speculative": {"lookup": "sometimes"}}, "speculative.lookup: Input should be a valid boolean"),
 ])
 def test_keys_that_do_not_fit_the_task_are_config_errors(raw, words):
     with pytest.raises(ConfigError, match=words):
@@ -64,3 +65,6 @@ def test_speculative_auto_is_written_and_read_back():
     again = from_dict(c.model_dump(mode="json"))  # what report.json's config holds, read again by the tools
     assert (again.speculative.draft_tokens, again.speculative.min_confidence) == ("auto", 0.3)
     assert from_dict({"task": "causal-lm", "speculative": {"draft_tokens": 3}}).speculative.min_confidence == "auto"
+    assert from_dict({"task": "causal-lm", "speculative": {}}).speculative.lookup == "auto"
+    off = from_dict({"task": "causal-lm", "speculative": {"lookup": False}})
+    assert off.speculative.lookup is False and from_dict(off.model_dump(mode="json")).speculative.lookup is False

@@ -13,7 +13,7 @@ from edgekd.distill.lm_trainer import train_lm  # noqa: E402
 from edgekd.lm.decode import Decoder  # noqa: E402
 from edgekd.lm.export import export_lm_onnx  # noqa: E402
 from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
-from edgekd.lm.speculative import draft_token, speculative_greedy  # noqa: E402
+from edgekd.lm.speculative import LOOKUP_TOKENS, context_lookup, draft_token, speculative_greedy  # noqa: E402
 from edgekd.quantize.lm_weights import quantize_lm_weights  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 
@@ -121,15 +121,78 @@ def test_the_speculation_choice_times_every_pair_and_keeps_the_fastest(models):
     teacher, text, tmp, fp32 = models
     target = _decoder(fp32, teacher.config, tmp, "fp32-choice")
     prompts = [text[i, :7].tolist() for i in range(3)]
-    got = choose_speculation(target, target, prompts, 10, (1, 3), (0.0, 0.5))
-    pairs = [(t["draft_tokens"], t["min_confidence"]) for t in got["tried"]]
-    assert pairs == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)] and got["prompts"] == 3
+    got = choose_speculation(target, target, prompts, 10, (1, 3), (0.0, 0.5), (False, True))
+    tried = [(t["draft_tokens"], t["min_confidence"], t["lookup"]) for t in got["tried"]]
+    assert tried == [(k, c, u) for u in (False, True) for k in (1, 3) for c in (0.0, 0.5)] and got["prompts"] == 3
     assert all(t["tokens_per_s"] > 0 and 0 <= t["acceptance_rate"] <= 1 for t in got["tried"])
     best = max(got["tried"], key=lambda t: t["tokens_per_s"])
-    assert (got["draft_tokens"], got["min_confidence"]) == (best["draft_tokens"], best["min_confidence"])
+    assert [got[k] for k in ("draft_tokens", "min_confidence", "lookup")] == [
+        best[k] for k in ("draft_tokens", "min_confidence", "lookup")]
     assert got["teacher_tokens_per_s"] > 0
     figs = speculative_bench(target, target, prompts[:2], 10, got["draft_tokens"], got["min_confidence"])
     assert figs["identical"] == 2 and figs["min_confidence"] == got["min_confidence"]
+
+
+def test_context_lookup_copies_what_followed_the_latest_earlier_match():
+    seq = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7]
+    assert context_lookup(seq, 3) == [2, 3, 5]  # the last 3 tokens 5 6 7 recur twice: the later one wins
+    assert context_lookup(seq, 1) == [2] and context_lookup(seq, 0) == []
+    assert context_lookup([1, 2, 3, 4, 9, 3, 4], 5) == [9, 3, 4]  # 2-gram 3 4, the tokens up to the end
+    assert context_lookup([4, 1, 2, 3, 9, 8, 2, 3], 2) == [9, 8]  # the longest n-gram first: 4 tokens, 3, then 2
+    assert context_lookup([1, 2, 3, 4, 5], 4) == [] and context_lookup([7], 4) == []
+    assert context_lookup([3, 3, 3, 3, 3], 8) == [3]  # the match ends where the text does
+
+
+def test_lookup_is_lossless_and_counts_what_it_proposed(models):
+    teacher, text, tmp, fp32 = models
+    target = _decoder(fp32, teacher.config, tmp, "fp32-lookup")
+    other, _ = build_lm_student(teacher, {"layers": 1}, init="scratch", seed=5)
+    draft = _decoder(export_lm_onnx(other, tmp / "draft-lookup.onnx"), other.config, tmp, "fp32-dlookup")
+    prompt = (text[3, :6].tolist() * 3)[:16]  # a text that repeats itself: the lookup has something to copy
+    expect = target.greedy(prompt, 24)
+    for k, floor in ((2, 0.0), (4, 0.5), (0, 0.0)):  # draft length 0: lookup alone
+        res = speculative_greedy(target, draft, prompt, 24, k, floor, lookup=True)
+        assert res.tokens == expect
+        assert 0 < res.looked_up <= res.drafted and 0 <= res.lookup_accepted <= min(res.looked_up, res.accepted)
+    alone = speculative_greedy(target, draft, prompt, 24, 0, 0.0, lookup=True)
+    assert alone.drafted == alone.looked_up  # nothing but copies
+    plain = speculative_greedy(target, draft, prompt, 24, 2, 0.0)
+    assert plain.looked_up == 0 and plain.tokens == expect
+    figs = speculative_bench(target, draft, [prompt, text[4, :7].tolist()], 12, 2, 0.0, True,
+                             compare=[(2, 0.0, False), (0, 0.0, True)])
+    assert figs["lookup"] is True and figs["identical"] == 2 and set(figs["sources"]) == {"draft", "lookup"}
+    assert figs["sources"]["lookup"]["proposed"] + figs["sources"]["draft"]["proposed"] == figs["drafted"]
+    assert [(c["draft_tokens"], c["lookup"]) for c in figs["compared"]] == [(2, False), (0, True)]
+    assert all(c["identical"] == 2 and c["speedup"] > 0 for c in figs["compared"])
+    assert LOOKUP_TOKENS >= 2
+
+
+def test_the_lm_runner_shares_one_thread_pool_between_target_and_draft(models, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from edgekd.bench.lm_bench import LM_RUNNER
+
+    teacher, text, _, fp32 = models
+    np.savez(tmp_path / "prompts.npz", prompts=text[:3, :8].numpy().astype(np.int64))
+    cfg = teacher.config
+    cmd = [sys.executable, str(LM_RUNNER), "--model", str(fp32), "--draft", str(fp32), "--threads", "1",
+           "--kv-heads", str(cfg.num_key_value_heads), "--head-dim", str(cfg.hidden_size // cfg.num_attention_heads),
+           "--draft-kv-heads", str(cfg.num_key_value_heads),
+           "--draft-head-dim", str(cfg.hidden_size // cfg.num_attention_heads),
+           "--prompts", str(tmp_path / "prompts.npz"), "--new-tokens", "10", "--draft-tokens", "3",
+           "--lookup", "1", "--compare", "3:0:0,0:0:1", "--json", str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["details"]["thread_pool"] == got["draft_details"]["thread_pool"] == "shared"
+    spec = got["speculative"]
+    assert spec["identical"] == 3 and spec["lookup"] is True and spec["acceptance_rate"] == 1.0  # its own draft
+    assert [(c["draft_tokens"], c["min_confidence"], c["lookup"]) for c in spec["compared"]] == [(3, 0.0, False),
+                                                                                                 (0, 0.0, True)]
+    bad = subprocess.run(cmd[:-2] + ["--compare", "0:0:0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--compare" in bad.stderr
 
 
 def test_decoder_sessions_that_take_turns_do_not_spin(models):
