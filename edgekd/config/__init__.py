@@ -216,7 +216,7 @@ class QuantizeConfig(Section):
     max_accuracy_drop: float = Field(0.5, ge=0, le=100)
     recipe: Literal["auto", "ort-x86", "ort-arm", "openvino", "tensorrt"] | None = None
     # task causal-lm: weight-only candidates and the most test perplexity (percent) they may add
-    weights: list[Literal["int8", "int4"]] = ["int8", "int4"]
+    weights: list[Literal["int8", "int4", "int4_mixed"]] = ["int8", "int4", "int4_mixed"]
     max_perplexity_increase: float = Field(10.0, ge=0, le=1000)
 
 

@@ -235,6 +235,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             OV_WEIGHT_FORMATS,
             WEIGHT_FORMATS,
             compress_ov_weights,
+            precision,
             quantize_lm_weights,
         )
 
@@ -243,9 +244,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             onnx_q = quantize_lm_weights(run / "model.fp32.onnx", run / f"model.{w}.onnx", w)  # portable ONNX
             if ctx.profile.backend == "openvino":  # NNCF compresses the IR's weights for OpenVINO's kernels
                 path = compress_ov_weights(run / "model.fp32.onnx", ctx.stage_dir("quantize") / f"model.{w}.xml", w)
-                cands[w] = LMCandidate(w, w, path, OV_WEIGHT_FORMATS[w])
+                cands[w] = LMCandidate(w, precision(w), path, OV_WEIGHT_FORMATS[w])
             else:
-                cands[w] = LMCandidate(w, w, onnx_q, WEIGHT_FORMATS[w])
+                cands[w] = LMCandidate(w, precision(w), onnx_q, WEIGHT_FORMATS[w])
         quantize_seconds = round(time.perf_counter() - tq, 2)
     opened = [teacher_c, *cands.values(), *([base_c] if base_c else [])]
     try:

@@ -31,7 +31,7 @@ def lm_headline(report: dict) -> str:
     parts.append(f"decode {tps.text}" + (f" ({fmt_ratio(sp)} the teacher's)" if isinstance(sp, (int, float)) else ""))
     spec = report.get("speculative") or {}
     if isinstance(spec.get("speedup"), (int, float)):
-        beside = "; ".join(f"{_draft(c)} {fmt_ratio(c['speedup'])}" for c in spec.get("compared") or []
+        beside = "; ".join(f"{_draft(c)}: {fmt_ratio(c['speedup'])}" for c in spec.get("compared") or []
                            if isinstance(c.get("speedup"), (int, float)))
         parts.append(f"speculative decoding {fmt_ratio(spec['speedup'])} over the teacher alone ({_draft(spec)}"
                      + (f"; {beside}" if beside else "") + f"), {spec.get('identical')}/{spec.get('prompts')} "

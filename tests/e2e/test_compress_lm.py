@@ -58,7 +58,9 @@ def test_lm_run_reports_every_figure(lm_run):
     assert sorted(d["init"]["layers_from_teacher"] + [r["dropped"] for r in choice["removals"]]) == [0, 1, 2, 3]
     assert stages["export"]["parity"]["greedy_identical"] and stages["export"]["parity"]["max_abs_diff"] < 1e-3
     q = stages["quantize"]
-    assert {c["name"] for c in q["candidates"]} == {"fp32", "int8", "int4"}
+    assert {c["name"] for c in q["candidates"]} == {"fp32", "int8", "int4", "int4_mixed"}
+    mixed = next(c for c in q["candidates"] if c["name"] == "int4_mixed")  # runs as an INT4 model
+    assert mixed["precision"] == "int4" and "LM head" in mixed["label"]
     assert sum(c["chosen"] for c in q["candidates"]) == 1 and "validation" in q["choice"]["chosen_on"]
     for c in q["candidates"]:
         assert c["perplexity"] > 1 and 0 <= c["next_token_agreement"] <= 100 and c["decode_tokens_per_s"] > 0
@@ -180,14 +182,15 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGEKD_CACHE", str(cache))
     try:
-        cfg = lm_config(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8", "int4"]},
+        cfg = lm_config(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8", "int4_mixed"]},
                         speculative={"prompts": 2})
         report = Pipeline(cfg, target=target, out=tmp_path / "run").run()
     finally:
         mp.undo()
     q = next(s for s in report["stages"] if s["name"] == "quantize")
     labels = " ".join(c["label"] for c in q["candidates"])
-    assert ("NNCF" in labels) == (target == "intel-cpu")
+    assert ("NNCF" in labels) == (target == "intel-cpu") and {c["name"] for c in q["candidates"]} == {
+        "fp32", "int8", "int4_mixed"}
     assert report["final"]["decode_tokens_per_s"] > 0 and report["speculative"]["identical"] == 2
     runtime = "openvino " if target == "intel-cpu" else "onnxruntime "  # memory from the target's own runtime
     assert report["final"]["peak_memory_mb"] > 10 and report["final"]["memory_runtime"].startswith(runtime)

@@ -10,7 +10,7 @@ def test_causal_lm_defaults():
     assert (c.teacher.model, c.data.dataset, c.student.model) == ("smollm2-135m", "text", "teacher")
     assert c.student.lm_sizes() == {"layers": 4, "hidden_size": 256} and c.student.init == "teacher"
     assert c.distill.sweep is None and c.distill.loss == "forward_kl" and c.stages == ["distill", "quantize"]
-    assert c.quantize.weights == ["int8", "int4"] and c.quantize.max_perplexity_increase == 10.0
+    assert c.quantize.weights == ["int8", "int4", "int4_mixed"] and c.quantize.max_perplexity_increase == 10.0
     assert from_dict({}).task == "image-classification" and from_dict({}).distill.sweep  # the image task unchanged
 
 

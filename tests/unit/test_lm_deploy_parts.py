@@ -14,7 +14,7 @@ from edgekd.lm.decode import Decoder  # noqa: E402
 from edgekd.lm.export import export_lm_onnx  # noqa: E402
 from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
 from edgekd.lm.speculative import LOOKUP_TOKENS, context_lookup, draft_token, speculative_greedy  # noqa: E402
-from edgekd.quantize.lm_weights import quantize_lm_weights  # noqa: E402
+from edgekd.quantize.lm_weights import eight_bit_matmuls, quantize_lm_weights  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def models(tmp_path_factory):
     return teacher, text, tmp, fp32
 
 
-@pytest.mark.parametrize("weights, bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("weights, bits", [("int8", 8), ("int4", 4), ("int4_mixed", 4)])
 def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights, bits):
     import onnx
 
@@ -44,7 +44,9 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
     nodes = onnx.load(str(q)).graph.node
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in nodes)
-    assert all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)  # weight-only, k bits
+    kept = set(eight_bit_matmuls(onnx.load(str(fp32)))) if weights == "int4_mixed" else set()
+    for n in nbits:  # weight-only, k bits; int4_mixed's narrowing projections and LM head in 8
+        assert next(a.i for a in n.attribute if a.name == "bits") == (8 if n.name.removesuffix("_Q8") in kept else bits)
     # INT4 also stores the token embedding in 4-bit blocks; the rotary tables and INT8's embedding stay float
     embedding = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
     assert [n.input[1] for n in embedding] == (["input_ids"] if bits == 4 else [])
@@ -61,6 +63,28 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
     clear = top2[..., 1] - top2[..., 0] > 2.0
     assert clear.sum() >= 20
     assert (ref_logits.argmax(-1) == got_logits.argmax(-1))[clear].mean() >= 0.95
+
+
+def test_int4_mixed_keeps_the_head_and_the_narrowing_projections_in_8_bits(models):
+    import onnx
+
+    teacher, _, tmp, fp32 = models
+    cfg = teacher.config
+    model = onnx.load(str(fp32))
+    tables = {i.name: list(i.dims) for i in model.graph.initializer}
+    kept = eight_bit_matmuls(model)
+    shapes = [next(tables[i] for i in n.input if i in tables) for n in model.graph.node if n.name in kept]
+    layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # per layer the down projection (intermediate -> hidden) and the key and value projections (hidden -> kv),
+    # once the LM head (hidden -> vocab); the query, output, gate and up projections go to 4 bits
+    expect = [[cfg.intermediate_size, cfg.hidden_size]] * layers + [[cfg.hidden_size, kv]] * 2 * layers
+    expect += [[cfg.hidden_size, cfg.vocab_size]]
+    assert sorted(shapes) == sorted(expect)
+    q = onnx.load(str(quantize_lm_weights(fp32, tmp / "mixed.onnx", "int4_mixed")))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in q.graph.node if n.op_type == "MatMulNBits"}
+    assert sorted(bits.values()).count(8) == len(kept) and sorted(bits.values()).count(4) == 4 * layers
+    consts = {i.name for i in q.graph.initializer}
+    assert not [n for n in q.graph.node if n.op_type == "MatMul" and consts & set(n.input)]  # every weight quantized
 
 
 def test_generation_bench_figures(models):
