@@ -12,17 +12,27 @@ SPEED_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms
 NO_PEAK = "the runner's platform does not report peak resident memory (resource.getrusage)"
 
 
+SPEED_TIE = 0.05  # decode speeds within 5% of the fastest are a tie on one machine's validation timing
+
+
 def choose(cands: dict, max_increase: float) -> tuple[str, str]:
     """The candidate with the fastest decode on validation prompts among those whose validation perplexity
-    is within `max_increase` percent of the FP32 student's."""
+    is within `max_increase` percent of the FP32 student's; speeds within SPEED_TIE of the fastest count
+    as a tie, which the lower validation perplexity wins (timing noise never buys a worse model)."""
     base = cands["fp32"].selection["perplexity"]
     limit = base * (1 + max_increase / 100)
     within = {n: c for n, c in cands.items() if c.selection["perplexity"] <= limit}
-    name = max(within, key=lambda n: within[n].selection.get("decode_tokens_per_s") or 0.0)
+    speed = {n: c.selection.get("decode_tokens_per_s") or 0.0 for n, c in within.items()}
+    fastest = max(within, key=lambda n: speed[n])
+    tied = [n for n in within if speed[n] >= (1 - SPEED_TIE) * speed[fastest]]
+    name = min(tied, key=lambda n: within[n].selection["perplexity"])
     c = cands[name]
-    why = (f"fastest decode on the validation prompts ({c.selection.get('decode_tokens_per_s')} tokens/s) among the "
-           f"candidates within quantize.max_perplexity_increase {max_increase}% of FP32's validation perplexity "
-           f"{base:.3f} (<= {limit:.3f}); {c.label}: {c.selection['perplexity']:.3f}")
+    why = (f"fastest decode on the validation prompts ({speed[name]} tokens/s) among the candidates within "
+           f"quantize.max_perplexity_increase {max_increase}% of FP32's validation perplexity {base:.3f} "
+           f"(<= {limit:.3f}); {c.label}: {c.selection['perplexity']:.3f}")
+    if name != fastest:
+        why += (f"; {cands[fastest].label} decoded {speed[fastest]} tokens/s, within {SPEED_TIE:.0%}: a tie, "
+                "which the lower perplexity wins")
     for n, other in cands.items():
         other.selection["within_budget"] = n in within
     return name, why
