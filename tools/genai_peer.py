@@ -296,11 +296,12 @@ def edgekd_decoders(run: Path, report: dict, precisions: Sequence[str]) -> list[
     """The run's final decoder and its candidates of the requested precisions (final first)."""
     final = report["final"]
     quantize = next((s for s in report["stages"] if s["name"] == "quantize"), {"candidates": []})
-    out = [{"name": f"edgekd {final['precision']} (final)", "precision": final["precision"],
+    out = [{"name": f"edgekd {final.get('candidate') or final['precision']} (final)", "precision": final["precision"],
             "artifact": final["artifact"], "label": final.get("label"), "report": final, "final": True}]
     for c in quantize["candidates"]:
         if c["precision"] in precisions and c["artifact"] != final["artifact"]:
-            out.append({"name": f"edgekd {c['precision']}", "precision": c["precision"], "artifact": c["artifact"],
+            out.append({"name": f"edgekd {c.get('name') or c['precision']}", "precision": c["precision"],
+                        "artifact": c["artifact"],
                         "label": c.get("label"), "report": c, "final": False})
     for d in out:
         if not (run / d["artifact"]).is_file():

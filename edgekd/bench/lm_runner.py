@@ -156,7 +156,9 @@ def load(args) -> tuple:
     providers: list = [p for p in wanted if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
     pool = "own"
     if getattr(args, "draft", None):  # two sessions taking turns on the cores
-        if "XnnpackExecutionProvider" not in providers and _shared_pool(rt, so.intra_op_num_threads):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if ("XnnpackExecutionProvider" not in providers and so.intra_op_num_threads <= cores  # spinning threads
+                and _shared_pool(rt, so.intra_op_num_threads)):  # beyond the cores would fight over them
             so.use_per_session_threads = False  # one spinning pool serves both, none idles holding a core
             pool = "shared"
         else:  # separate pools: an idle spinning one would hold the cores

@@ -193,6 +193,7 @@ def test_lookup_is_lossless_and_counts_what_it_proposed(models):
 
 def test_the_lm_runner_shares_one_thread_pool_between_target_and_draft(models, tmp_path):
     import json
+    import os
     import subprocess
     import sys
 
@@ -215,6 +216,10 @@ def test_the_lm_runner_shares_one_thread_pool_between_target_and_draft(models, t
     assert spec["identical"] == 3 and spec["lookup"] is True and spec["acceptance_rate"] == 1.0  # its own draft
     assert [(c["draft_tokens"], c["min_confidence"], c["lookup"]) for c in spec["compared"]] == [(3, 0.0, False),
                                                                                                  (0, 0.0, True)]
+    over = cmd[:cmd.index("--threads") + 1] + [str(len(os.sched_getaffinity(0)) + 1)] + cmd[cmd.index("--threads") + 2:]
+    proc = subprocess.run(over, capture_output=True, text=True, timeout=300)  # more threads than cores: no spinning
+    assert proc.returncode == 0 and json.loads((tmp_path / "out.json").read_text())["details"]["thread_pool"] == (
+        "own, not spinning")
     bad = subprocess.run(cmd[:-2] + ["--compare", "0:0:0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--compare" in bad.stderr
 
