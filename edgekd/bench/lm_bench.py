@@ -107,7 +107,6 @@ def run_local(jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: i
     """{job name: lm_runner's result} with each decoder run in a fresh process on this host, one after the other."""
     from ..quantize.recipes import needs_precise_int8
 
-    env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
     limit = timeout_s or profile.remote.timeout_s
     out = {}
     with tempfile.TemporaryDirectory(prefix="edgekd-lm-") as tmp:
@@ -116,18 +115,24 @@ def run_local(jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: i
             args = _arguments(job, str(Path(job.model).resolve()), profile, threads, new_tokens, None)
             if "onnxruntime" in args and needs_precise_int8(job.model):
                 args.append("--precise-int8")  # as the in-process runner does on this host
-            try:
-                proc = subprocess.run([sys.executable, str(LM_RUNNER), *args, "--json", "result.json"], cwd=tmp,
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      timeout=limit)
-            except subprocess.TimeoutExpired:
-                raise StageError(f"bench: {job.model.name} did not finish within {limit} s on this host") from None
-            if proc.returncode != 0:
-                line = (proc.stderr.strip().splitlines() or [f"exited with code {proc.returncode}"])[-1]
-                raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(
-                    f"bench on this host: {line.removeprefix('runner: ')}")
-            out[job.name] = _pooled([json.loads((Path(tmp) / "result.json").read_text())])
+            out[job.name] = _pooled([_run_here(args, tmp, limit, f"bench of {job.model.name}")])
     return out
+
+
+def _run_here(args: list[str], tmp: str, limit: float, what: str) -> dict:
+    """lm_runner's JSON from a fresh process on this host run in `tmp` (where prompts.npz is); its failure as
+    one line: ModelError for bad input, StageError otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
+    try:
+        proc = subprocess.run([sys.executable, str(LM_RUNNER), *args, "--json", "result.json"], cwd=tmp, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise StageError(f"{what} did not finish within {limit:.0f} s on this host") from None
+    if proc.returncode != 0:
+        line = (proc.stderr.strip().splitlines() or [f"exited with code {proc.returncode}"])[-1]
+        raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(
+            f"{what} on this host: {line.removeprefix('runner: ')}")
+    return json.loads((Path(tmp) / "result.json").read_text())
 
 
 def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequence[int]], steps: list[list[str]],
@@ -228,22 +233,12 @@ def speculative_local(target: LMJob, draft: LMJob, prompts: Sequence[Sequence[in
                       timeout_s: float | None = None) -> dict:
     """Speculative decoding on this host in a fresh lm_runner process (the code a board runs, with the two
     sessions sharing one thread pool): one setting timed against the target alone, or the fastest of `grid`."""
-    env = {k: v for k, v in os.environ.items() if k != "EDGEKD_EMULATED"}
     limit = (timeout_s or profile.remote.timeout_s) * (1 + _settings(grid) + len(compare))
     with tempfile.TemporaryDirectory(prefix="edgekd-lm-") as tmp:
         _write_prompts(Path(tmp) / "prompts.npz", prompts)
         args = _speculative_arguments(target, draft, str(Path(target.model).resolve()), str(Path(draft.model).resolve()),
                                       profile, threads, new_tokens, grid, compare)
-        try:
-            proc = subprocess.run([sys.executable, str(LM_RUNNER), *args, "--json", "result.json"], cwd=tmp, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=limit)
-        except subprocess.TimeoutExpired:
-            raise StageError(f"bench: speculative decoding did not finish within {limit:.0f} s on this host") from None
-        if proc.returncode != 0:
-            line = (proc.stderr.strip().splitlines() or [f"exited with code {proc.returncode}"])[-1]
-            raise (ModelError if proc.returncode == EXIT_BAD_INPUT else StageError)(
-                f"speculative decoding on this host: {line.removeprefix('runner: ')}")
-        got = json.loads((Path(tmp) / "result.json").read_text())
+        got = _run_here(args, tmp, limit, "speculative decoding")
     return {**got["speculative"], "measured_on": "host"}
 
 

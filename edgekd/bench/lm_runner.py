@@ -84,22 +84,22 @@ def _kv_dims(shapes: dict, args) -> tuple:
     return layers, int(heads), int(size)
 
 
-_POOL: list = []  # the threads of the process-wide ONNX Runtime pool, once made
-SHARE_POOL = [False]  # set by main(): a process-wide pool would refuse any later per-session pool in an importer
+_POOL: dict = {"allowed": False, "threads": None}  # main() allows it: a process-wide pool would refuse any later
+# per-session pool in a program that imports this module; "threads" once made
 
 
 def _shared_pool(rt, threads: int) -> bool:
     """Whether this process's ONNX Runtime sessions can share one pool of `threads` intra-op threads
     (set before the first session; runtimes without global pools say no)."""
-    if not _POOL:
-        if not SHARE_POOL[0] or not hasattr(rt, "set_global_thread_pool_sizes"):
+    if _POOL["threads"] is None:
+        if not _POOL["allowed"] or not hasattr(rt, "set_global_thread_pool_sizes"):
             return False
         try:
             rt.set_global_thread_pool_sizes(threads, 1)
         except Exception:  # noqa: BLE001 - already set up by an earlier session
             return False
-        _POOL.append(threads)
-    return _POOL[0] == threads
+        _POOL["threads"] = threads
+    return _POOL["threads"] == threads
 
 
 def load(args) -> tuple:
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     """Run and print the JSON; on failure one line on stderr and exit 2 or 3."""
     args = parse_args(argv)
-    SHARE_POOL[0] = True  # this process is the runner's own
+    _POOL["allowed"] = True  # this process is the runner's own
     try:
         text = json.dumps(run(args), allow_nan=False)
         if args.json:
