@@ -24,6 +24,9 @@ class SpeculativeConfig(Section):
     min_confidence: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = "auto"
     # true: a round whose last tokens recur in the text proposes what followed them (no draft step)
     lookup: bool | Literal["auto"] = "auto"
+    # the draft's LM head kept for the N tokens most frequent in the training split (a cheaper draft step;
+    # the target still checks every guess); 0: the whole vocabulary
+    draft_vocab: int = Field(8192, ge=0, le=10_000_000)
     prompts: int = Field(20, ge=1, le=10000)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     prompt_tokens: int = Field(32, ge=1, le=4096)

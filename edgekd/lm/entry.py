@@ -72,7 +72,39 @@ def _splits(ctx: RunContext, tokenizer) -> TextSplits:
 
 
 def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
-    return [blocks[i, :length].tolist() for i in range(min(count, len(blocks)))]
+    """The first `length` tokens of `count` blocks spread evenly over the split (first and last included), so
+    the prompts come from all of its files rather than the first few."""
+    rows = np.linspace(0, len(blocks) - 1, min(count, len(blocks))).round().astype(int) if len(blocks) else []
+    return [blocks[int(i), :length].tolist() for i in rows]
+
+
+def _draft(ctx: RunContext, final: LMCandidate, config, layers: int, splits: TextSplits, n: int
+           ) -> tuple[LMCandidate, dict]:
+    """The decoder that drafts: the final model, or (speculative.draft_vocab below the vocabulary) the final
+    model with its LM head cut to the n tokens most frequent in the training split (lm/draft_vocab.py);
+    with what it is for the report."""
+    vocab = splits.vocab_size
+    if not n or n >= vocab:
+        return final, {"artifact": str(final.artifact.path.relative_to(ctx.run_dir)),  # type: ignore[union-attr]
+                       "vocab_tokens": vocab, "vocab_size": vocab, "head": "the whole vocabulary"}
+    from .draft_vocab import cut_head, frequent_tokens
+
+    run = ctx.run_dir
+    train = splits.train.ids.numpy()
+    keep = frequent_tokens(train, vocab, n)
+    ov = ctx.profile.backend == "openvino" and final.name != "fp32"  # NNCF compresses the cut graph as the final's
+    src = run / ("model.fp32.onnx" if ov or final.name == "fp32" else f"model.{final.name}.onnx")
+    path = cut_head(src, run / f"draft.{final.name}.onnx", keep)
+    if ov:
+        from ..quantize.lm_weights import compress_ov_weights
+
+        path = compress_ov_weights(path, ctx.stage_dir("quantize") / f"draft.{final.name}.xml", final.name)
+    c = LMCandidate("draft", final.precision, path, f"{final.label}, LM head cut to {len(keep)} tokens")
+    _open(ctx, c, config, layers)
+    counts = np.bincount(train.ravel(), minlength=vocab)
+    return c, {"artifact": str(c.artifact.path.relative_to(run)), "vocab_tokens": int(len(keep)),  # type: ignore[union-attr]
+               "vocab_size": vocab, "train_coverage": round(100.0 * float(counts[keep].sum() / counts.sum()), 3),
+               "head": f"the {len(keep)} tokens most frequent in the training split"}
 
 
 def _choose_speculation(ctx: RunContext, hosts: list[str], teacher: LMCandidate, draft: LMCandidate, shapes: dict,
@@ -277,7 +309,11 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             c.selection["decode_tokens_per_s"] = speed[n]["decode_tokens_per_s"]
             c.selection["speed_measured_on"] = hosts[0] if hosts else "host"
         name, why = assemble_lm.choose(cands, cfg.quantize.max_perplexity_increase)
-        spec_choice = _choose_speculation(ctx, hosts, teacher_c, cands[name], shapes, val_prompts, spec_cfg)
+        draft_c, draft_info = _draft(ctx, cands[name], student.config, s_layers, splits, spec_cfg.draft_vocab)
+        if draft_c is not cands[name]:
+            opened.append(draft_c)
+            shapes[draft_c.name] = shapes[name]
+        spec_choice = _choose_speculation(ctx, hosts, teacher_c, draft_c, shapes, val_prompts, spec_cfg)
         # Test reports: read only now, after the choice.
         test = splits.test.ids.numpy()
         t_bench = time.perf_counter()
@@ -307,8 +343,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
                 c.speed = speed[n]
             peak_memory_here(ctx, timed, shapes, test_prompts, spec_cfg.max_new_tokens)
         chosen = (spec_choice["draft_tokens"], spec_choice["min_confidence"], spec_choice["lookup"])
-        spec = speculative_measured(ctx, hosts[0] if hosts else None, teacher_c, cands[name], shapes, test_prompts,
+        spec = speculative_measured(ctx, hosts[0] if hosts else None, teacher_c, draft_c, shapes, test_prompts,
                                     spec_cfg.max_new_tokens, [[v] for v in chosen], _compared(spec_choice))
+        spec["draft"] = draft_info
         if "tried" in spec_choice:
             spec["selection"] = {"on": "validation prompts", "prompts": spec_choice["prompts"],
                                  "measured_on": spec_choice["measured_on"],

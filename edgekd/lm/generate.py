@@ -22,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (task causal-lm)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--speculative", action="store_true", help="the final model drafts, the teacher verifies")
+    p.add_argument("--speculative", action="store_true", help="the final model drafts (with the run's draft "
+                                                                    "vocabulary), the teacher verifies")
     p.add_argument("--draft-tokens", type=int, help="the most a round drafts (default: the run's choice)")
     p.add_argument("--min-confidence", type=float, help="the draft stops where its probability for its next token is "
                                                         "under this, 0 never (default: the run's choice)")
@@ -93,11 +94,12 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     if not ids:
         raise BadInputError("generate: the prompt is empty after tokenisation")
     final = {**report["final"], "_target": target}
+    drafting = ((report.get("speculative") or {}).get("draft") or {}).get("artifact") if speculative else None
     runners = []
     try:
-        runner, draft = _decoder(run, final, threads)
+        runner, draft = _decoder(run, {**final, "artifact": drafting} if drafting else final, threads)
         runners.append(runner)
-        out: dict = {"prompt_tokens": len(ids), "model": final["artifact"]}
+        out: dict = {"prompt_tokens": len(ids), "model": drafting or final["artifact"]}
         t0 = time.perf_counter()
         if speculative:
             chosen = report.get("speculative") or {}

@@ -140,7 +140,10 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
         out.append(("Distillation against cross-entropy alone", d))
     s = speculative_table(report)
     if s is not None:
-        out.append(("Speculative decoding (the final student drafts for the teacher; test prompts, the same rounds)", s))
+        head = ((report.get("speculative") or {}).get("draft") or {}).get("head")
+        drafts = "the final student drafts for the teacher" + (
+            f", its LM head kept for {head}" if head and head != "the whole vocabulary" else "")
+        out.append((f"Speculative decoding ({drafts}; test prompts, the same rounds)", s))
     c = speculative_choice_table(report)
     if c is not None:
         out.append(("Draft length, confidence floor and context lookup, chosen on validation prompts", c))

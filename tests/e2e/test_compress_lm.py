@@ -22,7 +22,8 @@ def lm_raw(teacher_dir, **extra) -> dict:
            "data": {"files": [str(f) for f in corpus_files(12)], "seq_len": 32, "max_train_tokens": 32 * 64,
                     "max_eval_tokens": 32 * 8, "batch_size": 8, "val_fraction": 0.2, "test_fraction": 0.2},
            "student": {"layers": 2}, "distill": {"steps": 30, "baseline": True, "lr": 3e-3, "cache_topk": 16},
-           "speculative": {"prompts": 3, "max_new_tokens": 8, "prompt_tokens": 8, "draft_tokens": 3},
+           "speculative": {"prompts": 3, "max_new_tokens": 8, "prompt_tokens": 8, "draft_tokens": 3,
+                           "draft_vocab": 200},
            "gates": {"max_perplexity_increase": 50.0}}
     for k, v in extra.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
@@ -94,6 +95,11 @@ def test_lm_run_reports_every_figure(lm_run):
     assert all(c["identical"] == 3 and c["speedup"] > 0 for c in s["compared"])
     md = (run / "report.md").read_text()
     assert "chosen on validation prompts" in md and "context lookup alone" in md
+    # the draft: the final decoder with its LM head cut to the training split's 200 most frequent tokens
+    dv = s["draft"]
+    assert dv["vocab_tokens"] == 200 and dv["vocab_size"] == 320 and 50 < dv["train_coverage"] <= 100
+    assert dv["artifact"].startswith("target/draft/") and (run / dv["artifact"]).is_file()
+    assert "LM head kept for the 200 tokens most frequent in the training split" in md
     assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
     assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
 
@@ -135,6 +141,7 @@ def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     assert isinstance(plain["text"], str) and 0 < plain["tokens"] <= 12 and plain["tokens_per_s"] > 0
     spec = generate(run, "def f(x):\n    return", 12, speculative=True, draft_tokens=3)
     assert spec["speculative"] and spec["draft_tokens"] == 3 and 0 <= spec["acceptance_rate"] <= 1
+    assert spec["model"] == report["speculative"]["draft"]["artifact"] != report["final"]["artifact"]
     # lossless: the teacher's own greedy continuation
     from transformers import AutoTokenizer
 
@@ -192,6 +199,9 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     assert ("NNCF" in labels) == (target == "intel-cpu") and {c["name"] for c in q["candidates"]} == {
         "fp32", "int8", "int4_mixed"}
     assert report["final"]["decode_tokens_per_s"] > 0 and report["speculative"]["identical"] == 2
+    draft = report["speculative"]["draft"]  # the cut draft in the target's own format (NNCF's IR on OpenVINO)
+    assert draft["vocab_tokens"] == 200 and draft["artifact"].endswith(".xml" if target == "intel-cpu" else ".onnx")
+    assert (tmp_path / "run" / draft["artifact"]).is_file()
     runtime = "openvino " if target == "intel-cpu" else "onnxruntime "  # memory from the target's own runtime
     assert report["final"]["peak_memory_mb"] > 10 and report["final"]["memory_runtime"].startswith(runtime)
     assert report["teacher"]["memory_runtime"].startswith(runtime)

@@ -1,0 +1,94 @@
+"""The draft's vocabulary cut to the tokens it is likely to be right about: the final student with its LM head
+kept only for the N tokens most frequent in the training split (FR-Spec, arXiv 2502.14856). A small draft
+spends much of each step in its LM head (SmolLM2's 49,152 rows are 28M of a 12-layer student's 70M weights),
+and a token the training text hardly uses is one the draft rarely guesses right.
+
+The cut is made on the exported decoder itself (ONNX), so every other weight is the final model's, bit for
+bit, and the head's kept rows are its own rows in its own precision (MatMulNBits blocks or a float MatMul).
+The graph still returns logits over the whole vocabulary: the kept logits are scattered back (a Pad and a
+Gather) and every other token gets FLOOR, so each runtime and decode loop takes the draft as it is, and a
+cut token is simply never proposed. The target checks every guess, so the output stays the target's own."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StageError
+from ..runs import atomic_path
+
+__all__ = ["FLOOR", "cut_head", "frequent_tokens"]
+
+FLOOR = -1.0e9  # the logit of every token the cut head leaves out: far below any real logit
+
+
+def frequent_tokens(ids: np.ndarray, vocab_size: int, n: int) -> np.ndarray:
+    """The `n` token ids most frequent in `ids` (ties and unseen tokens by id), most frequent first."""
+    counts = np.bincount(np.asarray(ids, dtype=np.int64).ravel(), minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))
+    return order[:min(n, vocab_size)].astype(np.int64)
+
+
+def _rows(array: np.ndarray, n_rows: int, keep: np.ndarray) -> np.ndarray:
+    """`array` whose leading dimension holds `n_rows` rows (flattened blocks allowed) with only `keep`'s rows."""
+    shaped = array.reshape(n_rows, -1)[keep]
+    return np.ascontiguousarray(shaped.reshape((len(keep) * array.shape[0] // n_rows,) + array.shape[1:]))
+
+
+def cut_head(src: Path, dst: Path, keep: np.ndarray, logits: str = "logits") -> Path:
+    """Write `src` (an exported KV-cache decoder, float or weight-quantized) to `dst` with its LM head (the node
+    that writes `logits`) computing only the rows of `keep`; the output keeps its name and vocabulary."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    head = next((n for n in g.node if logits in n.output), None)
+    tables = {i.name: i for i in g.initializer}
+    if head is None:
+        raise StageError(f"draft vocabulary: {src.name} has no node writing {logits!r}")
+    keep = np.asarray(keep, dtype=np.int64)
+    new: dict[str, np.ndarray] = {}
+    if head.op_type == "MatMulNBits":  # B (N, blocks, bytes), scales, zero points, g_idx (K), bias (N)
+        vocab = next(a.i for a in head.attribute if a.name == "N")
+        for pos, name in enumerate(head.input):
+            if pos in (1, 2, 3, 5) and name:
+                if name not in tables:
+                    raise StageError(f"draft vocabulary: the LM head's input {name!r} is not a constant")
+                new[name] = _rows(numpy_helper.to_array(tables[name]), vocab, keep)
+        next(a for a in head.attribute if a.name == "N").i = len(keep)
+    elif head.op_type == "MatMul" and head.input[1] in tables and len(tables[head.input[1]].dims) == 2:
+        weight = numpy_helper.to_array(tables[head.input[1]])  # (hidden, vocab)
+        vocab = weight.shape[1]
+        new[head.input[1]] = np.ascontiguousarray(weight[:, keep])
+    else:
+        raise StageError(f"draft vocabulary: the LM head of {src.name} is a {head.op_type} node; a MatMul or "
+                         "MatMulNBits with constant weights can be cut")
+    if keep.min() < 0 or keep.max() >= vocab or len(np.unique(keep)) != len(keep):
+        raise StageError(f"draft vocabulary: the kept tokens must be distinct ids below {vocab}")
+    users = {i for n in g.node if n is not head for i in n.input}
+    for i, name in enumerate(head.input):
+        if name in new:
+            kept = f"{name}_draft_vocab"
+            g.initializer.append(numpy_helper.from_array(new[name], kept))
+            head.input[i] = kept
+            if name not in users:
+                g.initializer.remove(tables[name])
+    slot = np.full(vocab, len(keep), dtype=np.int64)  # every token's column in the padded kept logits
+    slot[keep] = np.arange(len(keep))
+    head.output[list(head.output).index(logits)] = "draft_kept_logits"
+    g.initializer.extend([numpy_helper.from_array(np.asarray([0, 0, 0, 0, 0, 1], dtype=np.int64), "draft_pads"),
+                          numpy_helper.from_array(np.asarray(FLOOR, dtype=np.float32), "draft_floor"),
+                          numpy_helper.from_array(slot, "draft_slots")])
+    g.node.extend([helper.make_node("Pad", ["draft_kept_logits", "draft_pads", "draft_floor"], ["draft_padded"],
+                                    name="draft_vocab_pad"),
+                   helper.make_node("Gather", ["draft_padded", "draft_slots"], [logits], name="draft_vocab_scatter",
+                                    axis=-1)])
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"draft vocabulary: onnx.checker rejected the cut draft: {str(e).splitlines()[0]}") from None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        onnx.save(model, str(tmp))
+    return dst
