@@ -4,10 +4,10 @@ finished `edgekd compress` causal-lm run's student weights (stages/distill/model
 model directory, the GenAI model builder makes its INT4 and INT8 CPU models of it, and one process measures
 them with edgekd's own decoders of the run (its final, and its candidates of the same precisions):
 
-    decode tokens/s   greedy decoding of the run's test prompts (the first prompt_tokens of the first test
-                      blocks, as edgekd takes them), the same number of new tokens for every model (no early
-                      stop), the same intra-op threads, after a warm-up, interleaved prompt by prompt in an
-                      order that rotates; edgekd through its Decoder on an onnxruntime session, GenAI through
+    decode tokens/s   greedy decoding of the run's test prompts (the first prompt_tokens of test blocks
+                      spread evenly over the split, as edgekd takes them), the same number of new tokens for
+                      every model (no early stop), the same intra-op threads, after a warm-up, interleaved
+                      prompt by prompt in an order that rotates; edgekd through its Decoder on an onnxruntime session, GenAI through
                       og.Model / og.Generator (greedy search, min_length = max_length)
     test perplexity   exp(mean next-token NLL) over the run's test blocks (the same split, seq_len and seed,
                       rebuilt with edgekd's text-data code and checked against the run's eval.npz) with

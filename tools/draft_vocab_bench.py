@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Speculative decoding with the draft's LM head cut to N tokens, side by side in one process: a finished
+`edgekd compress` causal-lm run on an ONNX Runtime target, its final decoder cut (edgekd.lm.draft_vocab) to
+the N tokens most frequent in the run's training split for every N asked (0: the whole vocabulary), each
+drafting for the run's FP32 teacher, and the teacher alone, all timed in the same rounds:
+
+    tokens/s     greedy generation of the run's test prompts (spread over the test split as the run takes
+                 them, or with --first its first blocks), the same new tokens for every run, every prompt
+                 by every drafting setting in an order that rotates from prompt to prompt, after a warm-up;
+                 the teacher and the drafts in ONNX Runtime sessions sharing one thread pool, as the run's
+                 lm_runner measures them
+    acceptance   guesses the teacher kept / guesses proposed
+    identical    outputs equal to the teacher's own greedy output (every one must be)
+    coverage     the kept tokens' share of the training split and of the teacher's outputs here
+
+    python tools/draft_vocab_bench.py --run RUN_DIR [--vocab 0 4096 8192 16384] [--prompts 20]
+                 [--new-tokens N] [--first] [--setting K:C:L ...] [--threads N] [--json OUT]
+
+--setting DRAFT_TOKENS:MIN_CONFIDENCE:LOOKUP (default: the run's chosen setting, and where it uses context
+lookup the same without). A bad run directory or setting prints one line and exits 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+
+class BenchError(Exception):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--vocab", type=int, nargs="+", default=[0, 4096, 8192, 16384])
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--first", action="store_true", help="the first test blocks' prompts instead of spread ones")
+    p.add_argument("--setting", nargs="*", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def _setting(text: str) -> tuple:
+    try:
+        k, c, u = text.split(":")
+        return int(k), float(c), bool(int(u))
+    except ValueError:
+        raise BenchError(f"--setting {text!r} is not DRAFT_TOKENS:MIN_CONFIDENCE:LOOKUP (e.g. 2:0:1)") from None
+
+
+def _load(path: Path, threads: int):
+    from edgekd.bench import lm_runner
+
+    args = argparse.Namespace(model=str(path), backend="onnxruntime", threads=threads, providers=None, device="CPU",
+                              precision="fp32", precise_int8=False, kv_heads=None, head_dim=None, draft=str(path))
+    return lm_runner.load(args)[0]
+
+
+def bench(args: argparse.Namespace, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from edgekd.bench import lm_runner
+    from edgekd.bench.lm_generation import decode_once, speculative_greedy
+    from edgekd.config import from_dict
+    from edgekd.config.lm import SpeculativeConfig
+    from edgekd.config.profiles import load_profile
+    from edgekd.context import RunContext
+    from edgekd.lm.draft_vocab import cut_head, frequent_tokens
+    from edgekd.lm.entry import _prompts, _splits
+
+    run = args.run.resolve()
+    if not (run / "report.json").is_file():
+        raise BenchError(f"{run} has no report.json (not a finished edgekd run)")
+    report = json.loads((run / "report.json").read_text())
+    if report.get("task") != "causal-lm" or (report.get("final") or {}).get("backend") != "onnxruntime":
+        raise BenchError(f"{run}: this tool needs a causal-lm run on an ONNX Runtime target")
+    cfg = from_dict(report["config"], f"{run}/report.json config")
+    spec_cfg = cfg.speculative or SpeculativeConfig()
+    threads = args.threads or int(report["target"].get("threads") or report["environment"]["threads"])
+    new_tokens = args.new_tokens or spec_cfg.max_new_tokens
+    spec = report.get("speculative") or {}
+    chosen = (int(spec.get("draft_tokens") or 2), float(spec.get("min_confidence") or 0.0), bool(spec.get("lookup")))
+    settings = [_setting(s) for s in args.setting] if args.setting else (
+        [chosen, (chosen[0], chosen[1], False)] if chosen[2] else [chosen])
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    splits = _splits(RunContext(cfg, load_profile(report["target"]["name"]), run, threads=threads), tok)
+    train, vocab = splits.train.ids.numpy(), splits.vocab_size
+    test = splits.test.ids
+    prompts = ([test[i, :spec_cfg.prompt_tokens].tolist() for i in range(min(args.prompts, len(test)))] if args.first
+               else _prompts(test, args.prompts, spec_cfg.prompt_tokens))
+    src = run / f"model.{report['final']['candidate']}.onnx"
+    lm_runner._POOL["allowed"] = True  # this process is the bench's own: one shared pool, as in lm_runner
+    teacher = _load(run / report["teacher"]["artifact"], threads)
+    counts = np.bincount(train.ravel(), minlength=vocab)
+    drafts, kept = {}, {}
+    for n in args.vocab:
+        if n <= 0 or n >= vocab:
+            drafts[0], kept[0] = _load(src, threads), np.arange(vocab)
+            continue
+        keep = frequent_tokens(train, vocab, n)
+        drafts[n], kept[n] = _load(cut_head(src, work / f"draft-{n}.onnx", keep), threads), keep
+    runs = [None] + [(n, s) for n in drafts for s in settings]
+    got = {r: {"seconds": 0.0, "drafted": 0, "accepted": 0, "identical": 0} for r in runs}
+    outputs = []
+    decode_once(teacher, prompts[0], min(4, new_tokens))
+    for d in drafts.values():
+        decode_once(d, prompts[0], min(4, new_tokens))
+    for i, prompt in enumerate(prompts):
+        ref = None
+        order = runs[i % len(runs):] + runs[:i % len(runs)]
+        results = {}
+        for r in order:
+            t = time.perf_counter()
+            if r is None:
+                ref = decode_once(teacher, prompt, new_tokens)["tokens"]
+            else:
+                (n, (k, c, u)) = r
+                results[r] = speculative_greedy(teacher, drafts[n], prompt, new_tokens, k, c, u)
+            got[r]["seconds"] += time.perf_counter() - t
+        outputs.extend(ref)
+        for r, res in results.items():
+            got[r]["drafted"] += res.drafted
+            got[r]["accepted"] += res.accepted
+            got[r]["identical"] += int(res.tokens == ref)
+        print(f"prompt {i + 1}/{len(prompts)}", file=sys.stderr)
+    base = got[None]["seconds"]
+    out_counts = np.bincount(np.asarray(outputs), minlength=vocab)
+    rows = []
+    for r in runs[1:]:
+        n, (k, c, u) = r
+        g = got[r]
+        rows.append({"vocab_tokens": n or vocab, "draft_tokens": k, "min_confidence": c, "lookup": u,
+                     "train_coverage": round(100 * float(counts[kept[n]].sum() / counts.sum()), 3),
+                     "output_coverage": round(100 * float(out_counts[kept[n]].sum() / out_counts.sum()), 3),
+                     "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else 0.0,
+                     "tokens_per_s": round(len(prompts) * new_tokens / g["seconds"], 2),
+                     "speedup": round(base / g["seconds"], 3), "identical": g["identical"]})
+    return {"run": str(run), "prompts": len(prompts), "prompt_rows": "first" if args.first else "spread",
+            "new_tokens": new_tokens, "threads": threads, "vocab_size": vocab,
+            "teacher_tokens_per_s": round(len(prompts) * new_tokens / base, 2), "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"teacher alone {result['teacher_tokens_per_s']} tokens/s; {result['prompts']} {result['prompt_rows']} "
+             f"test prompts, {result['new_tokens']} new tokens, {result['threads']} threads, same rounds", "",
+             "| draft head | drafting | train coverage | output coverage | acceptance | tokens/s | speedup | identical |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        head = "whole vocabulary" if r["vocab_tokens"] == result["vocab_size"] else f"{r['vocab_tokens']} tokens"
+        how = f"up to {r['draft_tokens']}" + (f", p >= {r['min_confidence']:g}" if r["min_confidence"] else "") + (
+            " + lookup" if r["lookup"] else "")
+        lines.append(f"| {head} | {how} | {r['train_coverage']:.1f}% | {r['output_coverage']:.1f}% "
+                     f"| {100 * r['acceptance_rate']:.1f}% | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
+                     f"| {r['identical']}/{result['prompts']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekd-draft-vocab-") as tmp:
+            result = bench(args, Path(tmp))
+    except BenchError as e:
+        print(f"draft_vocab_bench: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
