@@ -75,7 +75,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext
     from edgekd.lm.draft_vocab import cut_head, frequent_tokens
-    from edgekd.lm.entry import _prompts, _splits
+    from edgekd.lm.entry import _splits
 
     run = args.run.resolve()
     if not (run / "report.json").is_file():
@@ -96,7 +96,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     train, vocab = splits.train.ids.numpy(), splits.vocab_size
     test = splits.test.ids
     prompts = ([test[i, :spec_cfg.prompt_tokens].tolist() for i in range(min(args.prompts, len(test)))] if args.first
-               else _prompts(test, args.prompts, spec_cfg.prompt_tokens))
+               else splits.test.prompts(args.prompts, spec_cfg.prompt_tokens))
     src = run / f"model.{report['final']['candidate']}.onnx"
     lm_runner._POOL["allowed"] = True  # this process is the bench's own: one shared pool, as in lm_runner
     teacher = _load(run / report["teacher"]["artifact"], threads)

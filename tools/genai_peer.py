@@ -392,7 +392,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     from edgekd.bench.lm_bench import decode_once
     from edgekd.config import from_dict
     from edgekd.config.lm import SpeculativeConfig
-    from edgekd.lm.entry import _prompts
+    from edgekd.data.text import TokenBlocks
 
     og = import_genai()
     run = args.run.resolve()
@@ -406,7 +406,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     student, test_ids = student_and_data(run, cfg, target, threads)
     test = test_ids.numpy()
     same_blocks = check_test_blocks(run, test)
-    prompts = _prompts(test_ids, args.prompts, spec.prompt_tokens)
+    prompts = TokenBlocks(test_ids).prompts(args.prompts, spec.prompt_tokens)
     hf_dir = write_hf_dir(student, run, work / "hf")
     del student
     print(f"student rebuilt and written to {hf_dir} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import DataError
@@ -45,6 +46,12 @@ class TokenBlocks:
     @property
     def tokens(self) -> int:
         return int(self.ids.numel())
+
+    def prompts(self, count: int, length: int) -> list[list[int]]:
+        """The first `length` tokens of `count` blocks spread evenly over the split (its first and last block
+        included), so that every file of it contributes, not only the first few."""
+        rows = np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int) if len(self) else []
+        return [self.ids[int(i), :length].tolist() for i in rows]
 
 
 @dataclass

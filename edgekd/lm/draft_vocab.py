@@ -19,7 +19,8 @@ from ..runs import atomic_path
 
 __all__ = ["FLOOR", "cut_head", "frequent_tokens"]
 
-FLOOR = -1.0e9  # the logit of every token the cut head leaves out: far below any real logit
+FLOOR = -65504.0  # the logit of every token the cut head leaves out: far below any real logit, and the
+# lowest float16, so a half-precision copy of the graph keeps it finite
 
 
 def frequent_tokens(ids: np.ndarray, vocab_size: int, n: int) -> np.ndarray:

@@ -71,13 +71,6 @@ def _splits(ctx: RunContext, tokenizer) -> TextSplits:
                              d.max_train_tokens, d.max_eval_tokens)
 
 
-def _prompts(blocks: torch.Tensor, count: int, length: int) -> list[list[int]]:
-    """The first `length` tokens of `count` blocks spread evenly over the split (first and last included), so
-    the prompts come from all of its files rather than the first few."""
-    rows = np.linspace(0, len(blocks) - 1, min(count, len(blocks))).round().astype(int) if len(blocks) else []
-    return [blocks[int(i), :length].tolist() for i in rows]
-
-
 def _draft(ctx: RunContext, final: LMCandidate, config, layers: int, splits: TextSplits, n: int
            ) -> tuple[LMCandidate, dict]:
     """The decoder that drafts: the final model, or (speculative.draft_vocab below the vocabulary) the final
@@ -298,7 +291,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             c.selection, _ = _quality(c.decoder, val, fp32_picks)  # type: ignore[arg-type]
         shapes = {n: assemble_lm.decoder_shape(t_config if n == "teacher" else student.config)
                   for n in ("teacher", *cands)}
-        val_prompts = _prompts(splits.val.ids, SELECTION_PROMPTS, spec_cfg.prompt_tokens)
+        val_prompts = splits.val.prompts(SELECTION_PROMPTS, spec_cfg.prompt_tokens)
         if hosts:  # the board decides: interleaved rounds there, one SSH session
             board = on_board(ctx, hosts[0], cands, shapes, val_prompts, spec_cfg.max_new_tokens, rounds=2)
             speed = {n: b["speed"] for n, b in board.items()}
@@ -326,7 +319,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         if base_c is not None:
             base_c.figures, _ = _quality(base_c.decoder, test, teacher_picks)  # type: ignore[arg-type]
             base_c.figures["teacher_agreement"] = base_c.figures.pop("next_token_agreement")
-        test_prompts = _prompts(splits.test.ids, spec_cfg.prompts, spec_cfg.prompt_tokens)
+        test_prompts = splits.test.prompts(spec_cfg.prompts, spec_cfg.prompt_tokens)
         timed = {"teacher": teacher_c, **cands}
         remote = []
         if hosts:

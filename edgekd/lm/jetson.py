@@ -188,7 +188,7 @@ def run_lm_jetson(ctx: RunContext, source: str, configs: dict, splits, stages: l
     spec = cfg.speculative or SpeculativeConfig()
     out = run / "target" / BUNDLE
     test = splits.test.ids.numpy()
-    prompts = test[:spec.prompts, :spec.prompt_tokens]
+    prompts = np.asarray(splits.test.prompts(spec.prompts, spec.prompt_tokens), dtype=np.int64)
     with ctx.progress.task("writing the Jetson LM bundle", None):
         info = write_lm_bundle(ctx, out, configs, prompts)
     runners = []

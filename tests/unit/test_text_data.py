@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from edgekd.data.text import (
+    TokenBlocks,
     build_text_splits,
     resolve_text_files,
     split_files,
@@ -74,3 +75,11 @@ def test_build_splits_with_a_real_tokenizer(tmp_path):
     summary = splits.summary()
     assert set(summary) == {"train", "validation", "test"} and summary["test"]["files"] >= 1
     assert not set(splits.test.files) & set(splits.train.files)
+
+
+def test_prompts_are_spread_over_the_split_first_and_last_block_included():
+    blocks = TokenBlocks(torch.arange(100 * 4).view(100, 4))
+    got = blocks.prompts(5, 2)
+    assert [p[0] // 4 for p in got] == [0, 25, 50, 74, 99] and all(len(p) == 2 for p in got)
+    assert [p[0] // 4 for p in blocks.prompts(500, 1)] == list(range(100))  # more asked than there are: each once
+    assert TokenBlocks(torch.arange(8).view(1, 8)).prompts(3, 3) == [[0, 1, 2]]
