@@ -1,7 +1,8 @@
 """task causal-lm for a Jetson (TensorRT) target: a bundle in target/jetson-lm/ from which the board builds
 and times its own engines, and a report whose board figures are null with the reason.
 
-The bundle holds the student's and the teacher's KV-cache decoders (FP32 as exported, and a mixed FP16 copy
+The bundle holds the student's and the teacher's KV-cache decoders (and with speculative.draft_vocab the
+student with its LM head cut to the training split's most frequent tokens, the draft) (FP32 as exported, and a mixed FP16 copy
 for strongly typed builds, lm/fp16.py), build_engine.sh (trtexec, one optimization profile covering prefill
 and decode, FP16 engines), the board-side runner (tensorrt_bundle/trt_lm_runner.py), the tokenizer, the
 run's test prompts and test blocks, and bundle.json. An engine only runs with the TensorRT and GPU it was
@@ -26,6 +27,7 @@ from ..errors import StageError
 from ..report import assemble_lm
 from ..runs import write_json, write_npz, write_text
 from .decode import Decoder
+from .draft_vocab import cut_head, frequent_tokens
 from .export import io_names, kv_shape
 from .fp16 import write_mixed_fp16
 from .speculative import pinned
@@ -89,7 +91,7 @@ def render_build_script(profile, models: dict, limits: dict) -> str:
     past = shapes[next(n for n in shapes if n.startswith("past_"))]
     values = {"TARGET": profile.name, "WORKSPACE_MB": str(int(profile.workspace_mb)),
               "MAX_INPUT": str(limits["max_input"]), "MAX_PAST": str(past[2][2]), "OPT_PAST": str(past[1][2]),
-              "BUILDS": "\n".join(blocks)}
+              "BUILDS": "\n".join(blocks), "DRAFT": "draft" if "draft" in models else "model"}
     text = (BUNDLE_DIR / "build_lm_engine.sh").read_text()
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
@@ -99,15 +101,21 @@ def render_build_script(profile, models: dict, limits: dict) -> str:
     return text
 
 
-def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarray) -> dict:
-    """Write the bundle for `configs` ({"model": student config, "teacher": ...}) into `out`; returns what
-    the report says of it (its files, the shapes, the FP16 copies' float32 layers)."""
+def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarray,
+                    draft_vocab: np.ndarray | None = None) -> dict:
+    """Write the bundle for `configs` ({"model": student config, "teacher": ...}) into `out`, with `draft_vocab`
+    (token ids) a third decoder, "draft": the student with its LM head cut to those tokens (lm/draft_vocab.py);
+    returns what the report says of it (its files, the shapes, the FP16 copies' float32 layers)."""
     run, cfg = ctx.run_dir, ctx.config
     spec = cfg.speculative or SpeculativeConfig()
     draft_tokens, min_confidence = pinned(spec.draft_tokens, spec.min_confidence)  # auto: nothing here times TensorRT
     out.mkdir(parents=True, exist_ok=True)
     limits = context_limits(cfg.data.seq_len, int(prompts.shape[1]), spec.max_new_tokens, draft_tokens)
     sources = {"model": run / "model.fp32.onnx", "teacher": run / "teacher.fp32.onnx"}
+    if draft_vocab is not None:
+        sources["draft"] = cut_head(run / "model.fp32.onnx", run / "draft.fp32.onnx", draft_vocab)
+        configs = {**configs, "draft": configs["model"]}
+    draft = "draft" if draft_vocab is not None else "model"
     models = {}
     for name, config in configs.items():
         _link(sources[name], out / f"{name}.onnx")
@@ -130,7 +138,8 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
               "models": models, **limits, "seq_len": cfg.data.seq_len, "prompts": "prompts.npz",
               "prompt_tokens": int(prompts.shape[1]), "max_new_tokens": spec.max_new_tokens,
               "draft_tokens": draft_tokens, "min_confidence": min_confidence, "eval_data": "eval.npz", "tokenizer": "tokenizer",
-              "workspace_mb": int(ctx.profile.workspace_mb)}
+              "workspace_mb": int(ctx.profile.workspace_mb), "draft": draft,
+              "draft_vocab": None if draft_vocab is None else int(len(draft_vocab))}
     write_json(out / "bundle.json", bundle)
     rel = str(out.relative_to(run))
     files = sorted(str(p.relative_to(run)) for p in out.rglob("*") if p.is_file())
@@ -140,7 +149,8 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
             "fp32_layers": {n: len(m["fp32_layers"]) for n, m in models.items()},
             "build_on_board": "./build_engine.sh",
             "bench_on_board": ["python3 trt_lm_runner.py bench --eval-data eval.npz",
-                               "python3 trt_lm_runner.py bench --engine teacher.engine --draft model.engine"]}
+                               f"python3 trt_lm_runner.py bench --engine teacher.engine --draft {draft}.engine"],
+            "draft": draft, "draft_vocab": bundle["draft_vocab"]}
 
 
 def _host_decoder(ctx: RunContext, path: Path, config, half: bool = False):
@@ -189,8 +199,11 @@ def run_lm_jetson(ctx: RunContext, source: str, configs: dict, splits, stages: l
     out = run / "target" / BUNDLE
     test = splits.test.ids.numpy()
     prompts = np.asarray(splits.test.prompts(spec.prompts, spec.prompt_tokens), dtype=np.int64)
+    vocab = splits.vocab_size
+    keep = (frequent_tokens(splits.train.ids.numpy(), vocab, spec.draft_vocab) if 0 < spec.draft_vocab < vocab
+            else None)
     with ctx.progress.task("writing the Jetson LM bundle", None):
-        info = write_lm_bundle(ctx, out, configs, prompts)
+        info = write_lm_bundle(ctx, out, configs, prompts, keep)
     runners = []
     try:
         runner, fp32 = _host_decoder(ctx, run / "model.fp32.onnx", configs["model"])

@@ -283,5 +283,10 @@ def bundle_report(ctx: RunContext, source: str, configs: dict, splits, stages: l
                           "lookup": False,
                           "prompts": info["prompts"], "prompt_tokens": info["prompt_tokens"],
                           "max_new_tokens": info["max_new_tokens"], "on_board": info["bench_on_board"][-1],
+                          "draft": {"artifact": f"{path}/{info.get('draft', 'model')}.fp16.onnx",
+                                    "vocab_tokens": info.get("draft_vocab") or configs["model"].vocab_size,
+                                    "vocab_size": configs["model"].vocab_size,
+                                    "head": (f"the {info['draft_vocab']} tokens most frequent in the training split"
+                                             if info.get("draft_vocab") else "the whole vocabulary")},
                           **_nulls(SPECULATIVE_FIGURES, reason)}
     return rep

@@ -238,9 +238,9 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     # the trtexec shapes name every input of each exported decoder, with its KV heads and head size
     script = (bundle / "build_engine.sh").read_text()
     flags = [line.strip().strip("\\").strip().strip("'") for line in script.splitlines() if "Shapes=input_ids" in line]
-    assert len(flags) == 6  # min, opt, max for the student, then the teacher
+    assert len(flags) == 9  # min, opt, max for the student, the teacher, then the student with its head cut
     limits = context_limits(32, 8, 8, 3)
-    for name, (lo, opt, hi) in zip(("model", "teacher"), (flags[:3], flags[3:]), strict=True):
+    for name, (lo, opt, hi) in zip(("model", "teacher", "draft"), (flags[:3], flags[3:6], flags[6:]), strict=True):
         graph = onnx.load(str(bundle / f"{name}.onnx")).graph
         dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
         shapes = [dict(p.split(":") for p in f.split("=", 1)[1].split(",")) for f in (lo, opt, hi)]
@@ -256,6 +256,15 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     b = json.loads((bundle / "bundle.json").read_text())
     assert b["models"]["model"]["layers"] == 2 and b["models"]["teacher"]["layers"] == 4 and b["draft_tokens"] == 3
     assert np.load(bundle / "prompts.npz")["prompts"].shape == (3, 8)
+    # the draft: the student with its LM head cut to the training split's 200 most frequent tokens, in FP16 too
+    assert b["draft"] == "draft" and b["draft_vocab"] == 200 and "--draft draft.engine" in script
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle / "draft.fp16.onnx"))
+    feeds = {i.name: (np.asarray([[5, 9, 14]], dtype=np.int64) if i.name == "input_ids"
+                      else np.zeros((1, 2, 0, 8), dtype=np.float16)) for i in sess.get_inputs()}
+    logits = np.asarray(sess.run(["logits"], feeds)[0], dtype=np.float32)
+    assert logits.shape == (1, 3, 320) and np.isfinite(logits).all() and ((logits == -65504).sum(-1) == 120).all()
     # the report: what TensorRT would measure is null with the reason, nothing of ONNX Runtime under its name
     report = json.loads((run / "report.json").read_text())
     final, t, spec = report["final"], report["teacher"], report["speculative"]
@@ -270,6 +279,8 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     assert final["speedup_vs_teacher"] is None and final["compression_vs_teacher"] > 1
     for key in ("acceptance_rate", "tokens_per_s", "teacher_tokens_per_s", "speedup", "identical"):
         assert spec[key] is None and spec["not_measured"][key] == why
+    assert spec["draft"]["vocab_tokens"] == 200 and spec["draft"]["artifact"] == "target/jetson-lm/draft.fp16.onnx"
+    assert spec["on_board"].endswith("--draft draft.engine")
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["teacher", "distill", "export", "quantize", "bench"]
     assert stages["export"]["parity"]["greedy_identical"] and stages["export"]["parity"]["checked_with"].startswith(

@@ -2,9 +2,11 @@
 # Build this bundle's TensorRT LM engines with trtexec, on the Jetson itself: an engine only loads with the
 # TensorRT version and GPU it was built with, so it is never built elsewhere and copied.
 #
-#   ./build_engine.sh                   model.engine (the student) and teacher.engine (it verifies the
-#                                       student's drafts in speculative decoding)
-#   ./build_engine.sh model             one of them: model or teacher
+#   ./build_engine.sh                   model.engine (the student), teacher.engine (it verifies the
+#                                       drafts in speculative decoding) and, where the bundle has it,
+#                                       draft.engine (the student with its LM head cut to the run's
+#                                       draft vocabulary: the draft)
+#   ./build_engine.sh model             one of them: model, teacher or draft
 #   ./build_engine.sh all --verbose     extra arguments go to trtexec
 #   TRTEXEC=/path/to/trtexec ./build_engine.sh
 #
@@ -60,4 +62,4 @@ build() {  # NAME FP32_ONNX FP16_ONNX MIN_SHAPES OPT_SHAPES MAX_SHAPES FP32_LAYE
 @BUILDS@
 echo "build_engine.sh: time them with"
 echo "    python3 trt_lm_runner.py bench --eval-data eval.npz"
-echo "    python3 trt_lm_runner.py bench --engine teacher.engine --draft model.engine"
+echo "    python3 trt_lm_runner.py bench --engine teacher.engine --draft @DRAFT@.engine"
