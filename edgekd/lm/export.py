@@ -14,7 +14,8 @@ unpadded (every sequence in a batch has the same length).
 
 For ONNX Runtime the attention is exported fused (`fused=True`): each layer's rotary positions, grouped-query
 attention and cache concatenation become one com.microsoft GroupQueryAttention node, with the same inputs
-and outputs; the plain graph (for OpenVINO and TensorRT, which do not run the contrib op) has hundreds of
+and outputs, fed by one packed query-key-value projection, and each residual Add with the RMSNorm after it
+becomes one SkipSimplifiedLayerNormalization (ONNX Runtime's optimizer fuses neither); the plain graph (for OpenVINO and TensorRT, which do not run the contrib op) has hundreds of
 shape and attention nodes more (SmolLM2-135M in ONNX Runtime: its INT8 12-layer student decodes 1.27x
 faster fused, the FP32 teacher 1.23x; tools/lm_attention_benchmark.py). Fused needs head sizes in multiples
 of 16."""
@@ -67,6 +68,25 @@ class _RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class _SkipRMSNorm(torch.autograd.Function):
+    """The residual sum x + skip and its RMSNorm, exported as ONNX Runtime's com.microsoft
+    SkipSimplifiedLayerNormalization (one node for the Add and the norm, its outputs 0 and 3; ONNX Runtime's
+    own optimizer fuses only LayerNormalization with its Add). Returns (norm(x + skip), x + skip)."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, eps: float):  # noqa: ARG004
+        s = x + skip
+        return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight, s
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, eps: float):
+        out, _, _, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps,
+                                outputs=4)
+        out.setType(x.type())
+        total.setType(x.type())
+        return out, total
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -75,13 +95,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class _GroupQueryAttention(torch.autograd.Function):
     """Rotary positions and causal grouped-query attention over the past and the new tokens, exported as ONNX
     Runtime's fused com.microsoft GroupQueryAttention (one node per layer, do_rotary with the cos/sin tables;
-    present = past + new, as the plain graph's). q (b, t, heads * d), k, v (b, t, kv_heads * d) unrotated;
-    past (b, kv_heads, p, d); cos, sin (max positions, d / 2)."""
+    present = past + new, as the plain graph's). qkv (b, t, (heads + 2 kv_heads) * d): the query, key and
+    value projections packed in one (the node's packed-QKV form), unrotated; past (b, kv_heads, p, d); cos,
+    sin (max positions, d / 2)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):  # noqa: ARG004
-        b, t, _ = q.shape
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):  # noqa: ARG004
         d = past_k.shape[-1]
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        b, t, _ = q.shape
         p = past_k.shape[2]
         c = torch.cat((cos[p:p + t], cos[p:p + t]), dim=-1)[None, :, None]
         s = torch.cat((sin[p:p + t], sin[p:p + t]), dim=-1)[None, :, None]
@@ -98,14 +120,36 @@ class _GroupQueryAttention(torch.autograd.Function):
         return out.transpose(1, 2).reshape(b, t, heads * d), kk, vv
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):
-        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k,
-                                         total, cos, sin, num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=1,
-                                         rotary_interleaved_i=0, outputs=3)
-        out.setType(q.type())  # what ONNX shape inference cannot say of a contrib op
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):
+        # key and value are given as qkv again here and left out after export (_packed): the packed form
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", qkv, qkv, qkv, past_k, past_v,
+                                         seqlens_k, total, cos, sin, num_heads_i=heads, kv_num_heads_i=kv_heads,
+                                         do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
+        out.setType(qkv.type())  # what ONNX shape inference cannot say of a contrib op
         present_k.setType(past_k.type().with_sizes([None] * 4))
         present_v.setType(past_v.type().with_sizes([None] * 4))
         return out, present_k, present_v
+
+
+def _packed(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose outputs are the given Linears' outputs, concatenated in order."""
+    out = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears),
+                    bias=linears[0].bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in linears]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears]))
+    return out.requires_grad_(False)
+
+
+def _contrib_forms(proto) -> None:
+    """The contrib nodes as ONNX Runtime takes them: GroupQueryAttention's key and value left out (packed
+    QKV), SkipSimplifiedLayerNormalization's unused mean and inverse deviation outputs left out."""
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.input[1] = node.input[2] = ""
+        elif node.op_type == "SkipSimplifiedLayerNormalization":
+            node.output[1] = node.output[2] = ""
 
 
 class KVDecoder(nn.Module):
@@ -142,6 +186,8 @@ class KVDecoder(nn.Module):
             block.norm1 = _RMSNorm(layer.input_layernorm.weight, eps)
             block.norm2 = _RMSNorm(layer.post_attention_layernorm.weight, eps)
             block.q, block.k, block.v, block.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
+            if fused:  # one projection for the query, key and value: GroupQueryAttention's packed input
+                block.qkv = _packed(a.q_proj, a.k_proj, a.v_proj)
             block.gate, block.up, block.down = m.gate_proj, m.up_proj, m.down_proj
             self.layers.append(block)
         self.norm = _RMSNorm(hf_model.model.norm.weight, eps)
@@ -167,8 +213,8 @@ class KVDecoder(nn.Module):
 
     def _attend_fused(self, block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                       seqlens: torch.Tensor, total: torch.Tensor):
-        out, k, v = _GroupQueryAttention.apply(block.q(x), block.k(x), block.v(x), past_k, past_v, seqlens, total,
-                                               self.cos_table, self.sin_table, self.heads, self.kv_heads)
+        out, k, v = _GroupQueryAttention.apply(block.qkv(x), past_k, past_v, seqlens, total, self.cos_table,
+                                               self.sin_table, self.heads, self.kv_heads)
         return block.o(out), k, v
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
@@ -200,14 +246,16 @@ class KVDecoder(nn.Module):
         total = (p + t).to(torch.int32)  # GroupQueryAttention: the total length, and per row its last index
         seqlens = (input_ids[:, 0] * 0 + (p + t - 1)).to(torch.int32)
         h = self.embed(input_ids)
+        x = self.layers[0].norm1(h)
         presents = []
-        for i, block in enumerate(self.layers):
-            a, k, v = self._attend_fused(block, block.norm1(h), past[2 * i], past[2 * i + 1], seqlens, total)
-            h = h + a
-            x = block.norm2(h)
-            h = h + block.down(nn.functional.silu(block.gate(x)) * block.up(x))
+        for i, block in enumerate(self.layers):  # each residual Add and the norm after it: one node
+            a, k, v = self._attend_fused(block, x, past[2 * i], past[2 * i + 1], seqlens, total)
+            x, h = _SkipRMSNorm.apply(a, h, block.norm2.weight, block.norm2.eps)
+            mlp = block.down(nn.functional.silu(block.gate(x)) * block.up(x))
+            after = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.norm
+            x, h = _SkipRMSNorm.apply(mlp, h, after.weight, after.eps)
             presents += [k, v]
-        return (self.head(self.norm(h)), *presents)
+        return (self.head(x), *presents)
 
 
 def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool = False) -> Path:
@@ -232,6 +280,8 @@ def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise StageError(f"export: the KV-cache decoder did not export: {str(e).splitlines()[0][:200]}") from None
     proto = onnx.load_from_string(buf.getvalue())
+    if fused:
+        _contrib_forms(proto)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001

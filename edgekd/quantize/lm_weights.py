@@ -83,16 +83,20 @@ def _other_gathers(model) -> list[str] | None:
     return None if any(not name for name in others) else others
 
 
-def eight_bit_matmuls(model) -> list[str]:
+def eight_bit_matmuls(model, packed_qkv: bool = True) -> list[str]:
     """The MatMuls that int4_mixed keeps in INT8: those whose constant weight narrows its input (in > out
-    features: down, key and value projections) and the LM head (as many outputs as the embedding has rows)."""
+    features: down, key and value projections), the LM head (as many outputs as the embedding has rows) and,
+    with `packed_qkv`, the packed query-key-value projections that feed GroupQueryAttention (they hold the
+    key and value projections)."""
     tables = {i.name: list(i.dims) for i in model.graph.initializer}
     vocab = {tables[n.input[0]][0] for n in model.graph.node
              if n.op_type == "Gather" and n.input[0] in tables and n.input[1] == "input_ids"}
+    packed = {n.input[0] for n in model.graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 2
+              and not n.input[1] and not n.input[2]} if packed_qkv else set()
     keep = []
     for n in model.graph.node:
         dims = next((tables[i] for i in n.input if i in tables), None) if n.op_type == "MatMul" else None
-        if dims is not None and len(dims) == 2 and (dims[0] > dims[1] or dims[1] in vocab):
+        if dims is not None and len(dims) == 2 and (dims[0] > dims[1] or dims[1] in vocab or n.output[0] in packed):
             keep.append(n.name)
     return keep
 

@@ -83,7 +83,7 @@ def test_the_fused_attention_graph_decodes_what_the_plain_graph_decodes(tmp_path
     import onnx
 
     from edgekd.lm.export import fusable
-    from edgekd.quantize.lm_weights import quantize_lm_weights
+    from edgekd.quantize.lm_weights import eight_bit_matmuls, quantize_lm_weights
 
     wide = load_lm(str(tiny_llama_dir(tmp_path / "wide", seed=4, hidden_size=64))).model  # head size 16
     assert fusable(wide.config) and not fusable(load_lm(str(tiny_llama_dir(tmp_path / "narrow"))).model.config)
@@ -91,8 +91,14 @@ def test_the_fused_attention_graph_decodes_what_the_plain_graph_decodes(tmp_path
     decoders, runners = {}, []
     for fused in (False, True):
         path = export_lm_onnx(wide, tmp_path / f"d{int(fused)}.onnx", fused=fused)
-        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        nodes = onnx.load(str(path)).graph.node
+        ops = {n.op_type for n in nodes}
         assert ("GroupQueryAttention" in ops) == fused and ("Softmax" in ops) != fused
+        if fused:  # query, key and value in one projection; each residual Add with the norm after it
+            layers = wide.config.num_hidden_layers
+            assert all(n.input[1] == n.input[2] == "" for n in nodes if n.op_type == "GroupQueryAttention")
+            assert sum(n.op_type == "MatMul" for n in nodes) == 5 * layers + 1  # qkv, o, gate, up, down; head
+            assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in nodes) == 2 * layers
         runners.append(backend.load(backend.compile(path, profile, tmp_path / f"c{int(fused)}", "fp32"), profile, 1))
         decoders[fused] = Decoder(runners[-1].run, wide.config, wide.config.num_hidden_layers)
     try:
@@ -114,3 +120,10 @@ def test_the_fused_attention_graph_decodes_what_the_plain_graph_decodes(tmp_path
     q = quantize_lm_weights(tmp_path / "d1.onnx", tmp_path / "d1.int4.onnx", "int4")  # the contrib op stays
     ops = {n.op_type for n in onnx.load(str(q)).graph.node}
     assert {"GroupQueryAttention", "MatMulNBits"} <= ops
+    # int4_mixed keeps the packed query-key-value projection in 8 bits, as it keeps key and value apart
+    fused_graph = onnx.load(str(tmp_path / "d1.onnx"))
+    kept = set(eight_bit_matmuls(fused_graph))
+    packed = {n.input[0] for n in fused_graph.graph.node if n.op_type == "GroupQueryAttention"}
+    assert {n.name for n in fused_graph.graph.node if n.op_type == "MatMul" and n.output[0] in packed} <= kept
+    cfg = wide.config  # per layer qkv (and down where it narrows), then the head
+    assert len(kept) == cfg.num_hidden_layers * (2 if cfg.intermediate_size > cfg.hidden_size else 1) + 1
