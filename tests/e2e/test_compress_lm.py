@@ -2,6 +2,7 @@
 KV-cache export, INT8/INT4 weight candidates chosen on validation, speed and speculative decoding, the
 report and the run-directory contract."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 
 from edgekd import Pipeline  # noqa: E402
 from edgekd.config import from_dict  # noqa: E402
-from tests.conftest import SHARED  # noqa: E402
+from tests.conftest import ROOT, SHARED  # noqa: E402
 from tests.lm_fixtures import corpus_files, tiny_llama_dir  # noqa: E402
 
 CHECK_RUN = SHARED / "tools" / "check_run.py"
@@ -339,3 +340,23 @@ def test_onnx_runtime_targets_get_the_fused_attention_graph(tmp_path):
     for name in ("model.fp32.onnx", "teacher.fp32.onnx", "model.int8.onnx"):
         assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(tmp_path / "run" / name)).graph.node}
     assert report["speculative"]["identical"] == 2 and report["final"]["decode_tokens_per_s"] > 0
+
+
+def test_the_draft_vocabulary_bench_times_whole_and_cut_heads_on_a_finished_run(lm_run, tmp_path):
+    _, run, _, cache = lm_run
+    out = tmp_path / "dvb.json"
+    env = {**os.environ, "EDGEKD_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "draft_vocab_bench.py"), "--run", str(run), "--vocab",
+                          "0", "100", "--prompts", "2", "--new-tokens", "6", "--setting", "2:0:0", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["prompts"] == 2 and got["prompt_rows"] == "spread" and got["teacher_tokens_per_s"] > 0
+    whole, cut = got["rows"]
+    assert (whole["vocab_tokens"], cut["vocab_tokens"]) == (320, 100)
+    assert whole["identical"] == cut["identical"] == 2 and cut["speedup"] > 0 and 0 <= cut["acceptance_rate"] <= 1
+    assert whole["train_coverage"] == 100.0 and 0 < cut["train_coverage"] < 100.0
+    assert "| 100 tokens | up to 2 |" in res.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "draft_vocab_bench.py"), "--run", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "has no report.json" in bad.stderr and "Traceback" not in bad.stderr
