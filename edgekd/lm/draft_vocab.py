@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StageError
-from ..runs import atomic_path
+from .export import save_checked
 
 __all__ = ["FLOOR", "cut_head", "frequent_tokens"]
 
@@ -85,11 +85,4 @@ def cut_head(src: Path, dst: Path, keep: np.ndarray, logits: str = "logits") -> 
                                     name="draft_vocab_pad"),
                    helper.make_node("Gather", ["draft_padded", "draft_slots"], [logits], name="draft_vocab_scatter",
                                     axis=-1)])
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:  # noqa: BLE001
-        raise StageError(f"draft vocabulary: onnx.checker rejected the cut draft: {str(e).splitlines()[0]}") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        onnx.save(model, str(tmp))
-    return dst
+    return save_checked(model, dst, "draft vocabulary: onnx.checker rejected the cut draft")

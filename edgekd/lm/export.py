@@ -33,7 +33,7 @@ from ..errors import ModelError, StageError
 from ..runs import atomic_path
 from .models import lm_layers
 
-__all__ = ["KVDecoder", "export_lm_onnx", "fusable", "io_names", "kv_shape"]
+__all__ = ["KVDecoder", "export_lm_onnx", "fusable", "io_names", "kv_shape", "save_checked"]
 
 MASKED = -1e9  # added to the scores of future tokens (finite: a fully masked row cannot make NaNs)
 
@@ -282,10 +282,18 @@ def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool
     proto = onnx.load_from_string(buf.getvalue())
     if fused:
         _contrib_forms(proto)
+    return save_checked(proto, path, "export: onnx.checker rejected the KV-cache decoder")
+
+
+def save_checked(proto, path: Path, rejected: str) -> Path:
+    """Write the ONNX model `proto` to `path` (atomically) once onnx.checker accepts it, else raise StageError
+    with `rejected` and the checker's first line; returns `path`."""
+    import onnx
+
     try:
         onnx.checker.check_model(proto)
-    except Exception as e:  # noqa: BLE001
-        raise StageError(f"export: onnx.checker rejected the KV-cache decoder: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - the checker raises several types
+        raise StageError(f"{rejected}: {str(e).splitlines()[0]}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import StageError
-from ..runs import atomic_path
+from .export import save_checked
 
 __all__ = ["FP32_OUTPUTS", "float32_nodes", "mixed_fp16", "write_mixed_fp16"]
 
@@ -140,10 +139,5 @@ def write_mixed_fp16(src: Path, dst: Path) -> list[str]:
     import onnx
 
     model, computing = mixed_fp16(onnx.load(str(src)))
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:  # noqa: BLE001 - the checker raises several types
-        raise StageError(f"jetson: the FP16 copy of {src.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
-    with atomic_path(dst) as tmp:
-        onnx.save(model, str(tmp))
+    save_checked(model, dst, f"jetson: the FP16 copy of {src.name} fails onnx.checker")
     return computing
