@@ -86,6 +86,13 @@ def trim(cache: list, length: int) -> list:
     return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
 
 
+def _cut(decoder, cache, length: int):
+    """`cache` cut back to `length` tokens: by the decoder where it keeps its cache itself (a TensorRT engine's
+    device buffers: cut(cache, length)), else as numpy arrays."""
+    cut = getattr(decoder, "cut", None)
+    return cut(cache, length) if cut is not None else trim(cache, length)
+
+
 LOOKUP_TOKENS = 8  # the most a context match proposes in one round (it costs no draft step)
 LOOKUP_NGRAMS = (4, 3, 2)  # the context's last n tokens searched for, longest first
 
@@ -127,7 +134,8 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
     checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
     their KV caches, cut back to the kept tokens. With `lookup`, a round whose last tokens recur earlier in
     the text proposes what followed them there (up to LOOKUP_TOKENS) instead, and the draft catches up on
-    the kept tokens in its next round. Lossless: the output is the target's own greedy output."""
+    the kept tokens in its next round. Lossless: the output is the target's own greedy output. A decoder with
+    cut(cache, length) cuts its own cache (the Jetson bundle's engines keep theirs on the device)."""
     seq = list(prompt)
     logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
     t_len, passes = len(seq), 1
@@ -170,10 +178,10 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
         seq.extend(proposals[:n])
         produced += n
         t_len = len(seq)
-        t_cache = trim(t_cache, t_len)
+        t_cache = _cut(target, t_cache, t_len)
         if d_len > t_len:
             d_len = t_len
-            d_cache = trim(d_cache, d_len)
+            d_cache = _cut(draft, d_cache, d_len)
         if produced >= max_new_tokens:
             break
         nxt = int(preds[n])

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backends.tensorrt import BUNDLE_DIR, tensorrt_status
 from ..backends.tensorrt_bundle.trt_lm_decode import context_limits, profile_shapes, shape_flags
+from ..bench import lm_generation
 from ..config.lm import SpeculativeConfig
 from ..context import RunContext
 from ..errors import StageError
@@ -108,9 +109,10 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     returns what the report says of it (its files, the shapes, the FP16 copies' float32 layers)."""
     run, cfg = ctx.run_dir, ctx.config
     spec = cfg.speculative or SpeculativeConfig()
-    draft_tokens, min_confidence = pinned(spec.draft_tokens, spec.min_confidence)  # auto: nothing here times TensorRT
+    # auto: nothing here times TensorRT
+    draft_tokens, min_confidence, lookup = pinned(spec.draft_tokens, spec.min_confidence, spec.lookup)
     out.mkdir(parents=True, exist_ok=True)
-    limits = context_limits(cfg.data.seq_len, int(prompts.shape[1]), spec.max_new_tokens, draft_tokens)
+    limits = context_limits(cfg.data.seq_len, int(prompts.shape[1]), spec.max_new_tokens, draft_tokens, lookup)
     sources = {"model": run / "model.fp32.onnx", "teacher": run / "teacher.fp32.onnx"}
     if draft_vocab is not None:
         sources["draft"] = cut_head(run / "model.fp32.onnx", run / "draft.fp32.onnx", draft_vocab)
@@ -126,6 +128,7 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     script.chmod(0o755)
     for name in COPIED:
         shutil.copyfile(BUNDLE_DIR / name, out / name)
+    shutil.copyfile(lm_generation.__file__, out / "lm_generation.py")  # the speculative loop trt_lm_decode runs
     (out / "trt_lm_runner.py").chmod(0o755)
     shutil.copyfile(BUNDLE_DIR / "README_LM.md", out / "README.md")
     write_npz(out / "prompts.npz", prompts=prompts.astype(np.int64))
@@ -137,7 +140,8 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     bundle = {"edgekd_version": __version__, "target": ctx.profile.name, "task": "causal-lm", "precision": "fp16",
               "models": models, **limits, "seq_len": cfg.data.seq_len, "prompts": "prompts.npz",
               "prompt_tokens": int(prompts.shape[1]), "max_new_tokens": spec.max_new_tokens,
-              "draft_tokens": draft_tokens, "min_confidence": min_confidence, "eval_data": "eval.npz", "tokenizer": "tokenizer",
+              "draft_tokens": draft_tokens, "min_confidence": min_confidence, "lookup": lookup,
+              "eval_data": "eval.npz", "tokenizer": "tokenizer",
               "workspace_mb": int(ctx.profile.workspace_mb), "draft": draft,
               "draft_vocab": None if draft_vocab is None else int(len(draft_vocab))}
     write_json(out / "bundle.json", bundle)
@@ -145,7 +149,7 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     files = sorted(str(p.relative_to(run)) for p in out.rglob("*") if p.is_file())
     return {"path": rel, "files": files, **limits, "precision": "fp16", "prompts": int(prompts.shape[0]),
             "prompt_tokens": int(prompts.shape[1]), "max_new_tokens": spec.max_new_tokens,
-            "draft_tokens": draft_tokens, "min_confidence": min_confidence,
+            "draft_tokens": draft_tokens, "min_confidence": min_confidence, "lookup": lookup,
             "fp32_layers": {n: len(m["fp32_layers"]) for n, m in models.items()},
             "build_on_board": "./build_engine.sh",
             "bench_on_board": ["python3 trt_lm_runner.py bench --eval-data eval.npz",

@@ -29,11 +29,12 @@ __all__ = ["DRAFT_TOKEN_GRID", "LOOKUP_GRID", "LOOKUP_TOKENS", "MIN_CONFIDENCE_G
 DRAFT_TOKEN_GRID = (2, 3, 4, 6)
 MIN_CONFIDENCE_GRID = (0.0, 0.3, 0.5)
 LOOKUP_GRID = (False, True)
-UNCHOSEN = (4, 0.3)  # what auto means where nothing here can time the pair (the Jetson bundle)
+UNCHOSEN = (4, 0.3, True)  # what auto means where nothing here can time the settings (the Jetson bundle): on a
+# GPU a check of LOOKUP_TOKENS + 1 tokens costs about what one does, so copied guesses are nearly free
 
 
-def pinned(draft_tokens: int | str, min_confidence: float | str) -> tuple[int, float]:
-    """(draft_tokens, min_confidence) with `auto` replaced by UNCHOSEN's value."""
+def pinned(draft_tokens: int | str, min_confidence: float | str, lookup: bool | str = False) -> tuple[int, float, bool]:
+    """(draft_tokens, min_confidence, lookup) with `auto` replaced by UNCHOSEN's value."""
     return (UNCHOSEN[0] if draft_tokens == "auto" else int(draft_tokens),
-            UNCHOSEN[1] if min_confidence == "auto" else float(min_confidence))
-
+            UNCHOSEN[1] if min_confidence == "auto" else float(min_confidence),
+            UNCHOSEN[2] if lookup == "auto" else bool(lookup))

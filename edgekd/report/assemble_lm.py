@@ -280,7 +280,7 @@ def bundle_report(ctx: RunContext, source: str, configs: dict, splits, stages: l
                        "speedup_vs_teacher", "perplexity_increase_vs_fp32"), reason)}
     rep["final"] = final
     rep["speculative"] = {"draft_tokens": info["draft_tokens"], "min_confidence": info.get("min_confidence", 0.0),
-                          "lookup": False,
+                          "lookup": bool(info.get("lookup", False)),
                           "prompts": info["prompts"], "prompt_tokens": info["prompt_tokens"],
                           "max_new_tokens": info["max_new_tokens"], "on_board": info["bench_on_board"][-1],
                           "draft": {"artifact": f"{path}/{info.get('draft', 'model')}.fp16.onnx",

@@ -230,17 +230,18 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     assert main(["compress", "--config", str(cfg), "--target", "jetson", "--out", str(run)]) == 0, capsys.readouterr().err
     bundle = run / "target" / "jetson-lm"
     for name in ("model.onnx", "model.fp16.onnx", "teacher.onnx", "teacher.fp16.onnx", "build_engine.sh", "bundle.json",
-                 "README.md", "trt_lm_runner.py", "trt_lm_decode.py", "trt_runner.py", "trt_device.py", "prompts.npz",
+                 "README.md", "trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "trt_runner.py", "trt_device.py",
+                 "prompts.npz",
                  "eval.npz", "tokenizer/tokenizer.json"):
         assert (bundle / name).is_file(), name
     assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
-    for name in ("trt_lm_runner.py", "trt_lm_decode.py"):
+    for name in ("trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py"):
         py_compile.compile(str(bundle / name), doraise=True)
     # the trtexec shapes name every input of each exported decoder, with its KV heads and head size
     script = (bundle / "build_engine.sh").read_text()
     flags = [line.strip().strip("\\").strip().strip("'") for line in script.splitlines() if "Shapes=input_ids" in line]
     assert len(flags) == 9  # min, opt, max for the student, the teacher, then the student with its head cut
-    limits = context_limits(32, 8, 8, 3)
+    limits = context_limits(32, 8, 8, 3, lookup=True)  # lookup auto: on, on a GPU copied guesses are nearly free
     for name, (lo, opt, hi) in zip(("model", "teacher", "draft"), (flags[:3], flags[3:6], flags[6:]), strict=True):
         graph = onnx.load(str(bundle / f"{name}.onnx")).graph
         dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
@@ -256,6 +257,7 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
                 assert d[1:4:2] == [2, 8] and low[2] == 0 and top[2] == limits["max_context"] - 1 >= 8 + 8 + 3
     b = json.loads((bundle / "bundle.json").read_text())
     assert b["models"]["model"]["layers"] == 2 and b["models"]["teacher"]["layers"] == 4 and b["draft_tokens"] == 3
+    assert b["lookup"] is True and b["max_input"] == limits["max_input"]
     assert np.load(bundle / "prompts.npz")["prompts"].shape == (3, 8)
     # the draft: the student with its LM head cut to the training split's 200 most frequent tokens, in FP16 too
     assert b["draft"] == "draft" and b["draft_vocab"] == 200 and "--draft draft.engine" in script

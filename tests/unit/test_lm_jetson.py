@@ -19,9 +19,11 @@ from edgekd.backends.tensorrt import BUNDLE_DIR
 from edgekd.backends.tensorrt_bundle import trt_lm_decode as lm
 from edgekd.backends.tensorrt_bundle import trt_lm_runner
 from edgekd.backends.tensorrt_bundle.trt_runner import RunnerError
+from edgekd.bench.lm_generation import LOOKUP_TOKENS
 from edgekd.config.profiles import load_profile
 
 SCRIPTS = ("trt_lm_runner.py", "trt_lm_decode.py", "trt_runner.py", "trt_device.py")
+LOOP = Path(__file__).resolve().parents[2] / "edgekd" / "bench" / "lm_generation.py"  # copied beside them
 
 
 # ---------------------------------------------------------------- the shape plan
@@ -36,6 +38,10 @@ def test_the_profile_covers_prefill_decode_and_a_speculative_check():
     # a speculative check at the end of the longest generation fits: its past plus its tokens
     past = 32 + 32 - 1
     assert past <= shapes["past_key_0"][2][2] and past + 4 + 1 <= limits["max_context"]
+    # with context lookup a round may copy LOOKUP_TOKENS guesses: the check and the context grow to take them
+    copied = lm.context_limits(seq_len=4, prompt_tokens=3, max_new_tokens=8, draft_tokens=2, lookup=True)
+    assert copied == {"max_input": LOOKUP_TOKENS + 1, "max_context": 3 + 8 + LOOKUP_TOKENS + 1, "opt_context": 7}
+    assert lm.context_limits(4, 3, 8, 2)["max_input"] == 4
 
 
 def test_shape_flags_are_trtexec_syntax():
@@ -69,22 +75,6 @@ def test_speed_figures_from_timed_runs():
     one = lm.speed_figures([{"prefill_s": 0.1, "prompt_tokens": 4, "step_s": [], "tokens": [5]}])
     assert one["decode_tokens_per_s"] is None and one["tpot_ms"] is None
     assert set(one["not_measured"]) == {"decode_tokens_per_s", "tpot_ms"}
-
-
-def test_accepted_prefix_stops_at_the_first_disagreement():
-    assert lm.accepted_prefix([4, 5, 6], np.array([4, 5, 6, 9])) == 3
-    assert lm.accepted_prefix([4, 5, 6], np.array([4, 7, 6, 9])) == 1
-    assert lm.accepted_prefix([4], np.array([3, 1])) == 0
-
-
-def test_speculative_figures_sum_over_prompts():
-    results = [{"tokens": [1, 2, 3, 4], "drafted": 6, "accepted": 3, "target_passes": 3},
-               {"tokens": [5, 6, 7, 8], "drafted": 4, "accepted": 4, "target_passes": 2}]
-    s = lm.speculative_figures(results, spec_s=0.5, plain_s=1.0, same=[True, False], draft_tokens=3)
-    assert s["acceptance_rate"] == pytest.approx(0.7) and s["drafted"] == 10 and s["accepted"] == 7
-    assert s["tokens_per_s"] == pytest.approx(16.0) and s["teacher_tokens_per_s"] == pytest.approx(8.0)
-    assert s["speedup"] == pytest.approx(2.0) and s["identical"] == 1 and s["prompts"] == 2
-    assert lm.speculative_figures([], 0.0, 0.0, [], 3)["acceptance_rate"] is None
 
 
 class ToyDecoder:
@@ -140,6 +130,33 @@ def test_speculative_decoding_is_the_targets_greedy_output(bias, full):
     high = lm.speculative_greedy(target, draft, [1, 2, 3], 12, draft_tokens=3, min_confidence=0.25)
     assert low == free and high["tokens"] == plain
     assert high["drafted"] == 0 and high["target_passes"] == 12
+
+
+def test_context_lookup_on_the_engines_stays_lossless_and_counts_its_guesses():
+    target, draft = ToyDecoder(), ToyDecoder(bias=4)
+    text = [1, *lm.greedy_timed(target, [1], 80)["tokens"]]  # the toy's text repeats every 55 tokens
+    rounds = []
+    for prompt in ([1, 2, 3], [4, 4, 4, 4, 4], text[:60]):
+        plain = lm.greedy_timed(target, prompt, 40)["tokens"]
+        res = lm.speculative_greedy(target, draft, prompt, 40, draft_tokens=3, lookup=True)
+        alone = lm.speculative_greedy(target, draft, prompt, 40, draft_tokens=0, lookup=True)  # no draft step
+        assert res["tokens"] == plain and alone["tokens"] == plain  # lossless
+        assert 0 <= res["lookup_accepted"] <= res["looked_up"] <= res["drafted"]
+        assert alone["drafted"] == alone["looked_up"]  # every guess copied
+        rounds.append(res["looked_up"])
+    assert rounds[-1] > 0 and res["lookup_accepted"] > 0  # the prompt that holds a period is copied from
+
+
+def test_engine_loop_feeds_a_long_input_in_pieces_the_profile_takes():
+    whole, limited = ToyDecoder(), ToyDecoder()
+    limited.max_input = 4
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    ref = whole.forward(ids)
+    loop = lm.EngineLoop(limited)
+    cache = loop.empty_cache()
+    logits, cache = loop.forward(np.asarray([ids]), cache)
+    assert logits.shape == (1, 10, 11) and np.array_equal(logits[0], ref) and cache == limited.length == 10
+    assert loop.cut(cache, 6) == 6 and limited.cache == ids[:6]
 
 
 def test_quality_scores_every_predicted_token():
@@ -379,7 +396,7 @@ def test_bench_prints_an_engines_figures_and_speculative_decoding_with_its_draft
     code = trt_lm_runner.main(["bench", "--engine", str(tmp_path / "teacher.engine"), "--draft",
                                str(tmp_path / "model.engine"), "--prompts", str(tmp_path / "prompts.npz"),
                                "--eval-data", str(tmp_path / "eval.npz"), "--max-new-tokens", "8",
-                               "--draft-tokens", "3", "--json", str(out)])
+                               "--draft-tokens", "3", "--lookup", "0", "--json", str(out)])
     assert code == 0
     j = json.loads(out.read_text())
     assert j["engine"] == "teacher.engine" and j["prompts"] == 3 and j["runs"] == 3 and j["new_tokens"] == 8
@@ -390,8 +407,17 @@ def test_bench_prints_an_engines_figures_and_speculative_decoding_with_its_draft
     s = j["speculative"]
     assert s["draft"] == "model.engine" and s["identical"] == 3 and s["prompts"] == 3 and s["draft_tokens"] == 3
     assert 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0 and s["tokens_per_s"] > 0
+    assert s["lookup"] is False and "compared" not in s
     assert j["memory"]["activation_mb"] == 3.0 and j["versions"]["tensorrt"] == "10.3.0.30"
     assert j["versions"]["cuda"] == "12.6" and "environment" in j
+    # with context lookup the draft alone and lookup alone are timed in the same rounds, all lossless
+    np.savez(tmp_path / "prompts.npz", prompts=np.tile(rng.integers(0, 300, (3, 3)), 2))  # prompts that repeat
+    assert trt_lm_runner.main(["bench", "--engine", str(tmp_path / "teacher.engine"), "--draft",
+                               str(tmp_path / "model.engine"), "--prompts", str(tmp_path / "prompts.npz"),
+                               "--max-new-tokens", "8", "--draft-tokens", "3", "--lookup", "1", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["speculative"]
+    assert s["lookup"] is True and s["identical"] == 3 and set(s["sources"]) == {"draft", "lookup"}
+    assert [(c["draft_tokens"], c["lookup"], c["identical"]) for c in s["compared"]] == [(3, False, 3), (0, True, 3)]
 
 
 def test_mixed_fp16_keeps_positions_norm_statistics_and_logits_in_fp32(decoders):
@@ -469,8 +495,7 @@ def test_build_script_refuses_a_name_it_cannot_quote(decoders):
 
 
 def test_runner_scripts_compile_for_the_boards_python():
-    for name in ("trt_lm_runner.py", "trt_lm_decode.py"):
-        path = BUNDLE_DIR / name
+    for path in (BUNDLE_DIR / "trt_lm_runner.py", BUNDLE_DIR / "trt_lm_decode.py", LOOP):
         py_compile.compile(str(path), doraise=True)
         ast.parse(path.read_text(), feature_version=(3, 8))  # JetPack 5 ships Python 3.8
         assert "strict=" not in path.read_text()  # zip(strict=) is Python 3.10+
@@ -479,6 +504,7 @@ def test_runner_scripts_compile_for_the_boards_python():
 def test_runner_run_as_a_script_in_a_bundle_without_tensorrt_exits_3(tmp_path):
     for name in SCRIPTS:
         shutil.copyfile(BUNDLE_DIR / name, tmp_path / name)
+    shutil.copyfile(LOOP, tmp_path / LOOP.name)
     np.savez(tmp_path / "prompts.npz", prompts=np.zeros((2, 4), np.int64))
     env = {**os.environ, "PYTHONPATH": ""}
     code = "import sys; sys.modules['tensorrt'] = None; sys.argv[0] = 'trt_lm_runner.py'; " \

@@ -1,22 +1,34 @@
 """The pure-numpy half of the Jetson LM bundle's runner (trt_lm_runner.py): the engines' one optimization
-profile, greedy and speculative decoding over any decoder with forward(ids) -> logits, trim(length), reset()
-and `length` (the cached tokens), and the JSON figures. Needs numpy only; edgekd's host side reads the same
-shape plan to write build_engine.sh."""
+profile, greedy decoding over any decoder with forward(ids) -> logits, trim(length), reset() and `length`
+(the cached tokens), and the JSON figures. Speculative decoding is lm_generation.py's loop (copied beside this
+file into the bundle), the one edgekd runs on the host and on other boards, through EngineLoop. Needs numpy
+only; edgekd's host side reads the same shape plan to write build_engine.sh."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
+try:  # imported as edgekd.backends.tensorrt_bundle.trt_lm_decode
+    from ...bench.lm_generation import LOOKUP_TOKENS
+    from ...bench.lm_generation import speculative_bench as _speculative_bench
+    from ...bench.lm_generation import speculative_greedy as _speculative_greedy
+except ImportError:  # run as a script in the bundle, lm_generation.py beside it
+    from lm_generation import LOOKUP_TOKENS  # type: ignore[no-redef]
+    from lm_generation import speculative_bench as _speculative_bench  # type: ignore[no-redef]
+    from lm_generation import speculative_greedy as _speculative_greedy  # type: ignore[no-redef]
+
 # ---------------------------------------------------------------- shapes
 
 
-def context_limits(seq_len: int, prompt_tokens: int, max_new_tokens: int, draft_tokens: int) -> dict:
+def context_limits(seq_len: int, prompt_tokens: int, max_new_tokens: int, draft_tokens: int,
+                   lookup: bool = False) -> dict:
     """The longest input and context the engine must take: a block of seq_len scored at once, a prompt and its
-    first token (the draft's first pass in speculative decoding), a check of draft_tokens + 1 tokens at the
-    end of the longest generation."""
-    longest = prompt_tokens + max_new_tokens + draft_tokens + 1
-    return {"max_input": max(seq_len, prompt_tokens + 1, draft_tokens + 1), "max_context": max(seq_len, longest),
+    first token (the draft's first pass in speculative decoding), a check of draft_tokens + 1 tokens (with
+    `lookup`, at least LOOKUP_TOKENS + 1: a round may copy that many) at the end of the longest generation."""
+    check = max(draft_tokens, LOOKUP_TOKENS if lookup else 0) + 1
+    longest = prompt_tokens + max_new_tokens + check
+    return {"max_input": max(seq_len, prompt_tokens + 1, check), "max_context": max(seq_len, longest),
             "opt_context": prompt_tokens + max_new_tokens // 2}
 
 
@@ -73,76 +85,50 @@ def speed_figures(runs: list) -> dict:
     return out
 
 
-def accepted_prefix(proposals: list, preds) -> int:
-    """How many leading draft proposals the target's own picks agree with."""
-    n = 0
-    while n < len(proposals) and proposals[n] == int(preds[n]):
-        n += 1
-    return n
+class EngineLoop:
+    """An engine decoder (forward(ids) -> logits, its cache on the device) as lm_generation's decode loops take a
+    decoder: forward(ids, cache) -> (logits (1, n, vocab), cache), empty_cache() and cut(cache, length), the
+    cache being the engine's cached length. Longer inputs than the engine's profile takes (the draft catching
+    up on a run of copied guesses) go in pieces."""
+
+    def __init__(self, dec):
+        self.dec = dec
+
+    def empty_cache(self, batch: int = 1) -> int:
+        self.dec.reset()
+        return 0
+
+    def forward(self, ids, cache):
+        ids = [int(t) for t in np.asarray(ids).reshape(-1)]
+        step = int(getattr(self.dec, "max_input", 0) or len(ids))
+        parts = [np.array(self.dec.forward(ids[i:i + step]), dtype=np.float32) for i in range(0, len(ids), step)]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[None], self.dec.length
+
+    def cut(self, cache, length: int) -> int:
+        self.dec.trim(length)
+        return self.dec.length
 
 
-def draft_token(logits: np.ndarray, min_confidence: float):
-    """The most likely token of one row of logits, or None where its probability is under min_confidence."""
-    token = int(logits.argmax())
-    if min_confidence <= 0.0:
-        return token
-    row = np.asarray(logits, dtype=np.float64)
-    return token if 1.0 / np.exp(row - row[token]).sum() >= min_confidence else None
+def speculative_greedy(target, draft, prompt, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0,
+                       lookup: bool = False) -> dict:
+    """The target's greedy continuation of `prompt` by lm_generation.speculative_greedy (the loop edgekd runs on
+    the host and on other boards): drafted up to `draft_tokens` at a time (fewer where the draft's probability
+    for its next token falls under `min_confidence`; with `lookup`, what followed the last tokens where they
+    occurred earlier instead, when they did), both engines' caches cut back to the accepted tokens."""
+    res = _speculative_greedy(EngineLoop(target), EngineLoop(draft), prompt, new_tokens, draft_tokens,
+                              min_confidence, lookup)
+    return {"tokens": res.tokens, "drafted": res.drafted, "accepted": res.accepted, "target_passes": res.target_passes,
+            "looked_up": res.looked_up, "lookup_accepted": res.lookup_accepted}
 
 
-def speculative_greedy(target, draft, prompt, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0) -> dict:
-    """The target's greedy continuation of `prompt`, drafted up to `draft_tokens` at a time (fewer where the
-    draft's probability for its next token falls under `min_confidence`); both decoders keep their KV caches,
-    cut back to the accepted tokens after every check."""
-    target.reset()
-    draft.reset()
-    seq = list(prompt)
-    nxt, passes = int(target.forward(seq)[-1].argmax()), 1
-    produced = drafted = accepted = 0
-    while True:
-        seq.append(nxt)
-        produced += 1
-        if produced >= new_tokens:
-            break
-        k = min(draft_tokens, new_tokens - produced)
-        logits = draft.forward(seq[draft.length:])
-        proposals = []
-        while True:
-            token = draft_token(logits[-1], min_confidence)
-            if token is None:
-                break
-            proposals.append(token)
-            if len(proposals) == k:
-                break
-            logits = draft.forward([token])
-        start = len(seq) - target.length - 1  # the fed position whose prediction checks proposals[0]
-        preds = target.forward(seq[target.length:] + proposals)[start:].argmax(-1)
-        passes += 1
-        n = accepted_prefix(proposals, preds)
-        drafted, accepted, produced = drafted + len(proposals), accepted + n, produced + n
-        seq.extend(proposals[:n])
-        target.trim(len(seq))
-        draft.trim(min(draft.length, len(seq)))
-        if produced >= new_tokens:
-            break
-        nxt = int(preds[n])
-    return {"tokens": seq[len(prompt):len(prompt) + new_tokens], "drafted": drafted, "accepted": accepted,
-            "target_passes": passes}
-
-
-def speculative_figures(results: list, spec_s: float, plain_s: float, same: list, draft_tokens: int,
-                        min_confidence: float = 0.0) -> dict:
-    """The speculative block: acceptance, tokens/s with and without the draft, speedup, identical outputs."""
-    drafted, accepted = sum(r["drafted"] for r in results), sum(r["accepted"] for r in results)
-    tokens = sum(len(r["tokens"]) for r in results)
-    spec_tps = tokens / spec_s if spec_s else None
-    plain_tps = tokens / plain_s if plain_s else None
-    return {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "prompts": len(results), "drafted": drafted, "accepted": accepted,
-            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
-            "tokens_per_s": round(spec_tps, 2) if spec_tps else None,
-            "teacher_tokens_per_s": round(plain_tps, 2) if plain_tps else None,
-            "speedup": round(spec_tps / plain_tps, 3) if spec_tps and plain_tps else None,
-            "identical": int(sum(same)), "target_passes": sum(r["target_passes"] for r in results)}
+def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0,
+                      lookup: bool = False) -> dict:
+    """lm_generation.speculative_bench on the engines: the target alone and speculative decoding on every prompt,
+    interleaved; with `lookup`, the draft alone and context lookup alone timed in the same rounds ("compared"),
+    so no figure credits the draft with what the lookup earned."""
+    compare = [(draft_tokens, min_confidence, False), (0, 0.0, True)] if lookup else []
+    return _speculative_bench(EngineLoop(target), EngineLoop(draft), prompts, new_tokens, draft_tokens,
+                              min_confidence, lookup, compare)
 
 
 def quality(dec, blocks: np.ndarray) -> dict:

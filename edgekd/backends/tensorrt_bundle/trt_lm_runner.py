@@ -2,7 +2,8 @@
 """Greedy and speculative decoding with this bundle's TensorRT LM engines, on the Jetson (TensorRT 8.5 to 11).
 
     python3 trt_lm_runner.py bench [--engine model.engine] [--draft DRAFT.engine] [--prompts prompts.npz]
-                                   [--eval-data eval.npz] [--max-new-tokens N] [--draft-tokens K] [--json OUT]
+                                   [--eval-data eval.npz] [--max-new-tokens N] [--draft-tokens K]
+                                   [--min-confidence C] [--lookup 0|1] [--json OUT]
 
 Defaults come from bundle.json beside this file. The engine runs the exported KV-cache decoder (inputs
 input_ids and past_key_i/past_value_i, outputs logits and present_*) under one optimization profile:
@@ -13,8 +14,9 @@ after a rejected draft) is one strided device copy per buffer. `bench` times pre
 (host wall clock, synchronized) on the bundle's prompts and prints one JSON object: prefill and decode
 tokens/s, time to first token, time per output token (p50/p90), with --eval-data the perplexity and
 next-token accuracy of the engine, with --draft speculative greedy decoding (the draft proposes, this
-engine verifies; the output is this engine's own greedy output) with its acceptance rate and speedup.
-The decoding itself is trt_lm_decode.py (numpy only). Needs tensorrt, numpy and cuda-python or torch
+engine verifies; the output is this engine's own greedy output) with its acceptance rate and speedup,
+with --lookup 1 context lookup beside the draft, and the draft alone and lookup alone timed in the same
+rounds. The decoding itself is trt_lm_decode.py and lm_generation.py (numpy only). Needs tensorrt, numpy and cuda-python or torch
 (trt_device.py); exit 2: bad input, exit 3: runtime failure.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 
 try:  # imported as edgekd.backends.tensorrt_bundle.trt_lm_runner
     from .trt_device import DeviceError, cuda_memory
-    from .trt_lm_decode import greedy_timed, quality, speculative_figures, speculative_greedy, speed_figures
+    from .trt_lm_decode import greedy_timed, quality, speculative_bench, speculative_greedy, speed_figures
     from .trt_runner import (
         EXIT_BAD_INPUT,
         EXIT_RUNTIME,
@@ -42,7 +44,13 @@ try:  # imported as edgekd.backends.tensorrt_bundle.trt_lm_runner
     )
 except ImportError:  # run as a script in the bundle
     from trt_device import DeviceError, cuda_memory  # type: ignore[no-redef]
-    from trt_lm_decode import greedy_timed, quality, speculative_figures, speculative_greedy, speed_figures  # type: ignore[no-redef]
+    from trt_lm_decode import (  # type: ignore[no-redef]
+        greedy_timed,
+        quality,
+        speculative_bench,
+        speculative_greedy,
+        speed_figures,
+    )
     from trt_runner import (  # type: ignore[no-redef]
         EXIT_BAD_INPUT,
         EXIT_RUNTIME,
@@ -190,7 +198,7 @@ def _npz(path: str, key: str) -> np.ndarray:
 
 
 def bench(engine: str, draft: str | None, prompts_path: str, eval_data: str | None, new_tokens: int,
-          draft_tokens: int, min_confidence: float = 0.0) -> dict:
+          draft_tokens: int, min_confidence: float = 0.0, lookup: bool = False) -> dict:
     """The engine's speed on the prompts, its quality on eval data and (with a draft) speculative decoding."""
     trt, cuda = _import_tensorrt(), cuda_memory()
     t0 = time.perf_counter()
@@ -210,18 +218,9 @@ def bench(engine: str, draft: str | None, prompts_path: str, eval_data: str | No
     out["memory"] = {"engine_mb": round(os.path.getsize(engine) / 2**20, 2), **target.memory()}
     if draft:
         d = EngineDecoder.load(trt, draft, cuda)
-        speculative_greedy(target, d, prompts[0], min(new_tokens, 4), draft_tokens, min_confidence)  # warm-up
-        results, same, spec_s, plain_s = [], [], 0.0, 0.0
-        for p in prompts:  # interleaved: a drift in clocks touches both alike
-            t = time.perf_counter()
-            plain = greedy_timed(target, p, new_tokens)["tokens"]
-            plain_s += time.perf_counter() - t
-            t = time.perf_counter()
-            results.append(speculative_greedy(target, d, p, new_tokens, draft_tokens, min_confidence))
-            spec_s += time.perf_counter() - t
-            same.append(results[-1]["tokens"] == plain)
+        speculative_greedy(target, d, prompts[0], min(new_tokens, 4), draft_tokens, min_confidence, lookup)  # warm-up
         out["speculative"] = {"draft": os.path.basename(draft),
-                              **speculative_figures(results, spec_s, plain_s, same, draft_tokens, min_confidence)}
+                              **speculative_bench(target, d, prompts, new_tokens, draft_tokens, min_confidence, lookup)}
         d.close()
     try:
         import resource
@@ -253,6 +252,9 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     b.add_argument("--draft-tokens", type=int, default=d.get("draft_tokens", 4), help="the most a round drafts")
     b.add_argument("--min-confidence", type=float, default=d.get("min_confidence", 0.0),
                    help="the draft stops where its probability for its next token is under this (0: never)")
+    b.add_argument("--lookup", type=int, choices=(0, 1), default=int(bool(d.get("lookup", False))),
+                   help="1: a round whose last tokens occurred earlier proposes what followed them there instead "
+                        "of drafting (the draft alone and lookup alone are then timed beside it)")
     b.add_argument("--json", help="also write the JSON object to this file")
     args = p.parse_args(argv)
     if args.max_new_tokens < 2 or args.draft_tokens < 1 or not 0.0 <= args.min_confidence < 1.0:
@@ -265,7 +267,7 @@ def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     try:
         result = bench(args.engine, args.draft, args.prompts, args.eval_data, args.max_new_tokens, args.draft_tokens,
-                       args.min_confidence)
+                       args.min_confidence, bool(args.lookup))
         text = json.dumps(result, allow_nan=False)
         if args.json:
             _write(args.json, (text + "\n").encode())
