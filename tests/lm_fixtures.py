@@ -40,7 +40,7 @@ def tiny_llama_dir(path: Path, seed: int = 0, **sizes) -> Path:
     tokenizer = tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                       bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                      tie_word_embeddings=True, **{**TINY, **sizes})
+                      **{"tie_word_embeddings": True, **TINY, **sizes})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     path.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,17 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
     kept = set(eight_bit_matmuls(onnx.load(str(fp32)))) if weights == "int4_mixed" else set()
     for n in nbits:  # weight-only, k bits; int4_mixed's narrowing projections and LM head in 8
         assert next(a.i for a in n.attribute if a.name == "bits") == (8 if n.name.removesuffix("_Q8") in kept else bits)
-    # INT4 also stores the token embedding in 4-bit blocks; the rotary tables and INT8's embedding stay float
+    # the tied model's token embedding reads the quantized LM head's own blocks (its table is gone from the
+    # file); the rotary tables stay float
     embedding = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
-    assert [n.input[1] for n in embedding] == (["input_ids"] if bits == 4 else [])
-    assert q.stat().st_size < 0.7 * fp32.stat().st_size
+    head = next(n for n in nodes if "logits" in n.output)
+    assert [n.input[1] for n in embedding] == ["input_ids"] and embedding[0].input[2] == head.input[2]
+    reshape = next(n for n in nodes if n.output[0] == embedding[0].input[0])
+    assert reshape.op_type == "Reshape" and reshape.input[0] == head.input[1]
+    assert next(a.i for a in embedding[0].attribute if a.name == "bits") == next(
+        a.i for a in head.attribute if a.name == "bits")
+    assert not [n for n in nodes if n.op_type == "Gather" and n.input[1:2] == ["input_ids"]]  # no float table
+    assert q.stat().st_size < (0.4 if bits == 8 else 0.3) * fp32.stat().st_size  # one table for both, quantized
     ref = _decoder(fp32, teacher.config, tmp, "fp32-ref")
     got = _decoder(q, teacher.config, tmp, f"{weights}-c")
     blocks = text[:4].numpy()
@@ -63,6 +70,21 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
     clear = top2[..., 1] - top2[..., 0] > 2.0
     assert clear.sum() >= 20
     assert (ref_logits.argmax(-1) == got_logits.argmax(-1))[clear].mean() >= 0.95
+
+
+def test_an_untied_model_keeps_its_own_embedding_table(tmp_path):
+    import onnx
+
+    from edgekd.quantize.lm_weights import tied_embedding
+
+    untied = load_lm(str(tiny_llama_dir(tmp_path / "untied", hidden_size=64, tie_word_embeddings=False))).model
+    fp32 = export_lm_onnx(untied, tmp_path / "fp32.onnx")
+    assert not tied_embedding(onnx.load(str(fp32)))
+    nodes = onnx.load(str(quantize_lm_weights(fp32, tmp_path / "int4.onnx", "int4"))).graph.node
+    embedding = next(n for n in nodes if n.op_type == "GatherBlockQuantized")
+    assert embedding.input[0] == next(n for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gather"
+                                      and n.input[1:2] == ["input_ids"]).input[0] + "_Q4"  # its own 4-bit table
+    assert not [n for n in nodes if n.op_type == "Reshape" and n.output[0] == embedding.input[0]]
 
 
 def test_int4_mixed_keeps_the_head_and_the_narrowing_projections_in_8_bits(models):
