@@ -13,11 +13,11 @@ int4_mixed: as int4, but the weights that narrow their input (the MLP's down pro
       value and down projections at higher precision. On a distilled SmolLM2 student this cost 4% of
       perplexity where int4 cost 18%, and decoded 1.18x faster than int8.
 A tied model (the token embedding is the LM head's weight, as in SmolLM2 and Llama 3.2) keeps one table:
-the embedding reads the quantized head's own blocks (a Reshape of the head's MatMulNBits weight and a
-GatherBlockQuantized with its scales and bits), as ONNX Runtime GenAI's shared embeddings do. The float
-export writes that table twice; on a distilled SmolLM2 student sharing took int8 from 186 to 78 MB,
-int4_mixed from 83 to 66 MB (its embedding now in INT8 blocks: 1% lower perplexity) and int4 from 61 to
-44 MB (the same values: the same picks). An untied model's INT8 embedding stays float and its INT4
+the embedding reads the quantized head's own blocks (a GatherBlockQuantized over the head's MatMulNBits
+weight with its bits and scales), as ONNX Runtime GenAI's shared embeddings do. The float
+export writes that table twice; on a distilled SmolLM2 student sharing took int8 from 195.1 to 85.4 MB,
+int4_mixed from 86.9 to 72.8 MB (its embedding now in INT8 blocks: 1% lower perplexity) and int4 from
+64.2 to 50.0 MB (the same values: the same picks). An untied model's INT8 embedding stays float and its INT4
 embedding gets its own 4-bit blocks."""
 from __future__ import annotations
 
@@ -134,8 +134,10 @@ def tied_embedding(model) -> bool:
 
 def share_head_with_embedding(model) -> bool:
     """Make the token embedding read the quantized LM head's blocks (as ONNX Runtime GenAI does for tied
-    models): a Reshape of the head's MatMulNBits weight to one row per token and a GatherBlockQuantized with
-    the head's scales and bits replace the embedding's own table, which the file then no longer holds.
+    models): a GatherBlockQuantized over the head's MatMulNBits weight itself, one row of blocks per token,
+    then a Reshape of the gathered rows to the hidden size, replace the embedding's own table, which the file
+    then no longer holds. The gather reads the weight as it is (a Reshape of it would be folded into a
+    second copy when ONNX Runtime optimizes the graph); only its scales are its own, shaped (rows, blocks, 1).
     Only for a head without zero points whose rows fill whole blocks. True where the graph was changed."""
     from onnx import helper, numpy_helper
 
@@ -144,18 +146,19 @@ def share_head_with_embedding(model) -> bool:
         return False
     attrs = {a.name: a.i for a in head.attribute}
     tables = {i.name: i for i in model.graph.initializer}
-    weight = tables.get(head.input[1])
-    if weight is None or head.input[2] not in tables or attrs.get("K", 0) % attrs.get("block_size", 1) \
-            or len(weight.dims) != 3:
+    weight, scales = tables.get(head.input[1]), tables.get(head.input[2])
+    if weight is None or scales is None or attrs.get("K", 0) % attrs.get("block_size", 1) or len(weight.dims) != 3:
         return False
-    rows, blocks, width = weight.dims
-    shape = f"{head.input[1]}_rows_shape"
-    model.graph.initializer.append(numpy_helper.from_array(np.asarray([rows, blocks * width], dtype=np.int64), shape))
-    nodes = [helper.make_node("Reshape", [head.input[1], shape], [f"{head.input[1]}_rows"],
-                              name="/embed/head_rows"),
-             helper.make_node("GatherBlockQuantized", [f"{head.input[1]}_rows", "input_ids", head.input[2]],
-                              [embed.output[0]], name="/embed/Gather_head", domain="com.microsoft",
-                              bits=attrs["bits"], block_size=attrs["block_size"], gather_axis=0, quantize_axis=1)]
+    rows, blocks = weight.dims[0], weight.dims[1]
+    own_scales, shape = f"{head.input[2]}_per_block", f"{embed.output[0]}_shape"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(numpy_helper.to_array(scales).reshape(rows, blocks, 1), own_scales),
+        numpy_helper.from_array(np.asarray([0, 0, -1], dtype=np.int64), shape)])
+    nodes = [helper.make_node("GatherBlockQuantized", [head.input[1], "input_ids", own_scales],
+                              [f"{embed.output[0]}_blocks"], name="/embed/Gather_head", domain="com.microsoft",
+                              bits=attrs["bits"], block_size=attrs["block_size"], gather_axis=0, quantize_axis=2),
+             helper.make_node("Reshape", [f"{embed.output[0]}_blocks", shape], [embed.output[0]],
+                              name="/embed/head_rows")]
     at = list(model.graph.node).index(embed)
     model.graph.node.remove(embed)
     for k, n in enumerate(nodes):
