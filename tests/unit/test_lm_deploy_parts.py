@@ -56,6 +56,8 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
         a.i for a in head.attribute if a.name == "bits")
     assert not [n for n in nodes if n.op_type == "Gather" and n.input[1:2] == ["input_ids"]]  # no float table
     assert q.stat().st_size < (0.4 if bits == 8 else 0.3) * fp32.stat().st_size  # one table for both, quantized
+    served = get_backend("onnxruntime").compile(q, load_profile("cpu"), tmp / f"{weights}-served", weights)
+    assert served.size_bytes() < 1.02 * q.stat().st_size  # ONNX Runtime's optimized graph does not copy it back
     ref = _decoder(fp32, teacher.config, tmp, "fp32-ref")
     got = _decoder(q, teacher.config, tmp, f"{weights}-c")
     blocks = text[:4].numpy()
