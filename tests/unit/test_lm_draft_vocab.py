@@ -95,3 +95,8 @@ def test_a_head_that_is_not_a_constant_matmul_is_one_clear_error(lm, tmp_path):
         cut_head(tmp_path / "odd.onnx", tmp_path / "out.onnx", np.arange(5))
     with pytest.raises(StageError, match="distinct ids"):
         cut_head(fp32, tmp_path / "dup.onnx", np.array([1, 1, 2]))
+    old = onnx.load(str(fp32))  # the scatter back needs Shape's end attribute (opset 15)
+    next(o for o in old.opset_import if o.domain in ("", "ai.onnx")).version = 14
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    with pytest.raises(StageError, match="old.onnx is at opset 14; the cut needs opset 15 or later"):
+        cut_head(tmp_path / "old.onnx", tmp_path / "out.onnx", np.arange(5))
