@@ -17,7 +17,10 @@ them with edgekd's own decoders of the run (its final, and its candidates of the
 Prints a Markdown table with ratios against edgekd's final decoder, and with --json writes every figure.
 
     python tools/genai_peer.py --run RUN_DIR [--precisions int4 int8] [--prompts 20] [--new-tokens 64]
-                               [--threads N] [--work DIR] [--json OUT]
+                               [--threads N] [--work DIR] [--genai-graph] [--json OUT]
+
+--genai-graph adds a row per precision: GenAI's model.onnx decoded by edgekd's own loop, which tells its
+graph's speed apart from its Generator's (a KV cache kept in place, buffers reused across steps).
 
 onnxruntime-genai is not an edgekd dependency. Install it beside the environment without its dependencies
 (it uses the onnxruntime already installed, which it needs at >= 1.31) and put it on the path:
@@ -440,6 +443,17 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
             e.perplexity = ppl
             entries.append(e)
             print(f"{e.name}: built in {e.details['build_seconds']} s, test perplexity {ppl:.4f}", file=sys.stderr)
+            if args.genai_graph:  # the same graph through edgekd's loop: its graph apart from its Generator
+                from edgekd.backends.onnxruntime import OrtRunner
+
+                runner = OrtRunner(out / "model.onnx", threads, ["CPUExecutionProvider"], spin=True)
+                runners.append(runner)
+                dec = GenAIOnnxDecoder(runner.session, shape, shape.num_hidden_layers)
+                g = Entry(f"GenAI {precision} graph, edgekd's loop", "genai", precision, genai_files(out),
+                          partial(decode_once, dec), f"{ort_v} (edgekd's decode loop on GenAI's model.onnx)",
+                          e.perplexity_runtime, {"graph": info})
+                g.perplexity = ppl
+                entries.append(g)
         print(f"timing {len(entries)} models on {len(prompts)} prompts x {args.new_tokens} new tokens, "
               f"{threads} threads", file=sys.stderr)
         interleaved(entries, prompts, args.new_tokens)
@@ -491,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="where the student and the GenAI builds go (default: a temporary "
                    "directory, removed at the end)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write every figure as JSON here")
+    p.add_argument("--genai-graph", action="store_true",
+                   help="also time GenAI's model.onnx through edgekd's own decode loop (an onnxruntime session, "
+                        "fresh past and present arrays each step, as edgekd's decoders run): its graph apart from "
+                        "its Generator")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.new_tokens < 2:
         p.error("--prompts must be at least 1 and --new-tokens at least 2")
