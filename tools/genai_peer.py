@@ -255,12 +255,15 @@ class GenAIOnnxDecoder(Decoder):
     has it, past_key_values.N.key / .value; outputs logits, present.N.key / .value."""
 
     def __init__(self, session, config, layers: int):
-        super().__init__(lambda feeds: session.run(None, feeds), config, layers)
-        self.names = {i.name for i in session.get_inputs()}
         self.past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-        missing = {"input_ids", "attention_mask", *self.past} - self.names
+        present = ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+        # by name, in edgekd's cache order (the graph lists every layer's key before any value)
+        super().__init__(lambda feeds: session.run(present, feeds), config, layers)
+        self.names = {i.name for i in session.get_inputs()}
+        missing = ({"input_ids", "attention_mask", *self.past} - self.names) | (
+            set(present) - {o.name for o in session.get_outputs()})
         if missing:
-            raise PeerError(f"GenAI's model.onnx lacks the inputs {', '.join(sorted(missing)[:4])}")
+            raise PeerError(f"GenAI's model.onnx lacks {', '.join(sorted(missing)[:4])}")
 
     def forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         batch, seq = ids.shape
