@@ -31,7 +31,7 @@ from ..errors import StageError
 from ..runs import atomic_path
 
 __all__ = ["INT4_BLOCK", "OV_WEIGHT_FORMATS", "WEIGHT_FORMATS", "compress_ov_weights", "eight_bit_matmuls",
-           "precision", "quantize_lm_weights", "share_head_with_embedding", "tied_embedding"]
+           "precision", "quantize_lm_weights", "embedding_shares_head", "share_head_with_embedding"]
 
 INT4_BLOCK = 32
 WEIGHT_FORMATS = {
@@ -118,9 +118,10 @@ def _embedding_and_head(model) -> tuple:
     return embed, head
 
 
-def tied_embedding(model) -> bool:
-    """Whether the float decoder's token embedding table is its LM head's weight, transposed (a tied model:
-    the export writes the same values twice)."""
+def embedding_shares_head(model) -> bool:
+    """Whether the float decoder's token embedding can read its quantized LM head's blocks: the table is the
+    head's weight, transposed (a tied model: the export writes the same values twice), and its rows fill
+    whole blocks of INT4_BLOCK."""
     from onnx import numpy_helper
 
     embed, head = _embedding_and_head(model)
@@ -129,7 +130,7 @@ def tied_embedding(model) -> bool:
             or embed.input[0] not in tables or head.input[1] not in tables:
         return False
     a, b = (numpy_helper.to_array(tables[name]) for name in (embed.input[0], head.input[1]))
-    return a.ndim == 2 and a.shape[::-1] == b.shape and bool((a == b.T).all())
+    return a.ndim == 2 and a.shape[1] % INT4_BLOCK == 0 and a.shape[::-1] == b.shape and bool((a == b.T).all())
 
 
 def share_head_with_embedding(model) -> bool:
@@ -205,10 +206,10 @@ def quantize_lm_weights(fp32: Path, out: Path, weights: str) -> Path:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
             model = onnx.load(str(fp32))
-            tied = tied_embedding(model)
+            shared = embedding_shares_head(model)  # then the embedding's own table is not quantized, but dropped
             extra: dict = {}
             eight = eight_bit_matmuls(model) if weights == "int4_mixed" else []
-            others = _other_gathers(model) if weights != "int8" else None
+            others = _other_gathers(model) if weights != "int8" and not shared else None
             if others is not None:  # a 4-bit table is an INT4 tensor: opset 21, which the quantizer declares
                 model = _at_opset(model, 21)
                 others = None if model is None else others
@@ -227,7 +228,7 @@ def quantize_lm_weights(fp32: Path, out: Path, weights: str) -> Path:
                                          op_types_to_quantize=("MatMul",))
                 q.process()
                 model = q.model.model
-            if tied:
+            if shared:
                 share_head_with_embedding(model)
             onnx.save(model, str(tmp))
     except StageError:

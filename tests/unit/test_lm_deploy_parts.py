@@ -75,11 +75,11 @@ def test_weight_quantization_keeps_perplexity_and_greedy_tokens(models, weights,
 def test_an_untied_model_keeps_its_own_embedding_table(tmp_path):
     import onnx
 
-    from edgekd.quantize.lm_weights import tied_embedding
+    from edgekd.quantize.lm_weights import embedding_shares_head
 
     untied = load_lm(str(tiny_llama_dir(tmp_path / "untied", hidden_size=64, tie_word_embeddings=False))).model
     fp32 = export_lm_onnx(untied, tmp_path / "fp32.onnx")
-    assert not tied_embedding(onnx.load(str(fp32)))
+    assert not embedding_shares_head(onnx.load(str(fp32)))
     nodes = onnx.load(str(quantize_lm_weights(fp32, tmp_path / "int4.onnx", "int4"))).graph.node
     embedding = next(n for n in nodes if n.op_type == "GatherBlockQuantized")
     assert embedding.input[0] == next(n for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gather"
