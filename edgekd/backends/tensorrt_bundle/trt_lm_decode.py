@@ -88,7 +88,8 @@ def speed_figures(runs: list) -> dict:
 class EngineLoop:
     """An engine decoder (forward(ids) -> logits, its cache on the device) as lm_generation's decode loops take a
     decoder: forward(ids, cache) -> (logits (1, n, vocab), cache), empty_cache() and cut(cache, length), the
-    cache being the engine's cached length. Longer inputs than the engine's profile takes (the draft catching
+    cache being the engine's cached length. The logits are the engine's host buffer (no copy: the loop reads
+    them before that engine runs again). Longer inputs than the engine's profile takes (the draft catching
     up on a run of copied guesses) go in pieces."""
 
     def __init__(self, dec):
@@ -101,8 +102,10 @@ class EngineLoop:
     def forward(self, ids, cache):
         ids = [int(t) for t in np.asarray(ids).reshape(-1)]
         step = int(getattr(self.dec, "max_input", 0) or len(ids))
-        parts = [np.array(self.dec.forward(ids[i:i + step]), dtype=np.float32) for i in range(0, len(ids), step)]
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[None], self.dec.length
+        if len(ids) <= step:  # the engine's own buffer, read by the loop before this engine runs again
+            return self.dec.forward(ids)[None], self.dec.length
+        parts = [np.array(self.dec.forward(ids[i:i + step])) for i in range(0, len(ids), step)]
+        return np.concatenate(parts)[None], self.dec.length
 
     def cut(self, cache, length: int) -> int:
         self.dec.trim(length)
