@@ -15,9 +15,11 @@ from ..data.text import TextSplits
 from ..runs import cache_dir, hash_arrays, hash_obj
 from .lm_cache import TopKCache
 from .lm_sequence import sequence_kd_blocks
-from .lm_trainer import build_topk_cache, train_lm
+from .lm_trainer import build_topk_cache, lm_amp, train_lm
 
 __all__ = ["lm_distill_key", "lm_steps", "run_lm_distill"]
+
+PRECISION = {None: "fp32", torch.bfloat16: "bf16"}
 
 
 def lm_steps(ctx: RunContext, splits: TextSplits) -> int:
@@ -34,16 +36,18 @@ def lm_distill_key(ctx: RunContext, teacher_key: str, splits: TextSplits) -> str
 
 
 def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits,
-           blocks: torch.Tensor | None = None) -> tuple[TopKCache, dict]:
-    """The teacher's top-k cache over `blocks` (default: the training blocks), built where missing."""
+           blocks: torch.Tensor | None = None, amp: torch.dtype | None = None) -> tuple[TopKCache, dict]:
+    """The teacher's top-k cache over `blocks` (default: the training blocks), built where missing, the
+    teacher's layers under `amp` autocast (its head in fp32)."""
     cfg = ctx.config
     blocks = splits.train.ids if blocks is None else blocks
     k = min(int(cfg.distill.cache_topk), splits.vocab_size)  # type: ignore[arg-type]
-    key = hash_obj("lm-topk-v1", teacher_key, hash_arrays(blocks.numpy()), cfg.data.batch_size, k)
+    parts = ("lm-topk-v1", teacher_key, hash_arrays(blocks.numpy()), cfg.data.batch_size, k)
+    key = hash_obj(*parts, PRECISION[amp]) if amp is not None else hash_obj(*parts)
     cache = TopKCache(cache_dir() / "lm-topk" / key, key, k=k, vocab=splits.vocab_size)
     t0 = time.perf_counter()
-    built = build_topk_cache(teacher, blocks, cfg.data.batch_size, cache, ctx.progress)
-    info = {"k": k, "directory": str(cache.directory), "batches": len(cache.batches()),
+    built = build_topk_cache(teacher, blocks, cfg.data.batch_size, cache, ctx.progress, amp)
+    info = {"k": k, "precision": PRECISION[amp], "directory": str(cache.directory), "batches": len(cache.batches()),
             "built_batches": built, "reused": built == 0, "mb": round(cache.nbytes() / 2**20, 2),
             "seconds": round(time.perf_counter() - t0, 2)}
     return cache, info
@@ -55,11 +59,12 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
     cfg = ctx.config
     d = cfg.distill
     steps = lm_steps(ctx, splits)
+    amp = lm_amp(d.precision)
     initial = copy.deepcopy(student.state_dict()) if d.baseline else None
     t0 = time.perf_counter()
     metrics: dict = {"strategy": "kd", "loss": d.loss, "alpha": d.alpha, "temperature": d.temperature,
                      "steps": steps, "batch_size": cfg.data.batch_size, "seq_len": splits.seq_len,
-                     "train_tokens": splits.train.tokens}
+                     "train_tokens": splits.train.tokens, "precision": PRECISION[amp]}
     if d.loss == "jsd":
         metrics["beta"] = d.beta
     blocks = splits.train.ids
@@ -68,13 +73,13 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                                                             cfg.data.batch_size, ctx.progress)
     cache = None
     if d.alpha > 0 and d.cache_topk:
-        cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits, blocks)
+        cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits, blocks, amp)
     policy_tokens = d.sequence_kd or max(1, splits.seq_len // 4)
     res = train_lm(student, blocks, splits.val.ids, steps=steps, lr=d.lr, batch_size=cfg.data.batch_size,
                    seed=cfg.seed, kind=d.loss, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
                    teacher=None if cache is not None else teacher, cache=cache, progress=ctx.progress,
                    label="distilling the LM student", on_policy=d.on_policy,
-                   policy_teacher=teacher if d.on_policy else None, policy_tokens=policy_tokens)
+                   policy_teacher=teacher if d.on_policy else None, policy_tokens=policy_tokens, amp=amp)
     metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "step_curve": res.curve,
                     "train_seconds": res.seconds})
     if d.on_policy:
@@ -85,7 +90,7 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
         baseline.load_state_dict(initial)
         base = train_lm(baseline, splits.train.ids, splits.val.ids, steps=steps, lr=d.lr,
                         batch_size=cfg.data.batch_size, seed=cfg.seed, alpha=0.0, progress=ctx.progress,
-                        label="training the cross-entropy baseline")
+                        label="training the cross-entropy baseline", amp=amp)
         metrics["baseline"] = {"steps": steps, "val_perplexity": round(base.val_perplexity, 4),
                                "best_step": base.best_step, "train_seconds": base.seconds}
     metrics["duration_s"] = round(time.perf_counter() - t0, 2)
