@@ -11,6 +11,7 @@ from edgekd.data.text import build_text_splits  # noqa: E402
 from edgekd.distill.lm_cache import TopKCache  # noqa: E402
 from edgekd.distill.lm_trainer import (  # noqa: E402
     build_topk_cache,
+    lm_amp,
     lm_logits,
     next_token_agreement,
     perplexity,
@@ -75,3 +76,40 @@ def test_training_from_the_full_topk_cache_matches_the_live_teacher(lm, tmp_path
     cached = train_lm(b, splits.train.ids, splits.val.ids, cache=cache, eval_every=6, **kw)
     assert cached.curve[-1]["loss"] == pytest.approx(live.curve[-1]["loss"], rel=1e-3)
     assert cached.val_perplexity == pytest.approx(live.val_perplexity, rel=1e-3)
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16():
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert lm_amp("auto") == (torch.bfloat16 if native else None)
+    assert lm_amp("fp32") is None and lm_amp("fp16") is None
+    assert lm_amp("bf16") == torch.bfloat16
+
+
+def test_bf16_logits_stay_close_and_the_head_can_stay_fp32(lm, tmp_path):
+    loaded, splits = lm
+    ids = splits.val.ids[:4]
+    ref = lm_logits(loaded.model, ids)
+    bf = lm_logits(loaded.model, ids, torch.bfloat16)
+    head = lm_logits(loaded.model, ids, torch.bfloat16, head_fp32=True)
+    assert bf.dtype == torch.bfloat16 and head.dtype == torch.float32
+    scale = float(ref.abs().max())
+    assert float((head - ref).abs().max()) < 0.05 * scale
+    assert float((head.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.9
+    cache = TopKCache(tmp_path / "bf16", "k", k=8, vocab=loaded.model.config.vocab_size)
+    assert build_topk_cache(loaded.model, ids, 4, cache, amp=torch.bfloat16) == 1
+    top, _ = cache.read(0)
+    want = ref[:, :-1].float().log_softmax(-1).topk(8, -1).values
+    assert float((top.values.float() - want).abs().mean()) < 0.05
+
+
+def test_bf16_training_lowers_validation_perplexity_like_fp32(lm):
+    loaded, splits = lm
+    fp32, _ = build_lm_student(loaded.model, {"layers": 2}, init="scratch", seed=2)
+    bf16, _ = build_lm_student(loaded.model, {"layers": 2}, init="scratch", seed=2)
+    before = perplexity(fp32, splits.val.ids)
+    kw = dict(steps=40, lr=3e-3, batch_size=8, seed=0, alpha=0.5, teacher=loaded.model)
+    a = train_lm(fp32, splits.train.ids, splits.val.ids, **kw)
+    b = train_lm(bf16, splits.train.ids, splits.val.ids, amp=torch.bfloat16, **kw)
+    assert b.val_perplexity < 0.5 * before
+    assert b.val_perplexity == pytest.approx(a.val_perplexity, rel=0.1)
+    assert next(bf16.parameters()).dtype == torch.float32  # the weights stay fp32
