@@ -142,12 +142,16 @@ def next_token_ce(student_logits: torch.Tensor, labels: torch.Tensor, mask: torc
     return masked_token_mean(ce, keep)
 
 
-def _mix(divergence: torch.Tensor | None, student_logits: torch.Tensor, labels: torch.Tensor | None,
-         mask: torch.Tensor | None, alpha: float) -> torch.Tensor:
+def _mix_check(alpha: float, labels: torch.Tensor | None) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if alpha < 1.0 and labels is None:
         raise ValueError("labels are needed when alpha < 1 (the cross-entropy term)")
+
+
+def _mix(divergence: torch.Tensor | None, student_logits: torch.Tensor, labels: torch.Tensor | None,
+         mask: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    _mix_check(alpha, labels)
     terms = [] if divergence is None else [alpha * divergence]  # divergence is None only when alpha = 0
     if alpha < 1.0:
         terms.append((1.0 - alpha) * next_token_ce(student_logits, labels, mask))  # type: ignore[arg-type]
@@ -183,7 +187,7 @@ def lm_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def topk_teacher(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
     """The k most likely tokens of a live teacher at temperature 1, as lm_cache stores them (full precision).
 
-    The rest mass is computed as exp(logsumexp of the other log-probabilities), which equals
+    The rest mass is the sum of the other probabilities (the k zeroed in place), which equals
     1 - sum(exp(values)) without that subtraction's cancellation when the top k hold nearly everything."""
     log_p = F.log_softmax(_compute_dtype(teacher_logits.detach()), dim=-1)
     vocab = log_p.shape[-1]
@@ -192,8 +196,60 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
     values, indices = log_p.topk(k, dim=-1)
     if k == vocab:
         return TopKTeacher(values, indices, torch.zeros_like(values[..., 0]))
-    rest = torch.logsumexp(log_p.scatter(-1, indices, float("-inf")), dim=-1).exp()
+    rest = log_p.exp_().scatter_(-1, indices, 0.0).sum(dim=-1)  # log_p (a new tensor) is not needed any more
     return TopKTeacher(values, indices, rest)
+
+
+class _Buckets(torch.autograd.Function):
+    """The student's log-probabilities over the k + 1 buckets at temperature T, and (with labels, T = 1)
+    its per-token cross-entropy, in a few passes over the vocabulary and with a hand-written backward.
+
+    Forward: e = exp((z - max z) / T) once (in float32, whatever the logits' dtype); the k bucket entries
+    are read from it and zeroed in place, so the rest bucket's sum is exact (no 1 - sum cancellation) and
+    the total is that sum plus the k read entries. Backward: with L = log of the total, d s_top / dz =
+    onehot(idx) - p, d s_rest / dz = e'/rest - p (e' zero on the k tokens), d nll / dz = p - onehot(label),
+    all on e' and the k saved entries; a rest bucket with no mass (k = vocab) passes no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor | None,
+                temperature: float):  # type: ignore[override]
+        cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        m = logits.amax(dim=-1, keepdim=True).to(cdt)
+        e = logits.to(cdt, copy=True).sub_(m)
+        if temperature != 1.0:
+            e.div_(temperature)
+        e.exp_()
+        e_top = e.gather(-1, idx)
+        e.scatter_(-1, idx, 0.0)
+        rest = e.sum(dim=-1, keepdim=True)
+        total = rest + e_top.sum(dim=-1, keepdim=True)
+        log_total = total.log()
+        s_top = (logits.gather(-1, idx).to(cdt) - m) / temperature - log_total
+        s_rest = rest.log() - log_total
+        nll = None
+        if labels is not None:  # temperature 1 only (the caller's contract)
+            nll = (log_total - (logits.gather(-1, labels.unsqueeze(-1)).to(cdt) - m)).squeeze(-1)
+        ctx.save_for_backward(e, e_top, total, rest, idx, labels if labels is not None else idx[..., :0])
+        ctx.temperature, ctx.in_dtype, ctx.has_labels = temperature, logits.dtype, labels is not None
+        return s_top, s_rest, nll if nll is not None else s_rest.new_zeros(s_rest.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g_top, g_rest, g_nll):  # type: ignore[override]
+        e, e_top, total, rest, idx, labels = ctx.saved_tensors
+        g_top = torch.zeros_like(e_top) if g_top is None else g_top
+        g_rest = torch.zeros_like(rest) if g_rest is None else g_rest
+        has_nll = ctx.has_labels and g_nll is not None
+        g_l = -(g_top.sum(-1, keepdim=True) + g_rest)  # d loss / d log_total
+        if has_nll:
+            g_l = g_l + g_nll.unsqueeze(-1)
+        per_rest = torch.where(rest > 0, g_rest / rest.clamp_min(torch.finfo(rest.dtype).tiny), torch.zeros_like(rest))
+        grad = e * (g_l / total + per_rest)
+        grad.scatter_add_(-1, idx, g_top + g_l * e_top / total)
+        if has_nll:
+            grad.scatter_add_(-1, labels.unsqueeze(-1), -g_nll.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.in_dtype), None, None, None
 
 
 def _bucket_log_probs(student_logits: torch.Tensor, teacher: TopKTeacher,
@@ -206,18 +262,25 @@ def _bucket_log_probs(student_logits: torch.Tensor, teacher: TopKTeacher,
     which the re-normalisation absorbs). At T != 1 it treats the rest as one token: the true tempered
     rest is sum_j p_j^(1/T) over the other tokens, and (sum_j p_j)^(1/T) under-counts it for T > 1 (and
     over-counts it for T < 1); the gap is small when the rest mass is small, i.e. when k covers the teacher."""
-    z = _compute_dtype(student_logits) / temperature
-    idx = teacher.indices.to(device=z.device).long()
-    log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
-    s_top = z.gather(-1, idx) - log_norm
-    # scatter's backward zeroes the gradient at the k indices, so an all -inf row (k = vocab) stays NaN-free
-    s_rest = torch.logsumexp(z.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True) - log_norm
-    log_s = _finite(torch.cat([s_top, s_rest], dim=-1))
+    log_s, _ = _student_buckets(student_logits, teacher, temperature, None)
+    return log_s, _teacher_buckets(teacher, temperature, log_s)
 
-    values = teacher.values.detach().to(device=z.device, dtype=z.dtype)
-    rest = teacher.rest_mass.detach().to(device=z.device, dtype=z.dtype).clamp_min(0.0).unsqueeze(-1)
-    log_t = _finite(F.log_softmax(torch.cat([values, rest.log()], dim=-1) / temperature, dim=-1))
-    return log_s, log_t
+
+def _student_buckets(student_logits: torch.Tensor, teacher: TopKTeacher, temperature: float,
+                     labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The student's k + 1 bucket log-probabilities, and with `labels` (T = 1 only) its per-token CE."""
+    if labels is not None and temperature != 1.0:
+        raise ValueError("the fused cross-entropy is at temperature 1 only")
+    idx = teacher.indices.to(device=student_logits.device).long()
+    safe = None if labels is None else labels.clamp_min(0).long()
+    s_top, s_rest, nll = _Buckets.apply(student_logits, idx, safe, float(temperature))
+    return _finite(torch.cat([s_top, s_rest], dim=-1)), (nll if labels is not None else None)
+
+
+def _teacher_buckets(teacher: TopKTeacher, temperature: float, like: torch.Tensor) -> torch.Tensor:
+    values = teacher.values.detach().to(device=like.device, dtype=like.dtype)
+    rest = teacher.rest_mass.detach().to(device=like.device, dtype=like.dtype).clamp_min(0.0).unsqueeze(-1)
+    return _finite(F.log_softmax(torch.cat([values, rest.log()], dim=-1) / temperature, dim=-1))
 
 
 def forward_kl_topk(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
@@ -248,14 +311,26 @@ def generalized_jsd_topk(student_logits: torch.Tensor, topk_values: torch.Tensor
 def lm_distill_loss_topk(student_logits: torch.Tensor, teacher: TopKTeacher, labels: torch.Tensor | None,
                          mask: torch.Tensor | None, kind: str = "forward_kl", alpha: float = 0.5,
                          temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
-    """`lm_distill_loss` with a cached top-k teacher (a TopKTeacher, as lm_cache.TopKCache.read returns)."""
+    """`lm_distill_loss` with a cached top-k teacher (a TopKTeacher, as lm_cache.TopKCache.read returns).
+
+    At temperature 1 the cross-entropy term comes out of the same pass over the student's vocabulary as
+    the buckets (the same value as next_token_ce)."""
     _kind(kind)
-    div = None
-    if alpha > 0.0:
-        if kind == "forward_kl":
-            div = forward_kl_topk(student_logits, *teacher, mask, temperature)
-        elif kind == "reverse_kl":
-            div = reverse_kl_topk(student_logits, *teacher, mask, temperature)
-        else:
-            div = generalized_jsd_topk(student_logits, *teacher, mask, beta, temperature)
-    return _mix(div, student_logits, labels, mask, alpha)
+    _check(temperature, beta)
+    _mix_check(alpha, labels)
+    if alpha == 0.0:
+        return _mix(None, student_logits, labels, mask, alpha)
+    fuse = alpha < 1.0 and labels is not None and temperature == 1.0
+    log_s, nll = _student_buckets(student_logits, teacher, temperature, labels if fuse else None)
+    log_t = _teacher_buckets(teacher, temperature, log_s)
+    if kind == "forward_kl":
+        per_token = _kl(log_t, log_s)
+    elif kind == "reverse_kl":
+        per_token = _kl(log_s, log_t)
+    else:
+        per_token = _jsd(log_s, log_t, beta)
+    div = temperature ** 2 * masked_token_mean(per_token, mask)
+    if not fuse:
+        return _mix(div, student_logits, labels, mask, alpha)
+    keep = labels >= 0 if mask is None else (mask.to(labels.device) != 0)  # type: ignore[union-attr]
+    return alpha * div + (1.0 - alpha) * masked_token_mean(nll, keep)  # type: ignore[arg-type]

@@ -270,3 +270,25 @@ def test_lm_distill_loss_ignores_garbage_at_masked_positions_for_every_alpha():
     for alpha in (0.0, 0.5, 1.0):
         want = float(lm_distill_loss(s, t, labels, mask, alpha=alpha))
         assert float(lm_distill_loss(s2, t, labels, mask, alpha=alpha)) == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_topk_loss_gradients_match_finite_differences(kind, T):
+    """The bucket pass has its own backward (and at T = 1 the cross-entropy comes out of it): float64
+    gradcheck of the whole loss, padding labels and a mask included."""
+    s, t, labels, mask = _inputs(31)
+    s = s.double().requires_grad_(True)
+    top = topk_teacher(t.double(), 4)
+    labels = labels.clone()
+    labels[0, 0] = -100
+    assert torch.autograd.gradcheck(lambda x: lm_distill_loss_topk(x, top, labels, mask, kind, 0.6, T, 0.3), (s,))
+
+
+def test_topk_loss_at_t1_is_its_divergence_plus_the_cross_entropy():
+    s, t, labels, mask = _inputs(32)
+    top = topk_teacher(t, 4)
+    want = 0.6 * forward_kl_topk(s, *top, mask) + 0.4 * next_token_ce(s, labels, mask)
+    assert float(lm_distill_loss_topk(s, top, labels, mask, "forward_kl", 0.6)) == pytest.approx(float(want), abs=1e-6)
+    half = lm_distill_loss_topk(s.bfloat16(), top, labels, mask, "forward_kl", 0.6)
+    assert half.dtype == torch.float32 and float(half) == pytest.approx(float(want), rel=2e-2)
