@@ -46,9 +46,14 @@ def lm_amp(precision: str) -> torch.dtype | None:
     (None); 'bf16' and 'fp32' as written. fp16 autocast is a GPU setting and is fp32 here."""
     if precision == "bf16":
         return torch.bfloat16
-    if precision == "auto" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if precision == "auto" and _native_bf16():
         return torch.bfloat16
     return None
+
+
+def _native_bf16() -> bool:
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
 
 
 def _autocast(amp: torch.dtype | None):
