@@ -42,7 +42,7 @@ class LMTrainResult:
 
 def lm_amp(precision: str) -> torch.dtype | None:
     """The autocast dtype for training on the CPU: distill.precision 'auto' is bf16 where the CPU multiplies
-    bf16 natively (AVX512-BF16 or AMX; about 2.5x faster training than fp32 on such a CPU), else fp32
+    bf16 natively (AVX512-BF16 or AMX; about 2x faster training than fp32 on such a CPU), else fp32
     (None); 'bf16' and 'fp32' as written. fp16 autocast is a GPU setting and is fp32 here."""
     if precision == "bf16":
         return torch.bfloat16
