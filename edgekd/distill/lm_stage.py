@@ -16,10 +16,9 @@ from ..runs import cache_dir, hash_arrays, hash_obj
 from .lm_cache import TopKCache
 from .lm_sequence import sequence_kd_blocks
 from .lm_trainer import build_topk_cache, lm_amp, train_lm
+from .trainer import PRECISION_NAMES as PRECISION
 
 __all__ = ["lm_distill_key", "lm_steps", "run_lm_distill"]
-
-PRECISION = {None: "fp32", torch.bfloat16: "bf16"}
 
 
 def lm_steps(ctx: RunContext, splits: TextSplits) -> int:
@@ -43,7 +42,7 @@ def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSp
     blocks = splits.train.ids if blocks is None else blocks
     k = min(int(cfg.distill.cache_topk), splits.vocab_size)  # type: ignore[arg-type]
     parts = ("lm-topk-v1", teacher_key, hash_arrays(blocks.numpy()), cfg.data.batch_size, k)
-    key = hash_obj(*parts, PRECISION[amp]) if amp is not None else hash_obj(*parts)
+    key = hash_obj(*parts, PRECISION[amp]) if amp is not None else hash_obj(*parts)  # fp32 keys as they were
     cache = TopKCache(cache_dir() / "lm-topk" / key, key, k=k, vocab=splits.vocab_size)
     t0 = time.perf_counter()
     built = build_topk_cache(teacher, blocks, cfg.data.batch_size, cache, ctx.progress, amp)
