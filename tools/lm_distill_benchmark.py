@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     seq_blocks = None
     if "sequence" in args.losses:
         n = args.sequence_tokens or cfg.distill.sequence_kd or splits.seq_len // 2
-        seq_blocks, seq_info = sequence_kd_blocks(teacher, teacher_key, train, n, cfg.data.batch_size)
+        seq_blocks, seq_info = sequence_kd_blocks(teacher, teacher_key, train, n)
         print(f"sequence-KD blocks: {seq_info}", file=sys.stderr)
     backend = get_backend("onnxruntime")
     test = splits.test.ids.numpy()

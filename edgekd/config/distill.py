@@ -24,7 +24,7 @@ STRATEGIES = tuple(STRATEGY_MODULES)
 LOGIT_LOSSES = ("kd", "reverse_kl", "logit_mse")
 FEATURE_LOSSES = ("feature", "attention", "rkd_distance", "rkd_angle", "gram")
 DISTILL_LOSSES = LOGIT_LOSSES + FEATURE_LOSSES
-LM_ONLY_DISTILL_KEYS = ("loss", "beta", "sequence_kd", "on_policy")
+LM_ONLY_DISTILL_KEYS = ("loss", "beta", "sequence_kd", "sequence_share", "on_policy")
 
 
 class FeatureLayers(Section):
@@ -67,6 +67,8 @@ class DistillConfig(Section):
     # task causal-lm, sequence-level KD: the teacher continues each training block's first seq_len - N
     # tokens greedily for N tokens, and the student trains on the blocks as the teacher wrote them (null: off)
     sequence_kd: int | None = Field(None, ge=1, le=4096)
+    # the share of the training blocks the teacher continues (seeded choice); the rest stay as written
+    sequence_share: float = Field(1.0, gt=0, le=1)
     # task causal-lm, on-policy share (GKD): on this share of the steps the student samples continuations of
     # the batch's prompts and the live teacher's distributions on them are the targets
     on_policy: float = Field(0.0, ge=0, le=1)

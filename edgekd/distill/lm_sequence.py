@@ -1,9 +1,10 @@
 """Sequence-level distillation for causal LMs: text the teacher wrote, and text the student samples.
 
 Sequence-level KD (Kim & Rush, 2016): the teacher continues each training block's first seq_len - N
-tokens greedily for N tokens, and the student trains on the blocks as the teacher wrote them. The
-rewritten blocks are stored once per teacher, data and N in the user cache and reused by later runs
-(and by the top-k cache, whose key follows the blocks).
+tokens greedily for N tokens, and the student trains on the blocks as the teacher wrote them: the text a
+draft meets when it proposes tokens for the teacher's own greedy output. A share of the blocks (a seeded
+choice) can be rewritten and the rest kept. The rewritten blocks are stored once per teacher, data, N and
+choice in the user cache and reused by later runs (and by the top-k cache, whose key follows the blocks).
 
 On-policy distillation (GKD, Agarwal et al. 2024): the student samples a continuation of a prompt and
 the teacher's distributions on the student's own tokens are its targets, which trains the student on the
@@ -21,9 +22,10 @@ from torch import nn
 from ..progress import NullProgress, Progress
 from ..runs import atomic_path, cache_dir, hash_arrays, hash_obj
 
-__all__ = ["SEQUENCE_VERSION", "continue_greedy", "sample_continuations", "sequence_kd_blocks"]
+__all__ = ["SEQUENCE_BATCH", "SEQUENCE_VERSION", "continue_greedy", "sample_continuations", "sequence_kd_blocks"]
 
 SEQUENCE_VERSION = "lm-seqkd-v1"
+SEQUENCE_BATCH = 64  # blocks the teacher continues at once (a decode step costs about the same for 8 or 64)
 
 
 def _generate(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, sample: bool, temperature: float = 1.0,
@@ -34,7 +36,7 @@ def _generate(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, sampl
     model.eval()
     out = prompts
     with torch.no_grad():
-        res = model(input_ids=prompts, use_cache=True)
+        res = model(input_ids=prompts, use_cache=True, logits_to_keep=1)  # the prompt's last position only
         past, logits = res.cache, res.logits[:, -1]
         for i in range(new_tokens):
             if sample:
@@ -61,34 +63,45 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
     return _generate(model, prompts, new_tokens, sample=True, temperature=temperature, generator=generator)
 
 
-def sequence_kd_blocks(teacher: nn.Module, teacher_key: str, blocks: torch.Tensor, new_tokens: int, batch_size: int,
-                       progress: Progress | None = None, root: Path | None = None) -> tuple[torch.Tensor, dict]:
-    """`blocks` (n, seq_len) with the last `new_tokens` of each replaced by the teacher's greedy
-    continuation of the rest; read from the user cache when this teacher already wrote them."""
+def sequence_kd_blocks(teacher: nn.Module, teacher_key: str, blocks: torch.Tensor, new_tokens: int,
+                       share: float = 1.0, seed: int = 0, progress: Progress | None = None,
+                       root: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """`blocks` (n, seq_len) with the last `new_tokens` of each chosen block replaced by the teacher's greedy
+    continuation of the rest: every block, or a `share` of them drawn with `seed`; read from the user cache
+    when this teacher already wrote them."""
     n, seq_len = blocks.shape
     if not 1 <= new_tokens < seq_len:
         raise ValueError(f"distill.sequence_kd {new_tokens} must be between 1 and data.seq_len - 1 ({seq_len - 1})")
-    key = hash_obj(SEQUENCE_VERSION, teacher_key, hash_arrays(blocks.numpy()), new_tokens)
+    if not 0 < share <= 1:
+        raise ValueError(f"distill.sequence_share {share} must be in (0, 1]")
+    count = max(1, round(share * n))
+    rows = np.arange(n) if count == n else np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+    parts = (SEQUENCE_VERSION, teacher_key, hash_arrays(blocks.numpy()), new_tokens)
+    key = hash_obj(*parts) if count == n else hash_obj(*parts, hash_arrays(rows))  # all-block keys as they were
     path = (root or cache_dir() / "lm-seqkd") / f"{key}.npy"
-    info = {"new_tokens": new_tokens, "prompt_tokens": seq_len - new_tokens, "blocks": int(n), "file": str(path)}
+    info = {"new_tokens": new_tokens, "prompt_tokens": seq_len - new_tokens, "blocks": int(count),
+            "of_blocks": int(n), "file": str(path)}
     if path.is_file():
         stored = np.load(path)
         if stored.shape == tuple(blocks.shape):
             return torch.from_numpy(stored.astype(np.int64)), {**info, "reused": True, "seconds": 0.0}
     progress = progress or NullProgress()
     t0 = time.perf_counter()
+    chosen = blocks[torch.from_numpy(rows)]
     out = []
-    with progress.task("teacher writing the sequence-KD blocks", -(-n // batch_size)) as bar:
-        for i in range(0, n, batch_size):
-            out.append(continue_greedy(teacher, blocks[i:i + batch_size, :seq_len - new_tokens], new_tokens))
+    with progress.task("teacher writing the sequence-KD blocks", -(-count // SEQUENCE_BATCH)) as bar:
+        for i in range(0, count, SEQUENCE_BATCH):
+            out.append(continue_greedy(teacher, chosen[i:i + SEQUENCE_BATCH, :seq_len - new_tokens], new_tokens))
             bar.advance()
-    written = torch.cat(out)
+    written = blocks.clone()
+    written[torch.from_numpy(rows)] = torch.cat(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, written.numpy().astype(np.int32))
             f.flush()
             os.fsync(f.fileno())
-    changed = float((written[:, seq_len - new_tokens:] != blocks[:, seq_len - new_tokens:]).float().mean())
+    tail = slice(seq_len - new_tokens, None)
+    changed = float((written[rows, tail] != blocks[rows, tail]).float().mean())
     return written, {**info, "reused": False, "seconds": round(time.perf_counter() - t0, 2),
                      "differs_from_text": round(100.0 * changed, 2)}

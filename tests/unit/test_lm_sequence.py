@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 
 from edgekd.config import load_config  # noqa: E402
 from edgekd.data.text import build_text_splits  # noqa: E402
+from edgekd.distill import lm_sequence  # noqa: E402
 from edgekd.distill.lm_sequence import continue_greedy, sample_continuations, sequence_kd_blocks  # noqa: E402
 from edgekd.distill.lm_trainer import lm_logits, train_lm  # noqa: E402
 from edgekd.errors import ConfigError  # noqa: E402
@@ -41,20 +42,42 @@ def test_greedy_continuation_through_the_kv_cache_equals_full_recomputation(lm):
     assert torch.equal(got, _greedy_without_cache(loaded.model, prompts, 6))
 
 
-def test_sequence_kd_blocks_are_the_teachers_continuations_and_are_stored_once(lm, tmp_path):
+def test_sequence_kd_blocks_are_the_teachers_continuations_and_are_stored_once(lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_sequence, "SEQUENCE_BATCH", 2)  # three generation batches, the last one short
     loaded, splits = lm
     blocks = splits.train.ids[:5]
-    written, info = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, 2, root=tmp_path)
+    written, info = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, root=tmp_path)
     assert written.shape == blocks.shape and written.dtype == torch.long
     assert torch.equal(written[:, :16], blocks[:, :16])  # the prompts stay the text
     assert torch.equal(written, _greedy_without_cache(loaded.model, blocks[:, :16], 8))
     assert info["reused"] is False and info["prompt_tokens"] == 16 and 0 <= info["differs_from_text"] <= 100
-    again, info2 = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, 2, root=tmp_path)
+    again, info2 = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, root=tmp_path)
     assert info2["reused"] is True and torch.equal(again, written)
-    _, info3 = sequence_kd_blocks(loaded.model, "another-teacher", blocks, 8, 2, root=tmp_path)
+    _, info3 = sequence_kd_blocks(loaded.model, "another-teacher", blocks, 8, root=tmp_path)
     assert info3["reused"] is False  # another teacher never reads this one's text
     with pytest.raises(ValueError, match="sequence_kd 24"):
-        sequence_kd_blocks(loaded.model, "teacher-key", blocks, 24, 2, root=tmp_path)
+        sequence_kd_blocks(loaded.model, "teacher-key", blocks, 24, root=tmp_path)
+
+
+def test_a_share_of_the_blocks_is_rewritten_and_the_rest_kept(lm, tmp_path):
+    loaded, splits = lm
+    blocks = splits.train.ids[:6]
+    written, info = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, share=0.5, seed=3, root=tmp_path)
+    rewritten = [i for i in range(6) if not torch.equal(written[i], blocks[i])]
+    kept = [i for i in range(6) if i not in rewritten]
+    assert info["blocks"] == 3 and info["of_blocks"] == 6
+    assert len(rewritten) <= 3 and len(kept) >= 3  # a continuation may equal the text; at most 3 differ
+    teacher_text = _greedy_without_cache(loaded.model, blocks[:, :16], 8)
+    same_as_teacher = [i for i in range(6) if torch.equal(written[i], teacher_text[i])]
+    assert len(same_as_teacher) >= 3 and set(rewritten) <= set(same_as_teacher)
+    for i in kept:
+        assert torch.equal(written[i], blocks[i])
+    # another seed chooses other blocks, under another key; the whole set keeps its own key
+    _, other = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, share=0.5, seed=4, root=tmp_path)
+    _, whole = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, root=tmp_path)
+    assert len({info["file"], other["file"], whole["file"]}) == 3
+    with pytest.raises(ValueError, match="sequence_share 0"):
+        sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, share=0.0, root=tmp_path)
 
 
 def test_sampled_continuations_follow_the_seed(lm):
