@@ -72,7 +72,12 @@ def distill_table(report: dict) -> Table | None:
     if not d:
         return None
     t = Table(["student", "test perplexity", "next-token accuracy", "agreement with the teacher", "steps"])
-    t.rows.append([Cell(f"distilled ({d.get('loss', '?')})"), figure(d, "perplexity", _num),
+    how = str(d.get("loss", "?"))
+    seq = d.get("sequence_kd")
+    if isinstance(seq, dict):
+        share = f"{seq['blocks']} of {seq['of_blocks']}" if "of_blocks" in seq else "all"
+        how += f"; {share} blocks end in {seq.get('new_tokens', '?')} tokens the teacher wrote"
+    t.rows.append([Cell(f"distilled ({how})"), figure(d, "perplexity", _num),
                    figure(d, "accuracy", fmt_pct), figure(d, "teacher_agreement", fmt_pct), figure(d, "steps", str)])
     base = d.get("baseline")
     if isinstance(base, dict):

@@ -175,3 +175,17 @@ def test_speedup_compares_only_the_same_runtime_and_place():
     assert speedup_cell(teacher, same).text == "4.00×"
     assert speedup_cell(teacher, other).text == "—" and "different runtimes" in speedup_cell(teacher, other).note
     assert "different machines" in speedup_cell(teacher, elsewhere).note
+
+
+def test_lm_distill_row_says_how_much_text_the_teacher_wrote():
+    from edgekd.report.tables_lm import distill_table
+
+    entry = {"name": "distill", "loss": "forward_kl", "perplexity": 29.4, "steps": 400,
+             "baseline": {"perplexity": 35.7, "steps": 400}}
+    plain = distill_table({"stages": [entry]})
+    assert plain is not None and plain.rows[0][0].text == "distilled (forward_kl)"
+    seq = {**entry, "sequence_kd": {"new_tokens": 64, "blocks": 800, "of_blocks": 3200}}
+    table = distill_table({"stages": [seq]})
+    assert table is not None
+    assert table.rows[0][0].text == "distilled (forward_kl; 800 of 3200 blocks end in 64 tokens the teacher wrote)"
+    assert table.rows[1][0].text == "cross-entropy only (same steps)"
