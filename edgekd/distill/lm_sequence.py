@@ -67,8 +67,9 @@ def sequence_kd_blocks(teacher: nn.Module, teacher_key: str, blocks: torch.Tenso
                        share: float = 1.0, seed: int = 0, progress: Progress | None = None,
                        root: Path | None = None) -> tuple[torch.Tensor, dict]:
     """`blocks` (n, seq_len) with the last `new_tokens` of each chosen block replaced by the teacher's greedy
-    continuation of the rest: every block, or a `share` of them drawn with `seed`; read from the user cache
-    when this teacher already wrote them."""
+    continuation of the rest: every block, or a `share` of them drawn with `seed` (the stage keeps it at 0,
+    so runs with other seeds train on the same transfer set and reuse it); read from the user cache when
+    this teacher already wrote them."""
     n, seq_len = blocks.shape
     if not 1 <= new_tokens < seq_len:
         raise ValueError(f"distill.sequence_kd {new_tokens} must be between 1 and data.seq_len - 1 ({seq_len - 1})")

@@ -69,7 +69,7 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
     blocks = splits.train.ids
     if d.sequence_kd:  # the transfer set is the training text as the teacher continues it
         blocks, metrics["sequence_kd"] = sequence_kd_blocks(teacher, teacher_key, blocks, d.sequence_kd,
-                                                            d.sequence_share, cfg.seed, ctx.progress)
+                                                            d.sequence_share, progress=ctx.progress)
     cache = None
     if d.alpha > 0 and d.cache_topk:
         cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits, blocks, amp)
