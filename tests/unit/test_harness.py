@@ -111,7 +111,7 @@ def test_interleaved_alternates_and_measures_the_ratio():
         order.append("b")
         return sum(range(n)) + sum(range(n))
 
-    times = harness.interleaved({"a": one, "b": two}, 20000, warmup=2, iterations=30, rounds=4)
+    times = harness.interleaved({"a": one, "b": two}, 200000, warmup=2, iterations=30, rounds=4)  # ms-long calls
     assert times["a"].shape == (4, 30) and times["b"].shape == (4, 30)
     firsts = [order[i * 64] for i in range(4)]  # each round: 32 calls of each function
     assert firsts == ["a", "b", "a", "b"]  # A B, B A, A B, B A
