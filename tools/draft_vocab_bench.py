@@ -14,7 +14,11 @@ drafting for the run's FP32 teacher, and the teacher alone, all timed in the sam
     coverage     the kept tokens' share of the training split and of the teacher's outputs here
 
     python tools/draft_vocab_bench.py --run RUN_DIR [--vocab 0 4096 8192 16384] [--prompts 20]
-                 [--new-tokens N] [--first] [--setting K:C:L ...] [--threads N] [--json OUT]
+                 [--new-tokens N] [--first] [--setting K:C:L ...] [--drafts-from RUN_DIR ...]
+                 [--threads N] [--json OUT]
+
+--drafts-from adds other finished runs of the same teacher on the same data: their final decoders, cut
+the same way, draft for this run's teacher in the same rounds (two students compared as drafts).
 
 --setting DRAFT_TOKENS:MIN_CONFIDENCE:LOOKUP (default: the run's chosen setting, and where it uses context
 lookup the same without). A bad run directory or setting prints one line and exits 2."""
@@ -44,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--first", action="store_true", help="the first test blocks' prompts instead of spread ones")
     p.add_argument("--setting", nargs="*", default=None)
+    p.add_argument("--drafts-from", type=Path, nargs="*", default=[])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -97,18 +102,33 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     test = splits.test.ids
     prompts = ([test[i, :spec_cfg.prompt_tokens].tolist() for i in range(min(args.prompts, len(test)))] if args.first
                else splits.test.prompts(args.prompts, spec_cfg.prompt_tokens))
-    src = run / f"model.{report['final']['candidate']}.onnx"
+    sources = {run.name: run / f"model.{report['final']['candidate']}.onnx"}
+    for other in args.drafts_from:
+        other = other.resolve()
+        if not (other / "report.json").is_file():
+            raise BenchError(f"--drafts-from {other} has no report.json (not a finished edgekd run)")
+        theirs = json.loads((other / "report.json").read_text())
+        if theirs.get("task") != "causal-lm" or (theirs.get("final") or {}).get("backend") != "onnxruntime":
+            raise BenchError(f"--drafts-from {other}: this tool needs a causal-lm run on an ONNX Runtime target")
+        for key in ("teacher", "data"):
+            if theirs["config"].get(key) != report["config"].get(key):
+                raise BenchError(f"--drafts-from {other}: its config's {key} differs from {run}'s (same teacher and "
+                                 "data needed)")
+        if other.name in sources:
+            raise BenchError(f"--drafts-from {other}: two runs named {other.name}")
+        sources[other.name] = other / f"model.{theirs['final']['candidate']}.onnx"
     lm_runner._POOL["allowed"] = True  # this process is the bench's own: one shared pool, as in lm_runner
     teacher = _load(run / report["teacher"]["artifact"], threads)
     counts = np.bincount(train.ravel(), minlength=vocab)
     drafts, kept = {}, {}
-    for n in args.vocab:
-        if n <= 0 or n >= vocab:
-            drafts[0], kept[0] = _load(src, threads), np.arange(vocab)
-            continue
-        keep = frequent_tokens(train, vocab, n)
-        drafts[n], kept[n] = _load(cut_head(src, work / f"draft-{n}.onnx", keep), threads), keep
-    runs = [None] + [(n, s) for n in drafts for s in settings]
+    for label, src in sources.items():
+        for n in args.vocab:
+            if n <= 0 or n >= vocab:
+                drafts[(label, 0)], kept[0] = _load(src, threads), np.arange(vocab)
+                continue
+            kept[n] = frequent_tokens(train, vocab, n)
+            drafts[(label, n)] = _load(cut_head(src, work / f"draft-{label}-{n}.onnx", kept[n]), threads)
+    runs = [None] + [(d, s) for d in drafts for s in settings]  # d: (run name, vocabulary)
     got = {r: {"seconds": 0.0, "drafted": 0, "accepted": 0, "identical": 0} for r in runs}
     outputs = []
     decode_once(teacher, prompts[0], min(4, new_tokens))
@@ -123,8 +143,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
             if r is None:
                 ref = decode_once(teacher, prompt, new_tokens)["tokens"]
             else:
-                (n, (k, c, u)) = r
-                results[r] = speculative_greedy(teacher, drafts[n], prompt, new_tokens, k, c, u)
+                (d, (k, c, u)) = r
+                results[r] = speculative_greedy(teacher, drafts[d], prompt, new_tokens, k, c, u)
             got[r]["seconds"] += time.perf_counter() - t
         outputs.extend(ref)
         for r, res in results.items():
@@ -136,9 +156,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     out_counts = np.bincount(np.asarray(outputs), minlength=vocab)
     rows = []
     for r in runs[1:]:
-        n, (k, c, u) = r
+        (label, n), (k, c, u) = r
         g = got[r]
-        rows.append({"vocab_tokens": n or vocab, "draft_tokens": k, "min_confidence": c, "lookup": u,
+        rows.append({"draft": label, "vocab_tokens": n or vocab, "draft_tokens": k, "min_confidence": c, "lookup": u,
                      "train_coverage": round(100 * float(counts[kept[n]].sum() / counts.sum()), 3),
                      "output_coverage": round(100 * float(out_counts[kept[n]].sum() / out_counts.sum()), 3),
                      "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else 0.0,
@@ -154,8 +174,10 @@ def table(result: dict) -> str:
              f"test prompts, {result['new_tokens']} new tokens, {result['threads']} threads, same rounds", "",
              "| draft head | drafting | train coverage | output coverage | acceptance | tokens/s | speedup | identical |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    several = len({r["draft"] for r in result["rows"]}) > 1
     for r in result["rows"]:
         head = "whole vocabulary" if r["vocab_tokens"] == result["vocab_size"] else f"{r['vocab_tokens']} tokens"
+        head = f"{r['draft']}: {head}" if several else head
         how = f"up to {r['draft_tokens']}" + (f", p >= {r['min_confidence']:g}" if r["min_confidence"] else "") + (
             " + lookup" if r["lookup"] else "")
         lines.append(f"| {head} | {how} | {r['train_coverage']:.1f}% | {r['output_coverage']:.1f}% "

@@ -3,6 +3,7 @@ KV-cache export, INT8/INT4 weight candidates chosen on validation, speed and spe
 report and the run-directory contract."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -359,6 +360,16 @@ def test_the_draft_vocabulary_bench_times_whole_and_cut_heads_on_a_finished_run(
     assert whole["identical"] == cut["identical"] == 2 and cut["speedup"] > 0 and 0 <= cut["acceptance_rate"] <= 1
     assert whole["train_coverage"] == 100.0 and 0 < cut["train_coverage"] < 100.0
     assert "| 100 tokens | up to 2 |" in res.stdout
+    other = tmp_path / "other"  # another run of the same teacher and data drafts in the same rounds
+    shutil.copytree(run, other)
+    res2 = subprocess.run([sys.executable, str(ROOT / "tools" / "draft_vocab_bench.py"), "--run", str(run), "--vocab",
+                           "0", "--prompts", "2", "--new-tokens", "6", "--setting", "2:0:0", "--drafts-from",
+                           str(other), "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["draft"] for r in rows] == [run.name, "other"] and all(r["identical"] == 2 for r in rows)
+    assert rows[0]["acceptance_rate"] == rows[1]["acceptance_rate"]  # the same decoder, the same guesses
+    assert "| other: whole vocabulary | up to 2 |" in res2.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "draft_vocab_bench.py"), "--run", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "has no report.json" in bad.stderr and "Traceback" not in bad.stderr
