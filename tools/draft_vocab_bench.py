@@ -120,14 +120,13 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     lm_runner._POOL["allowed"] = True  # this process is the bench's own: one shared pool, as in lm_runner
     teacher = _load(run / report["teacher"]["artifact"], threads)
     counts = np.bincount(train.ravel(), minlength=vocab)
-    drafts, kept = {}, {}
+    kept = {0 if n <= 0 or n >= vocab else n: np.arange(vocab) if n <= 0 or n >= vocab
+            else frequent_tokens(train, vocab, n) for n in args.vocab}  # one choice of tokens for every draft
+    drafts = {}
     for label, src in sources.items():
-        for n in args.vocab:
-            if n <= 0 or n >= vocab:
-                drafts[(label, 0)], kept[0] = _load(src, threads), np.arange(vocab)
-                continue
-            kept[n] = frequent_tokens(train, vocab, n)
-            drafts[(label, n)] = _load(cut_head(src, work / f"draft-{label}-{n}.onnx", kept[n]), threads)
+        for n, keep in kept.items():
+            drafts[(label, n)] = _load(src if n == 0 else cut_head(src, work / f"draft-{label}-{n}.onnx", keep),
+                                       threads)
     runs = [None] + [(d, s) for d in drafts for s in settings]  # d: (run name, vocabulary)
     got = {r: {"seconds": 0.0, "drafted": 0, "accepted": 0, "identical": 0} for r in runs}
     outputs = []

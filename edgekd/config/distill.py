@@ -67,7 +67,8 @@ class DistillConfig(Section):
     # task causal-lm, sequence-level KD: the teacher continues each training block's first seq_len - N
     # tokens greedily for N tokens, and the student trains on the blocks as the teacher wrote them (null: off)
     sequence_kd: int | None = Field(None, ge=1, le=4096)
-    # the share of the training blocks the teacher continues (seeded choice); the rest stay as written
+    # the share of the training blocks the teacher continues (one fixed draw for every run seed); the rest
+    # stay as written
     sequence_share: float = Field(1.0, gt=0, le=1)
     # task causal-lm, on-policy share (GKD): on this share of the steps the student samples continuations of
     # the batch's prompts and the live teacher's distributions on them are the targets
