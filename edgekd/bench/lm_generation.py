@@ -128,14 +128,15 @@ class SpeculativeResult:
 
 
 def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
-                       min_confidence: float = 0.0, lookup: bool = False) -> SpeculativeResult:
+                       min_confidence: float = 0.0, lookup: bool = False, eos=None) -> SpeculativeResult:
     """The target's greedy continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
     `draft_tokens` (stopping where its probability for its next token is under `min_confidence`), the target
     checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
     their KV caches, cut back to the kept tokens. With `lookup`, a round whose last tokens recur earlier in
     the text proposes what followed them there (up to LOOKUP_TOKENS) instead, and the draft catches up on
-    the kept tokens in its next round. Lossless: the output is the target's own greedy output. A decoder with
-    cut(cache, length) cuts its own cache (the Jetson bundle's engines keep theirs on the device)."""
+    the kept tokens in its next round. Lossless: the output is the target's own greedy output. With `eos`, the
+    output ends at that token (kept), as greedy decoding stops there. A decoder with cut(cache, length) cuts
+    its own cache (the Jetson bundle's engines keep theirs on the device)."""
     seq = list(prompt)
     logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
     t_len, passes = len(seq), 1
@@ -145,7 +146,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
     while True:
         seq.append(nxt)
         produced += 1
-        if produced >= max_new_tokens:
+        if produced >= max_new_tokens or nxt == eos:
             break
         left = max_new_tokens - produced
         proposals = context_lookup(seq, min(LOOKUP_TOKENS, left)) if lookup else []
@@ -175,7 +176,11 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
         if copied:
             looked_up += len(proposals)
             lookup_accepted += n
-        seq.extend(proposals[:n])
+        kept = proposals[:n]
+        if eos in kept:
+            seq.extend(kept[:kept.index(eos) + 1])
+            break
+        seq.extend(kept)
         produced += n
         t_len = len(seq)
         t_cache = _cut(target, t_cache, t_len)

@@ -67,8 +67,17 @@ def _decoder(run: Path, block: dict, threads: int | None):
         raise BadInputError(f"generate: {path} is missing from the run directory")
     art = Artifact(path=path, backend=profile.backend, precision=block.get("precision", "fp32"), files=[path])
     runner = get_backend(profile.backend).load(art, profile, threads, spin=False)
-    cfg = SimpleNamespace(**block["decoder"])
+    cfg = SimpleNamespace(**{k: v for k, v in block["decoder"].items() if k != "max_positions"})
     return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers)
+
+
+def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A prompt and its continuation must fit the positions every decoder in use takes (runs before 0.1 did
+    not record them: the runtime says so then)."""
+    limits = [b["decoder"]["max_positions"] for b in blocks if b["decoder"].get("max_positions")]
+    if limits and prompt_tokens + max_new_tokens > min(limits):
+        raise BadInputError(f"generate: the prompt's {prompt_tokens} tokens and --max-new-tokens {max_new_tokens} "
+                            f"need {prompt_tokens + max_new_tokens} positions; the model takes at most {min(limits)}")
 
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
@@ -94,6 +103,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     if not ids:
         raise BadInputError("generate: the prompt is empty after tokenisation")
     final = {**report["final"], "_target": target}
+    _check_context([final, report["teacher"]] if speculative else [final], len(ids), max_new_tokens)
     drafting = ((report.get("speculative") or {}).get("draft") or {}).get("artifact") if speculative else None
     runners = []
     try:
@@ -109,7 +119,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             runner, teacher = _decoder(run, {**report["teacher"], "_target": target}, threads)
             runners.append(runner)
             t0 = time.perf_counter()
-            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy)
+            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=tok.eos_token_id)
             tokens = res.tokens
             out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                         "drafted": res.drafted, "acceptance_rate": round(res.acceptance_rate, 4),

@@ -103,7 +103,8 @@ def decoder_shape(config) -> dict:
     return {"num_hidden_layers": config.num_hidden_layers, "num_attention_heads": heads,
             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-            "hidden_size": config.hidden_size}
+            "hidden_size": config.hidden_size,
+            "max_positions": int(getattr(config, "max_position_embeddings", 2048))}  # the rotary table's length
 
 
 def _skeleton(ctx: RunContext, splits, teacher_block: dict, stages: list[dict]) -> dict:

@@ -170,6 +170,18 @@ def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     assert "generate needs a causal-lm run" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_continuation_longer_than_the_model_takes(lm_run, capsys):
+    from edgekd.cli import main
+
+    report, run, _, _ = lm_run
+    limit = report["final"]["decoder"]["max_positions"]
+    assert limit == report["teacher"]["decoder"]["max_positions"] > 0
+    for extra in ([], ["--speculative"]):
+        assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", str(limit), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"positions; the model takes at most {limit}" in err and "Traceback" not in err
+
+
 def test_lm_gates_from_the_command_line(lm_run, capsys):
     from edgekd.cli import main
 

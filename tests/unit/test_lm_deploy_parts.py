@@ -138,6 +138,22 @@ def test_speculative_decoding_is_the_targets_greedy_output(models):
     assert figs["tokens_per_s"] > 0 and figs["teacher_tokens_per_s"] > 0 and figs["speedup"] > 0
 
 
+def test_speculative_decoding_stops_at_the_end_token_as_greedy_does(models):
+    teacher, text, tmp, fp32 = models
+    target = _decoder(fp32, teacher.config, tmp, "fp32-eos")
+    other, _ = build_lm_student(teacher, {"layers": 1}, init="scratch", seed=5)
+    draft = _decoder(export_lm_onnx(other, tmp / "draft-eos.onnx"), other.config, tmp, "fp32-deos")
+    prompt = text[3, :7].tolist()
+    full = target.greedy(prompt, 20)
+    for eos in (full[0], full[6], full[13]):  # the first token, one inside a round, a later one
+        expect = target.greedy(prompt, 20, eos=eos)
+        assert expect[-1] == eos and len(expect) == full.index(eos) + 1
+        for d, k in ((target, 4), (draft, 3)):  # a perfect draft keeps whole rounds; another is cut mid-round
+            res = speculative_greedy(target, d, prompt, 20, draft_tokens=k, eos=eos)
+            assert res.tokens == expect
+        assert speculative_greedy(target, draft, prompt, 20, draft_tokens=0, lookup=True, eos=eos).tokens == expect
+
+
 def test_draft_token_keeps_only_a_guess_as_likely_as_the_floor():
     logits = np.log(np.array([0.1, 0.6, 0.3], dtype=np.float32))
     assert draft_token(logits, 0.0) == 1 and draft_token(logits, 0.59) == 1
