@@ -66,6 +66,10 @@ def check_task(cfg) -> None:
         if seq is not None and seq >= cfg.data.seq_len:
             raise ValueError(f"distill.sequence_kd {seq} must be less than data.seq_len {cfg.data.seq_len}: the "
                              "teacher continues the first seq_len - sequence_kd tokens of each block")
+        spec = cfg.speculative
+        if spec is not None and spec.prompt_tokens > cfg.data.seq_len:
+            raise ValueError(f"speculative.prompt_tokens {spec.prompt_tokens} is more than data.seq_len "
+                             f"{cfg.data.seq_len}: the prompts are the first tokens of test blocks")
         if cfg.distill.strategy != "kd":
             raise ValueError(f"task causal-lm: distill.strategy {cfg.distill.strategy} is for image classifiers")
         return

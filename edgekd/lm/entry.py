@@ -206,6 +206,20 @@ def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.
     return student, metrics, baseline
 
 
+def _check_context(cfg, teacher_config) -> None:
+    """Blocks, and prompts with their continuations, must fit the positions the teacher (and so every decoder)
+    takes."""
+    limit = int(getattr(teacher_config, "max_position_embeddings", 0) or 0)
+    if not limit:
+        return
+    if cfg.data.seq_len > limit:
+        raise BadInputError(f"data.seq_len {cfg.data.seq_len}: the teacher takes at most {limit} positions")
+    spec = cfg.speculative or SpeculativeConfig()
+    if spec.prompt_tokens + spec.max_new_tokens > limit:
+        raise BadInputError(f"speculative.prompt_tokens {spec.prompt_tokens} + max_new_tokens {spec.max_new_tokens}: "
+                            f"the teacher takes at most {limit} positions")
+
+
 def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     """Run the causal-LM task; returns the report (without gates: the pipeline finishes it)."""
     check_hosts(ctx, hosts)
@@ -217,6 +231,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     with ctx.progress.task("loading the teacher LM", None):
         loaded = load_lm(cfg.teacher.model)
     teacher = loaded.model
+    _check_context(cfg, teacher.config)
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher_key = hash_arrays(*[t.detach().numpy() for t in teacher.state_dict().values()])

@@ -198,8 +198,16 @@ def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", see
     if init not in ("teacher", "scratch"):
         raise ModelError(f"student.init: {init!r} is not one of teacher, scratch")
     cfg = _student_config(teacher.config, sizes)
+    n_teacher = teacher.config.num_hidden_layers
+    if init == "teacher" and cfg.num_hidden_layers > n_teacher:
+        raise ModelError(f"student.layers {cfg.num_hidden_layers}: init teacher copies a subset of the teacher's "
+                         f"{n_teacher} layers; give at most {n_teacher} (or student.init: scratch)")
     torch.manual_seed(seed)
     student = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if count_lm_params(student) > count_lm_params(teacher):
+        raise ModelError(f"student: {count_lm_params(student):,} parameters, more than the teacher's "
+                         f"{count_lm_params(teacher):,}; a student is smaller than its teacher (student.layers, "
+                         "hidden_size, intermediate_size)")
     report: dict = {"init": init, "config": {k: getattr(cfg, v) for k, v in SIZE_KEYS.items()}}
     if init == "scratch":
         return student, report

@@ -338,6 +338,25 @@ def test_lm_hosts_it_cannot_measure_on_are_one_clear_line(lm_run, tmp_path, caps
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("extra, needle", [
+    ({"data": {"seq_len": 300}}, "data.seq_len 300: the teacher takes at most 256 positions"),
+    ({"speculative": {"prompt_tokens": 8, "max_new_tokens": 250}},
+     "speculative.prompt_tokens 8 + max_new_tokens 250: the teacher takes at most 256 positions"),
+    ({"student": {"layers": 5}}, "student.layers 5: init teacher copies a subset of the teacher's 4 layers"),
+])
+def test_lm_sizes_beyond_the_teacher_are_one_clear_line(lm_run, tmp_path, capsys, extra, needle):
+    from edgekd.cli import main
+
+    _, _, teacher, _ = lm_run
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text(json.dumps(lm_raw(teacher, **extra)))
+    assert main(["compress", "--config", str(cfg), "--target", "cpu", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("edgekd: error:")]  # after the progress lines
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
 def test_onnx_runtime_targets_get_the_fused_attention_graph(tmp_path):
     import onnx
 

@@ -29,6 +29,8 @@ def test_causal_lm_defaults():
      "speculative.draft_tokens: Input should be greater than or equal to 1 or Input should be 'auto'$"),
     ({"task": "causal-lm", "speculative": {"min_confidence": 1.0}}, "speculative.min_confidence: Input should be less"),
     ({"task": "causal-lm", "speculative": {"lookup": "sometimes"}}, "speculative.lookup: Input should be a valid boolean"),
+    ({"task": "causal-lm", "data": {"seq_len": 64}, "speculative": {"prompt_tokens": 65}},
+     "speculative.prompt_tokens 65 is more than data.seq_len 64"),
 ])
 def test_keys_that_do_not_fit_the_task_are_config_errors(raw, words):
     with pytest.raises(ConfigError, match=words):

@@ -67,6 +67,14 @@ def test_bad_student_sizes_are_model_errors(teacher_dir):
         build_lm_student(teacher, {"depth": 2})
     with pytest.raises(ModelError, match="student.init"):
         build_lm_student(teacher, {}, init="random")
+    with pytest.raises(ModelError, match="student.layers 5: init teacher copies a subset of the teacher's 4 layers"):
+        build_lm_student(teacher, {"layers": 5})
+    with pytest.raises(ModelError, match="more than the teacher's"):
+        build_lm_student(teacher, {"layers": 5}, init="scratch")
+    with pytest.raises(ModelError, match="more than the teacher's"):
+        build_lm_student(teacher, {"layers": 4, "intermediate_size": 96})
+    same, _ = build_lm_student(teacher, {"layers": 4})  # the teacher's own size: allowed (born-again KD)
+    assert sum(p.numel() for p in same.parameters()) == sum(p.numel() for p in teacher.parameters())
 
 
 def test_greedy_layer_choice_drops_the_cheapest_layer_each_time_and_leaves_the_teacher_whole(teacher_dir):
