@@ -14,7 +14,7 @@ EXIT_CODES_HELP = "exit codes: 0 done, 1 a gate failed, 2 bad input, 3 a stage o
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgekd", description="Compress a PyTorch classifier for an edge board.",
+    p = argparse.ArgumentParser(prog="edgekd", description="Compress a PyTorch classifier or a small causal language model for an edge board.",
                                 epilog=EXIT_CODES_HELP)
     p.add_argument("--version", action="version", version=f"edgekd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
