@@ -160,6 +160,7 @@ def load(args) -> tuple:
         if ("XnnpackExecutionProvider" not in providers and so.intra_op_num_threads <= cores  # spinning threads
                 and _shared_pool(rt, so.intra_op_num_threads)):  # beyond the cores would fight over them
             so.use_per_session_threads = False  # one spinning pool serves both, none idles holding a core
+            so.intra_op_num_threads = so.inter_op_num_threads = 0  # the pool's sizes (set here, ONNX Runtime warns)
             pool = "shared"
         else:  # separate pools: an idle spinning one would hold the cores
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
