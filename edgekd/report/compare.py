@@ -12,12 +12,21 @@ from .tables import (
     figure,
     fmt_bytes,
     fmt_count,
+    fmt_mb,
     fmt_ms,
+    fmt_num,
     fmt_pct,
     fmt_ratio,
+    fmt_tps,
 )
 
-# (row label, section, key, sub-key, format, how the delta is shown: "points", "percent" or "ratio")
+
+def _share(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+# (row label, section, key, sub-key, format, how the delta is shown: "points", "points100" (points of a share
+# kept as 0..1), "percent" or "ratio")
 _ROWS: list[tuple[str, str, str, str | None, Callable[[Any], str], str]] = [
     ("accuracy", "final", "accuracy", None, fmt_pct, "points"),
     ("accuracy on aarch64", "final", "accuracy_arm", None, fmt_pct, "points"),
@@ -32,6 +41,18 @@ _ROWS: list[tuple[str, str, str, str | None, Callable[[Any], str], str]] = [
     ("compression vs teacher", "final", "compression_vs_teacher", None, fmt_ratio, "ratio"),
     ("teacher accuracy", "teacher", "accuracy", None, fmt_pct, "points"),
     ("teacher latency p50", "teacher", "latency_ms", "p50", fmt_ms, "percent"),
+    # causal-lm reports (absent from image reports, so those rows are left out there)
+    ("test perplexity", "final", "perplexity", None, fmt_num, "percent"),
+    ("agreement with FP32", "final", "next_token_agreement", None, fmt_pct, "points"),
+    ("decode", "final", "decode_tokens_per_s", None, fmt_tps, "percent"),
+    ("prefill", "final", "prefill_tokens_per_s", None, fmt_tps, "percent"),
+    ("TTFT", "final", "ttft_ms", None, fmt_ms, "percent"),
+    ("peak memory", "final", "peak_memory_mb", None, fmt_mb, "percent"),
+    ("teacher perplexity", "teacher", "perplexity", None, fmt_num, "percent"),
+    ("teacher decode", "teacher", "decode_tokens_per_s", None, fmt_tps, "percent"),
+    ("speculative speedup", "speculative", "speedup", None, fmt_ratio, "ratio"),
+    ("speculative tokens/s", "speculative", "tokens_per_s", None, fmt_tps, "percent"),
+    ("speculative acceptance", "speculative", "acceptance_rate", None, _share, "points100"),
 ]
 
 
@@ -47,8 +68,8 @@ def _value(holder: Any, key: str, sub: str | None) -> float | None:
 def _delta(a: float | None, b: float | None, kind: str) -> Cell:
     if a is None or b is None:
         return Cell(ABSENT)
-    if kind == "points":
-        return Cell(f"{b - a:+.2f} pt")
+    if kind in ("points", "points100"):
+        return Cell(f"{(b - a) * (100 if kind == 'points100' else 1):+.2f} pt")
     if kind == "ratio":
         return Cell(f"{b - a:+.2f}×")
     if a == 0:
@@ -82,6 +103,13 @@ def comparison_table(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> T
             table.rows.append([Cell(f"{name} accuracy"), ca, cb,
                                _delta(_value(stages_a[name], "accuracy", None), _value(stage, "accuracy", None),
                                       "points")])
+        for label, ha, hb in ((f"{name} perplexity", stages_a.get(name), stage),
+                              (f"{name} baseline perplexity", (stages_a.get(name) or {}).get("baseline"),
+                               stage.get("baseline"))):
+            if name in stages_a and (_value(ha, "perplexity", None) is not None
+                                     or _value(hb, "perplexity", None) is not None):
+                table.rows.append([Cell(label), figure(ha, "perplexity", fmt_num), figure(hb, "perplexity", fmt_num),
+                                   _delta(_value(ha, "perplexity", None), _value(hb, "perplexity", None), "percent")])
     ga, gb = _gate_summary(a), _gate_summary(b)
     if ga or gb:
         table.rows.append([Cell("gates"), Cell(ga or ABSENT), Cell(gb or ABSENT), Cell("")])

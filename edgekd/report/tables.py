@@ -62,6 +62,21 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}×"
 
 
+def fmt_num(x: float) -> str:
+    """A plain figure such as a perplexity: 30.54."""
+    return f"{x:.2f}"
+
+
+def fmt_tps(x: float) -> str:
+    """A rate in tokens per second: 341.8 tok/s."""
+    return f"{x:.1f} tok/s"
+
+
+def fmt_mb(x: float) -> str:
+    """Memory already in megabytes: 211.6 MB."""
+    return f"{x:.1f} MB"
+
+
 def fmt_seconds(x: float) -> str:
     """A duration: 12.3 s, 4 min 05 s."""
     return f"{x:.1f} s" if x < 120 else f"{int(x // 60)} min {int(x % 60):02d} s"

@@ -3,30 +3,31 @@ weight candidates, distillation against its cross-entropy baseline and speculati
 from __future__ import annotations
 
 from .schema import not_measured_reason
-from .tables import Cell, Table, figure, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_ratio, stage
-
-
-def _num(x: float) -> str:
-    return f"{x:.2f}"
-
-
-def _tps(x: float) -> str:
-    return f"{x:.1f} tok/s"
-
-
-def _mb(x: float) -> str:
-    return f"{x:.1f} MB"
+from .tables import (
+    Cell,
+    Table,
+    figure,
+    fmt_bytes,
+    fmt_count,
+    fmt_mb,
+    fmt_ms,
+    fmt_num,
+    fmt_pct,
+    fmt_ratio,
+    fmt_tps,
+    stage,
+)
 
 
 def lm_headline(report: dict) -> str:
     final, teacher = report.get("final") or {}, report.get("teacher") or {}
     parts = [f"{final.get('precision', '?')} decoder `{final.get('artifact', '?')}`"]
     if isinstance(final.get("peak_memory_mb"), (int, float)):
-        parts.append(f"peak memory {_mb(final['peak_memory_mb'])}")
-    ppl = figure(final, "perplexity", _num)
+        parts.append(f"peak memory {fmt_mb(final['peak_memory_mb'])}")
+    ppl = figure(final, "perplexity", fmt_num)
     parts.append(f"test perplexity {ppl.text}" + (f" (teacher {teacher['perplexity']:.2f})"
                                                   if isinstance(teacher.get("perplexity"), (int, float)) else ""))
-    tps = figure(final, "decode_tokens_per_s", _tps)
+    tps = figure(final, "decode_tokens_per_s", fmt_tps)
     sp = final.get("speedup_vs_teacher")
     parts.append(f"decode {tps.text}" + (f" ({fmt_ratio(sp)} the teacher's)" if isinstance(sp, (int, float)) else ""))
     spec = report.get("speculative") or {}
@@ -44,10 +45,10 @@ def lm_headline(report: dict) -> str:
 
 
 def _row(label: str, h: dict) -> list[Cell]:
-    return [Cell(label), figure(h, "perplexity", _num), figure(h, "accuracy", fmt_pct),
-            figure(h, "decode_tokens_per_s", _tps), figure(h, "prefill_tokens_per_s", _tps),
+    return [Cell(label), figure(h, "perplexity", fmt_num), figure(h, "accuracy", fmt_pct),
+            figure(h, "decode_tokens_per_s", fmt_tps), figure(h, "prefill_tokens_per_s", fmt_tps),
             figure(h, "ttft_ms", fmt_ms), figure(h, "tpot_ms", fmt_ms, "p50"), figure(h, "tpot_ms", fmt_ms, "p90"),
-            figure(h, "peak_memory_mb", _mb), figure(h, "size_bytes", fmt_bytes), figure(h, "params", fmt_count),
+            figure(h, "peak_memory_mb", fmt_mb), figure(h, "size_bytes", fmt_bytes), figure(h, "params", fmt_count),
             Cell(str(h.get("measured_on") or "—"))]
 
 
@@ -77,11 +78,11 @@ def distill_table(report: dict) -> Table | None:
     if isinstance(seq, dict):
         share = f"{seq['blocks']} of {seq['of_blocks']}" if "of_blocks" in seq else "all"
         how += f"; {share} blocks end in {seq.get('new_tokens', '?')} tokens the teacher wrote"
-    t.rows.append([Cell(f"distilled ({how})"), figure(d, "perplexity", _num),
+    t.rows.append([Cell(f"distilled ({how})"), figure(d, "perplexity", fmt_num),
                    figure(d, "accuracy", fmt_pct), figure(d, "teacher_agreement", fmt_pct), figure(d, "steps", str)])
     base = d.get("baseline")
     if isinstance(base, dict):
-        t.rows.append([Cell("cross-entropy only (same steps)"), figure(base, "perplexity", _num),
+        t.rows.append([Cell("cross-entropy only (same steps)"), figure(base, "perplexity", fmt_num),
                        figure(base, "accuracy", fmt_pct), figure(base, "teacher_agreement", fmt_pct),
                        figure(base, "steps", str)])
     return t
@@ -115,7 +116,7 @@ def speculative_table(report: dict) -> Table | None:
                "measured on", ""])
     for row in [s, *(s.get("compared") or [])]:
         t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)), Cell(_sources(row)),
-                       figure(row, "tokens_per_s", _tps), figure(s, "teacher_tokens_per_s", _tps),
+                       figure(row, "tokens_per_s", fmt_tps), figure(s, "teacher_tokens_per_s", fmt_tps),
                        figure(row, "speedup", fmt_ratio),
                        figure(row, "identical", lambda n: f"{n}/{s.get('prompts')}"),
                        Cell(str(s.get("measured_on") or "—")), Cell("✔ chosen" if row is s else "")])
@@ -132,7 +133,7 @@ def speculative_choice_table(report: dict) -> Table | None:
     for row in sel["tried"]:
         chosen = all(row.get(k) == s.get(k) for k in key)
         t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)),
-                       figure(row, "tokens_per_s", _tps), figure(sel, "teacher_tokens_per_s", _tps),
+                       figure(row, "tokens_per_s", fmt_tps), figure(sel, "teacher_tokens_per_s", fmt_tps),
                        Cell("✔ chosen" if chosen else "")])
     return t
 
