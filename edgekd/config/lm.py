@@ -13,6 +13,7 @@ TASKS = ("image-classification", "causal-lm")
 LM_TEACHER_DEFAULT = "smollm2-135m"  # lm.models.EMBEDDED_LM
 LM_STUDENT_SIZES = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
 LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init", "layer_choice")
+LM_ONLY_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
 # teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)
 LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs": 1, "lr": 1e-3, "cache_topk": 64}
@@ -83,3 +84,6 @@ def check_task(cfg) -> None:
     if set_student or set_distill:
         key = f"student.{set_student[0]}" if set_student else f"distill.{set_distill[0]}"
         raise ValueError(f"{key} is read only with task: causal-lm")
+    set_gates = [k for k in LM_ONLY_GATES if getattr(cfg.gates, k, None) is not None]
+    if set_gates:
+        raise ValueError(f"gates.{set_gates[0]} is read only with task: causal-lm")

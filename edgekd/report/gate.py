@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.lm import LM_ONLY_GATES as LM_GATES
 from ..errors import BadInputError
 from ..runs import write_text
 from .schema import not_measured_reason
@@ -74,6 +75,10 @@ def evaluate(report: dict, thresholds: dict, baseline: dict | None = None) -> li
     if percentile not in PERCENTILES:
         raise BadInputError(f"gates.percentile: {percentile!r} is not one of 50, 90, 99")
     final = report.get("final") or {}
+    task = report.get("task") or "image-classification"
+    lm_only = [g for g in LM_GATES if thresholds.get(g) is not None]
+    if lm_only and task != "causal-lm":
+        raise BadInputError(f"gates: {lm_only[0]} is for causal-lm reports; this report is {task}")
     results = []
     for gate in GATES:
         t = thresholds.get(gate)
@@ -103,9 +108,6 @@ def evaluate(report: dict, thresholds: dict, baseline: dict | None = None) -> li
         else:
             results.append(_at_most(gate, final, t))
     return results
-
-
-LM_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
 
 
 def _lm_gate(report: dict, gate: str, t: float) -> GateResult:

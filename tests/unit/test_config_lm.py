@@ -19,6 +19,7 @@ def test_causal_lm_defaults():
     ({"distill": {"loss": "jsd"}}, "distill.loss is read only with task: causal-lm"),
     ({"data": {"dataset": "text"}}, "data.dataset text needs task: causal-lm"),
     ({"speculative": {"draft_tokens": 4}}, "speculative is read only with task: causal-lm"),
+    ({"gates": {"max_perplexity": 30}}, "gates.max_perplexity is read only with task: causal-lm"),
     ({"task": "causal-lm", "stages": ["distill", "prune"]}, "the prune stage is for image classifiers"),
     ({"task": "causal-lm", "data": {"dataset": "digits"}}, "data.dataset must be text"),
     ({"task": "causal-lm", "student": {"model": "edge_cnn"}}, "student.model must be teacher"),

@@ -103,6 +103,9 @@ def test_unknown_gate_or_non_number_is_bad_input(report):
         evaluate(report, {"max_sise_mb": 2})
     with pytest.raises(BadInputError, match="gates.min_accuracy"):
         evaluate(report, {"min_accuracy": "high"})
+    with pytest.raises(BadInputError, match="min_decode_tokens_per_s is for causal-lm reports; this report is "
+                                            "image-classification"):
+        evaluate(report, {"min_accuracy": 90, "min_decode_tokens_per_s": 10})
 
 
 def test_baseline_comparison_of_a_report_with_itself_passes(report):
