@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config.profiles import Profile, load_profile
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_STAGE_FAILED, BadInputError, EdgeKDError
 from .harness import artifact_size_bytes, bench_local, resolve_artifact
+from .lm_cli import decoder_dims, describe_lm, lm_bench
 from .remote import bench_hosts
 
 EPILOG = "exit codes: 0 done, 2 bad input (artifact, data, arguments), 3 a board or the runtime failed"
@@ -29,7 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument("--iterations", type=int, help="timed calls (default: the profile's)")
     group.add_argument("--duration", type=float, metavar="S", help="time calls for S seconds instead")
     p.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
-    p.add_argument("--eval-data", help=".npz with x (float32 NCHW) and y: accuracy with the runtime")
+    p.add_argument("--eval-data", help=".npz with x (float32 NCHW) and y: accuracy with the runtime; for a KV-cache "
+                                       "decoder (a causal-lm run's artifact), token blocks x (the run's eval.npz): "
+                                       "the prompts and the perplexity")
+    p.add_argument("--new-tokens", type=int, help="KV-cache decoders: tokens generated per prompt (default 64)")
+    p.add_argument("--prompts", type=int, help="KV-cache decoders: prompts, spread over the blocks (default 8)")
+    p.add_argument("--prompt-tokens", type=int, help="KV-cache decoders: each prompt's first tokens of its block "
+                                                     "(default 32)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON here")
     p.add_argument("--host", action="append", default=[], metavar="[user@]host[:port]",
                    help="benchmark on this board over SSH (repeatable: boards run in parallel); "
@@ -43,10 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name, low in (("threads", 1), ("iterations", 1), ("batch", 1), ("warmup", 0), ("timeout", 1)):
+    for name, low in (("threads", 1), ("iterations", 1), ("batch", 1), ("warmup", 0), ("timeout", 1),
+                      ("new_tokens", 1), ("prompts", 1), ("prompt_tokens", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
-            raise BadInputError(f"bench: --{name} must be at least {low}, got {value}")
+            raise BadInputError(f"bench: --{name.replace('_', '-')} must be at least {low}, got {value}")
     if args.duration is not None and args.duration <= 0:
         raise BadInputError(f"bench: --duration must be positive, got {args.duration}")
     if args.eval_data and not Path(args.eval_data).is_file():
@@ -58,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     profile = load_profile(args.target)
     model, files = resolve_artifact(Path(args.artifact))
+    dims = decoder_dims(model)
+    if dims:
+        return _run_lm(args, profile, model, files, dims)
+    lm_only = [f"--{k.replace('_', '-')}" for k in ("new_tokens", "prompts", "prompt_tokens") if getattr(args, k)]
+    if lm_only:
+        raise BadInputError(f"bench: {lm_only[0]} is for KV-cache decoders (causal-lm runs); {model.name} is not one")
     eval_data = Path(args.eval_data) if args.eval_data else None
     options = {"eval_data": eval_data, "threads": args.threads, "warmup": args.warmup,
                "iterations": args.iterations, "duration_s": args.duration, "batch": args.batch,
@@ -74,17 +88,37 @@ def run(args: argparse.Namespace) -> int:
             result["artifact_bytes"] = size
             result["target"] = {"name": profile.name, "backend": profile.backend, "device": profile.device,
                                 "measures_here": profile.measures_here}
+    return _finish(args, results, profile, describe)
+
+
+def _run_lm(args: argparse.Namespace, profile: Profile, model: Path, files: list[Path], dims: tuple) -> int:
+    """`edgekd bench` on a KV-cache decoder: the same output, exit codes and JSON layout as the image path."""
+    if args.batch != 1 or args.iterations or args.duration or args.warmup is not None:
+        raise BadInputError("bench: --batch, --iterations, --duration and --warmup are for single-pass models; a "
+                            "KV-cache decoder takes --prompts, --prompt-tokens and --new-tokens")
+    results = lm_bench(args, profile, model, files, dims)
+    size = artifact_size_bytes(files)
+    for result in results.values():
+        if isinstance(result, dict):
+            result.pop("next_tokens", None)  # every block's picks: the perplexity and accuracy stand for them
+            result.update(artifact_bytes=size, target={"name": profile.name, "backend": profile.backend,
+                                                       "device": profile.device, "measures_here": profile.measures_here})
+    return _finish(args, results, profile, describe_lm)
+
+
+def _finish(args: argparse.Namespace, results: dict, profile: Profile, show) -> int:
+    """Write the JSON, print each result (or its error) and say how it went: one run's failure raises."""
     if len(results) == 1:
         only = next(iter(results.values()))
         if isinstance(only, EdgeKDError):
             raise only
         _write(args.json_out, only)
-        print(describe(only, profile))
+        print(show(only, profile))
         return EXIT_OK
     _write(args.json_out, {"hosts": {h: r if isinstance(r, dict) else {"error": str(r), "exit_code": r.exit_code}
                                      for h, r in results.items()}})
     for result in results.values():
-        print(describe(result, profile) if isinstance(result, dict) else f"edgekd: error: {result}")
+        print(show(result, profile) if isinstance(result, dict) else f"edgekd: error: {result}")
     failed = [r.exit_code for r in results.values() if isinstance(r, EdgeKDError)]
     if not failed:
         return EXIT_OK

@@ -102,17 +102,27 @@ def _write_prompts(path: Path, prompts: Sequence[Sequence[int]]) -> None:
     np.savez(path, prompts=np.asarray([list(p) for p in prompts], dtype=np.int64))
 
 
+def _write_blocks(path: Path, blocks: np.ndarray) -> None:
+    np.savez(path, x=np.asarray(blocks, dtype=np.int64))
+
+
 def run_local(jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
-              threads: int | None, timeout_s: float | None = None) -> dict[str, dict]:
-    """{job name: lm_runner's result} with each decoder run in a fresh process on this host, one after the other."""
+              threads: int | None, timeout_s: float | None = None, *, score: np.ndarray | None = None
+              ) -> dict[str, dict]:
+    """{job name: lm_runner's result} with each decoder run in a fresh process on this host, one after the other;
+    with `score` (token blocks), also each decoder's perplexity and next-token accuracy on them."""
     from ..quantize.recipes import needs_precise_int8
 
     limit = timeout_s or profile.remote.timeout_s
     out = {}
     with tempfile.TemporaryDirectory(prefix="edgekd-lm-") as tmp:
         _write_prompts(Path(tmp) / "prompts.npz", prompts)
+        if score is not None:
+            _write_blocks(Path(tmp) / "eval.npz", score)
         for job in jobs:
             args = _arguments(job, str(Path(job.model).resolve()), profile, threads, new_tokens, None)
+            if score is not None:
+                args += ["--eval-data", "eval.npz"]
             if "onnxruntime" in args and needs_precise_int8(job.model):
                 args.append("--precise-int8")  # as the in-process runner does on this host
             out[job.name] = _pooled([_run_here(args, tmp, limit, f"bench of {job.model.name}")])
@@ -136,7 +146,8 @@ def _run_here(args: list[str], tmp: str, limit: float, what: str) -> dict:
 
 
 def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequence[int]], steps: list[list[str]],
-              profile: Profile, ssh_config: str | Path | None, python: str, timeout_s: int) -> dict:
+              profile: Profile, ssh_config: str | Path | None, python: str, timeout_s: int,
+              score: np.ndarray | None = None) -> dict:
     """{result name: JSON} of lm_runner `steps` (each writing out/NAME.json) run on `host` in ONE SSH connection
     (bench/remote.py's script: a temporary directory removed by a trap) with the runner, the prompts and
     `files` ((path here, name there)) sent over. Failures raise as bench_remote's."""
@@ -158,6 +169,9 @@ def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequenc
             for helper in ("runner.py", "lm_generation.py"):  # lm_runner imports its helpers and loops
                 tar.add(str(LM_RUNNER.parent / helper), arcname=helper)
             tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
+            if score is not None:  # the blocks lm_runner scores (--eval-data eval.npz)
+                _write_blocks(Path(tmp) / "eval.npz", score)
+                tar.add(str(Path(tmp) / "eval.npz"), arcname="eval.npz")
             for path, name in files:
                 tar.add(os.path.realpath(path), arcname=name)
         limit = timeout_s * max(1, len(steps) + 1) + connect + 60
@@ -175,9 +189,11 @@ def _job_files(job: LMJob, folder: str) -> list[tuple[str, str]]:
 
 def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
                threads: int | None, *, rounds: int = 1, ssh_config: str | Path | None = None,
-               remote_python: str | None = None, timeout_s: int | None = None) -> dict[str, dict]:
+               remote_python: str | None = None, timeout_s: int | None = None, score: np.ndarray | None = None
+               ) -> dict[str, dict]:
     """{job name: its result on the board `host`}: each decoder runs in a process of its own, in `rounds`
-    interleaved rounds whose order rotates, all in one SSH connection (_on_board)."""
+    interleaved rounds whose order rotates, all in one SSH connection (_on_board); with `score` (token
+    blocks), the first round also scores each decoder on them."""
     from .remote import board_mismatch
 
     python = remote_python or profile.remote.python
@@ -187,9 +203,11 @@ def run_remote(host: str, jobs: list[LMJob], prompts: Sequence[Sequence[int]], n
         for k in range(len(jobs)):
             i = (r + k) % len(jobs)
             args = _arguments(jobs[i], f"m{i}/{jobs[i].model.name}", profile, threads, new_tokens, None)
+            if score is not None and r == 0:
+                args += ["--eval-data", "eval.npz"]
             steps.append([python, "lm_runner.py", *args, "--json", f"out/r{r}-m{i}.json"])
     files = [f for i, job in enumerate(jobs) for f in _job_files(job, f"m{i}")]
-    runs = _on_board(host, files, prompts, steps, profile, ssh_config, python, timeout_s)
+    runs = _on_board(host, files, prompts, steps, profile, ssh_config, python, timeout_s, score)
     out = {}
     for i, job in enumerate(jobs):
         got = [runs[f"r{r}-m{i}"] for r in range(rounds) if isinstance(runs.get(f"r{r}-m{i}"), dict)]

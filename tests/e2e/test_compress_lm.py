@@ -182,6 +182,28 @@ def test_generate_refuses_a_continuation_longer_than_the_model_takes(lm_run, cap
         assert f"positions; the model takes at most {limit}" in err and "Traceback" not in err
 
 
+def test_bench_times_a_runs_decoder_and_scores_its_blocks_as_the_report_did(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+
+    report, run, _, _ = lm_run
+    final = run / report["final"]["artifact"]
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(final), "--target", "cpu", "--eval-data", str(run / "eval.npz"), "--new-tokens", "6",
+                 "--prompts", "2", "--prompt-tokens", "8", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["perplexity"] == pytest.approx(report["final"]["perplexity"], rel=1e-4)  # same runtime, same blocks
+    assert got["decode_tokens_per_s"] > 0 and got["prefill_tokens_per_s"] > 0 and got["ttft_ms"] > 0
+    assert got["prompts"] == 2 and got["new_tokens"] == 6 and [len(t) for t in got["tokens"]] == [6, 6]
+    assert got["artifact_bytes"] == report["final"]["size_bytes"] and got["target"]["name"] == "cpu"
+    assert "next_tokens" not in got and "decode" in capsys.readouterr().out
+    for extra, needle in (([], "a KV-cache decoder needs --eval-data"),
+                          (["--eval-data", str(run / "eval.npz"), "--iterations", "5"], "takes --prompts, --prompt-tokens"),
+                          (["--eval-data", str(run / "eval.npz"), "--prompt-tokens", "999"], "more than the blocks'")):
+        assert main(["bench", str(final), "--target", "cpu", *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+
+
 def test_lm_gates_from_the_command_line(lm_run, capsys):
     from edgekd.cli import main
 

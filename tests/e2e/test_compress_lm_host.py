@@ -36,6 +36,10 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
                        timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         rep = json.loads((out / "report.json").read_text())
+        bench = run_edgekd("bench", str(out / rep["final"]["artifact"]), "--target", str(profile), "--host", "board",
+                           "--ssh-config", str(server.ssh_config()), "--remote-python", sys.executable,
+                           "--eval-data", str(out / "eval.npz"), "--new-tokens", "6", "--prompts", "2",
+                           "--json", str(tmp_path / "bench.json"), timeout=600)
         bad = run_edgekd("compress", "--config", str(cfg), "--target", str(profile), "--out", str(tmp_path / "run2"),
                          "--host", "nosuchboard:1", "--ssh-config", str(server.ssh_config()), "--quiet", timeout=600)
     finally:
@@ -71,6 +75,12 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
     if check.is_file():
         res = subprocess.run([sys.executable, str(check), str(out)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+    # `edgekd bench` on the same board: the final decoder's speed there, its perplexity as the report's
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    got = json.loads((tmp_path / "bench.json").read_text())
+    assert got["measured_on"] == "board" and got["decode_tokens_per_s"] > 0 and got["prompts"] == 2
+    assert got["perplexity"] == pytest.approx(final["perplexity"], rel=1e-4)
+    assert "measured on board" in bench.stdout and "x86_64 processor where test-pi is aarch64" in bench.stdout
     # an unreachable board: one line, exit 3, no report
     assert bad.returncode == 3 and "nosuchboard" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr and not (tmp_path / "run2" / "report.json").exists()
