@@ -169,9 +169,15 @@ def _student(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: Text
     n_teacher = teacher.config.num_hidden_layers
     greedy = (s.init == "teacher" and s.layer_choice == "greedy" and set(sizes) <= {"layers"}
               and sizes.get("layers", n_teacher) < n_teacher)
-    resumes = "distill" in ctx.config.stages and \
-        ctx.cached("distill", lm_distill_key(ctx, teacher_key, splits)) is not None
-    if not greedy or resumes:
+    hit = ctx.cached("distill", lm_distill_key(ctx, teacher_key, splits)) if "distill" in ctx.config.stages else None
+    if hit is not None:  # the stored weights came from the layers the first run chose: rebuild on those
+        stored = hit.get("init") if isinstance(hit.get("init"), dict) else None
+        layers = (stored or {}).get("layers_from_teacher") if s.init == "teacher" else None
+        n_student = int(sizes.get("layers") or n_teacher)
+        student, init = build_lm_student(teacher, sizes, s.init, ctx.config.seed,
+                                         layers=layers if layers and len(layers) == n_student else None)
+        return student, stored or init
+    if not greedy:
         return build_lm_student(teacher, sizes, s.init, ctx.config.seed)
     t0 = time.perf_counter()
     blocks = splits.val.ids[:LAYER_CHOICE_BLOCKS, :LAYER_CHOICE_TOKENS]
@@ -184,7 +190,8 @@ def _student(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: Text
     return student, init
 
 
-def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.Module, splits: TextSplits):
+def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.Module, splits: TextSplits,
+             init: dict):
     from ..distill.lm_stage import lm_distill_key, run_lm_distill
 
     key = lm_distill_key(ctx, teacher_key, splits)
@@ -202,6 +209,7 @@ def _distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, student: nn.
     torch.save(student.state_dict(), out / "model.pt")
     if baseline is not None:
         torch.save(baseline.state_dict(), out / "baseline.pt")
+    metrics["init"] = init  # how the student began: a resumed run rebuilds it on the same teacher layers
     ctx.mark_done("distill", key, metrics)
     return student, metrics, baseline
 
@@ -245,7 +253,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
                            "params": count_lm_params(teacher), "macs": _macs_per_token(teacher)}]
     baseline = None
     if "distill" in cfg.stages:
-        student, entry, baseline = _distill(ctx, teacher, teacher_key, student, splits)
+        student, entry, baseline = _distill(ctx, teacher, teacher_key, student, splits, init)
         stages.append({"name": "distill", "init": init, **entry})
     student.eval()
     t_config = teacher.config

@@ -100,31 +100,38 @@ class _GroupQueryAttention(torch.autograd.Function):
     sin (max positions, d / 2)."""
 
     @staticmethod
-    def forward(ctx, qkv, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):  # noqa: ARG004
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int,  # noqa: ARG004
+                rotary: bool = True, window: int = 0):
         d = past_k.shape[-1]
         q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
         b, t, _ = q.shape
         p = past_k.shape[2]
-        c = torch.cat((cos[p:p + t], cos[p:p + t]), dim=-1)[None, :, None]
-        s = torch.cat((sin[p:p + t], sin[p:p + t]), dim=-1)[None, :, None]
         qh, kh = q.view(b, t, heads, d), k.view(b, t, kv_heads, d)
-        qh = (qh * c + _rotate_half(qh) * s).transpose(1, 2)
-        kh = (kh * c + _rotate_half(kh) * s).transpose(1, 2)
+        if rotary:
+            c = torch.cat((cos[p:p + t], cos[p:p + t]), dim=-1)[None, :, None]
+            s = torch.cat((sin[p:p + t], sin[p:p + t]), dim=-1)[None, :, None]
+            qh, kh = qh * c + _rotate_half(qh) * s, kh * c + _rotate_half(kh) * s
+        qh, kh = qh.transpose(1, 2), kh.transpose(1, 2)
         kk = torch.cat([past_k, kh], dim=2)
         vv = torch.cat([past_v, v.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
         rep = heads // kv_heads
         scores = torch.matmul(qh, kk.repeat_interleave(rep, dim=1).transpose(2, 3)) / math.sqrt(d)
-        future = torch.arange(p + t)[None, :] > (torch.arange(t) + p)[:, None]
-        scores = scores.masked_fill(future, MASKED)
+        keys, rows = torch.arange(p + t)[None, :], (torch.arange(t) + p)[:, None]
+        hidden = (keys > rows) | (keys <= rows - window) if window else keys > rows
+        scores = scores.masked_fill(hidden, MASKED)
         out = torch.matmul(torch.softmax(scores, dim=-1), vv.repeat_interleave(rep, dim=1))
         return out.transpose(1, 2).reshape(b, t, heads * d), kk, vv
 
     @staticmethod
-    def symbolic(g, qkv, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int):
-        # key and value are given as qkv again here and left out after export (_packed): the packed form
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total, cos, sin, heads: int, kv_heads: int, rotary: bool = True,
+                 window: int = 0):
+        # key and value are given as qkv again here and left out after export (_packed): the packed form. A
+        # sliding window of w tokens (the query's own included) is the node's local_window_size w (as ONNX
+        # Runtime counts it; checked against Hugging Face's mask in the tests).
         out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", qkv, qkv, qkv, past_k, past_v,
                                          seqlens_k, total, cos, sin, num_heads_i=heads, kv_num_heads_i=kv_heads,
-                                         do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
+                                         do_rotary_i=int(rotary), rotary_interleaved_i=0,
+                                         local_window_size_i=window if window else -1, outputs=3)
         out.setType(qkv.type())  # what ONNX shape inference cannot say of a contrib op
         present_k.setType(past_k.type().with_sizes([None] * 4))
         present_v.setType(past_v.type().with_sizes([None] * 4))
@@ -152,6 +159,19 @@ def _contrib_forms(proto) -> None:
             node.output[1] = node.output[2] = ""
 
 
+def layer_windows(cfg, n: int) -> list[int | None]:
+    """Each layer's sliding attention window in tokens (the query's own included), None for full attention:
+    Mistral windows every layer; Qwen2 and SmolLM3 the layers their `layer_types` name, when enabled. A window
+    at least the model's positions long changes nothing and is left out."""
+    w = getattr(cfg, "sliding_window", None)
+    if not w or not getattr(cfg, "use_sliding_window", True) or w >= int(getattr(cfg, "max_position_embeddings", 0) or 0):
+        return [None] * n
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) == n:
+        return [int(w) if kind == "sliding_attention" else None for kind in types]
+    return [int(w)] * n
+
+
 class KVDecoder(nn.Module):
     """The Hugging Face causal LM's weights in a decoder that takes and returns its KV cache as tensors.
     fused: attention as ONNX Runtime's GroupQueryAttention node (ONNX Runtime only; other runtimes read
@@ -177,6 +197,10 @@ class KVDecoder(nn.Module):
             angles = torch.arange(int(getattr(cfg, "max_position_embeddings", 2048)), dtype=torch.float32)[:, None] * inv
             self.register_buffer("cos_table", angles.cos(), persistent=False)
             self.register_buffer("sin_table", angles.sin(), persistent=False)
+        n = len(lm_layers(hf_model))
+        flags = getattr(cfg, "no_rope_layers", None)  # SmolLM3: 1 where a layer rotates, 0 where it does not
+        self.rotary = [bool(f) for f in flags] if isinstance(flags, list) and len(flags) == n else [True] * n
+        self.windows = layer_windows(cfg, n)
         eps = cfg.rms_norm_eps
         self.embed = hf_model.get_input_embeddings()
         self.layers = nn.ModuleList()
@@ -194,14 +218,15 @@ class KVDecoder(nn.Module):
         self.head = hf_model.get_output_embeddings()
         self.config = cfg
 
-    def _attend(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _attend(self, block: nn.Module, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor):
         b, t, _ = x.shape
         q = block.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = block.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = block.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        if cos is not None:  # None: a layer without rotary positions (NoPE)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
         rep = self.heads // self.kv_heads
@@ -211,10 +236,11 @@ class KVDecoder(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), vv)
         return block.o(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), k, v
 
-    def _attend_fused(self, block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+    def _attend_fused(self, i: int, block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                       seqlens: torch.Tensor, total: torch.Tensor):
         out, k, v = _GroupQueryAttention.apply(block.qkv(x), past_k, past_v, seqlens, total, self.cos_table,
-                                               self.sin_table, self.heads, self.kv_heads)
+                                               self.sin_table, self.heads, self.kv_heads, self.rotary[i],
+                                               self.windows[i] or 0)
         return block.o(out), k, v
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
@@ -227,11 +253,18 @@ class KVDecoder(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[None, None], emb.sin()[None, None]
         keys = torch.arange(t + p, dtype=torch.float32)
-        mask = torch.where(keys[None, :] > positions[:, None], torch.tensor(MASKED), torch.tensor(0.0))
+        masks = {}  # one per window size (0: the whole past)
+        for w in {w or 0 for w in self.windows}:
+            hidden = keys[None, :] > positions[:, None]
+            if w:  # a sliding window of w tokens, the query's own included
+                hidden = hidden | (keys[None, :] <= positions[:, None] - w)
+            masks[w] = torch.where(hidden, torch.tensor(MASKED), torch.tensor(0.0))
         h = self.embed(input_ids)
         presents = []
         for i, block in enumerate(self.layers):
-            a, k, v = self._attend(block, block.norm1(h), cos, sin, past[2 * i], past[2 * i + 1], mask)
+            rot = (cos, sin) if self.rotary[i] else (None, None)
+            a, k, v = self._attend(block, block.norm1(h), *rot, past[2 * i], past[2 * i + 1],
+                                   masks[self.windows[i] or 0])
             h = h + a
             x = block.norm2(h)
             h = h + block.down(nn.functional.silu(block.gate(x)) * block.up(x))
@@ -249,7 +282,7 @@ class KVDecoder(nn.Module):
         x = self.layers[0].norm1(h)
         presents = []
         for i, block in enumerate(self.layers):  # each residual Add and the norm after it: one node
-            a, k, v = self._attend_fused(block, x, past[2 * i], past[2 * i + 1], seqlens, total)
+            a, k, v = self._attend_fused(i, block, x, past[2 * i], past[2 * i + 1], seqlens, total)
             x, h = _SkipRMSNorm.apply(a, h, block.norm2.weight, block.norm2.eps)
             mlp = block.down(nn.functional.silu(block.gate(x)) * block.up(x))
             after = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.norm

@@ -125,7 +125,12 @@ def count_lm_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _student_config(teacher_config, sizes: dict):
+PER_LAYER_KEYS = ("no_rope_layers", "layer_types")  # a value per layer (SmolLM3's NoPE layers, sliding windows)
+
+
+def _student_config(teacher_config, sizes: dict, source_layers: list[int] | None = None):
+    """The teacher's config with the student's sizes; per-layer settings follow `source_layers` (the teacher
+    layer each student layer copies, or mirrors when it starts from scratch)."""
     cfg = teacher_config.to_dict()
     for key, value in sizes.items():
         if key not in SIZE_KEYS:
@@ -139,6 +144,12 @@ def _student_config(teacher_config, sizes: dict):
         raise ModelError(f"student: heads {heads} is not a multiple of kv_heads {kv}")
     if sizes.get("hidden_size") is not None or sizes.get("heads") is not None:
         cfg["head_dim"] = cfg["hidden_size"] // heads
+    n_teacher = teacher_config.num_hidden_layers
+    src = source_layers if source_layers is not None else _chosen_layers(n_teacher, cfg["num_hidden_layers"])
+    for key in PER_LAYER_KEYS:
+        per = cfg.get(key)
+        if isinstance(per, list) and len(per) == n_teacher:
+            cfg[key] = [per[i] for i in src]
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
     cfg.pop("_model_name_or_path", None)
@@ -197,8 +208,12 @@ def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", see
     tf = _transformers()
     if init not in ("teacher", "scratch"):
         raise ModelError(f"student.init: {init!r} is not one of teacher, scratch")
-    cfg = _student_config(teacher.config, sizes)
     n_teacher = teacher.config.num_hidden_layers
+    n_student = int(sizes.get("layers") or n_teacher)
+    chosen = _chosen_layers(n_teacher, n_student) if layers is None else list(layers)
+    if len(chosen) != n_student or not all(0 <= i < n_teacher for i in chosen):
+        raise ModelError(f"student: {n_student} layers cannot copy teacher layers {chosen}")
+    cfg = _student_config(teacher.config, sizes, chosen)
     if init == "teacher" and cfg.num_hidden_layers > n_teacher:
         raise ModelError(f"student.layers {cfg.num_hidden_layers}: init teacher copies a subset of the teacher's "
                          f"{n_teacher} layers; give at most {n_teacher} (or student.init: scratch)")
@@ -226,9 +241,6 @@ def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", see
                 s_head.weight.copy_(t_head.weight)
             else:
                 s_head.weight.copy_(_projected_embeddings(t_head.weight, s_head.weight.shape[1]))
-        chosen = _chosen_layers(len(t_layers), len(s_layers)) if layers is None else list(layers)
-        if len(chosen) != len(s_layers) or not all(0 <= i < len(t_layers) for i in chosen):
-            raise ModelError(f"student: {len(s_layers)} layers cannot copy teacher layers {chosen}")
         copied = []
         for s_i, t_i in enumerate(chosen):
             t_state, s_state = t_layers[t_i].state_dict(), s_layers[s_i].state_dict()

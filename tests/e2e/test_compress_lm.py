@@ -129,6 +129,21 @@ def test_second_run_reuses_the_teacher_cache(lm_run, tmp_path):
     assert "baseline" not in d
 
 
+def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm_run, tmp_path):
+    report, run, teacher, cache = lm_run
+    shutil.copytree(run / "stages", tmp_path / "again" / "stages")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    try:
+        again = Pipeline(lm_config(teacher), target="cpu", out=tmp_path / "again").run()
+    finally:
+        mp.undo()
+    first, second = ({s["name"]: s for s in r["stages"]}["distill"] for r in (report, again))
+    assert second["resumed"] and second["init"] == first["init"] and "layer_choice" in second["init"]
+    # the FP32 student measured again (the quantized final is chosen on speed, which may pick another one)
+    assert second["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
+
+
 def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     from types import SimpleNamespace
 

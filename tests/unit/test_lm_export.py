@@ -127,3 +127,67 @@ def test_the_fused_attention_graph_decodes_what_the_plain_graph_decodes(tmp_path
     assert {n.name for n in fused_graph.graph.node if n.op_type == "MatMul" and n.output[0] in packed} <= kept
     cfg = wide.config  # per layer qkv (and down where it narrows), then the head
     assert len(kept) == cfg.num_hidden_layers * (2 if cfg.intermediate_size > cfg.hidden_size else 1) + 1
+
+
+def _family(kind: str):
+    import transformers as tf
+
+    sizes = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, max_position_embeddings=128, vocab_size=200)
+    torch.manual_seed(7)
+    if kind == "qwen2":  # biases on the query, key and value projections; two layers with a sliding window
+        cfg = tf.Qwen2Config(**sizes, use_sliding_window=True, sliding_window=9, max_window_layers=2)
+    elif kind == "mistral":  # every layer windowed
+        cfg = tf.MistralConfig(**sizes, sliding_window=9)
+    else:  # smollm3: every fourth layer without rotary positions (NoPE)
+        cfg = tf.SmolLM3Config(**sizes, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1 and p.shape[0] != sizes["hidden_size"]:  # biases large enough to matter
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "smollm3"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_sliding_windows_biases_and_nope_layers_export_as_hugging_face_computes_them(tmp_path, kind, fused):
+    from edgekd.lm.export import layer_windows
+
+    model = _family(kind)
+    cfg = model.config
+    windows, rotary = layer_windows(cfg, 4), KVDecoder(model).rotary
+    assert {"qwen2": [None, None, 9, 9], "mistral": [9] * 4, "smollm3": [None] * 4}[kind] == windows
+    assert rotary == ([True, True, True, False] if kind == "smollm3" else [True] * 4)
+    path = export_lm_onnx(model, tmp_path / "d.onnx", fused=fused)
+    profile, backend = load_profile("cpu"), get_backend("onnxruntime")
+    runner = backend.load(backend.compile(path, profile, tmp_path / "c", "fp32"), profile, 1)
+    try:
+        dec = Decoder(runner.run, cfg, cfg.num_hidden_layers)
+        ids = _ids(model, n=1, t=30, seed=2).numpy()  # longer than the window
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
+        logits, cache = dec.forward(ids[:, :8], dec.empty_cache())
+        steps = [logits]
+        for j in range(8, 30, 3):  # decode in chunks, as a speculative check feeds its proposals
+            logits, cache = dec.forward(ids[:, j:j + 3], cache)
+            steps.append(logits)
+        assert np.abs(np.concatenate(steps, 1) - ref).max() < 1e-4
+    finally:
+        runner.close()
+
+
+def test_a_student_keeps_the_per_layer_settings_of_the_teacher_layers_it_copies():
+    from edgekd.lm.models import build_lm_student
+
+    teacher = _family("smollm3")
+    assert teacher.config.no_rope_layers == [1, 1, 1, 0]
+    student, info = build_lm_student(teacher, {"layers": 2}, layers=[1, 3])
+    assert student.config.no_rope_layers == [1, 0] and info["layers_from_teacher"] == [1, 3]
+    whole, _ = build_lm_student(teacher, {"layers": 4}, layers=[0, 1, 2, 3])  # the teacher itself again
+    ids = _ids(teacher, n=1, t=20, seed=4)
+    with torch.no_grad():
+        assert torch.allclose(whole(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-5)
+    qwen = _family("qwen2")
+    assert build_lm_student(qwen, {"layers": 2}, layers=[0, 3])[0].config.layer_types == ["full_attention",
+                                                                                           "sliding_attention"]
