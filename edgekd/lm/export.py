@@ -185,18 +185,30 @@ class KVDecoder(nn.Module):
             raise ModelError(f"KV-cache export: model family {getattr(cfg, 'model_type', '?')!r} is not supported "
                              "(Llama-family decoders: llama, mistral, qwen2)")
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ModelError(f"KV-cache export: rope type {rope.get('rope_type')!r} is not supported (default only)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in ("dynamic", "longrope"):
+            raise ModelError(f"KV-cache export: rope type {rope_type!r} changes with the sequence length and is not "
+                             "supported (default, linear, llama3 and yarn are)")
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.rope_scale = 1.0  # yarn scales cos and sin
+        rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+        if rotary is not None and isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+            inv = rotary.inv_freq.detach().float().clone()  # the model's own frequencies (llama3, linear, yarn)
+            self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+        elif rope_type != "default":
+            raise ModelError(f"KV-cache export: rope type {rope_type!r} needs the model's rotary embedding")
+        if 2 * inv.numel() != self.head_dim:
+            raise ModelError(f"KV-cache export: rotary positions over {2 * inv.numel()} of {self.head_dim} head "
+                             "dimensions (partial rotary) are not supported")
         self.register_buffer("inv_freq", inv, persistent=False)
         if fused:  # GroupQueryAttention's rotary tables: every position the model takes
             angles = torch.arange(int(getattr(cfg, "max_position_embeddings", 2048)), dtype=torch.float32)[:, None] * inv
-            self.register_buffer("cos_table", angles.cos(), persistent=False)
-            self.register_buffer("sin_table", angles.sin(), persistent=False)
+            self.register_buffer("cos_table", angles.cos() * self.rope_scale, persistent=False)
+            self.register_buffer("sin_table", angles.sin() * self.rope_scale, persistent=False)
         n = len(lm_layers(hf_model))
         flags = getattr(cfg, "no_rope_layers", None)  # SmolLM3: 1 where a layer rotates, 0 where it does not
         self.rotary = [bool(f) for f in flags] if isinstance(flags, list) and len(flags) == n else [True] * n
@@ -251,7 +263,7 @@ class KVDecoder(nn.Module):
         positions = torch.arange(t, dtype=torch.float32) + p
         freqs = positions[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        cos, sin = emb.cos()[None, None] * self.rope_scale, emb.sin()[None, None] * self.rope_scale
         keys = torch.arange(t + p, dtype=torch.float32)
         masks = {}  # one per window size (0: the whole past)
         for w in {w or 0 for w in self.windows}:

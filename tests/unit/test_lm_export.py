@@ -191,3 +191,44 @@ def test_a_student_keeps_the_per_layer_settings_of_the_teacher_layers_it_copies(
     qwen = _family("qwen2")
     assert build_lm_student(qwen, {"layers": 2}, layers=[0, 3])[0].config.layer_types == ["full_attention",
                                                                                            "sliding_attention"]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 500000.0},  # Llama 3.x
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},  # scales cos, sin
+])
+def test_scaled_rotary_positions_export_as_the_model_computes_them(tmp_path, rope):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, max_position_embeddings=128, vocab_size=200, rope_parameters=rope)
+    torch.manual_seed(1)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    plain = tf.LlamaConfig(**{**cfg.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert not torch.allclose(model.model.rotary_emb.inv_freq, tf.AutoModelForCausalLM.from_config(plain).model
+                              .rotary_emb.inv_freq) or model.model.rotary_emb.attention_scaling != 1.0
+    ids = _ids(model, n=1, t=60, seed=3).numpy()  # past the original positions
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
+    profile, backend = load_profile("cpu"), get_backend("onnxruntime")
+    for fused in (False, True):
+        path = export_lm_onnx(model, tmp_path / f"d{int(fused)}.onnx", fused=fused)
+        runner = backend.load(backend.compile(path, profile, tmp_path / f"c{int(fused)}", "fp32"), profile, 1)
+        try:
+            dec = Decoder(runner.run, cfg, cfg.num_hidden_layers)
+            logits, cache = dec.forward(ids[:, :40], dec.empty_cache())
+            rest, _ = dec.forward(ids[:, 40:], cache)
+            assert np.abs(np.concatenate([logits, rest], 1) - ref).max() < 1e-4
+        finally:
+            runner.close()
+
+
+def test_rotary_positions_that_change_with_the_length_are_a_clear_model_error():
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
+                         vocab_size=200, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ModelError, match="rope type 'dynamic' changes with the sequence length"):
+        KVDecoder(tf.AutoModelForCausalLM.from_config(cfg))
