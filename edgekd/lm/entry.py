@@ -28,7 +28,7 @@ from ..errors import BadInputError, StageError
 from ..report import assemble_lm
 from ..runs import hash_arrays, write_npz
 from .decode import Decoder
-from .export import export_lm_onnx, fusable
+from .export import KVDecoder, export_lm_onnx, fusable
 from .measure import check_hosts, on_board, peak_memory_here, speculative_measured
 from .models import build_lm_student, choose_layers, count_lm_params, load_lm
 from .speculative import DRAFT_TOKEN_GRID, LOOKUP_GRID, MIN_CONFIDENCE_GRID
@@ -240,6 +240,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         loaded = load_lm(cfg.teacher.model)
     teacher = loaded.model
     _check_context(cfg, teacher.config)
+    KVDecoder(teacher)  # a family or rotary type the export cannot write stops here, before any training
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher_key = hash_arrays(*[t.detach().numpy() for t in teacher.state_dict().values()])

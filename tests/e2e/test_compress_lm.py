@@ -394,6 +394,20 @@ def test_lm_sizes_beyond_the_teacher_are_one_clear_line(lm_run, tmp_path, capsys
     assert not (tmp_path / "r" / "report.json").exists()
 
 
+def test_a_teacher_the_export_cannot_write_stops_before_any_training(tmp_path, capsys):
+    from edgekd.cli import main
+
+    teacher = tiny_llama_dir(tmp_path / "dynamic", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                      "rope_theta": 10000.0})
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text(json.dumps(lm_raw(teacher)))
+    assert main(["compress", "--config", str(cfg), "--target", "cpu", "--out", str(tmp_path / "r")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("edgekd: error:")]
+    assert len(errors) == 1 and "rope type 'dynamic' changes with the sequence length" in errors[0]
+    assert not (tmp_path / "r" / "stages" / "distill" / "done.json").exists()
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
 def test_onnx_runtime_targets_get_the_fused_attention_graph(tmp_path):
     import onnx
 
