@@ -116,10 +116,19 @@ def split_files(files: Sequence[Path], seed: int, val_fraction: float,
 
 
 def _read(path: Path) -> str:
+    """The file as text; a binary file (NUL bytes) or one that is mostly not UTF-8 is a DataError naming it,
+    not tokens of garbage (a few undecodable bytes, as in a Latin-1 comment, are replaced)."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"data.files: cannot read {path}: {e.strerror or e}") from None
+    if b"\x00" in raw:
+        raise DataError(f"data.files: {path} is not text (it holds NUL bytes); name text files only")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > max(16, len(text) // 100):
+        raise DataError(f"data.files: {path} is not UTF-8 text ({bad} undecodable bytes); name text files only")
+    return text
 
 
 def tokenize_blocks(files: Sequence[Path], encode: Callable[[str], list[int]], eos_token_id: int, seq_len: int,

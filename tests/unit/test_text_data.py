@@ -56,6 +56,25 @@ def test_blocks_join_files_with_eos_and_respect_the_token_bound(tmp_path):
         tokenize_blocks(files[:1], encode, 0, seq_len=64)
 
 
+def test_binary_and_non_utf8_files_are_named_not_tokenized(tmp_path):
+    files = _files(tmp_path, n=3, size=10)
+
+    def encode(text):
+        return [len(w) for w in text.split()]
+
+    latin = tmp_path / "latin.txt"  # a few Latin-1 bytes in text: kept, each replaced
+    latin.write_bytes(b"caf\xe9 " * 3 + b"word " * 200)
+    assert tokenize_blocks([latin], encode, 0, seq_len=4).tokens > 0
+    image = tmp_path / "image.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"image.png is not text \(it holds NUL bytes\)"):
+        tokenize_blocks([files[0], image], encode, 0, seq_len=4)
+    blob = tmp_path / "blob.txt"
+    blob.write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(DataError, match=r"blob.txt is not UTF-8 text \(1024 undecodable bytes\)"):
+        tokenize_blocks([blob], encode, 0, seq_len=4)
+
+
 def test_stdlib_default_corpus_excludes_tests():
     files = stdlib_sources()
     assert len(files) > 300 and all(f.suffix == ".py" for f in files)
