@@ -330,7 +330,8 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         if draft_c is not cands[name]:
             opened.append(draft_c)
             shapes[draft_c.name] = shapes[name]
-        spec_choice = _choose_speculation(ctx, hosts, teacher_c, draft_c, shapes, val_prompts, spec_cfg)
+        spec_choice = _choose_speculation(ctx, hosts, teacher_c, draft_c, shapes,  # its finalists on 3x the prompts
+                                          splits.val.prompts(SELECTION_PROMPTS * 3, spec_cfg.prompt_tokens), spec_cfg)
         # Test reports: read only now, after the choice.
         test = splits.test.ids.numpy()
         t_bench = time.perf_counter()

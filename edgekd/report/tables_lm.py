@@ -129,12 +129,12 @@ def speculative_choice_table(report: dict) -> Table | None:
         return None
     s = report["speculative"]
     key = ("draft_tokens", "min_confidence", "lookup")
-    t = Table(["drafting", "acceptance", "tokens/s", "teacher alone", ""])
+    t = Table(["drafting", "acceptance", "tokens/s", "speedup", "prompts", ""])
     for row in sel["tried"]:
         chosen = all(row.get(k) == s.get(k) for k in key)
         t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)),
-                       figure(row, "tokens_per_s", fmt_tps), figure(sel, "teacher_tokens_per_s", fmt_tps),
-                       Cell("✔ chosen" if chosen else "")])
+                       figure(row, "tokens_per_s", fmt_tps), figure(row, "speedup", fmt_ratio),
+                       Cell(str(row.get("prompts", sel.get("prompts", "—")))), Cell("✔ chosen" if chosen else "")])
     return t
 
 
@@ -152,5 +152,6 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
         out.append((f"Speculative decoding ({drafts}; test prompts, the same rounds)", s))
     c = speculative_choice_table(report)
     if c is not None:
-        out.append(("Draft length, confidence floor and context lookup, chosen on validation prompts", c))
+        out.append(("Draft length, confidence floor and context lookup, chosen on validation prompts (the whole grid "
+                    "on the first prompts, the fastest few on all of them)", c))
     return out

@@ -195,6 +195,25 @@ def test_the_speculation_choice_times_every_pair_and_keeps_the_fastest(models):
     assert figs["identical"] == 2 and figs["min_confidence"] == got["min_confidence"]
 
 
+def test_the_speculation_choice_times_its_finalists_on_every_prompt(models):
+    from edgekd.bench.lm_generation import FINALISTS, SELECTION_FIRST
+
+    teacher, text, tmp, fp32 = models
+    target = _decoder(fp32, teacher.config, tmp, "fp32-final")
+    other, _ = build_lm_student(teacher, {"layers": 1}, init="teacher", seed=5)
+    draft = _decoder(export_lm_onnx(other, tmp / "draft-final.onnx"), other.config, tmp, "fp32-dfinal")
+    prompts = [text[i, :7].tolist() for i in range(SELECTION_FIRST + 3)]
+    got = choose_speculation(target, draft, prompts, 8, (1, 2, 3), (0.0, 0.5), (False, True))
+    counts = {(t["draft_tokens"], t["min_confidence"], t["lookup"]): t["prompts"] for t in got["tried"]}
+    finalists = [s for s, n in counts.items() if n == len(prompts)]
+    assert set(counts.values()) == {SELECTION_FIRST, len(prompts)} and got["prompts"] == len(prompts)
+    assert FINALISTS <= len(finalists) <= FINALISTS + 2 and {s[2] for s in finalists} == {False, True}
+    chosen = (got["draft_tokens"], got["min_confidence"], got["lookup"])
+    rate = {(t["draft_tokens"], t["min_confidence"], t["lookup"]): t["tokens_per_s"] for t in got["tried"]}
+    assert chosen in finalists and rate[chosen] == max(rate[s] for s in finalists)
+    assert all(t["speedup"] > 0 for t in got["tried"]) and got["teacher_tokens_per_s"] > 0
+
+
 def test_context_lookup_copies_what_followed_the_latest_earlier_match():
     seq = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7]
     assert context_lookup(seq, 3) == [2, 3, 5]  # the last 3 tokens 5 6 7 recur twice: the later one wins
