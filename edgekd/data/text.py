@@ -128,7 +128,7 @@ def _read(path: Path) -> str:
     bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
     if bad > max(16, len(text) // 100):
         raise DataError(f"data.files: {path} is not UTF-8 text ({bad} undecodable bytes); name text files only")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
 
 
 def tokenize_blocks(files: Sequence[Path], encode: Callable[[str], list[int]], eos_token_id: int, seq_len: int,

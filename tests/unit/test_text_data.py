@@ -62,6 +62,11 @@ def test_binary_and_non_utf8_files_are_named_not_tokenized(tmp_path):
     def encode(text):
         return [len(w) for w in text.split()]
 
+    crlf = tmp_path / "crlf.txt"  # line ends read as text mode reads them: the tokens do not depend on them
+    crlf.write_bytes(b"a b\r\nc d\re f\n")
+    from edgekd.data.text import _read
+
+    assert _read(crlf) == "a b\nc d\ne f\n" == crlf.read_text()
     latin = tmp_path / "latin.txt"  # a few Latin-1 bytes in text: kept, each replaced
     latin.write_bytes(b"caf\xe9 " * 3 + b"word " * 200)
     assert tokenize_blocks([latin], encode, 0, seq_len=4).tokens > 0
