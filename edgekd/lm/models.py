@@ -184,8 +184,14 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor) -> t
     was = teacher.training
     teacher.eval()
 
+    cfg = teacher.config
+    per_layer = {k: getattr(cfg, k) for k in PER_LAYER_KEYS if isinstance(getattr(cfg, k, None), list)
+                 and len(getattr(cfg, k)) == len(full)}  # a model reads these by a layer's index
+
     def ppl(subset: list[int]) -> float:
         inner.layers = nn.ModuleList([full[i] for i in subset])
+        for k, values in per_layer.items():
+            setattr(cfg, k, [values[i] for i in subset])
         logits = teacher(input_ids=blocks, use_cache=False).logits[:, :-1].float()
         nll = nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
         return math.exp(min(float(nll), 700.0))
@@ -197,6 +203,8 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor) -> t
             steps.append({"dropped": drop, "perplexity": round(best, 3)})
     finally:
         inner.layers = full
+        for k, values in per_layer.items():
+            setattr(cfg, k, values)
         teacher.train(was)
     return keep, steps
 

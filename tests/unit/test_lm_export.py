@@ -232,3 +232,26 @@ def test_rotary_positions_that_change_with_the_length_are_a_clear_model_error():
                          vocab_size=200, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ModelError, match="rope type 'dynamic' changes with the sequence length"):
         KVDecoder(tf.AutoModelForCausalLM.from_config(cfg))
+
+
+def test_the_greedy_layer_choice_scores_each_subset_with_its_own_layer_types():
+    from edgekd.lm.models import choose_layers
+
+    teacher = _family("qwen2")  # layers 2 and 3 slide over 9 tokens
+    ids = _ids(teacher, n=1, t=24, seed=6)
+    types = list(teacher.config.layer_types)
+    seen = []
+    original = type(teacher.model).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(list(self.config.layer_types[:len(self.layers)]))
+        return original(self, *args, **kwargs)
+
+    type(teacher.model).forward = spy
+    try:
+        keep, steps = choose_layers(teacher, 3, ids)
+    finally:
+        type(teacher.model).forward = original
+    assert len(keep) == 3 and len(steps) == 1 and teacher.config.layer_types == types  # restored
+    # each of the 4 trial subsets (one layer left out) ran with the types of the layers it kept
+    assert sorted(seen) == sorted([[types[i] for i in range(4) if i != d] for d in range(4)])
