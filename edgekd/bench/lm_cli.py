@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config.profiles import Profile
 from ..errors import BadInputError, EdgeKDError
+from .lm_runner import kv_layout
 
 __all__ = ["LM_DEFAULTS", "decoder_dims", "lm_bench", "describe_lm"]
 
@@ -38,11 +39,8 @@ def decoder_dims(model: Path) -> tuple[int, int, int] | None:
             return None
         for i in graph.input:
             shapes[i.name] = [d.dim_value or None for d in i.type.tensor_type.shape.dim]
-    layers = sum(1 for n in shapes if n.startswith("past_key_"))
-    dims = shapes.get("past_key_0") or []
-    if "input_ids" not in shapes or not layers or len(dims) != 4 or not dims[1] or not dims[3]:
-        return None
-    return layers, int(dims[1]), int(dims[3])
+    layout = kv_layout(shapes)
+    return layout if layout is not None and layout[1] and layout[2] else None
 
 
 def _precision(model: Path) -> str:

@@ -293,7 +293,6 @@ def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, mi
                                                  "acceptance_rate", "speedup")}, "prompts": counts[s]})
     best = max((t for t in tried if (t["draft_tokens"], t["min_confidence"], t["lookup"]) in finalists),
                key=lambda t: t["tokens_per_s"])
+    n = max(plain)  # the target alone over every prompt it ran
     return {"draft_tokens": best["draft_tokens"], "min_confidence": best["min_confidence"], "lookup": best["lookup"],
-            "prompts": len(prompts), "teacher_tokens_per_s": round(new_tokens * counts[finalists[0]] /
-                                                                   plain[counts[finalists[0]]], 2),
-            "tried": tried}
+            "prompts": len(prompts), "teacher_tokens_per_s": round(new_tokens * n / plain[n], 2), "tried": tried}

@@ -69,15 +69,27 @@ class KVDecoder:
         return np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
 
 
-def _kv_dims(shapes: dict, args) -> tuple:
-    """(layers, kv heads, head size) from the past_key_* inputs' shapes, or the arguments given."""
+def kv_layout(shapes: dict) -> tuple | None:
+    """(layers, kv heads, head size) of a KV-cache decoder from its inputs' shapes ({name: dims}), the sizes None
+    where they are not static; None for a model that is not one (inputs input_ids, past_key_i, past_value_i)."""
     layers = sum(1 for n in shapes if n.startswith("past_key_"))
     if "input_ids" not in shapes or layers == 0 or layers * 2 != sum(1 for n in shapes if n.startswith("past_")):
+        return None
+    dims = list(shapes.get("past_key_0") or [])
+
+    def size(i: int):
+        return dims[i] if len(dims) == 4 and isinstance(dims[i], int) and dims[i] > 0 else None
+
+    return layers, size(1), size(3)
+
+
+def _kv_dims(shapes: dict, args) -> tuple:
+    """(layers, kv heads, head size) from the past_key_* inputs' shapes, or the arguments given."""
+    layout = kv_layout(shapes)
+    if layout is None:
         raise RunnerError(f"{args.model} is not a KV-cache decoder (inputs input_ids, past_key_i, past_value_i; got "
                           f"{', '.join(list(shapes)[:6])})", EXIT_BAD_INPUT)
-    dims = list(shapes["past_key_0"])
-    heads = args.kv_heads or (dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None)
-    size = args.head_dim or (dims[3] if len(dims) == 4 and isinstance(dims[3], int) else None)
+    layers, heads, size = layout[0], args.kv_heads or layout[1], args.head_dim or layout[2]
     if not heads or not size:
         raise RunnerError(f"{args.model}: the KV heads and head size are not static in the model; pass "
                           "--kv-heads and --head-dim", EXIT_BAD_INPUT)

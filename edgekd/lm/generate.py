@@ -67,7 +67,7 @@ def _decoder(run: Path, block: dict, threads: int | None):
         raise BadInputError(f"generate: {path} is missing from the run directory")
     art = Artifact(path=path, backend=profile.backend, precision=block.get("precision", "fp32"), files=[path])
     runner = get_backend(profile.backend).load(art, profile, threads, spin=False)
-    cfg = SimpleNamespace(**{k: v for k, v in block["decoder"].items() if k != "max_positions"})
+    cfg = SimpleNamespace(**block["decoder"])
     return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers)
 
 

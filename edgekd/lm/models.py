@@ -128,7 +128,7 @@ def count_lm_params(model: nn.Module) -> int:
 PER_LAYER_KEYS = ("no_rope_layers", "layer_types")  # a value per layer (SmolLM3's NoPE layers, sliding windows)
 
 
-def _student_config(teacher_config, sizes: dict, source_layers: list[int] | None = None):
+def _student_config(teacher_config, sizes: dict, source_layers: list[int]):
     """The teacher's config with the student's sizes; per-layer settings follow `source_layers` (the teacher
     layer each student layer copies, or mirrors when it starts from scratch)."""
     cfg = teacher_config.to_dict()
@@ -144,12 +144,10 @@ def _student_config(teacher_config, sizes: dict, source_layers: list[int] | None
         raise ModelError(f"student: heads {heads} is not a multiple of kv_heads {kv}")
     if sizes.get("hidden_size") is not None or sizes.get("heads") is not None:
         cfg["head_dim"] = cfg["hidden_size"] // heads
-    n_teacher = teacher_config.num_hidden_layers
-    src = source_layers if source_layers is not None else _chosen_layers(n_teacher, cfg["num_hidden_layers"])
     for key in PER_LAYER_KEYS:
         per = cfg.get(key)
-        if isinstance(per, list) and len(per) == n_teacher:
-            cfg[key] = [per[i] for i in src]
+        if isinstance(per, list) and len(per) == teacher_config.num_hidden_layers:
+            cfg[key] = [per[i] for i in source_layers]
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
     cfg.pop("_model_name_or_path", None)
@@ -227,10 +225,10 @@ def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", see
                          f"{n_teacher} layers; give at most {n_teacher} (or student.init: scratch)")
     torch.manual_seed(seed)
     student = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if count_lm_params(student) > count_lm_params(teacher):
-        raise ModelError(f"student: {count_lm_params(student):,} parameters, more than the teacher's "
-                         f"{count_lm_params(teacher):,}; a student is smaller than its teacher (student.layers, "
-                         "hidden_size, intermediate_size)")
+    mine, theirs = count_lm_params(student), count_lm_params(teacher)
+    if mine > theirs:
+        raise ModelError(f"student: {mine:,} parameters, more than the teacher's {theirs:,}; a student is smaller "
+                         "than its teacher (student.layers, hidden_size, intermediate_size)")
     report: dict = {"init": init, "config": {k: getattr(cfg, v) for k, v in SIZE_KEYS.items()}}
     if init == "scratch":
         return student, report

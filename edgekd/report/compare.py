@@ -17,16 +17,12 @@ from .tables import (
     fmt_num,
     fmt_pct,
     fmt_ratio,
+    fmt_share,
     fmt_tps,
 )
 
-
-def _share(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-# (row label, section, key, sub-key, format, how the delta is shown: "points", "points100" (points of a share
-# kept as 0..1), "percent" or "ratio")
+# (row label, section, key, sub-key, format, how the delta is shown: "points", "share" (points of a share kept
+# as 0..1), "percent" or "ratio")
 _ROWS: list[tuple[str, str, str, str | None, Callable[[Any], str], str]] = [
     ("accuracy", "final", "accuracy", None, fmt_pct, "points"),
     ("accuracy on aarch64", "final", "accuracy_arm", None, fmt_pct, "points"),
@@ -52,7 +48,7 @@ _ROWS: list[tuple[str, str, str, str | None, Callable[[Any], str], str]] = [
     ("teacher decode", "teacher", "decode_tokens_per_s", None, fmt_tps, "percent"),
     ("speculative speedup", "speculative", "speedup", None, fmt_ratio, "ratio"),
     ("speculative tokens/s", "speculative", "tokens_per_s", None, fmt_tps, "percent"),
-    ("speculative acceptance", "speculative", "acceptance_rate", None, _share, "points100"),
+    ("speculative acceptance", "speculative", "acceptance_rate", None, fmt_share, "share"),
 ]
 
 
@@ -68,8 +64,8 @@ def _value(holder: Any, key: str, sub: str | None) -> float | None:
 def _delta(a: float | None, b: float | None, kind: str) -> Cell:
     if a is None or b is None:
         return Cell(ABSENT)
-    if kind in ("points", "points100"):
-        return Cell(f"{(b - a) * (100 if kind == 'points100' else 1):+.2f} pt")
+    if kind in ("points", "share"):
+        return Cell(f"{(b - a) * (100 if kind == 'share' else 1):+.2f} pt")
     if kind == "ratio":
         return Cell(f"{b - a:+.2f}×")
     if a == 0:
@@ -98,18 +94,17 @@ def comparison_table(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> T
     stages_a = {s.get("name"): s for s in a.get("stages") or []}
     for stage in b.get("stages") or []:
         name = stage.get("name")
-        if name in stages_a and ("accuracy" in stage or "accuracy" in stages_a[name]):
-            ca, cb = figure(stages_a[name], "accuracy", fmt_pct), figure(stage, "accuracy", fmt_pct)
-            table.rows.append([Cell(f"{name} accuracy"), ca, cb,
-                               _delta(_value(stages_a[name], "accuracy", None), _value(stage, "accuracy", None),
-                                      "points")])
-        for label, ha, hb in ((f"{name} perplexity", stages_a.get(name), stage),
-                              (f"{name} baseline perplexity", (stages_a.get(name) or {}).get("baseline"),
-                               stage.get("baseline"))):
-            if name in stages_a and (_value(ha, "perplexity", None) is not None
-                                     or _value(hb, "perplexity", None) is not None):
-                table.rows.append([Cell(label), figure(ha, "perplexity", fmt_num), figure(hb, "perplexity", fmt_num),
-                                   _delta(_value(ha, "perplexity", None), _value(hb, "perplexity", None), "percent")])
+        if name not in stages_a:
+            continue
+        mine = stages_a[name]
+        for label, ha, hb, key, fmt, kind in (
+                (f"{name} accuracy", mine, stage, "accuracy", fmt_pct, "points"),
+                (f"{name} perplexity", mine, stage, "perplexity", fmt_num, "percent"),
+                (f"{name} baseline perplexity", mine.get("baseline"), stage.get("baseline"), "perplexity", fmt_num,
+                 "percent")):
+            if isinstance(ha, dict) and key in ha or isinstance(hb, dict) and key in hb:
+                table.rows.append([Cell(label), figure(ha, key, fmt), figure(hb, key, fmt),
+                                   _delta(_value(ha, key, None), _value(hb, key, None), kind)])
     ga, gb = _gate_summary(a), _gate_summary(b)
     if ga or gb:
         table.rows.append([Cell("gates"), Cell(ga or ABSENT), Cell(gb or ABSENT), Cell("")])

@@ -67,6 +67,11 @@ def fmt_num(x: float) -> str:
     return f"{x:.2f}"
 
 
+def fmt_share(x: float) -> str:
+    """A share kept as 0..1, in percent: 0.431 -> 43.10%."""
+    return fmt_pct(100 * x)
+
+
 def fmt_tps(x: float) -> str:
     """A rate in tokens per second: 341.8 tok/s."""
     return f"{x:.1f} tok/s"

@@ -14,6 +14,7 @@ from .tables import (
     fmt_num,
     fmt_pct,
     fmt_ratio,
+    fmt_share,
     fmt_tps,
     stage,
 )
@@ -115,7 +116,7 @@ def speculative_table(report: dict) -> Table | None:
     t = Table(["drafting", "acceptance", "kept / proposed", "tokens/s", "teacher alone", "speedup", "identical outputs",
                "measured on", ""])
     for row in [s, *(s.get("compared") or [])]:
-        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)), Cell(_sources(row)),
+        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", fmt_share), Cell(_sources(row)),
                        figure(row, "tokens_per_s", fmt_tps), figure(s, "teacher_tokens_per_s", fmt_tps),
                        figure(row, "speedup", fmt_ratio),
                        figure(row, "identical", lambda n: f"{n}/{s.get('prompts')}"),
@@ -132,7 +133,7 @@ def speculative_choice_table(report: dict) -> Table | None:
     t = Table(["drafting", "acceptance", "tokens/s", "speedup", "prompts", ""])
     for row in sel["tried"]:
         chosen = all(row.get(k) == s.get(k) for k in key)
-        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", lambda x: fmt_pct(100 * x)),
+        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", fmt_share),
                        figure(row, "tokens_per_s", fmt_tps), figure(row, "speedup", fmt_ratio),
                        Cell(str(row.get("prompts", sel.get("prompts", "—")))), Cell("✔ chosen" if chosen else "")])
     return t
