@@ -77,8 +77,8 @@ def draft_token(logits, min_confidence: float):
     token = int(logits.argmax())
     if min_confidence <= 0.0:
         return token
-    row = np.asarray(logits, dtype=np.float64)
-    return token if 1.0 / np.exp(row - row[token]).sum() >= min_confidence else None
+    row = np.asarray(logits, dtype=np.float32)  # float32 is ample against a floor, at half float64's time
+    return token if 1.0 / float(np.exp(row - row[token]).sum()) >= min_confidence else None
 
 
 def trim(cache: list, length: int) -> list:
@@ -115,12 +115,14 @@ def context_lookup(seq, limit: int) -> list:
 
 class SpeculativeResult:
     """One speculative generation: its tokens, the guesses proposed and kept (all, and those copied from the
-    context), the target's passes."""
+    context), the target's passes, and the seconds spent in the target's checks (every pass after the prompt's)
+    and in the draft's passes."""
 
     def __init__(self, tokens: list, drafted: int, accepted: int, target_passes: int, looked_up: int = 0,
-                 lookup_accepted: int = 0):
+                 lookup_accepted: int = 0, check_seconds: float = 0.0, draft_seconds: float = 0.0):
         self.tokens, self.drafted, self.accepted, self.target_passes = tokens, drafted, accepted, target_passes
         self.looked_up, self.lookup_accepted = looked_up, lookup_accepted
+        self.check_seconds, self.draft_seconds = check_seconds, draft_seconds
 
     @property
     def acceptance_rate(self) -> float:
@@ -143,6 +145,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
     d_cache, d_len = draft.empty_cache(), 0
     nxt = int(logits[0, -1].argmax())
     produced = drafted = accepted = looked_up = lookup_accepted = 0
+    check_s = draft_s = 0.0
     while True:
         seq.append(nxt)
         produced += 1
@@ -153,6 +156,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
         copied = bool(proposals)
         if not copied and draft_tokens > 0:  # draft_tokens 0: context lookup alone
             k = min(draft_tokens, left)
+            t0 = time.perf_counter()
             d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
             d_len = len(seq)
             while True:
@@ -164,8 +168,11 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
                     break
                 d_logits, d_cache = draft.forward(np.asarray([[token]]), d_cache)
                 d_len += 1
+            draft_s += time.perf_counter() - t0
         start = len(seq) - t_len - 1  # the position in the fed tokens whose prediction checks proposals[0]
+        t0 = time.perf_counter()
         logits, t_cache = target.forward(np.asarray([seq[t_len:] + proposals]), t_cache)
+        check_s += time.perf_counter() - t0
         passes += 1
         preds = logits[0, start:].argmax(-1)
         n = 0
@@ -191,32 +198,51 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
             break
         nxt = int(preds[n])
     return SpeculativeResult(seq[len(prompt):len(prompt) + max_new_tokens], drafted, accepted, passes,
-                             looked_up, lookup_accepted)
+                             looked_up, lookup_accepted, check_s, draft_s)
 
 
 Setting = tuple  # (draft_tokens, min_confidence, lookup); draft_tokens 0 with lookup: context lookup alone
 
 
+COUNTS = ("seconds", "drafted", "accepted", "looked_up", "lookup_accepted", "checks", "check_seconds",
+          "draft_seconds", "later_tokens", "steps", "step_seconds")  # summed over prompts by _timed_settings
+
+
 def _timed_settings(target, draft, prompts, new_tokens: int, settings: list) -> dict:
-    """{setting: {seconds, drafted, accepted, looked_up, lookup_accepted, results}} with the target alone as
-    the setting None, every prompt run by each in an order that rotates from prompt to prompt."""
+    """{setting: {tokens, and COUNTS summed}} with the target alone as the setting None (its decode steps and
+    their seconds), every prompt run by each in an order that rotates from prompt to prompt. A speculative
+    run's checks are the target's passes after the prompt's, and its later tokens those after the first."""
     runs = [None, *settings]
-    got = {r: {"seconds": 0.0, "drafted": 0, "accepted": 0, "looked_up": 0, "lookup_accepted": 0, "tokens": []}
-           for r in runs}
+    got: dict = {r: {**dict.fromkeys(COUNTS, 0), "tokens": []} for r in runs}
     decode_once(target, prompts[0], min(4, new_tokens))
     for i, prompt in enumerate(prompts):
         for run in runs[i % len(runs):] + runs[:i % len(runs)]:
             g = got[run]
             t = time.perf_counter()
             if run is None:
-                g["tokens"].append(decode_once(target, prompt, new_tokens)["tokens"])
+                once = decode_once(target, prompt, new_tokens)
+                g["tokens"].append(once["tokens"])
+                g["steps"] += len(once["step_s"])
+                g["step_seconds"] += sum(once["step_s"])
             else:
                 res = speculative_greedy(target, draft, prompt, new_tokens, *run)
                 g["tokens"].append(res.tokens)
-                for key in ("drafted", "accepted", "looked_up", "lookup_accepted"):
+                for key in ("drafted", "accepted", "looked_up", "lookup_accepted", "check_seconds", "draft_seconds"):
                     g[key] += getattr(res, key)
+                g["checks"] += res.target_passes - 1
+                g["later_tokens"] += len(res.tokens) - 1
             g["seconds"] += time.perf_counter() - t
     return got
+
+
+def _round(g: dict) -> dict | None:
+    """What one round cost and gave on average: the tokens it kept (the target's own included), the target's
+    check and the draft's passes in milliseconds; None without a round."""
+    if not g["checks"]:
+        return None
+    return {"tokens": round(g["later_tokens"] / g["checks"], 3),
+            "check_ms": round(1000 * g["check_seconds"] / g["checks"], 3),
+            "draft_ms": round(1000 * g["draft_seconds"] / g["checks"], 3)}
 
 
 def _figures(setting: Setting, g: dict, plain_s: float, n_tokens: int) -> dict:
@@ -224,6 +250,9 @@ def _figures(setting: Setting, g: dict, plain_s: float, n_tokens: int) -> dict:
     out = {"draft_tokens": k, "min_confidence": c, "lookup": bool(lookup), "drafted": g["drafted"],
            "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else 0.0,
            "tokens_per_s": round(n_tokens / g["seconds"], 2), "speedup": round(plain_s / g["seconds"], 3)}
+    rnd = _round(g)
+    if rnd is not None:
+        out["round"] = rnd
     if lookup:
         student = g["drafted"] - g["looked_up"]
         out["sources"] = {"draft": {"proposed": student, "accepted": g["accepted"] - g["lookup_accepted"]},
@@ -247,7 +276,9 @@ def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int
         else:
             pos = next(j for j, (x, y) in enumerate(zip(res, ref)) if x != y)  # noqa: B905
             differences.append({"prompt": i, "position": pos})
+    alone = got[None]
     out = {**_figures(chosen, got[chosen], plain_s, n_tokens), "teacher_tokens_per_s": round(n_tokens / plain_s, 2),
+           "teacher_token_ms": round(1000 * alone["step_seconds"] / alone["steps"], 3) if alone["steps"] else None,
            "prompts": len(prompts), "identical": identical, "new_tokens": new_tokens}
     if differences:
         out["differences"] = differences
@@ -279,7 +310,7 @@ def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, mi
     if rest and len(settings) > 1:
         more = _timed_settings(target, draft, rest, new_tokens, finalists)
         for key in [None, *finalists]:
-            for field in ("seconds", "drafted", "accepted", "looked_up", "lookup_accepted"):
+            for field in COUNTS:
                 got[key][field] += more[key][field]
         for s in finalists:
             counts[s] = len(prompts)

@@ -108,16 +108,27 @@ def _sources(s: dict) -> str:
                      if isinstance(v, dict) and v.get("proposed"))
 
 
+def _round(row: dict) -> str:
+    """One round on average: the tokens it kept, and the teacher's check and the drafting in ms."""
+    r = row.get("round")
+    if not isinstance(r, dict):
+        return "—"
+    return f"{r['tokens']:.2f} tokens: check {r['check_ms']:.1f} + draft {r['draft_ms']:.1f} ms"
+
+
 def speculative_table(report: dict) -> Table | None:
-    """The chosen setting and those timed beside it in the same rounds (the student alone, lookup alone)."""
+    """The chosen setting and those timed beside it in the same rounds (the student alone, lookup alone), with
+    what a round cost and gave (a plain teacher token costs teacher_token_ms)."""
     s = report.get("speculative")
     if not isinstance(s, dict):
         return None
-    t = Table(["drafting", "acceptance", "kept / proposed", "tokens/s", "teacher alone", "speedup", "identical outputs",
-               "measured on", ""])
+    token_ms = s.get("teacher_token_ms")
+    alone = "teacher alone" + (f" ({token_ms:.1f} ms a token)" if isinstance(token_ms, (int, float)) else "")
+    t = Table(["drafting", "acceptance", "kept / proposed", "a round", "tokens/s", alone, "speedup",
+               "identical outputs", "measured on", ""])
     for row in [s, *(s.get("compared") or [])]:
         t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", fmt_share), Cell(_sources(row)),
-                       figure(row, "tokens_per_s", fmt_tps), figure(s, "teacher_tokens_per_s", fmt_tps),
+                       Cell(_round(row)), figure(row, "tokens_per_s", fmt_tps), figure(s, "teacher_tokens_per_s", fmt_tps),
                        figure(row, "speedup", fmt_ratio),
                        figure(row, "identical", lambda n: f"{n}/{s.get('prompts')}"),
                        Cell(str(s.get("measured_on") or "—")), Cell("✔ chosen" if row is s else "")])

@@ -136,6 +136,11 @@ def test_speculative_decoding_is_the_targets_greedy_output(models):
     figs = speculative_bench(target, target, [text[i, :7].tolist() for i in range(2)], 12, 4)
     assert figs["identical"] == 2 and figs["prompts"] == 2 and figs["acceptance_rate"] == 1.0
     assert figs["tokens_per_s"] > 0 and figs["teacher_tokens_per_s"] > 0 and figs["speedup"] > 0
+    # a round: 11 tokens after the first in 3 checks (4 kept + the target's own, twice, then the 1 left)
+    assert figs["round"]["tokens"] == pytest.approx(11 / 3, abs=1e-3)
+    assert figs["round"]["check_ms"] > 0 and figs["round"]["draft_ms"] > 0 and figs["teacher_token_ms"] > 0
+    alone = speculative_bench(target, draft, [prompt], 12, 0, lookup=True)  # no draft passes in any round
+    assert alone["round"]["draft_ms"] == 0 and alone["round"]["tokens"] >= 1
 
 
 def test_speculative_decoding_stops_at_the_end_token_as_greedy_does(models):

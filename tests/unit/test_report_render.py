@@ -189,3 +189,17 @@ def test_lm_distill_row_says_how_much_text_the_teacher_wrote():
     assert table is not None
     assert table.rows[0][0].text == "distilled (forward_kl; 800 of 3200 blocks end in 64 tokens the teacher wrote)"
     assert table.rows[1][0].text == "cross-entropy only (same steps)"
+
+
+def test_speculative_table_says_what_a_round_cost_and_gave():
+    from edgekd.report.tables_lm import speculative_table
+
+    chosen = {"draft_tokens": 2, "min_confidence": 0.0, "lookup": False, "acceptance_rate": 0.47, "tokens_per_s": 95.0,
+              "teacher_tokens_per_s": 70.0, "speedup": 1.357, "identical": 20, "prompts": 20, "measured_on": "host",
+              "teacher_token_ms": 14.1, "round": {"tokens": 1.95, "check_ms": 16.54, "draft_ms": 4.02}}
+    older = {k: v for k, v in chosen.items() if k not in ("round", "teacher_token_ms")}  # a report from before
+    table = speculative_table({"speculative": {**chosen, "compared": [older]}})
+    assert table is not None
+    assert "teacher alone (14.1 ms a token)" in table.headers
+    col = table.headers.index("a round")
+    assert table.rows[0][col].text == "1.95 tokens: check 16.5 + draft 4.0 ms" and table.rows[1][col].text == "—"
