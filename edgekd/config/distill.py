@@ -24,7 +24,7 @@ STRATEGIES = tuple(STRATEGY_MODULES)
 LOGIT_LOSSES = ("kd", "reverse_kl", "logit_mse")
 FEATURE_LOSSES = ("feature", "attention", "rkd_distance", "rkd_angle", "gram")
 DISTILL_LOSSES = LOGIT_LOSSES + FEATURE_LOSSES
-LM_ONLY_DISTILL_KEYS = ("loss", "beta", "sequence_kd", "sequence_share", "on_policy")
+LM_ONLY_DISTILL_KEYS = ("loss", "beta", "sequence_kd", "sequence_share", "sequence_steps", "on_policy")
 
 
 class FeatureLayers(Section):
@@ -70,6 +70,10 @@ class DistillConfig(Section):
     # the share of the training blocks the teacher continues (one fixed draw for every run seed); the rest
     # stay as written
     sequence_share: float = Field(1.0, gt=0, le=1)
+    # instead of a share: the blocks of this many batches (one fixed draw for every run seed) are the
+    # teacher-written ones, and the student trains on them in its last steps, so it ends on the text a draft
+    # meets (the teacher's own greedy text); the other steps see the text as written
+    sequence_steps: int | None = Field(None, ge=1, le=100_000)
     # task causal-lm, on-policy share (GKD): on this share of the steps the student samples continuations of
     # the batch's prompts and the live teacher's distributions on them are the targets
     on_policy: float = Field(0.0, ge=0, le=1)

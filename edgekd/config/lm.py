@@ -67,6 +67,13 @@ def check_task(cfg) -> None:
         if seq is not None and seq >= cfg.data.seq_len:
             raise ValueError(f"distill.sequence_kd {seq} must be less than data.seq_len {cfg.data.seq_len}: the "
                              "teacher continues the first seq_len - sequence_kd tokens of each block")
+        steps = cfg.distill.sequence_steps
+        if steps is not None and seq is None:
+            raise ValueError(f"distill.sequence_steps {steps} needs distill.sequence_kd (how many tokens of each "
+                             "block the teacher writes)")
+        if steps is not None and cfg.distill.sequence_share != 1.0:
+            raise ValueError("distill.sequence_steps and distill.sequence_share both choose the teacher-written "
+                             "blocks; set one of them")
         spec = cfg.speculative
         if spec is not None and spec.prompt_tokens > cfg.data.seq_len:
             raise ValueError(f"speculative.prompt_tokens {spec.prompt_tokens} is more than data.seq_len "

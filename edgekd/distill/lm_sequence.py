@@ -65,18 +65,23 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
 
 def sequence_kd_blocks(teacher: nn.Module, teacher_key: str, blocks: torch.Tensor, new_tokens: int,
                        share: float = 1.0, seed: int = 0, progress: Progress | None = None,
-                       root: Path | None = None) -> tuple[torch.Tensor, dict]:
+                       root: Path | None = None, rows: np.ndarray | None = None) -> tuple[torch.Tensor, dict]:
     """`blocks` (n, seq_len) with the last `new_tokens` of each chosen block replaced by the teacher's greedy
     continuation of the rest: every block, or a `share` of them drawn with `seed` (the stage keeps it at 0,
-    so runs with other seeds train on the same transfer set and reuse it); read from the user cache when
-    this teacher already wrote them."""
+    so runs with other seeds train on the same transfer set and reuse it), or the block indices `rows`; read
+    from the user cache when this teacher already wrote them."""
     n, seq_len = blocks.shape
     if not 1 <= new_tokens < seq_len:
         raise ValueError(f"distill.sequence_kd {new_tokens} must be between 1 and data.seq_len - 1 ({seq_len - 1})")
     if not 0 < share <= 1:
         raise ValueError(f"distill.sequence_share {share} must be in (0, 1]")
-    count = max(1, round(share * n))
-    rows = np.arange(n) if count == n else np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if not len(rows) or rows[0] < 0 or rows[-1] >= n:
+            raise ValueError(f"sequence-KD rows must be block indices below {n}")
+    count = len(rows) if rows is not None else max(1, round(share * n))
+    if rows is None:
+        rows = np.arange(n) if count == n else np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
     parts = (SEQUENCE_VERSION, teacher_key, hash_arrays(blocks.numpy()), new_tokens)
     key = hash_obj(*parts) if count == n else hash_obj(*parts, hash_arrays(rows))  # all-block keys as they were
     path = (root or cache_dir() / "lm-seqkd") / f"{key}.npy"

@@ -1,24 +1,27 @@
 """The distill stage for task causal-lm: token-level distillation from the teacher's top-k cache (built
 once per teacher, data and batch size, in the user cache, and reused by later runs), optionally over the
-teacher's own continuations (distill.sequence_kd) and with on-policy steps (distill.on_policy); with
-distill.baseline the same student trained on next-token cross-entropy alone for the same steps."""
+teacher's own continuations (distill.sequence_kd: a share of the blocks, or with distill.sequence_steps those
+of the batches it trains on last) and with on-policy steps (distill.on_policy); with distill.baseline the
+same student trained on next-token cross-entropy alone for the same steps, on the text as written."""
 from __future__ import annotations
 
 import copy
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..context import RunContext
 from ..data.text import TextSplits
+from ..errors import BadInputError
 from ..runs import cache_dir, hash_arrays, hash_obj
 from .lm_cache import TopKCache
 from .lm_sequence import sequence_kd_blocks
 from .lm_trainer import build_topk_cache, lm_amp, train_lm
 from .trainer import PRECISION_NAMES as PRECISION
 
-__all__ = ["lm_distill_key", "lm_steps", "run_lm_distill"]
+__all__ = ["last_step_batches", "lm_distill_key", "lm_steps", "run_lm_distill"]
 
 
 def lm_steps(ctx: RunContext, splits: TextSplits) -> int:
@@ -30,8 +33,22 @@ def lm_steps(ctx: RunContext, splits: TextSplits) -> int:
 
 def lm_distill_key(ctx: RunContext, teacher_key: str, splits: TextSplits) -> str:
     cfg = ctx.config
+    distill = cfg.distill.model_dump(mode="json")
+    if distill.get("sequence_steps") is None:
+        distill.pop("sequence_steps", None)  # keys as they were before distill.sequence_steps existed
     return ctx.key("lm-distill-v1", teacher_key, hash_arrays(splits.train.ids.numpy(), splits.val.ids.numpy()),
-                   cfg.student.model_dump(mode="json"), cfg.distill.model_dump(mode="json"), cfg.data.batch_size)
+                   cfg.student.model_dump(mode="json"), distill, cfg.data.batch_size)
+
+
+def last_step_batches(n_blocks: int, batch_size: int, steps: int, count: int) -> list[int]:
+    """The `count` batches (of `n_blocks` blocks, `batch_size` each) the student trains on last, one draw that
+    every run seed shares (so the teacher writes them once); BadInputError where they leave no other step."""
+    batches = -(-n_blocks // batch_size)
+    if count >= batches or count > steps:
+        raise BadInputError(f"distill.sequence_steps {count}: the training split has {batches} batches of "
+                            f"{batch_size} blocks and the student trains {steps} steps; sequence_steps must be "
+                            f"less than {batches} and at most {steps}")
+    return sorted(int(b) for b in np.random.default_rng(0).choice(batches, count, replace=False))
 
 
 def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits,
@@ -66,10 +83,17 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                      "train_tokens": splits.train.tokens, "precision": PRECISION[amp]}
     if d.loss == "jsd":
         metrics["beta"] = d.beta
-    blocks = splits.train.ids
+    blocks, last = splits.train.ids, []
     if d.sequence_kd:  # the transfer set is the training text as the teacher continues it
+        rows = None
+        if d.sequence_steps:  # the blocks of the batches trained on last
+            bs = cfg.data.batch_size
+            last = last_step_batches(len(blocks), bs, steps, d.sequence_steps)
+            rows = np.concatenate([np.arange(b * bs, min((b + 1) * bs, len(blocks))) for b in last])
         blocks, metrics["sequence_kd"] = sequence_kd_blocks(teacher, teacher_key, blocks, d.sequence_kd,
-                                                            d.sequence_share, progress=ctx.progress)
+                                                            d.sequence_share, progress=ctx.progress, rows=rows)
+        if last:
+            metrics["sequence_kd"]["last_steps"] = len(last)
     cache = None
     if d.alpha > 0 and d.cache_topk:
         cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits, blocks, amp)
@@ -78,7 +102,8 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                    seed=cfg.seed, kind=d.loss, alpha=d.alpha, temperature=d.temperature, beta=d.beta,
                    teacher=None if cache is not None else teacher, cache=cache, progress=ctx.progress,
                    label="distilling the LM student", on_policy=d.on_policy,
-                   policy_teacher=teacher if d.on_policy else None, policy_tokens=policy_tokens, amp=amp)
+                   policy_teacher=teacher if d.on_policy else None, policy_tokens=policy_tokens, amp=amp,
+                   last_batches=last)
     metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "step_curve": res.curve,
                     "train_seconds": res.seconds})
     if d.on_policy:

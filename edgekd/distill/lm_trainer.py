@@ -10,7 +10,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -128,7 +128,8 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
              teacher: nn.Module | None = None, cache: TopKCache | None = None, eval_every: int | None = None,
              warmup: float = 0.05, progress: Progress | None = None, label: str = "training",
              on_policy: float = 0.0, policy_teacher: nn.Module | None = None,
-             policy_tokens: int = 32, amp: torch.dtype | None = None) -> LMTrainResult:
+             policy_tokens: int = 32, amp: torch.dtype | None = None,
+             last_batches: Sequence[int] = ()) -> LMTrainResult:
     """Train `student` in place for `steps` optimizer steps (AdamW, linear warm-up then cosine decay).
 
     With a teacher (live) or a cache (its top-k, as build_topk_cache wrote it for these blocks and this
@@ -141,7 +142,10 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
     temperature, and the divergence to the teacher's distributions on those sampled tokens is the loss.
 
     `amp` (lm_amp) runs the forward passes under autocast; weights, optimizer state, losses and the
-    validation perplexity stay fp32."""
+    validation perplexity stay fp32.
+
+    `last_batches` (batch indices) are trained on in the last len(last_batches) steps, once each in a seeded
+    order, and not before; the other steps visit the other batches as usual."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     if teacher is not None and cache is not None:
@@ -156,7 +160,15 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
     policy_steps = 0
     distil = (teacher is not None or cache is not None) and alpha > 0
     batches = _batches(train, batch_size)
+    tail = list(last_batches)
+    if len(set(tail)) != len(tail) or any(not 0 <= b < len(batches) for b in tail):
+        raise ValueError(f"last_batches must be distinct batch indices below {len(batches)}")
+    if tail and (len(tail) > steps or len(tail) == len(batches)):
+        raise ValueError(f"last_batches: {len(tail)} of {len(batches)} batches in {steps} steps leaves no room "
+                         "for the others")
+    rest = sorted(set(range(len(batches))) - set(tail))
     rng = random.Random(seed)
+    random.Random(seed + 1).shuffle(tail)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, int(steps * warmup))
@@ -177,10 +189,13 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
     student.train()
     with progress.task(label, steps) as bar:
         for step in range(steps):
-            if not order:
-                order = list(range(len(batches)))
-                rng.shuffle(order)
-            b = order.pop()
+            if step >= steps - len(tail):
+                b = tail[step - (steps - len(tail))]
+            else:
+                if not order:
+                    order = list(rest)
+                    rng.shuffle(order)
+                b = order.pop()
             ids = batches[b]
             if on_policy > 0 and policy_rng.random() < on_policy:
                 prompt = ids.shape[1] - policy_tokens

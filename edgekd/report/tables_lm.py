@@ -79,6 +79,8 @@ def distill_table(report: dict) -> Table | None:
     if isinstance(seq, dict):
         share = f"{seq['blocks']} of {seq['of_blocks']}" if "of_blocks" in seq else "all"
         how += f"; {share} blocks end in {seq.get('new_tokens', '?')} tokens the teacher wrote"
+        if seq.get("last_steps"):
+            how += f", trained on in the last {seq['last_steps']} steps"
     t.rows.append([Cell(f"distilled ({how})"), figure(d, "perplexity", fmt_num),
                    figure(d, "accuracy", fmt_pct), figure(d, "teacher_agreement", fmt_pct), figure(d, "steps", str)])
     base = d.get("baseline")

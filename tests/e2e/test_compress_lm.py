@@ -129,6 +129,30 @@ def test_second_run_reuses_the_teacher_cache(lm_run, tmp_path):
     assert "baseline" not in d
 
 
+def test_the_student_ends_on_the_teachers_own_text_with_sequence_steps(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+
+    _, _, teacher, cache = lm_run
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    try:
+        cfg = lm_config(teacher, quantize={"weights": ["int8"]},
+                        distill={"baseline": True, "steps": 6, "sequence_kd": 8, "sequence_steps": 2})
+        report = Pipeline(cfg, target="cpu", out=tmp_path / "aligned").run()
+        bad = lm_raw(teacher, distill={"steps": 6, "sequence_kd": 8, "sequence_steps": 8})
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        code = main(["compress", "--config", str(tmp_path / "bad.json"), "--target", "cpu", "--out", str(tmp_path / "b")])
+    finally:
+        mp.undo()
+    d = next(s for s in report["stages"] if s["name"] == "distill")
+    seq = d["sequence_kd"]
+    assert seq["last_steps"] == 2 and seq["blocks"] == 16 and seq["of_blocks"] == 64 and seq["new_tokens"] == 8
+    assert d["steps"] == d["baseline"]["steps"] == 6 and not d["teacher_cache"]["reused"]  # over the rewritten blocks
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].endswith("sequence_steps must be less than 8 and at most 6") and "Traceback" not in err
+    assert not (tmp_path / "b" / "report.json").exists()
+
+
 def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm_run, tmp_path):
     report, run, teacher, cache = lm_run
     shutil.copytree(run / "stages", tmp_path / "again" / "stages")

@@ -113,3 +113,76 @@ def test_sequence_kd_longer_than_a_block_and_lm_keys_on_images_are_refused(tmp_p
     cfg.write_text("distill: {on_policy: 0.5}\n")
     with pytest.raises(ConfigError, match="distill.on_policy is read only with task: causal-lm"):
         load_config(cfg)
+
+
+def test_the_rows_given_are_rewritten_under_their_own_key(lm, tmp_path):
+    loaded, splits = lm
+    blocks = splits.train.ids[:6]
+    written, info = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, root=tmp_path, rows=[4, 1])
+    teacher_text = _greedy_without_cache(loaded.model, blocks[:, :16], 8)
+    assert info["blocks"] == 2 and info["of_blocks"] == 6
+    for i in range(6):
+        assert torch.equal(written[i], teacher_text[i] if i in (1, 4) else blocks[i])
+    _, whole = sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, root=tmp_path)
+    assert whole["file"] != info["file"]
+    with pytest.raises(ValueError, match="block indices below 6"):
+        sequence_kd_blocks(loaded.model, "teacher-key", blocks, 8, root=tmp_path, rows=[6])
+
+
+def _trained_batches(monkeypatch, lm, **kw) -> list[int]:
+    """The batch index each step of a cross-entropy training trained on, read from the labels it saw."""
+    from edgekd.distill import lm_trainer
+
+    loaded, splits = lm
+    train = splits.train.ids[:12]
+    seen: list[torch.Tensor] = []
+    real = lm_trainer.next_token_ce
+
+    def spy(logits, labels, mask):
+        seen.append(labels.clone())
+        return real(logits, labels, mask)
+
+    monkeypatch.setattr(lm_trainer, "next_token_ce", spy)
+    student, _ = build_lm_student(loaded.model, {"layers": 1}, "teacher", 0)
+    train_lm(student, train, splits.val.ids, lr=1e-3, batch_size=2, seed=5, alpha=0.0, **kw)
+    batches = [train[i:i + 2, 1:] for i in range(0, 12, 2)]
+    return [next(b for b, ids in enumerate(batches) if torch.equal(ids, labels)) for labels in seen]
+
+
+def test_the_last_batches_are_trained_on_last_and_only_then(lm, monkeypatch):
+    import random
+
+    order = _trained_batches(monkeypatch, lm, steps=8)
+    expect = list(range(6))
+    random.Random(5).shuffle(expect)  # the order as it always was: a seeded shuffle, popped from the end
+    assert order[:6] == expect[::-1] and len(order) == 8
+    tail = _trained_batches(monkeypatch, lm, steps=8, last_batches=[4, 1])
+    assert sorted(tail[-2:]) == [1, 4] and not {1, 4} & set(tail[:-2])  # 6 steps over the 4 others, then 1 and 4
+    assert sorted(tail[:4]) == [0, 2, 3, 5]
+    with pytest.raises(ValueError, match="distinct batch indices below 6"):
+        _trained_batches(monkeypatch, lm, steps=8, last_batches=[6])
+    with pytest.raises(ValueError, match="leaves no room"):
+        _trained_batches(monkeypatch, lm, steps=1, last_batches=[0, 1])
+
+
+def test_sequence_steps_need_sequence_kd_and_no_share(tmp_path):
+    from edgekd.distill.lm_stage import last_step_batches
+    from edgekd.errors import BadInputError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: causal-lm\ndata: {seq_len: 64}\ndistill: {sequence_steps: 10}\n")
+    with pytest.raises(ConfigError, match="sequence_steps 10 needs distill.sequence_kd"):
+        load_config(cfg)
+    cfg.write_text("task: causal-lm\ndata: {seq_len: 64}\ndistill: {sequence_kd: 32, sequence_steps: 10, "
+                   "sequence_share: 0.5}\n")
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config(cfg)
+    cfg.write_text("distill: {sequence_steps: 10}\n")
+    with pytest.raises(ConfigError, match="distill.sequence_steps is read only with task: causal-lm"):
+        load_config(cfg)
+    cfg.write_text("task: causal-lm\ndata: {seq_len: 64}\ndistill: {sequence_kd: 32, sequence_steps: 10}\n")
+    assert load_config(cfg).distill.sequence_steps == 10
+    chosen = last_step_batches(100, 8, 13, 3)  # 13 batches, the last one of 4 blocks
+    assert chosen == last_step_batches(100, 8, 13, 3) and len(set(chosen)) == 3 and max(chosen) < 13
+    with pytest.raises(BadInputError, match="sequence_steps 13: the training split has 13 batches of 8 blocks"):
+        last_step_batches(100, 8, 13, 13)

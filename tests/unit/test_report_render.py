@@ -189,6 +189,10 @@ def test_lm_distill_row_says_how_much_text_the_teacher_wrote():
     assert table is not None
     assert table.rows[0][0].text == "distilled (forward_kl; 800 of 3200 blocks end in 64 tokens the teacher wrote)"
     assert table.rows[1][0].text == "cross-entropy only (same steps)"
+    last = {**entry, "sequence_kd": {"new_tokens": 64, "blocks": 480, "of_blocks": 3200, "last_steps": 60}}
+    table = distill_table({"stages": [last]})
+    assert table is not None and table.rows[0][0].text == (
+        "distilled (forward_kl; 480 of 3200 blocks end in 64 tokens the teacher wrote, trained on in the last 60 steps)")
 
 
 def test_speculative_table_says_what_a_round_cost_and_gave():
