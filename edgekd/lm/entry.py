@@ -246,6 +246,11 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     teacher_key = hash_arrays(*[t.detach().numpy() for t in teacher.state_dict().values()])
     teacher_seconds = round(time.perf_counter() - t0, 2)
     splits = _splits(ctx, loaded.tokenizer)
+    if "distill" in cfg.stages and cfg.distill.sequence_kd and cfg.distill.sequence_steps:
+        from ..distill.lm_stage import last_step_batches, lm_steps
+
+        # sequence_steps beyond the training batches stops here, before the layer choice and any training
+        last_step_batches(len(splits.train.ids), cfg.data.batch_size, lm_steps(ctx, splits), cfg.distill.sequence_steps)
     write_npz(run / "eval.npz", x=splits.test.ids.numpy())
     write_npz(run / "calib.npz", x=splits.val.ids.numpy())
     loaded.tokenizer.save_pretrained(str(run / "tokenizer"))  # for `edgekd generate`

@@ -26,7 +26,7 @@ __all__ = ["DRAFT_TOKEN_GRID", "LOOKUP_GRID", "LOOKUP_TOKENS", "MIN_CONFIDENCE_G
            "context_lookup", "draft_token", "pinned", "speculative_greedy", "trim"]
 
 # what `speculative.draft_tokens: auto` / `min_confidence: auto` try on validation prompts
-DRAFT_TOKEN_GRID = (2, 3, 4, 6)
+DRAFT_TOKEN_GRID = (1, 2, 3, 4, 6)  # 1: where a check of 2 tokens costs much more than one of 1
 MIN_CONFIDENCE_GRID = (0.0, 0.3, 0.5)
 LOOKUP_GRID = (False, True)
 UNCHOSEN = (4, 0.3, True)  # what auto means where nothing here can time the settings (the Jetson bundle): on a

@@ -150,7 +150,7 @@ def test_the_student_ends_on_the_teachers_own_text_with_sequence_steps(lm_run, t
     assert d["steps"] == d["baseline"]["steps"] == 6 and not d["teacher_cache"]["reused"]  # over the rewritten blocks
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].endswith("sequence_steps must be less than 8 and at most 6") and "Traceback" not in err
-    assert not (tmp_path / "b" / "report.json").exists()
+    assert not (tmp_path / "b" / "report.json").exists() and not (tmp_path / "b" / "eval.npz").exists()
 
 
 def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm_run, tmp_path):
