@@ -83,6 +83,9 @@ def test_lm_run_reports_every_figure(lm_run):
     s = report["speculative"]
     assert s["prompts"] == 3 and s["identical"] == 3 and 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0
     assert s["draft_tokens"] == 3 and s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0 and s["measured_on"] == "host"
+    # what a round kept and cost, from the runner process: at least the target's own token, a check, drafting
+    assert s["round"]["tokens"] >= 1 and s["round"]["check_ms"] > 0 and s["teacher_token_ms"] > 0
+    assert all("round" in c for c in s.get("compared") or [])
     # min_confidence and lookup auto: the pinned draft length with each floor, with and without context lookup,
     # timed on validation prompts
     sel = s["selection"]
@@ -274,6 +277,7 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     assert ("NNCF" in labels) == (target == "intel-cpu") and {c["name"] for c in q["candidates"]} == {
         "fp32", "int8", "int4_mixed"}
     assert report["final"]["decode_tokens_per_s"] > 0 and report["speculative"]["identical"] == 2
+    assert report["speculative"]["round"]["check_ms"] > 0  # the target's runtime timed each round's check
     draft = report["speculative"]["draft"]  # the cut draft in the target's own format (NNCF's IR on OpenVINO)
     assert draft["vocab_tokens"] == 200 and draft["artifact"].endswith(".xml" if target == "intel-cpu" else ".onnx")
     assert (tmp_path / "run" / draft["artifact"]).is_file()

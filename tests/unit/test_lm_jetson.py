@@ -408,6 +408,7 @@ def test_bench_prints_an_engines_figures_and_speculative_decoding_with_its_draft
     assert s["draft"] == "model.engine" and s["identical"] == 3 and s["prompts"] == 3 and s["draft_tokens"] == 3
     assert 0 <= s["acceptance_rate"] <= 1 and s["speedup"] > 0 and s["tokens_per_s"] > 0
     assert s["lookup"] is False and "compared" not in s
+    assert s["round"]["check_ms"] > 0 and s["round"]["draft_ms"] > 0 and s["teacher_token_ms"] > 0
     assert j["memory"]["activation_mb"] == 3.0 and j["versions"]["tensorrt"] == "10.3.0.30"
     assert j["versions"]["cuda"] == "12.6" and "environment" in j
     # with context lookup the draft alone and lookup alone are timed in the same rounds, all lossless
