@@ -125,6 +125,11 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
                         "drafted": res.drafted, "acceptance_rate": round(res.acceptance_rate, 4),
                         "looked_up": res.looked_up, "lookup_accepted": res.lookup_accepted,
                         "teacher": report["teacher"]["artifact"]})
+            checks = res.target_passes - 1  # the passes after the prompt's
+            if checks:
+                out["round"] = {"tokens": round((len(res.tokens) - 1) / checks, 3),
+                                "check_ms": round(1000 * res.check_seconds / checks, 3),
+                                "draft_ms": round(1000 * res.draft_seconds / checks, 3)}
         else:
             tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
         seconds = time.perf_counter() - t0
@@ -148,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         figures += f", acceptance {out['acceptance_rate']:.1%} drafting up to {out['draft_tokens']} tokens{floor}"
         if out["lookup"]:
             figures += f", {out['lookup_accepted']}/{out['looked_up']} looked-up tokens kept"
+        r = out.get("round")
+        if r:
+            figures += f"; a round: {r['tokens']:.2f} tokens, check {r['check_ms']:.1f} + draft {r['draft_ms']:.1f} ms"
     print(figures, file=sys.stderr)
     if args.json_out:
         from ..runs import write_json

@@ -186,6 +186,8 @@ def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     spec = generate(run, "def f(x):\n    return", 12, speculative=True, draft_tokens=3)
     assert spec["speculative"] and spec["draft_tokens"] == 3 and 0 <= spec["acceptance_rate"] <= 1
     assert spec["model"] == report["speculative"]["draft"]["artifact"] != report["final"]["artifact"]
+    r = spec["round"]  # what one check-and-draft round gave and cost
+    assert 1 <= r["tokens"] <= 4 and r["check_ms"] > 0 and r["draft_ms"] > 0
     # lossless: the teacher's own greedy continuation
     from transformers import AutoTokenizer
 
