@@ -3,6 +3,7 @@
 
     python lm_runner.py --model PATH [--backend onnxruntime|openvino] [--threads N] [--providers A,B]
                         [--device CPU] [--precision fp32|int8|int4] [--precise-int8] [--kv-heads H --head-dim D]
+                        [--kv-cache auto|copy]
                         --prompts prompts.npz [--prompt-count K] --new-tokens N [--warmup N]
                         [--eval-data eval.npz [--eval-blocks M]] [--keep-times] [--json OUT]
                         [--draft PATH [--draft-precision P] [--draft-kv-heads H --draft-head-dim D]
@@ -16,7 +17,8 @@ memory of this process and the generated tokens; with --eval-data, perplexity an
 blocks. With --draft, speculative decoding instead: --model verifies what the draft proposes, timed against
 --model alone on every prompt (one draft length, floor and lookup), or the fastest setting of the lists given;
 --compare times other settings in the same rounds (draft length 0 with lookup 1: context lookup alone). With
-ONNX Runtime the two sessions share one pool of threads, as they take turns on the cores.
+ONNX Runtime the two sessions share one pool of threads, as they take turns on the cores, and a graph that
+takes kv_length (edgekd's fused export) keeps its cache in place (InPlaceKV; --kv-cache copy: a new cache each step).
 Exit 2: a bad model or bad data; exit 3: the runtime is missing or failed. The decode loops and their
 figures are lm_generation.py's, which travels beside this file and which edgekd.bench.lm_bench imports too,
 so a board and the host measure with the same code.
@@ -67,6 +69,79 @@ class KVDecoder:
         feeds.update({name: cache[i] for i, name in enumerate(self.past)})  # no zip(strict=): Python 3.8 boards
         out = self.run(feeds)
         return np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
+
+
+KV_LENGTH = "kv_length"  # edgekd.lm.export.KV_LENGTH: the fused graph's count of cached positions (-1: all)
+
+
+class InPlaceKV(KVDecoder):
+    """An ONNX Runtime decoder whose graph takes kv_length (edgekd's fused export): each layer's cache is one
+    buffer bound as both its past and its present, so GroupQueryAttention writes each step's keys and values
+    into it in place and nothing is copied between steps (as ONNX Runtime GenAI's generator does). The cache
+    the decode loops pass around is then the number of cached tokens, and cutting it back (speculative
+    decoding) is a smaller number. One generation at a time per decoder; batches over one (scoring) take the
+    copying path. The buffers start at `capacity` positions and double when a generation outgrows them."""
+
+    def __init__(self, sess, layers: int, kv_heads: int, head_dim: int, capacity: int = 256):
+        super().__init__(lambda feeds: sess.run(None, feeds), layers, kv_heads, head_dim)
+        import onnxruntime as ort
+
+        self.ort, self.sess, self.capacity = ort, sess, 0
+        self.present = [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+        self.buffers: list = []
+        self.binding = None
+        self.fed: list = []  # the step's input values, alive until the next run
+        self._grow(capacity, 0)
+
+    def _grow(self, need: int, keep: int) -> None:
+        """Buffers for at least `need` positions, the first `keep` copied from the old ones."""
+        size = max(need, 2 * self.capacity)
+        shape = (1, self.kv_heads, size, self.head_dim)
+        old, self.buffers = self.buffers, [np.zeros(shape, dtype=np.float32) for _ in self.past]
+        for i, prev in enumerate(old):  # no zip(strict=): Python 3.8 boards
+            self.buffers[i][:, :, :keep] = prev[:, :, :keep]
+        io = self.sess.io_binding()
+        io.bind_output("logits")  # first: the logits are output 0 of every run
+        for i, buf in enumerate(self.buffers):
+            value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # the numpy buffer's memory, not a copy
+            io.bind_ortvalue_input(self.past[i], value)
+            io.bind_ortvalue_output(self.present[i], value)
+        self.binding, self.capacity = io, size
+
+    def empty_cache(self, batch: int = 1):
+        return 0 if batch == 1 else super().empty_cache(batch)
+
+    def forward(self, ids, cache):
+        if not isinstance(cache, int):
+            return super().forward(ids, cache)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.shape[0] != 1:
+            raise ValueError(f"the in-place cache takes one sequence, got {ids.shape[0]}")
+        total = cache + ids.shape[1]
+        if total > self.capacity:
+            self._grow(total, cache)
+        io = self.binding
+        io.bind_output("logits")  # a fresh logits tensor: its length changes between prefill and steps
+        self.fed = [self.ort.OrtValue.ortvalue_from_numpy(ids),
+                    self.ort.OrtValue.ortvalue_from_numpy(np.array([cache], dtype=np.int64))]
+        io.bind_ortvalue_input("input_ids", self.fed[0])
+        io.bind_ortvalue_input(KV_LENGTH, self.fed[1])
+        self.sess.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy(), total
+
+    def cut(self, cache, length: int):
+        """The cache cut back to its first `length` tokens (lm_generation's speculative loop calls this)."""
+        if isinstance(cache, int):
+            return min(cache, length)
+        return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+
+
+def in_place(sess) -> bool:
+    """Whether an ONNX Runtime session's graph takes kv_length (an overridable initializer)."""
+    try:
+        return KV_LENGTH in {i.name for i in sess.get_overridable_initializers()}
+    except Exception:  # noqa: BLE001 - an older runtime without the call
+        return False
 
 
 def kv_layout(shapes: dict) -> tuple | None:
@@ -187,8 +262,11 @@ def load(args) -> tuple:
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RunnerError(f"onnxruntime cannot load {args.model}: {_first_line(e)}", EXIT_BAD_INPUT) from None
     dims = _kv_dims({i.name: i.shape for i in sess.get_inputs()}, args)
-    details = {"execution_providers": sess.get_providers(), "threads": args.threads, "thread_pool": pool}
-    return KVDecoder(lambda feeds: sess.run(None, feeds), *dims), details, {"onnxruntime": rt.__version__}
+    shared = getattr(args, "kv_cache", "auto") != "copy" and in_place(sess)
+    details = {"execution_providers": sess.get_providers(), "threads": args.threads, "thread_pool": pool,
+               "kv_cache": "in place" if shared else "copied each step"}
+    decoder = InPlaceKV(sess, *dims) if shared else KVDecoder(lambda feeds: sess.run(None, feeds), *dims)
+    return decoder, details, {"onnxruntime": rt.__version__}
 
 
 # ---------------------------------------------------------------- data, environment, main
@@ -224,6 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precise-int8", action="store_true")
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--kv-cache", choices=["auto", "copy"], default="auto",
+                   help="auto: in place where the graph takes kv_length (ONNX Runtime); copy: a new cache each step")
     p.add_argument("--prompts", required=True, help=".npz with prompts (n, tokens) int")
     p.add_argument("--prompt-count", type=int, default=None)
     p.add_argument("--new-tokens", type=int, required=True)

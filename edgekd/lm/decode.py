@@ -15,17 +15,36 @@ RunFn = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
 
 
 class Decoder:
-    """Greedy decoding and scoring through `run(feeds) -> [logits, present_key_0, present_value_0, ...]`."""
+    """Greedy decoding and scoring through `run(feeds) -> [logits, present_key_0, present_value_0, ...]`.
+    With the ONNX Runtime `session` of a graph that takes kv_length (the fused export), one sequence at a time
+    decodes with its cache in place (bench.lm_runner.InPlaceKV); the cache is then its length in tokens."""
 
-    def __init__(self, run: RunFn, config, layers: int):
+    def __init__(self, run: RunFn, config, layers: int, session=None):
         self.run, self.config, self.layers = run, config, layers
         self.inputs, self.outputs = io_names(layers)
+        self.kv = None
+        if session is not None:
+            from ..bench.lm_runner import InPlaceKV, in_place
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+            if in_place(session):
+                _, heads, _, size = kv_shape(config, 1, 0)
+                self.kv = InPlaceKV(session, layers, heads, size)
+
+    def empty_cache(self, batch: int = 1):
+        if self.kv is not None and batch == 1:
+            return self.kv.empty_cache()
         return [np.zeros(kv_shape(self.config, batch, 0), dtype=np.float32) for _ in range(2 * self.layers)]
 
-    def forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def cut(self, cache, length: int):
+        """The cache cut back to its first `length` tokens."""
+        if isinstance(cache, int):
+            return min(cache, length)
+        return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+
+    def forward(self, ids: np.ndarray, cache) -> tuple[np.ndarray, list[np.ndarray] | int]:
         """Logits for `ids` (batch, seq) after the cached tokens, and the cache extended by them."""
+        if isinstance(cache, int):
+            return self.kv.forward(ids, cache)
         feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
         feeds.update(zip(self.inputs[1:], cache, strict=True))
         out = self.run(feeds)

@@ -127,7 +127,7 @@ def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
     backend = get_backend(ctx.profile.backend)
     c.artifact = backend.compile(c.onnx, ctx.profile, ctx.run_dir / "target" / c.name, c.precision)
     c.runner = backend.load(c.artifact, ctx.profile, ctx.threads, spin=False)  # sessions take turns: see load
-    c.decoder = Decoder(c.runner.run, config, layers)
+    c.decoder = Decoder(c.runner.run, config, layers, session=getattr(c.runner, "session", None))
 
 
 def _quality(dec: Decoder, blocks: np.ndarray, ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
@@ -309,6 +309,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
                        "opset": ctx.profile.opset, "kv_cache": True,
                        "attention": "fused (ONNX Runtime GroupQueryAttention)" if fused else "plain ONNX operators",
+                       "kv_cache_update": "in place" if cands["fp32"].decoder.kv is not None else "copied each step",
                        "parity": _parity(student, cands["fp32"].decoder, splits.test.ids)})  # type: ignore[arg-type]
         spec_cfg = cfg.speculative or SpeculativeConfig()
         # Validation chooses: perplexity and agreement with FP32 on the validation blocks, speed on

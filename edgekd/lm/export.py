@@ -26,6 +26,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,8 +34,9 @@ from ..errors import ModelError, StageError
 from ..runs import atomic_path
 from .models import lm_layers
 
-__all__ = ["KVDecoder", "export_lm_onnx", "fusable", "io_names", "kv_shape", "save_checked"]
+__all__ = ["KV_LENGTH", "KVDecoder", "export_lm_onnx", "fusable", "io_names", "kv_shape", "save_checked"]
 
+KV_LENGTH = "kv_length"  # the fused graph's optional input: how many of the past's positions hold tokens (-1: all)
 MASKED = -1e9  # added to the scores of future tokens (finite: a fully masked row cannot make NaNs)
 
 
@@ -283,11 +285,14 @@ class KVDecoder(nn.Module):
             presents += [k, v]
         return (self.head(self.norm(h)), *presents)
 
-    def _forward_fused(self, input_ids: torch.Tensor, *past: torch.Tensor):
+    def _forward_fused(self, input_ids: torch.Tensor, *inputs: torch.Tensor):
         from torch.onnx.operators import shape_as_tensor
 
+        past = inputs[:2 * len(self.layers)]
         t = shape_as_tensor(input_ids)[1]
         p = shape_as_tensor(past[0])[2]
+        if len(inputs) > len(past):  # kv_length: the cached tokens, where the past is a longer shared buffer
+            p = torch.where(inputs[-1][0] >= 0, inputs[-1][0], p)
         total = (p + t).to(torch.int32)  # GroupQueryAttention: the total length, and per row its last index
         seqlens = (input_ids[:, 0] * 0 + (p + t - 1)).to(torch.int32)
         h = self.embed(input_ids)
@@ -313,8 +318,11 @@ def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool
     inputs, outputs = io_names(n)
     ids = torch.zeros(1, 3, dtype=torch.long)
     past = [torch.zeros(kv_shape(dec.config, 1, 2)) for _ in range(2 * n)]
+    if fused:  # kv_length, -1 unless fed (an initializer: a default the caller may override)
+        past.append(torch.tensor([-1], dtype=torch.long))
+        inputs = [*inputs, KV_LENGTH]
     axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
-    axes.update({name: {0: "batch", 2: "past"} for name in inputs[1:]})
+    axes.update({name: {0: "batch", 2: "past"} for name in inputs[1:1 + 2 * n]})
     axes.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -327,6 +335,9 @@ def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool
     proto = onnx.load_from_string(buf.getvalue())
     if fused:
         _contrib_forms(proto)
+        from onnx import numpy_helper
+
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), KV_LENGTH))
     return save_checked(proto, path, "export: onnx.checker rejected the KV-cache decoder")
 
 

@@ -68,7 +68,7 @@ def _decoder(run: Path, block: dict, threads: int | None):
     art = Artifact(path=path, backend=profile.backend, precision=block.get("precision", "fp32"), files=[path])
     runner = get_backend(profile.backend).load(art, profile, threads, spin=False)
     cfg = SimpleNamespace(**block["decoder"])
-    return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers)
+    return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers, session=getattr(runner, "session", None))
 
 
 def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> None:

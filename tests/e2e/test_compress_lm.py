@@ -452,6 +452,7 @@ def test_onnx_runtime_targets_get_the_fused_attention_graph(tmp_path):
         mp.undo()
     export = next(s for s in report["stages"] if s["name"] == "export")
     assert export["attention"].startswith("fused") and export["parity"]["greedy_identical"]
+    assert export["kv_cache_update"] == "in place"  # the fused graph's kv_length: one buffer per layer, no copies
     for name in ("model.fp32.onnx", "teacher.fp32.onnx", "model.int8.onnx"):
         assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(tmp_path / "run" / name)).graph.node}
     assert report["speculative"]["identical"] == 2 and report["final"]["decode_tokens_per_s"] > 0

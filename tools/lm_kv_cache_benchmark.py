@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The KV cache copied each step against the cache kept in place, side by side on a finished causal-lm run
+(an ONNX Runtime target): the run's own artifacts (FP32 teacher, final student, speculative draft), each
+loaded once and decoded both ways in one process, same threads, interleaved:
+
+    copied    the past fed in and a new present (past + new) returned every step, as numpy arrays
+    in place  one buffer per layer bound as both past and present (IOBinding), the graph's kv_length says
+              how many positions hold tokens: GroupQueryAttention writes the new keys and values into it
+
+    decode tokens/s, TPOT p50   greedy decoding of the run's test prompts (the first prompt_tokens of its test
+                                blocks, eval.npz); both ways must give the same tokens
+    speculative decoding        the draft for the teacher with the run's chosen setting and the student alone
+                                (its draft length, no lookup), each against the teacher alone in the same mode
+
+    python tools/lm_kv_cache_benchmark.py --run RUN_DIR [--prompts 12] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="a finished causal-lm run on an ONNX Runtime target")
+    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--new-tokens", type=int, default=64)
+    args = p.parse_args()
+
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edgekd.backends import Artifact, get_backend
+    from edgekd.bench.lm_bench import generation_bench
+    from edgekd.bench.lm_generation import speculative_bench
+    from edgekd.config.profiles import load_profile
+    from edgekd.lm.decode import Decoder
+
+    report = json.loads((args.run / "report.json").read_text())
+    profile = load_profile(report["target"]["name"])
+    if profile.backend != "onnxruntime":
+        print(f"{args.run} was built for {profile.name} ({profile.backend}): the in-place cache is ONNX Runtime's",
+              file=sys.stderr)
+        return 2
+    threads = int(report["target"].get("threads") or 2)
+    spec = report["speculative"]
+    blocks = {"teacher": report["teacher"], "final": report["final"], "draft": spec["draft"]}
+    prompt_tokens = int((report["config"].get("speculative") or {}).get("prompt_tokens") or 32)
+    test = np.load(args.run / "eval.npz")["x"]
+    prompts = [test[i, :prompt_tokens].tolist() for i in range(min(args.prompts, len(test)))]
+    backend, runners, decoders = get_backend("onnxruntime"), [], {}
+    try:
+        for name, block in blocks.items():
+            path = args.run / block["artifact"]
+            art = Artifact(path=path, backend="onnxruntime", precision=block.get("precision", "fp32"), files=[path])
+            runners.append(backend.load(art, profile, threads, spin=False))  # sessions take turns, as in a run
+            cfg = SimpleNamespace(**block["decoder"])
+            decoders[f"{name}, copied"] = Decoder(runners[-1].run, cfg, cfg.num_hidden_layers)
+            decoders[f"{name}, in place"] = Decoder(runners[-1].run, cfg, cfg.num_hidden_layers,
+                                                    session=runners[-1].session)
+            if decoders[f"{name}, in place"].kv is None:
+                print(f"{path}: the graph does not take kv_length (exported before the in-place cache)", file=sys.stderr)
+                return 2
+        speed = generation_bench(decoders, prompts, args.new_tokens)
+        chosen = (int(spec["draft_tokens"]), float(spec.get("min_confidence") or 0.0), bool(spec.get("lookup")))
+        alone = [(int(c["draft_tokens"]), float(c.get("min_confidence") or 0.0), False)
+                 for c in [spec, *spec.get("compared", [])] if not c.get("lookup") and int(c["draft_tokens"]) > 0]
+        alone = alone[0] if alone else (chosen[0], chosen[1], False)  # the student alone: the run's own setting
+        same = {name: all(decoders[f"{name}, copied"].greedy(q, args.new_tokens)
+                          == decoders[f"{name}, in place"].greedy(q, args.new_tokens) for q in prompts[:3])
+                for name in blocks}
+        specs = {}
+        for setting in dict.fromkeys([chosen, alone]):
+            for mode in ("copied", "in place"):
+                specs[(setting, mode)] = speculative_bench(decoders[f"teacher, {mode}"], decoders[f"draft, {mode}"],
+                                                           prompts, args.new_tokens, *setting)
+    finally:
+        for r in runners:
+            r.close()
+    print(f"{len(prompts)} test prompts of {prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
+          f"interleaved ({report['target']['name']}, onnxruntime)\n")
+    print("| decoder | copied: decode tokens/s | in place: decode tokens/s | in place / copied | TPOT p50 ms, "
+          "copied / in place | same greedy tokens (3 prompts) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in blocks:
+        a, b = speed[f"{name}, copied"], speed[f"{name}, in place"]
+        print(f"| {name} ({blocks[name].get('precision', 'fp32')}) | {a['decode_tokens_per_s']:.1f} | "
+              f"{b['decode_tokens_per_s']:.1f} | {b['decode_tokens_per_s'] / a['decode_tokens_per_s']:.3f}x | "
+              f"{a['tpot_ms']['p50']:.2f} / {b['tpot_ms']['p50']:.2f} | "
+              f"{'yes' if same[name] else 'NO'} |")
+    print("\n| speculative setting | mode | tokens/s | teacher alone | speedup | acceptance | identical |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (setting, mode), s in specs.items():
+        label = f"up to {setting[0]}" + (f", p >= {setting[1]:g}" if setting[1] else "") + (" + lookup" if setting[2] else "")
+        print(f"| {label} | {mode} | {s['tokens_per_s']:.1f} | {s['teacher_tokens_per_s']:.1f} | {s['speedup']:.3f}x | "
+              f"{s['acceptance_rate']:.1%} | {s['identical']}/{s['prompts']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
