@@ -7,12 +7,12 @@ loaded once and decoded both ways in one process, same threads, interleaved:
     in place  one buffer per layer bound as both past and present (IOBinding), the graph's kv_length says
               how many positions hold tokens: GroupQueryAttention writes the new keys and values into it
 
-    decode tokens/s, TPOT p50   greedy decoding of the run's test prompts (the first prompt_tokens of its test
-                                blocks, eval.npz); both ways must give the same tokens
+    decode tokens/s, TPOT p50   greedy decoding of the run's test prompts (the first prompt_tokens of test
+                                blocks spread over eval.npz, as the run takes them); both ways give the same tokens
     speculative decoding        the draft for the teacher with the run's chosen setting and the student alone
                                 (its draft length, no lookup), each against the teacher alone in the same mode
 
-    python tools/lm_kv_cache_benchmark.py --run RUN_DIR [--prompts 12] [--new-tokens 64]
+    python tools/lm_kv_cache_benchmark.py --run RUN_DIR [--prompts 20] [--new-tokens 64] [--prompt-tokens N]
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="a finished causal-lm run on an ONNX Runtime target")
-    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=None, help="the run's speculative.prompt_tokens unless given "
+                   "(at most its seq_len): longer contexts make a copied cache costlier")
     args = p.parse_args()
 
     from types import SimpleNamespace
@@ -50,10 +52,11 @@ def main() -> int:
         return 2
     threads = int(report["target"].get("threads") or 2)
     spec = report["speculative"]
-    blocks = {"teacher": report["teacher"], "final": report["final"], "draft": spec["draft"]}
-    prompt_tokens = int((report["config"].get("speculative") or {}).get("prompt_tokens") or 32)
+    blocks = {"teacher": report["teacher"], "final": report["final"], "draft": {**report["final"], **spec["draft"]}}
+    prompt_tokens = args.prompt_tokens or int((report["config"].get("speculative") or {}).get("prompt_tokens") or 32)
     test = np.load(args.run / "eval.npz")["x"]
-    prompts = [test[i, :prompt_tokens].tolist() for i in range(min(args.prompts, len(test)))]
+    rows = np.linspace(0, len(test) - 1, min(args.prompts, len(test))).round().astype(int)  # as the run takes them
+    prompts = [test[int(i), :prompt_tokens].tolist() for i in rows]
     backend, runners, decoders = get_backend("onnxruntime"), [], {}
     try:
         for name, block in blocks.items():
@@ -83,7 +86,7 @@ def main() -> int:
     finally:
         for r in runners:
             r.close()
-    print(f"{len(prompts)} test prompts of {prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
+    print(f"{len(prompts)} spread test prompts of {prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
           f"interleaved ({report['target']['name']}, onnxruntime)\n")
     print("| decoder | copied: decode tokens/s | in place: decode tokens/s | in place / copied | TPOT p50 ms, "
           "copied / in place | same greedy tokens (3 prompts) |")
