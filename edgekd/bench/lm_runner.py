@@ -41,11 +41,11 @@ except ImportError as missing:  # a board without numpy: one line and exit 3, li
     sys.exit(3)
 
 if __package__:  # imported as edgekd.bench.lm_runner: one runner module, one RunnerError
-    from .lm_generation import choose_speculation, figures, generate, score, speculative_bench
+    from .lm_generation import choose_speculation, figures, generate, score, speculative_bench, trim
     from .runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb
 else:  # a script on a board: runner.py and lm_generation.py travel beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from lm_generation import choose_speculation, figures, generate, score, speculative_bench  # type: ignore[no-redef]
+    from lm_generation import choose_speculation, figures, generate, score, speculative_bench, trim  # type: ignore[no-redef]
     from runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb  # type: ignore[no-redef]
 
 LM_RUNNER_VERSION = 1
@@ -71,7 +71,7 @@ class KVDecoder:
         return np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
 
 
-KV_LENGTH = "kv_length"  # edgekd.lm.export.KV_LENGTH: the fused graph's count of cached positions (-1: all)
+KV_LENGTH = "kv_length"  # the fused graph's (edgekd.lm.export) count of cached positions, -1: all of them
 
 
 class InPlaceKV(KVDecoder):
@@ -131,9 +131,7 @@ class InPlaceKV(KVDecoder):
 
     def cut(self, cache, length: int):
         """The cache cut back to its first `length` tokens (lm_generation's speculative loop calls this)."""
-        if isinstance(cache, int):
-            return min(cache, length)
-        return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+        return min(cache, length) if isinstance(cache, int) else trim(cache, length)
 
 
 def in_place(sess) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..bench.lm_generation import trim
 from .export import io_names, kv_shape
 
 __all__ = ["Decoder"]
@@ -37,9 +38,7 @@ class Decoder:
 
     def cut(self, cache, length: int):
         """The cache cut back to its first `length` tokens."""
-        if isinstance(cache, int):
-            return min(cache, length)
-        return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+        return self.kv.cut(cache, length) if self.kv is not None else trim(cache, length)
 
     def forward(self, ids: np.ndarray, cache) -> tuple[np.ndarray, list[np.ndarray] | int]:
         """Logits for `ids` (batch, seq) after the cached tokens, and the cache extended by them."""

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bench.lm_runner import KV_LENGTH  # the board runner's name for it: one definition
 from ..errors import ModelError, StageError
 from ..runs import atomic_path
 from .models import lm_layers
 
 __all__ = ["KV_LENGTH", "KVDecoder", "export_lm_onnx", "fusable", "io_names", "kv_shape", "save_checked"]
 
-KV_LENGTH = "kv_length"  # the fused graph's optional input: how many of the past's positions hold tokens (-1: all)
 MASKED = -1e9  # added to the scores of future tokens (finite: a fully masked row cannot make NaNs)
 
 
