@@ -325,7 +325,7 @@ def open_edgekd(run: Path, target: str, artifact: str, precision: str, shape: Si
     path = run / artifact
     art = Artifact(path=path, backend=profile.backend, precision=precision, files=[path])
     runner = get_backend(profile.backend).load(art, profile, threads, spin=True)
-    return runner, Decoder(runner.run, shape, shape.num_hidden_layers)
+    return runner, Decoder(runner.run, shape, shape.num_hidden_layers, session=getattr(runner, "session", None))
 
 
 # ---------------------------------------------------------------- timing and output

@@ -91,6 +91,10 @@ class InPlaceKV(KVDecoder):
         self.buffers: list = []
         self.binding = None
         self.fed: list = []  # the step's input values, alive until the next run
+        vocab = sess.get_outputs()[0].shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) and vocab > 0 else None  # None: no reused logits
+        self.slots: dict = {}  # passes of n tokens: their input and logits buffers (_slot)
+        self.bound = None  # the length whose slot the binding holds
         self._grow(capacity, 0)
 
     def _grow(self, need: int, keep: int) -> None:
@@ -106,28 +110,56 @@ class InPlaceKV(KVDecoder):
             value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # the numpy buffer's memory, not a copy
             io.bind_ortvalue_input(self.past[i], value)
             io.bind_ortvalue_output(self.present[i], value)
-        self.binding, self.capacity = io, size
+        self.binding, self.capacity, self.bound = io, size, None
 
     def empty_cache(self, batch: int = 1):
         return 0 if batch == 1 else super().empty_cache(batch)
 
     def forward(self, ids, cache):
+        """Logits for `ids` after `cache` tokens and the new length. The logits of a pass of up to REUSED
+        tokens are this decoder's own buffer for that length, overwritten by its next pass of the same length
+        (the decode loops read them first): no output is allocated and nothing is copied on a decode step."""
         if not isinstance(cache, int):
             return super().forward(ids, cache)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.shape[0] != 1:
-            raise ValueError(f"the in-place cache takes one sequence, got {ids.shape[0]}")
-        total = cache + ids.shape[1]
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"the in-place cache takes one sequence, got ids of shape {ids.shape}")
+        n = ids.shape[1]
+        total = cache + n
         if total > self.capacity:
             self._grow(total, cache)
         io = self.binding
-        io.bind_output("logits")  # a fresh logits tensor: its length changes between prefill and steps
-        self.fed = [self.ort.OrtValue.ortvalue_from_numpy(ids),
-                    self.ort.OrtValue.ortvalue_from_numpy(np.array([cache], dtype=np.int64))]
-        io.bind_ortvalue_input("input_ids", self.fed[0])
-        io.bind_ortvalue_input(KV_LENGTH, self.fed[1])
+        if n > self.REUSED or self.vocab is None:  # a long prefill: a fresh logits tensor, as long as the prompt
+            self.bound = None
+            io.bind_output("logits")
+            self.fed = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+                        self.ort.OrtValue.ortvalue_from_numpy(np.array([cache], dtype=np.int64))]
+            io.bind_ortvalue_input("input_ids", self.fed[0])
+            io.bind_ortvalue_input(KV_LENGTH, self.fed[1])
+            self.sess.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy(), total
+        slot = self.slots.get(n)
+        if slot is None:
+            slot = self.slots[n] = self._slot(n)
+        fed, length, logits, values = slot
+        fed[0] = ids[0]
+        length[0] = cache
+        if self.bound != n:  # the inputs and logits of this length, bound once until another length runs
+            io.bind_ortvalue_input("input_ids", values[0])
+            io.bind_ortvalue_input(KV_LENGTH, values[1])
+            io.bind_ortvalue_output("logits", values[2])
+            self.bound = n
         self.sess.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy(), total
+        return logits, total
+
+    REUSED = 16  # passes of up to this many tokens (decode steps, speculative checks) reuse their buffers
+
+    def _slot(self, n: int) -> tuple:
+        """Input ids, kv_length and logits arrays for passes of `n` tokens, and their OrtValues (the arrays'
+        own memory: writing an array changes what the next run reads)."""
+        fed, length = np.zeros((1, n), dtype=np.int64), np.zeros(1, dtype=np.int64)
+        logits = np.zeros((1, n, self.vocab), dtype=np.float32)
+        return fed, length, logits, [self.ort.OrtValue.ortvalue_from_numpy(a) for a in (fed, length, logits)]
 
     def cut(self, cache, length: int):
         """The cache cut back to its first `length` tokens (lm_generation's speculative loop calls this)."""

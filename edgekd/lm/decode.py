@@ -41,7 +41,9 @@ class Decoder:
         return self.kv.cut(cache, length) if self.kv is not None else trim(cache, length)
 
     def forward(self, ids: np.ndarray, cache) -> tuple[np.ndarray, list[np.ndarray] | int]:
-        """Logits for `ids` (batch, seq) after the cached tokens, and the cache extended by them."""
+        """Logits for `ids` (batch, seq) after the cached tokens, and the cache extended by them. With the cache
+        in place, the logits of a pass of up to InPlaceKV.REUSED tokens are the decoder's own buffer for that
+        length, overwritten by its next pass of the same length: read (or copy) them before the next call."""
         if isinstance(cache, int):
             return self.kv.forward(ids, cache)
         feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}

@@ -64,7 +64,7 @@ def test_in_place_decoding_equals_copying_decoding(decoders):
     check, length = inplace.forward(ids[:, :5], length)  # five tokens after the past: a speculative check
     ref_check, _ = copying.forward(ids[:, :5], ref_cache)
     assert length == 25 and np.abs(check - ref_check).max() < 1e-5
-    assert np.array_equal(got, kept)  # what a forward returned stays as it was after later runs
+    assert np.array_equal(got, kept)  # a long prefill's logits are its own: later runs leave them as they were
     # cut back to 22 and feed other tokens: what the copying path gives after the same 22
     cut = inplace.cut(length, 22)
     again, length = inplace.forward(ids[:, 10:12], cut)
@@ -77,6 +77,29 @@ def test_in_place_decoding_equals_copying_decoding(decoders):
     blocks = rng.integers(0, cfg.vocab_size, (5, 12))  # batches of 4 and 1: the copying path and the buffers
     fast = Decoder(runner.run, cfg, layers, session=runner.session)
     assert score(fast, blocks)["perplexity"] == pytest.approx(score(copying, blocks)["perplexity"], rel=1e-5)
+
+
+def test_short_passes_reuse_their_buffers_and_each_gives_the_copying_paths_logits(decoders):
+    cfg, _, out = decoders
+    runner = out["target"][1]
+    copying = Decoder(runner.run, cfg, cfg.num_hidden_layers)
+    layers, heads, size = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    inplace = lm_runner.InPlaceKV(runner.session, layers, heads, size, capacity=4)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 14))
+    length, ref_cache, seen = inplace.empty_cache(), copying.empty_cache(), {}
+    for start, stop in ((0, 3), (3, 4), (4, 5), (5, 8), (8, 9), (9, 14)):  # prefill, steps, checks; growth at 5
+        got, length = inplace.forward(ids[:, start:stop], length)
+        ref, ref_cache = copying.forward(ids[:, start:stop], ref_cache)
+        assert length == stop and got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
+        seen.setdefault(stop - start, []).append(got)
+    one = seen[1]  # three one-token passes: one buffer, overwritten by each (no output allocated, no copy)
+    assert len(one) == 3 and one[0] is one[1] is one[2] and seen[3][0] is seen[3][1]
+    assert seen[1][0] is not seen[3][0] and inplace.capacity >= 14
+    long = ids.repeat(2, axis=1)[:, :inplace.REUSED + 1]  # longer than REUSED: a fresh array of its own
+    first, _ = inplace.forward(long, 0)
+    kept = first.copy()
+    second, _ = inplace.forward(long, 0)
+    assert first is not second and np.array_equal(first, kept)
 
 
 def test_speculative_decoding_in_place_is_the_targets_greedy_output(decoders):
