@@ -166,6 +166,65 @@ class InPlaceKV(KVDecoder):
         return min(cache, length) if isinstance(cache, int) else trim(cache, length)
 
 
+class StatefulKV(KVDecoder):
+    """An OpenVINO decoder whose KV cache lives in its infer request's states: the IR made stateful with
+    OpenVINO's MakeStateful transformation (each past_* input becomes a state its present_* output writes),
+    as OpenVINO GenAI decodes, so no cache travels in or out between steps. The cache the decode loops pass
+    around is the number of cached tokens; cutting it back (speculative decoding) keeps the states' first
+    tokens, a copy made only then. One generation at a time; batches over one (scoring) run the plain graph
+    through `run`."""
+
+    def __init__(self, request, logits, run, layers: int, kv_heads: int, head_dim: int):
+        super().__init__(run, layers, kv_heads, head_dim)
+        import openvino as ov
+
+        self.ov, self.request, self.logits, self.length = ov, request, logits, 0
+
+    def empty_cache(self, batch: int = 1):
+        return 0 if batch == 1 else super().empty_cache(batch)
+
+    def _set(self, length: int) -> None:
+        """The states cut to their first `length` tokens (0: empty, for a new generation)."""
+        for state in self.request.query_state():
+            if length == 0:
+                data = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            else:
+                data = np.ascontiguousarray(state.state.data[:, :, :length])
+            state.state = self.ov.Tensor(data)
+        self.length = length
+
+    def forward(self, ids, cache):
+        if not isinstance(cache, int):
+            return super().forward(ids, cache)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"the stateful cache takes one sequence, got ids of shape {ids.shape}")
+        if cache == 0 or cache < self.length:
+            self._set(cache)
+        elif cache > self.length:
+            raise ValueError(f"the states hold {self.length} tokens, not {cache}")
+        logits = self.request.infer({"input_ids": ids})[self.logits]  # a copy of the request's output
+        self.length = cache + ids.shape[1]
+        return logits, self.length
+
+    def cut(self, cache, length: int):
+        """The cache cut back to its first `length` tokens (the states follow at the next forward)."""
+        return min(cache, length) if isinstance(cache, int) else trim(cache, length)
+
+
+def _state_pairs(model) -> dict | None:
+    """{past_*: present_*} of an OpenVINO model whose every past input has its present output (edgekd's
+    export), for the MakeStateful transformation; None where one is missing or the runtime lacks it."""
+    try:
+        from openvino._offline_transformations import apply_make_stateful_transformation  # noqa: F401
+    except ImportError:
+        return None
+    inputs = {n for p in model.inputs for n in p.get_names()}
+    outputs = {n for p in model.outputs for n in p.get_names()}
+    pairs = {n: "present_" + n[len("past_"):] for n in inputs if n.startswith("past_")}
+    return pairs if pairs and "logits" in outputs and set(pairs.values()) <= outputs else None
+
+
 def in_place(sess) -> bool:
     """Whether an ONNX Runtime session's graph takes kv_length (an overridable initializer)."""
     try:
@@ -248,18 +307,38 @@ def load(args) -> tuple:
             config["INFERENCE_NUM_THREADS"] = int(args.threads)
         if args.precision in ("fp32", "int8", "int4") and "INFERENCE_PRECISION_HINT" in supported:
             config["INFERENCE_PRECISION_HINT"] = "f32"
-        try:
-            compiled = core.compile_model(model, args.device, config)
-        except Exception as e:  # noqa: BLE001
-            raise RunnerError(f"openvino cannot compile {args.model} for {args.device}: {_first_line(e)}") from None
-        request = compiled.create_infer_request()
+
+        def compiled_for(graph):
+            try:
+                return core.compile_model(graph, args.device, config)
+            except Exception as e:  # noqa: BLE001
+                raise RunnerError(f"openvino cannot compile {args.model} for {args.device}: {_first_line(e)}") from None
+
+        pairs = _state_pairs(model) if getattr(args, "kv_cache", "auto") != "copy" else None
+        plain: dict = {}  # with states, the plain graph is compiled only when a batch over one is scored
+
+        def open_plain() -> None:
+            plain["compiled"] = compiled_for(model)
+            plain["request"] = plain["compiled"].create_infer_request()
 
         def run(feeds):
-            res = request.infer(feeds)
-            return [np.array(res[o], copy=True) for o in compiled.outputs]
+            if "request" not in plain:
+                open_plain()
+            res = plain["request"].infer(feeds)
+            return [np.array(res[o], copy=True) for o in plain["compiled"].outputs]
 
-        details = {"device": args.device, "threads": args.threads, "config": {k: str(v) for k, v in config.items()}}
-        return KVDecoder(run, *dims), details, {"openvino": rt.__version__}
+        details = {"device": args.device, "threads": args.threads, "config": {k: str(v) for k, v in config.items()},
+                   "kv_cache": "in place" if pairs else "copied each step"}
+        if not pairs:
+            open_plain()
+            return KVDecoder(run, *dims), details, {"openvino": rt.__version__}
+        from openvino._offline_transformations import apply_make_stateful_transformation
+
+        stateful = core.read_model(args.model)
+        apply_make_stateful_transformation(stateful, pairs)
+        compiled = compiled_for(stateful)
+        return (StatefulKV(compiled.create_infer_request(), compiled.output("logits"), run, *dims), details,
+                {"openvino": rt.__version__})
     so = rt.SessionOptions()  # what edgekd.backends.onnxruntime.session_options sets
     so.intra_op_num_threads = args.threads or (os.cpu_count() or 1)
     so.inter_op_num_threads = 1

@@ -130,6 +130,14 @@ def _open(ctx: RunContext, c: LMCandidate, config, layers: int) -> None:
     c.decoder = Decoder(c.runner.run, config, layers, session=getattr(c.runner, "session", None))
 
 
+def _kv_cache_update(ctx: RunContext, dec: Decoder) -> str:
+    """How the decoders that measure speed update their KV cache: in place with ONNX Runtime where the graph
+    takes kv_length, in the infer request's states with OpenVINO (bench.lm_runner.StatefulKV), else copied."""
+    if dec.kv is not None:
+        return "in place"
+    return "in place (OpenVINO states)" if ctx.profile.backend == "openvino" else "copied each step"
+
+
 def _quality(dec: Decoder, blocks: np.ndarray, ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
     """Perplexity, next-token accuracy against the text and (with `ref`) agreement with a reference's picks."""
     picks = dec.next_tokens(blocks)
@@ -309,7 +317,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
                        "opset": ctx.profile.opset, "kv_cache": True,
                        "attention": "fused (ONNX Runtime GroupQueryAttention)" if fused else "plain ONNX operators",
-                       "kv_cache_update": "in place" if cands["fp32"].decoder.kv is not None else "copied each step",
+                       "kv_cache_update": _kv_cache_update(ctx, cands["fp32"].decoder),
                        "parity": _parity(student, cands["fp32"].decoder, splits.test.ids)})  # type: ignore[arg-type]
         spec_cfg = cfg.speculative or SpeculativeConfig()
         # Validation chooses: perplexity and agreement with FP32 on the validation blocks, speed on

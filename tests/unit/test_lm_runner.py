@@ -123,3 +123,38 @@ def test_runner_with_a_draft_decodes_speculatively_and_losslessly(decoder):
         res = subprocess.run([sys.executable, lm_runner.__file__, *base, *bad], capture_output=True, text=True,
                              timeout=120)
         assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_openvino_keeps_the_cache_in_its_states_and_decodes_as_the_copying_path(decoder):
+    pytest.importorskip("openvino")
+    from edgekd.bench.lm_generation import decode_once, speculative_greedy
+
+    cfg, artifact, prompts, tmp = decoder
+    ir = tmp / "ov-states"
+    get_backend("openvino").compile(artifact.path, load_profile("intel-cpu"), ir, "fp32")
+    base = ["--model", str(ir / "model.fp32.xml"), "--backend", "openvino", "--threads", "1",
+            "--prompts", str(tmp / "prompts.npz"), "--new-tokens", "9"]
+    states, details, _ = lm_runner.load(lm_runner.parse_args(base))
+    copying, copy_details, _ = lm_runner.load(lm_runner.parse_args([*base, "--kv-cache", "copy"]))
+    assert isinstance(states, lm_runner.StatefulKV) and details["kv_cache"] == "in place"
+    assert type(copying) is lm_runner.KVDecoder and copy_details["kv_cache"] == "copied each step"
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 14))
+    got, length = states.forward(ids, states.empty_cache())
+    ref, ref_cache = copying.forward(ids, copying.empty_cache())
+    assert length == 14 and np.abs(got - ref).max() < 1e-5
+    check, length = states.forward(ids[:, :4], length)  # a speculative check of 4 tokens after the 14
+    ref_check, ref_cache = copying.forward(ids[:, :4], ref_cache)
+    assert length == 18 and np.abs(check - ref_check).max() < 1e-5
+    cut = states.cut(length, 15)  # two guesses rejected: the states keep their first 15 tokens
+    again, length = states.forward(ids[:, 5:7], cut)
+    ref_again, _ = copying.forward(ids[:, 5:7], lm_runner.trim(ref_cache, 15))
+    assert cut == 15 and length == 17 and np.abs(again - ref_again).max() < 1e-5
+    fresh, _ = states.forward(ids[:, :3], 0)  # a new generation starts from empty states
+    assert np.abs(fresh - copying.forward(ids[:, :3], copying.empty_cache())[0]).max() < 1e-5
+    draft, _, _ = lm_runner.load(lm_runner.parse_args(base))  # the model drafting for itself: every guess kept
+    for p in prompts.tolist():
+        expect = decode_once(copying, p, 12)["tokens"]
+        res = speculative_greedy(states, draft, p, 12, 3)
+        assert res.tokens == expect and res.accepted == res.drafted > 0
+        assert speculative_greedy(states, draft, p + p[:3], 12, 2, lookup=True).tokens == decode_once(
+            copying, p + p[:3], 12)["tokens"]
