@@ -287,6 +287,9 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     assert report["final"]["peak_memory_mb"] > 10 and report["final"]["memory_runtime"].startswith(runtime)
     assert report["teacher"]["memory_runtime"].startswith(runtime)
     assert (tmp_path / "run" / "model.int8.onnx").is_file()
+    export = next(s for s in report["stages"] if s["name"] == "export")  # OpenVINO: the infer request's states
+    if target == "intel-cpu":
+        assert export["kv_cache_update"] == "in place (OpenVINO states)"
     if target == "raspberry-pi-5":
         assert "not the board's speed" in report["final"]["measured_on_note"]
 
