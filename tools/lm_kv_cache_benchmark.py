@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The KV cache copied each step against the cache kept in place, side by side on a finished causal-lm run
-(an ONNX Runtime target): the run's own artifacts (FP32 teacher, final student, speculative draft), each
-loaded once and decoded both ways in one process, same threads, interleaved:
+(an ONNX Runtime or OpenVINO target): the run's own artifacts (FP32 teacher, final student, speculative
+draft), each loaded once and decoded both ways in one process, same threads, interleaved:
 
     copied    the past fed in and a new present (past + new) returned every step, as numpy arrays
-    in place  one buffer per layer bound as both past and present (IOBinding), the graph's kv_length says
-              how many positions hold tokens: GroupQueryAttention writes the new keys and values into it
+    in place  ONNX Runtime: one buffer per layer bound as both past and present (IOBinding), the graph's
+              kv_length says how many positions hold tokens: GroupQueryAttention writes the new keys and
+              values into it. OpenVINO: the IR made stateful, the cache kept in the infer request's states
 
     decode tokens/s, TPOT p50   greedy decoding of the run's test prompts (the first prompt_tokens of test
                                 blocks spread over eval.npz, as the run takes them); both ways give the same tokens
@@ -27,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, type=Path, help="a finished causal-lm run on an ONNX Runtime target")
+    p.add_argument("--run", required=True, type=Path, help="a finished causal-lm run on an ONNX Runtime or "
+                   "OpenVINO target")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=None, help="the run's speculative.prompt_tokens unless given "
@@ -40,15 +42,15 @@ def main() -> int:
 
     from edgekd.backends import Artifact, get_backend
     from edgekd.bench.lm_bench import generation_bench
-    from edgekd.bench.lm_generation import speculative_bench
+    from edgekd.bench.lm_generation import decode_once, speculative_bench
     from edgekd.config.profiles import load_profile
     from edgekd.lm.decode import Decoder
 
     report = json.loads((args.run / "report.json").read_text())
     profile = load_profile(report["target"]["name"])
-    if profile.backend != "onnxruntime":
-        print(f"{args.run} was built for {profile.name} ({profile.backend}): the in-place cache is ONNX Runtime's",
-              file=sys.stderr)
+    if profile.backend not in ("onnxruntime", "openvino"):
+        print(f"{args.run} was built for {profile.name} ({profile.backend}): this tool runs ONNX Runtime and "
+              "OpenVINO targets", file=sys.stderr)
         return 2
     threads = int(report["target"].get("threads") or 2)
     spec = report["speculative"]
@@ -59,7 +61,18 @@ def main() -> int:
     prompts = [test[int(i), :prompt_tokens].tolist() for i in rows]
     backend, runners, decoders = get_backend("onnxruntime"), [], {}
     try:
-        for name, block in blocks.items():
+        for name, block in blocks.items() if profile.backend == "openvino" else ():
+            from edgekd.bench import lm_runner
+
+            for mode, kv in (("copied", "copy"), ("in place", "auto")):
+                ns = argparse.Namespace(model=str(args.run / block["artifact"]), backend="openvino", threads=threads,
+                                        device="CPU", precision=block.get("precision", "fp32"), kv_heads=None,
+                                        head_dim=None, kv_cache=kv)
+                decoders[f"{name}, {mode}"] = lm_runner.load(ns)[0]
+            if not isinstance(decoders[f"{name}, in place"], lm_runner.StatefulKV):
+                print(f"{block['artifact']}: OpenVINO could not make the IR stateful", file=sys.stderr)
+                return 2
+        for name, block in blocks.items() if profile.backend == "onnxruntime" else ():
             path = args.run / block["artifact"]
             art = Artifact(path=path, backend="onnxruntime", precision=block.get("precision", "fp32"), files=[path])
             runners.append(backend.load(art, profile, threads, spin=False))  # sessions take turns, as in a run
@@ -75,9 +88,9 @@ def main() -> int:
         alone = [(int(c["draft_tokens"]), float(c.get("min_confidence") or 0.0), False)
                  for c in [spec, *spec.get("compared", [])] if not c.get("lookup") and int(c["draft_tokens"]) > 0]
         alone = alone[0] if alone else (chosen[0], chosen[1], False)  # the student alone: the run's own setting
-        same = {name: all(decoders[f"{name}, copied"].greedy(q, args.new_tokens)
-                          == decoders[f"{name}, in place"].greedy(q, args.new_tokens) for q in prompts[:3])
-                for name in blocks}
+        same = {name: all(decode_once(decoders[f"{name}, copied"], q, args.new_tokens)["tokens"]
+                          == decode_once(decoders[f"{name}, in place"], q, args.new_tokens)["tokens"]
+                          for q in prompts[:3]) for name in blocks}
         specs = {}
         for setting in dict.fromkeys([chosen, alone]):
             for mode in ("copied", "in place"):
@@ -87,7 +100,7 @@ def main() -> int:
         for r in runners:
             r.close()
     print(f"{len(prompts)} spread test prompts of {prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
-          f"interleaved ({report['target']['name']}, onnxruntime)\n")
+          f"interleaved ({report['target']['name']}, {profile.backend})\n")
     print("| decoder | copied: decode tokens/s | in place: decode tokens/s | in place / copied | TPOT p50 ms, "
           "copied / in place | same greedy tokens (3 prompts) |")
     print("|---|---:|---:|---:|---:|---:|")
