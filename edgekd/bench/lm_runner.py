@@ -336,6 +336,9 @@ def load(args) -> tuple:
 
         stateful = core.read_model(args.model)
         apply_make_stateful_transformation(stateful, pairs)
+        if "KV_CACHE_PRECISION" in supported:  # the CPU plugin would keep a stateful cache in u8 (or bf16): a
+            config["KV_CACHE_PRECISION"] = "f32"  # lossy copy of the keys and values; the copying path keeps f32
+            details["config"]["KV_CACHE_PRECISION"] = "f32"
         compiled = compiled_for(stateful)
         return (StatefulKV(compiled.create_infer_request(), compiled.output("logits"), run, *dims), details,
                 {"openvino": rt.__version__})

@@ -137,6 +137,8 @@ def test_openvino_keeps_the_cache_in_its_states_and_decodes_as_the_copying_path(
     states, details, _ = lm_runner.load(lm_runner.parse_args(base))
     copying, copy_details, _ = lm_runner.load(lm_runner.parse_args([*base, "--kv-cache", "copy"]))
     assert isinstance(states, lm_runner.StatefulKV) and details["kv_cache"] == "in place"
+    kept = states.request.get_compiled_model().get_property("KV_CACHE_PRECISION")  # not the plugin's lossy u8
+    assert str(kept) in ("<Type: 'float32'>", "f32") and details["config"]["KV_CACHE_PRECISION"] == "f32"
     assert type(copying) is lm_runner.KVDecoder and copy_details["kv_cache"] == "copied each step"
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 14))
     got, length = states.forward(ids, states.empty_cache())
