@@ -18,7 +18,8 @@ blocks. With --draft, speculative decoding instead: --model verifies what the dr
 --model alone on every prompt (one draft length, floor and lookup), or the fastest setting of the lists given;
 --compare times other settings in the same rounds (draft length 0 with lookup 1: context lookup alone). With
 ONNX Runtime the two sessions share one pool of threads, as they take turns on the cores, and a graph that
-takes kv_length (edgekd's fused export) keeps its cache in place (InPlaceKV; --kv-cache copy: a new cache each step).
+takes kv_length (edgekd's fused export) keeps its cache in place (InPlaceKV), and OpenVINO keeps it in the infer
+request's states (StatefulKV); --kv-cache copy: a new cache each step.
 Exit 2: a bad model or bad data; exit 3: the runtime is missing or failed. The decode loops and their
 figures are lm_generation.py's, which travels beside this file and which edgekd.bench.lm_bench imports too,
 so a board and the host measure with the same code.
@@ -415,7 +416,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--kv-cache", choices=["auto", "copy"], default="auto",
-                   help="auto: in place where the graph takes kv_length (ONNX Runtime); copy: a new cache each step")
+                   help="auto: in place where the graph takes kv_length (ONNX Runtime) and in the infer request's "
+                   "states (OpenVINO); copy: a new cache each step")
     p.add_argument("--prompts", required=True, help=".npz with prompts (n, tokens) int")
     p.add_argument("--prompt-count", type=int, default=None)
     p.add_argument("--new-tokens", type=int, required=True)
