@@ -75,7 +75,19 @@ class KVDecoder:
 KV_LENGTH = "kv_length"  # the fused graph's (edgekd.lm.export) count of cached positions, -1: all of them
 
 
-class InPlaceKV(KVDecoder):
+class CountedKV(KVDecoder):
+    """A decoder that keeps its cache itself (InPlaceKV, StatefulKV): the cache the decode loops pass around
+    is the number of cached tokens for one sequence; batches over one take KVDecoder's copying path."""
+
+    def empty_cache(self, batch: int = 1):
+        return 0 if batch == 1 else super().empty_cache(batch)
+
+    def cut(self, cache, length: int):
+        """The cache cut back to its first `length` tokens (lm_generation's speculative loop calls this)."""
+        return min(cache, length) if isinstance(cache, int) else trim(cache, length)
+
+
+class InPlaceKV(CountedKV):
     """An ONNX Runtime decoder whose graph takes kv_length (edgekd's fused export): each layer's cache is one
     buffer bound as both its past and its present, so GroupQueryAttention writes each step's keys and values
     into it in place and nothing is copied between steps (as ONNX Runtime GenAI's generator does). The cache
@@ -112,9 +124,6 @@ class InPlaceKV(KVDecoder):
             io.bind_ortvalue_input(self.past[i], value)
             io.bind_ortvalue_output(self.present[i], value)
         self.binding, self.capacity, self.bound = io, size, None
-
-    def empty_cache(self, batch: int = 1):
-        return 0 if batch == 1 else super().empty_cache(batch)
 
     def forward(self, ids, cache):
         """Logits for `ids` after `cache` tokens and the new length. The logits of a pass of up to REUSED
@@ -162,12 +171,8 @@ class InPlaceKV(KVDecoder):
         logits = np.zeros((1, n, self.vocab), dtype=np.float32)
         return fed, length, logits, [self.ort.OrtValue.ortvalue_from_numpy(a) for a in (fed, length, logits)]
 
-    def cut(self, cache, length: int):
-        """The cache cut back to its first `length` tokens (lm_generation's speculative loop calls this)."""
-        return min(cache, length) if isinstance(cache, int) else trim(cache, length)
 
-
-class StatefulKV(KVDecoder):
+class StatefulKV(CountedKV):
     """An OpenVINO decoder whose KV cache lives in its infer request's states: the IR made stateful with
     OpenVINO's MakeStateful transformation (each past_* input becomes a state its present_* output writes),
     as OpenVINO GenAI decodes, so no cache travels in or out between steps. The cache the decode loops pass
@@ -180,9 +185,6 @@ class StatefulKV(KVDecoder):
         import openvino as ov
 
         self.ov, self.request, self.logits, self.length = ov, request, logits, 0
-
-    def empty_cache(self, batch: int = 1):
-        return 0 if batch == 1 else super().empty_cache(batch)
 
     def _set(self, length: int) -> None:
         """The states cut to their first `length` tokens (0: empty, for a new generation)."""
@@ -206,11 +208,7 @@ class StatefulKV(KVDecoder):
             raise ValueError(f"the states hold {self.length} tokens, not {cache}")
         logits = self.request.infer({"input_ids": ids})[self.logits]  # a copy of the request's output
         self.length = cache + ids.shape[1]
-        return logits, self.length
-
-    def cut(self, cache, length: int):
-        """The cache cut back to its first `length` tokens (the states follow at the next forward)."""
-        return min(cache, length) if isinstance(cache, int) else trim(cache, length)
+        return logits, self.length  # a cut (CountedKV.cut) reaches the states at the next forward
 
 
 def _state_pairs(model) -> dict | None:
