@@ -36,15 +36,11 @@ def main() -> int:
                    "(at most its seq_len): longer contexts make a copied cache costlier")
     args = p.parse_args()
 
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from edgekd.backends import Artifact, get_backend
     from edgekd.bench.lm_bench import generation_bench
     from edgekd.bench.lm_generation import decode_once, speculative_bench
     from edgekd.config.profiles import load_profile
-    from edgekd.lm.decode import Decoder
 
     report = json.loads((args.run / "report.json").read_text())
     profile = load_profile(report["target"]["name"])
@@ -59,30 +55,14 @@ def main() -> int:
     test = np.load(args.run / "eval.npz")["x"]
     rows = np.linspace(0, len(test) - 1, min(args.prompts, len(test))).round().astype(int)  # as the run takes them
     prompts = [test[int(i), :prompt_tokens].tolist() for i in rows]
-    backend, runners, decoders = get_backend("onnxruntime"), [], {}
+    runners, decoders = [], {}
     try:
-        for name, block in blocks.items() if profile.backend == "openvino" else ():
-            from edgekd.bench import lm_runner
-
-            for mode, kv in (("copied", "copy"), ("in place", "auto")):
-                ns = argparse.Namespace(model=str(args.run / block["artifact"]), backend="openvino", threads=threads,
-                                        device="CPU", precision=block.get("precision", "fp32"), kv_heads=None,
-                                        head_dim=None, kv_cache=kv)
-                decoders[f"{name}, {mode}"] = lm_runner.load(ns)[0]
-            if not isinstance(decoders[f"{name}, in place"], lm_runner.StatefulKV):
-                print(f"{block['artifact']}: OpenVINO could not make the IR stateful", file=sys.stderr)
+        for name, block in blocks.items():
+            pair = _load_pair(args.run / block["artifact"], block, profile, threads, runners)
+            if isinstance(pair, str):
+                print(pair, file=sys.stderr)
                 return 2
-        for name, block in blocks.items() if profile.backend == "onnxruntime" else ():
-            path = args.run / block["artifact"]
-            art = Artifact(path=path, backend="onnxruntime", precision=block.get("precision", "fp32"), files=[path])
-            runners.append(backend.load(art, profile, threads, spin=False))  # sessions take turns, as in a run
-            cfg = SimpleNamespace(**block["decoder"])
-            decoders[f"{name}, copied"] = Decoder(runners[-1].run, cfg, cfg.num_hidden_layers)
-            decoders[f"{name}, in place"] = Decoder(runners[-1].run, cfg, cfg.num_hidden_layers,
-                                                    session=runners[-1].session)
-            if decoders[f"{name}, in place"].kv is None:
-                print(f"{path}: the graph does not take kv_length (exported before the in-place cache)", file=sys.stderr)
-                return 2
+            decoders[f"{name}, copied"], decoders[f"{name}, in place"] = pair
         speed = generation_bench(decoders, prompts, args.new_tokens)
         chosen = (int(spec["draft_tokens"]), float(spec.get("min_confidence") or 0.0), bool(spec.get("lookup")))
         alone = [(int(c["draft_tokens"]), float(c.get("min_confidence") or 0.0), False)
@@ -117,6 +97,31 @@ def main() -> int:
         print(f"| {label} | {mode} | {s['tokens_per_s']:.1f} | {s['teacher_tokens_per_s']:.1f} | {s['speedup']:.3f}x | "
               f"{s['acceptance_rate']:.1%} | {s['identical']}/{s['prompts']} |")
     return 0
+
+
+def _load_pair(path: Path, block: dict, profile, threads: int, runners: list):
+    """(copying decoder, in-place decoder) for one artifact of the run, or the line saying why not; ONNX
+    Runtime's sessions go into `runners` (closed by the caller)."""
+    precision = block.get("precision", "fp32")
+    if profile.backend == "openvino":
+        from edgekd.bench import lm_runner
+
+        pair = tuple(lm_runner.load(argparse.Namespace(model=str(path), backend="openvino", threads=threads,
+                                                       device="CPU", precision=precision, kv_heads=None,
+                                                       head_dim=None, kv_cache=kv))[0] for kv in ("copy", "auto"))
+        return pair if isinstance(pair[1], lm_runner.StatefulKV) else f"{path}: OpenVINO could not make the IR stateful"
+    from types import SimpleNamespace
+
+    from edgekd.backends import Artifact, get_backend
+    from edgekd.lm.decode import Decoder
+
+    art = Artifact(path=path, backend="onnxruntime", precision=precision, files=[path])
+    runners.append(get_backend("onnxruntime").load(art, profile, threads, spin=False))  # sessions take turns
+    cfg, run = SimpleNamespace(**block["decoder"]), runners[-1]
+    pair = (Decoder(run.run, cfg, cfg.num_hidden_layers),
+            Decoder(run.run, cfg, cfg.num_hidden_layers, session=run.session))
+    return pair if pair[1].kv is not None else (f"{path}: the graph does not take kv_length (exported before "
+                                                "the in-place cache)")
 
 
 if __name__ == "__main__":
