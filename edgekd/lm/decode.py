@@ -18,13 +18,14 @@ RunFn = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
 class Decoder:
     """Greedy decoding and scoring through `run(feeds) -> [logits, present_key_0, present_value_0, ...]`.
     With the ONNX Runtime `session` of a graph that takes kv_length (the fused export), one sequence at a time
-    decodes with its cache in place (bench.lm_runner.InPlaceKV); the cache is then its length in tokens."""
+    decodes with its cache in place (bench.lm_runner.InPlaceKV); the cache is then its length in tokens. `kv`
+    gives such a decoder directly (bench.lm_runner.StatefulKV: OpenVINO's cache in its infer request's states)."""
 
-    def __init__(self, run: RunFn, config, layers: int, session=None):
+    def __init__(self, run: RunFn, config, layers: int, session=None, kv=None):
         self.run, self.config, self.layers = run, config, layers
         self.inputs, self.outputs = io_names(layers)
-        self.kv = None
-        if session is not None:
+        self.kv = kv
+        if session is not None and kv is None:
             from ..bench.lm_runner import InPlaceKV, in_place
 
             if in_place(session):

@@ -65,10 +65,30 @@ def _decoder(run: Path, block: dict, threads: int | None):
     path = run / block["artifact"]
     if not path.is_file():
         raise BadInputError(f"generate: {path} is missing from the run directory")
+    cfg = SimpleNamespace(**block["decoder"])
+    if profile.backend == "openvino":  # the cache in the infer request's states, as the run measured it
+        return _stateful(path, block, profile, threads, cfg)
     art = Artifact(path=path, backend=profile.backend, precision=block.get("precision", "fp32"), files=[path])
     runner = get_backend(profile.backend).load(art, profile, threads, spin=False)
-    cfg = SimpleNamespace(**block["decoder"])
     return runner, Decoder(runner.run, cfg, cfg.num_hidden_layers, session=getattr(runner, "session", None))
+
+
+def _stateful(path: Path, block: dict, profile, threads: int | None, cfg):
+    """(closer, Decoder) for an OpenVINO IR loaded the way the run's measurements load it (bench.lm_runner):
+    the IR made stateful where it can be, compiled with the same settings."""
+    from ..bench.lm_runner import RunnerError, load
+    from ..errors import ModelError, StageError
+    from .decode import Decoder
+
+    ns = argparse.Namespace(model=str(path), backend="openvino", threads=threads or profile.threads,
+                            device=profile.device, precision=block.get("precision", "fp32"), kv_heads=None,
+                            head_dim=None, kv_cache="auto")
+    try:
+        kv = load(ns)[0]
+    except RunnerError as e:
+        raise (ModelError if e.exit_code == 2 else StageError)(f"generate: {e}") from None
+    counted = kv.empty_cache() == 0  # StatefulKV; a plain KVDecoder (no MakeStateful here) copies its cache
+    return SimpleNamespace(close=lambda: None), Decoder(kv.run, cfg, cfg.num_hidden_layers, kv=kv if counted else None)
 
 
 def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> None:

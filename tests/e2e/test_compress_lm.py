@@ -290,8 +290,31 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     export = next(s for s in report["stages"] if s["name"] == "export")  # OpenVINO: the infer request's states
     if target == "intel-cpu":
         assert export["kv_cache_update"] == "in place (OpenVINO states)"
+        _generate_decodes_in_the_states(tmp_path / "run", report)
     if target == "raspberry-pi-5":
         assert "not the board's speed" in report["final"]["measured_on_note"]
+
+
+def _generate_decodes_in_the_states(run, report):
+    """`edgekd generate` on an OpenVINO run decodes as the run measured: the cache in the infer request's
+    states, its speculative output the teacher's own greedy output."""
+    from edgekd.bench.lm_runner import StatefulKV
+    from edgekd.lm.generate import _decoder, generate
+
+    prompt = "def f(x):\n    return"
+    spec = generate(run, prompt, 12, speculative=True, draft_tokens=2)
+    closer, teacher = _decoder(run, {**report["teacher"], "_target": "intel-cpu"}, 1)
+    try:
+        assert isinstance(teacher.kv, StatefulKV) and teacher.empty_cache() == 0
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+        expect = teacher.greedy(tok.encode(prompt, add_special_tokens=False), 12)
+    finally:
+        closer.close()
+    if tok.eos_token_id in expect:
+        expect = expect[:expect.index(tok.eos_token_id)]
+    assert spec["token_ids"] == expect and spec["draft_tokens"] == 2
 
 
 def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_here(lm_run, tmp_path, monkeypatch,
