@@ -30,7 +30,7 @@ from ..runs import hash_arrays, write_npz
 from .decode import Decoder
 from .export import KVDecoder, export_lm_onnx, fusable
 from .measure import check_hosts, on_board, peak_memory_here, speculative_measured
-from .models import build_lm_student, choose_layers, count_lm_params, load_lm
+from .models import build_lm_student, choice_trials, choose_layers, count_lm_params, load_lm
 from .speculative import DRAFT_TOKEN_GRID, LOOKUP_GRID, MIN_CONFIDENCE_GRID
 
 __all__ = ["LMCandidate", "run_lm_entry"]
@@ -189,8 +189,8 @@ def _student(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: Text
         return build_lm_student(teacher, sizes, s.init, ctx.config.seed)
     t0 = time.perf_counter()
     blocks = splits.val.ids[:LAYER_CHOICE_BLOCKS, :LAYER_CHOICE_TOKENS]
-    with ctx.progress.task("choosing the teacher layers to keep", None):
-        layers, removals = choose_layers(teacher, sizes["layers"], blocks)
+    with ctx.progress.task("choosing the teacher layers to keep", choice_trials(n_teacher, sizes["layers"])) as bar:
+        layers, removals = choose_layers(teacher, sizes["layers"], blocks, bar.advance)
     student, init = build_lm_student(teacher, sizes, s.init, ctx.config.seed, layers=layers)
     init["layer_choice"] = {"method": "greedy", "chosen_on": f"{len(blocks)} validation blocks of "
                             f"{blocks.shape[1]} tokens", "removals": removals,

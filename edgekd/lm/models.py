@@ -18,6 +18,7 @@ import importlib.util
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,10 +172,16 @@ def _projected_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor) -> tuple[list[int], list[dict]]:
+def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor,
+                  advance: Callable[[], None] | None = None) -> tuple[list[int], list[dict]]:
     """Teacher layers to keep for an `n_student`-layer student: starting from all of them, drop one at a time
     the layer whose removal raises the perplexity on `blocks` the least (first and last layers included in
-    the search). Returns the kept indices (ascending) and each removal with the perplexity after it."""
+    the search). Returns the kept indices (ascending) and each removal with the perplexity after it.
+
+    Each step runs the kept layers once, keeping every layer's input; the trial without layer d then runs
+    only the layers after d, from d's input (the layers before d would compute that input again): about a
+    third less work for the same perplexities, checked once against a whole run (a model where the two
+    differ is scored whole). `advance` is called after each trial (choice_trials of them)."""
     inner = teacher.model  # type: ignore[attr-defined]
     full = lm_layers(teacher)
     keep = list(range(len(full)))
@@ -185,18 +192,66 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor) -> t
     cfg = teacher.config
     per_layer = {k: getattr(cfg, k) for k in PER_LAYER_KEYS if isinstance(getattr(cfg, k, None), list)
                  and len(getattr(cfg, k)) == len(full)}  # a model reads these by a layer's index
+    final_norm = getattr(inner, "norm", None)
 
-    def ppl(subset: list[int]) -> float:
+    def use(subset: list[int]) -> None:
         inner.layers = nn.ModuleList([full[i] for i in subset])
         for k, values in per_layer.items():
             setattr(cfg, k, [values[i] for i in subset])
-        logits = teacher(input_ids=blocks, use_cache=False).logits[:, :-1].float()
+
+    def ppl(subset: list[int], start: torch.Tensor | None = None) -> float:
+        """The perplexity with `subset`'s layers; with `start`, the input of its first layer (or of the
+        final norm when it is empty) replaces what the embedding gives."""
+        use(subset)
+        hooks = []
+        if start is not None:
+            def put(_module, args, kwargs):
+                return ((start, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": start})
+            first = full[subset[0]] if subset else final_norm
+            hooks.append(first.register_forward_pre_hook(put, with_kwargs=True))
+        try:
+            logits = teacher(input_ids=blocks, use_cache=False).logits[:, :-1].float()
+        finally:
+            for h in hooks:
+                h.remove()
         nll = nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
         return math.exp(min(float(nll), 700.0))
 
+    def layer_inputs(subset: list[int]) -> list[torch.Tensor]:
+        """What each layer of `subset` takes in, from one run of them (the LM head left out)."""
+        use(subset)
+        seen: list[torch.Tensor] = []
+
+        def keep_input(_module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+
+        hooks = [full[i].register_forward_pre_hook(keep_input, with_kwargs=True) for i in subset]
+        try:
+            inner(input_ids=blocks, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen if len(seen) == len(subset) else []
+
+    def trial(j: int, starts: list[torch.Tensor]) -> float:
+        out = ppl(keep[j + 1:], starts[j]) if starts and j else ppl(keep[:j] + keep[j + 1:])
+        if advance is not None:
+            advance()
+        return out
+
+    def trials(fast: bool) -> list[tuple[float, int]]:
+        starts = layer_inputs(keep) if fast else []
+        return [(trial(j, starts), d) for j, d in enumerate(keep)]
+
     try:
+        fast = final_norm is not None and len(keep) > 2
+        if fast:  # the shortcut gives what a whole run gives, or it is not taken
+            j = len(keep) // 2
+            starts = layer_inputs(keep)
+            fast = bool(starts) and math.isclose(ppl(keep[j + 1:], starts[j]),
+                                                 ppl(keep[:j] + keep[j + 1:]), rel_tol=1e-6)
         while len(keep) > max(1, n_student):
-            best, drop = min((ppl([k for k in keep if k != d]), d) for d in keep)
+            best, drop = min(trials(fast))
             keep.remove(drop)
             steps.append({"dropped": drop, "perplexity": round(best, 3)})
     finally:
@@ -205,6 +260,11 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor) -> t
             setattr(cfg, k, values)
         teacher.train(was)
     return keep, steps
+
+
+def choice_trials(n_teacher: int, n_student: int) -> int:
+    """How many subsets choose_layers scores."""
+    return sum(range(max(1, n_student) + 1, n_teacher + 1))
 
 
 def build_lm_student(teacher: nn.Module, sizes: dict, init: str = "teacher", seed: int = 0,

@@ -80,7 +80,7 @@ def test_bad_student_sizes_are_model_errors(teacher_dir):
 def test_greedy_layer_choice_drops_the_cheapest_layer_each_time_and_leaves_the_teacher_whole(teacher_dir):
     import math
 
-    from edgekd.lm.models import choose_layers
+    from edgekd.lm.models import choice_trials, choose_layers
 
     teacher = load_lm(str(teacher_dir)).model
     torch.manual_seed(0)
@@ -93,8 +93,10 @@ def test_greedy_layer_choice_drops_the_cheapest_layer_each_time_and_leaves_the_t
         logits = student.eval()(input_ids=blocks, use_cache=False).logits[:, :-1]
         return math.exp(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())))
 
-    keep, removals = choose_layers(teacher, 2, blocks)
+    ticks = []
+    keep, removals = choose_layers(teacher, 2, blocks, lambda: ticks.append(1))
     assert len(keep) == 2 and keep == sorted(keep) and len(removals) == 2
+    assert len(ticks) == choice_trials(4, 2) == 4 + 3  # a progress tick per subset scored
     assert sorted(keep + [r["dropped"] for r in removals]) == [0, 1, 2, 3]
     # the first removal is the cheapest of the four single-layer removals, and its perplexity is a student's
     singles = {d: ppl_of([k for k in range(4) if k != d]) for d in range(4)}
