@@ -33,7 +33,16 @@ from .progress import NullProgress, Progress
 from .quantize.calibration import stratified_sample
 from .quantize.sensitivity import Validation
 from .report import assemble
-from .runs import config_key, default_run_dir, ensure_writable_dir, hash_arrays, write_json, write_npz
+from .runs import (
+    RUN_MARKER,
+    clear_previous_run,
+    config_key,
+    default_run_dir,
+    ensure_writable_dir,
+    hash_arrays,
+    write_json,
+    write_npz,
+)
 
 
 class Pipeline:
@@ -77,13 +86,15 @@ class Pipeline:
         run_dir = self.out or default_run_dir(self.config, self.profile)
         created = not run_dir.exists()
         ensure_writable_dir(run_dir)
-        if (run_dir / "report.json").exists():
-            (run_dir / "report.json").unlink()  # a new run in the same folder: the old verdict no longer holds
+        if clear_previous_run(run_dir):  # a new run in the same folder: the old verdict and models no longer hold
+            self.progress.note(f"{run_dir}: the previous run's report and models removed (stages/ kept for resuming)")
+        elif (run_dir / "report.json").exists():
+            (run_dir / "report.json").unlink()
         threads = self.config.bench.threads or self.profile.threads or usable_cores()
         ctx = RunContext(self.config, self.profile, run_dir, self.progress, threads=threads)
         if self.hosts:  # the first board measures what the run decides (precision, pruning allocation)
             ctx.board = (self.hosts[0], self.ssh_config, self.remote_python)
-        write_json(run_dir / ".edgekd-run.json", {"config_key": config_key(self.config, self.profile)})
+        write_json(run_dir / RUN_MARKER, {"config_key": config_key(self.config, self.profile)})
         torch.set_num_threads(usable_cores())
         try:
             if self.config.task == "causal-lm":

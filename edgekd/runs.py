@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,6 +114,26 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+RUN_MARKER = ".edgekd-run.json"  # written at the start of every run: the folder holds edgekd's outputs
+RUN_OUTPUTS = ("report.json", "report.md", "report.html", "*.onnx", "*.onnx.data", "*.npz", "model.*", "draft.*",
+               "teacher.*", "target", "tokenizer")  # what a run writes at the top of its folder (stages/ resumes)
+
+
+def clear_previous_run(run_dir: Path) -> list[str]:
+    """Remove what an earlier run wrote in `run_dir` (RUN_OUTPUTS, where RUN_MARKER says a run was there),
+    keeping stages/ for resuming: a rerun's folder then holds only its own models and report, never a stale
+    one beside them. Other files are left alone. Returns the names removed."""
+    if not (run_dir / RUN_MARKER).is_file():
+        return []
+    gone = sorted({p for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern)})
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return [p.name for p in gone]
+
+
 def cache_dir() -> Path:
     """The user's edgekd cache folder (EDGEKD_CACHE overrides)."""
     root = os.environ.get("EDGEKD_CACHE") or os.path.join(
@@ -183,7 +204,6 @@ def clear_cache(kind: str | None = None, older_than_days: float | None = None,
                 now: float | None = None) -> list[CacheEntry]:
     """Remove the cache entries of `kind` (every kind when None) last written more than
     `older_than_days` days ago (all when None); returns what was removed."""
-    import shutil
     import time
 
     cutoff = None if older_than_days is None else (now or time.time()) - older_than_days * 86400

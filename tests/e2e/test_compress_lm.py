@@ -159,6 +159,10 @@ def test_the_student_ends_on_the_teachers_own_text_with_sequence_steps(lm_run, t
 def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm_run, tmp_path):
     report, run, teacher, cache = lm_run
     shutil.copytree(run / "stages", tmp_path / "again" / "stages")
+    shutil.copy(run / ".edgekd-run.json", tmp_path / "again")  # an earlier run was here: its outputs go
+    (tmp_path / "again" / "model.int2.onnx").write_bytes(b"stale")
+    (tmp_path / "again" / "target" / "int2").mkdir(parents=True)
+    (tmp_path / "again" / "notes.txt").write_text("the user's own")
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGEKD_CACHE", str(cache))
     try:
@@ -167,6 +171,8 @@ def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm
         mp.undo()
     first, second = ({s["name"]: s for s in r["stages"]}["distill"] for r in (report, again))
     assert second["resumed"] and second["init"] == first["init"] and "layer_choice" in second["init"]
+    assert not (tmp_path / "again" / "model.int2.onnx").exists() and not (tmp_path / "again" / "target" / "int2").exists()
+    assert (tmp_path / "again" / "notes.txt").read_text() == "the user's own"
     # the FP32 student measured again (the quantized final is chosen on speed, which may pick another one)
     assert second["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
 
