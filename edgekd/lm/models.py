@@ -145,6 +145,9 @@ def _student_config(teacher_config, sizes: dict, source_layers: list[int]):
         raise ModelError(f"student: heads {heads} is not a multiple of kv_heads {kv}")
     if sizes.get("hidden_size") is not None or sizes.get("heads") is not None:
         cfg["head_dim"] = cfg["hidden_size"] // heads
+        if cfg["head_dim"] % 2:
+            raise ModelError(f"student: hidden_size {cfg['hidden_size']} over {heads} heads gives heads of "
+                             f"{cfg['head_dim']} dimensions; rotary positions need an even head size")
     for key in PER_LAYER_KEYS:
         per = cfg.get(key)
         if isinstance(per, list) and len(per) == teacher_config.num_hidden_layers:
@@ -152,7 +155,11 @@ def _student_config(teacher_config, sizes: dict, source_layers: list[int]):
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
     cfg.pop("_model_name_or_path", None)
-    return type(teacher_config).from_dict(cfg)
+    try:
+        return type(teacher_config).from_dict(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers checks sizes with validators of its own
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"student: the teacher's family does not take these sizes ({first[:200]})") from None
 
 
 def _chosen_layers(n_teacher: int, n_student: int) -> list[int]:

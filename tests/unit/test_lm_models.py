@@ -61,6 +61,8 @@ def test_bad_student_sizes_are_model_errors(teacher_dir):
     teacher = load_lm(str(teacher_dir)).model
     with pytest.raises(ModelError, match="hidden_size 30 is not a multiple of heads 4"):
         build_lm_student(teacher, {"hidden_size": 30})
+    with pytest.raises(ModelError, match="heads of 5 dimensions; rotary positions need an even head size"):
+        build_lm_student(teacher, {"hidden_size": 20})
     with pytest.raises(ModelError, match="heads 4 is not a multiple of kv_heads 3"):
         build_lm_student(teacher, {"kv_heads": 3})
     with pytest.raises(ModelError, match="not an LM size"):
