@@ -45,8 +45,11 @@ class GateResult:
     detail: str
 
     def to_dict(self) -> dict:
-        """The entry written to report.json's `gates` list."""
-        return asdict(self)
+        """The entry written to report.json's `gates` list; a figure not measured has its reason beside it."""
+        out = asdict(self)
+        if self.measured is None:
+            out["not_measured"] = self.detail.removeprefix("not measured: ")
+        return out
 
     @property
     def verdict(self) -> str:

@@ -79,6 +79,8 @@ def test_unmeasured_figure_fails_with_its_reason(report, gate, figure):
     assert result.passed is False
     assert result.measured is None
     assert result.detail == "not measured: the board was unreachable over SSH"
+    # report.json's entry explains its null the way every null is explained
+    assert result.to_dict()["not_measured"] == "the board was unreachable over SSH"
 
 
 def test_arm_gates_fail_when_not_requested(report):
