@@ -134,6 +134,19 @@ def clear_previous_run(run_dir: Path) -> list[str]:
     return [p.name for p in gone]
 
 
+def check_output_file(path: str | Path, flag: str) -> None:
+    """BadInputError (one line naming `flag`) unless a file can be written at `path`: checked before any work,
+    so a long run never ends on a path it cannot write."""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInputError(f"{flag} {p}: is a directory; give a file path")
+    existing = next(q for q in (p.parent, *p.parent.parents) if q.exists())
+    if not existing.is_dir():
+        raise BadInputError(f"{flag} {p}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(f"{flag} {p}: {existing} is not writable")
+
+
 def cache_dir() -> Path:
     """The user's edgekd cache folder (EDGEKD_CACHE overrides)."""
     root = os.environ.get("EDGEKD_CACHE") or os.path.join(

@@ -3,12 +3,11 @@ or on boards over SSH. Both paths run the same runner.py, so their JSON has the 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 from ..config.profiles import Profile, load_profile
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_STAGE_FAILED, BadInputError, EdgeKDError
+from ..runs import check_output_file, write_json
 from .harness import artifact_size_bytes, bench_local, resolve_artifact
 from .lm_cli import decoder_dims, describe_lm, lm_bench
 from .remote import bench_hosts
@@ -59,6 +58,8 @@ def _check(args: argparse.Namespace) -> None:
         raise BadInputError(f"bench: --duration must be positive, got {args.duration}")
     if args.eval_data and not Path(args.eval_data).is_file():
         raise BadInputError(f"bench: --eval-data {args.eval_data} does not exist")
+    if args.json_out:
+        check_output_file(args.json_out, "bench: --json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,13 +127,8 @@ def _finish(args: argparse.Namespace, results: dict, profile: Profile, show) -> 
 
 
 def _write(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, out)
+    if path:
+        write_json(path, obj)
 
 
 def _fmt(v: float | None, nd: int = 3) -> str:

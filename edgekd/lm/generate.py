@@ -164,6 +164,12 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise BadInputError(f"generate: --threads must be at least 1, got {args.threads}")
+    if args.json_out:
+        from ..runs import check_output_file
+
+        check_output_file(args.json_out, "generate: --json")
     out = generate(args.run_dir, args.prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
                    args.min_confidence, args.lookup)
     print(out["text"])

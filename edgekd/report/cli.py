@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_GATE_FAILED, EXIT_OK, BadInputError
+from ..runs import check_output_file
 from .gate import GATES, SETTINGS, all_passed, evaluate, print_gate_table, write_junit
 from .schema import SCHEMA_VERSION, load_report, read_report_json, validate_report
 
@@ -109,6 +110,8 @@ def _resolve_baseline(path: str, report_path: Path, from_config: bool) -> Path:
 def run_gate(args: argparse.Namespace) -> int:
     """`edgekd gate`: print the verdicts, write JUnit if asked; 0 when all gates hold, 1 when any fails."""
     report_path = Path(args.report)
+    if getattr(args, "junit", None):
+        check_output_file(args.junit, "gate: --junit")
     report = load_report(report_path)
     thresholds = gate_thresholds(report, args)
     if not any(k in GATES for k in thresholds):
@@ -161,6 +164,7 @@ def _render(args: argparse.Namespace) -> int:
     fmt = args.format or {".md": "md", ".html": "html", ".htm": "html"}.get(out.suffix.lower())
     if fmt is None:
         raise BadInputError(f"--out {out}: cannot tell the format from its suffix; pass --format md or html")
+    check_output_file(out, "report render: --out")
     report = load_report(args.report)
     (write_markdown if fmt == "md" else write_html)(report, out)
     print(f"wrote {out}")

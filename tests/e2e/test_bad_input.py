@@ -191,3 +191,24 @@ def test_the_trust_warning_reaches_the_terminal_without_debug(tmp_path):
     err = r.stderr
     assert r.returncode == 2 and "resnet9000" in err
     assert "with full pickle (trusted by the user)" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "{run}", "--prompt", "x", "--json", "{dir}"],
+    ["bench", "{run}/model.int8.onnx", "--target", "cpu", "--json", "{dir}"],
+    ["gate", "{run}/report.json", "--max-size-mb", "1", "--junit", "{dir}"],
+    ["report", "render", "{run}/report.json", "--out", "{dir}/report.md/x.md"],
+])
+def test_an_output_path_that_cannot_be_written_stops_before_any_work(argv, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("a file where a folder is asked for")
+    args = [a.format(run=tmp_path / "no-run", dir=tmp_path / "out") for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("is a directory" in err[0] or "is a file, not a folder" in err[0]), err
+    assert "Traceback" not in err[0] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md"]
+
+
+def test_generate_refuses_threads_under_one(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "edgekd: error: generate: --threads must be at least 1, got 0"
