@@ -12,9 +12,10 @@ from ..config.profiles import Profile
 from ..errors import BadInputError, EdgeKDError
 from .lm_runner import kv_layout
 
-__all__ = ["LM_DEFAULTS", "decoder_dims", "lm_bench", "describe_lm"]
+__all__ = ["LM_DEFAULTS", "POSITIONS_KEY", "decoder_dims", "decoder_positions", "lm_bench", "describe_lm"]
 
 LM_DEFAULTS = {"prompts": 8, "prompt_tokens": 32, "new_tokens": 64}
+POSITIONS_KEY = "edgekd.max_positions"  # a decoder's metadata (edgekd.lm.export): the positions the model takes
 
 
 def decoder_dims(model: Path) -> tuple[int, int, int] | None:
@@ -41,6 +42,28 @@ def decoder_dims(model: Path) -> tuple[int, int, int] | None:
             shapes[i.name] = [d.dim_value or None for d in i.type.tensor_type.shape.dim]
     layout = kv_layout(shapes)
     return layout if layout is not None and layout[1] and layout[2] else None
+
+
+def decoder_positions(model: Path) -> int | None:
+    """The positions an ONNX KV-cache decoder takes: its edgekd.max_positions metadata (edgekd.lm.export), else
+    the length of its GroupQueryAttention rotary table; None where neither says (an IR, a plain graph of an
+    older run)."""
+    if model.suffix.lower() != ".onnx":
+        return None
+    try:
+        import onnx
+
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - decoder_dims read it already; nothing to add here
+        return None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get(POSITIONS_KEY, "").isdigit():
+        return int(meta[POSITIONS_KEY])
+    tables = {i.name: list(i.dims) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 7 and node.input[7] in tables:
+            return int(tables[node.input[7]][0])  # cos_cache: (positions, head size / 2)
+    return None
 
 
 def _precision(model: Path) -> str:
@@ -76,6 +99,10 @@ def lm_bench(args: argparse.Namespace, profile: Profile, model: Path, files: lis
     new = args.new_tokens or LM_DEFAULTS["new_tokens"]
     if tokens > blocks.shape[1]:
         raise BadInputError(f"bench: --prompt-tokens {tokens} is more than the blocks' {blocks.shape[1]} tokens")
+    limit = decoder_positions(model)
+    if limit and tokens + new > limit:
+        raise BadInputError(f"bench: --prompt-tokens {tokens} and --new-tokens {new} need {tokens + new} positions; "
+                            f"{model.name} takes at most {limit}")
     rows = np.linspace(0, len(blocks) - 1, min(n, len(blocks))).round().astype(int)
     prompts = blocks[rows, :tokens].tolist()
     job = LMJob("model", model, files, _precision(model), dims[1], dims[2])

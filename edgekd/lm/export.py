@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bench.lm_cli import POSITIONS_KEY  # what edgekd bench reads
 from ..bench.lm_runner import KV_LENGTH  # the board runner's name for it: one definition
 from ..errors import ModelError, StageError
 from ..runs import atomic_path
@@ -333,6 +334,9 @@ def export_lm_onnx(hf_model: nn.Module, path: Path, opset: int = 17, fused: bool
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise StageError(f"export: the KV-cache decoder did not export: {str(e).splitlines()[0][:200]}") from None
     proto = onnx.load_from_string(buf.getvalue())
+    limit = getattr(dec.config, "max_position_embeddings", None)
+    if limit:  # what edgekd bench checks a prompt and its continuation against
+        onnx.helper.set_model_props(proto, {POSITIONS_KEY: str(int(limit))})
     if fused:
         _contrib_forms(proto)
         from onnx import numpy_helper

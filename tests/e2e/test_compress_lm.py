@@ -246,9 +246,15 @@ def test_bench_times_a_runs_decoder_and_scores_its_blocks_as_the_report_did(lm_r
     assert got["prompts"] == 2 and got["new_tokens"] == 6 and [len(t) for t in got["tokens"]] == [6, 6]
     assert got["artifact_bytes"] == report["final"]["size_bytes"] and got["target"]["name"] == "cpu"
     assert "next_tokens" not in got and "decode" in capsys.readouterr().out
+    from edgekd.bench.lm_cli import decoder_positions
+
+    limit = report["final"]["decoder"]["max_positions"]  # the export writes it into the decoder's metadata
+    assert decoder_positions(final) == decoder_positions(run / "model.fp32.onnx") == limit
     for extra, needle in (([], "a KV-cache decoder needs --eval-data"),
                           (["--eval-data", str(run / "eval.npz"), "--iterations", "5"], "takes --prompts, --prompt-tokens"),
-                          (["--eval-data", str(run / "eval.npz"), "--prompt-tokens", "999"], "more than the blocks'")):
+                          (["--eval-data", str(run / "eval.npz"), "--prompt-tokens", "999"], "more than the blocks'"),
+                          (["--eval-data", str(run / "eval.npz"), "--prompt-tokens", "8", "--new-tokens", str(limit)],
+                           f"need {limit + 8} positions; {final.name} takes at most {limit}")):
         assert main(["bench", str(final), "--target", "cpu", *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
