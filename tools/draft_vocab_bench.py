@@ -160,7 +160,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
         rows.append({"draft": label, "vocab_tokens": n or vocab, "draft_tokens": k, "min_confidence": c, "lookup": u,
                      "train_coverage": round(100 * float(counts[kept[n]].sum() / counts.sum()), 3),
                      "output_coverage": round(100 * float(out_counts[kept[n]].sum() / out_counts.sum()), 3),
-                     "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else 0.0,
+                     "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else None,
                      "tokens_per_s": round(len(prompts) * new_tokens / g["seconds"], 2),
                      "speedup": round(base / g["seconds"], 3), "identical": g["identical"]})
     return {"run": str(run), "prompts": len(prompts), "prompt_rows": "first" if args.first else "spread",
@@ -180,7 +180,7 @@ def table(result: dict) -> str:
         how = f"up to {r['draft_tokens']}" + (f", p >= {r['min_confidence']:g}" if r["min_confidence"] else "") + (
             " + lookup" if r["lookup"] else "")
         lines.append(f"| {head} | {how} | {r['train_coverage']:.1f}% | {r['output_coverage']:.1f}% "
-                     f"| {100 * r['acceptance_rate']:.1f}% | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
+                     f"| {'—' if r['acceptance_rate'] is None else format(100 * r['acceptance_rate'], '.1f') + '%'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
                      f"| {r['identical']}/{result['prompts']} |")
     return "\n".join(lines)
 

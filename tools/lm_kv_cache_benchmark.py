@@ -95,7 +95,7 @@ def main() -> int:
     for (setting, mode), s in specs.items():
         label = f"up to {setting[0]}" + (f", p >= {setting[1]:g}" if setting[1] else "") + (" + lookup" if setting[2] else "")
         print(f"| {label} | {mode} | {s['tokens_per_s']:.1f} | {s['teacher_tokens_per_s']:.1f} | {s['speedup']:.3f}x | "
-              f"{s['acceptance_rate']:.1%} | {s['identical']}/{s['prompts']} |")
+              f"{'—' if s['acceptance_rate'] is None else format(s['acceptance_rate'], '.1%')} | {s['identical']}/{s['prompts']} |")
     return 0
 
 

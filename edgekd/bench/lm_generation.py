@@ -125,8 +125,13 @@ class SpeculativeResult:
         self.check_seconds, self.draft_seconds = check_seconds, draft_seconds
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def acceptance_rate(self) -> float | None:
+        """The share of drafted tokens the target kept; None when nothing was drafted (NOTHING_DRAFTED)."""
+        return self.accepted / self.drafted if self.drafted else None
+
+
+NOTHING_DRAFTED = ("nothing was drafted: no guess of the draft reached the confidence floor and no context lookup "
+                   "matched")
 
 
 def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
@@ -248,8 +253,10 @@ def _round(g: dict) -> dict | None:
 def _figures(setting: Setting, g: dict, plain_s: float, n_tokens: int) -> dict:
     k, c, lookup = setting
     out = {"draft_tokens": k, "min_confidence": c, "lookup": bool(lookup), "drafted": g["drafted"],
-           "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else 0.0,
+           "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else None,
            "tokens_per_s": round(n_tokens / g["seconds"], 2), "speedup": round(plain_s / g["seconds"], 3)}
+    if not g["drafted"]:
+        out["not_measured"] = {"acceptance_rate": NOTHING_DRAFTED}
     rnd = _round(g)
     if rnd is not None:
         out["round"] = rnd
@@ -321,7 +328,8 @@ def choose_speculation(target, draft, prompts, new_tokens: int, draft_tokens, mi
     for s in settings:
         f = _figures(s, got[s], plain[counts[s]], new_tokens * counts[s])
         tried.append({**{key: f[key] for key in ("draft_tokens", "min_confidence", "lookup", "tokens_per_s",
-                                                 "acceptance_rate", "speedup")}, "prompts": counts[s]})
+                                                 "acceptance_rate", "speedup", "not_measured") if key in f},
+                      "prompts": counts[s]})
     best = max((t for t in tried if (t["draft_tokens"], t["min_confidence"], t["lookup"]) in finalists),
                key=lambda t: t["tokens_per_s"])
     n = max(plain)  # the target alone over every prompt it ran

@@ -142,9 +142,14 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=tok.eos_token_id)
             tokens = res.tokens
             out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
-                        "drafted": res.drafted, "acceptance_rate": round(res.acceptance_rate, 4),
+                        "drafted": res.drafted,
+                        "acceptance_rate": None if res.acceptance_rate is None else round(res.acceptance_rate, 4),
                         "looked_up": res.looked_up, "lookup_accepted": res.lookup_accepted,
                         "teacher": report["teacher"]["artifact"]})
+            if res.acceptance_rate is None:
+                from ..bench.lm_generation import NOTHING_DRAFTED
+
+                out["not_measured"] = {"acceptance_rate": NOTHING_DRAFTED}
             checks = res.target_passes - 1  # the passes after the prompt's
             if checks:
                 out["round"] = {"tokens": round((len(res.tokens) - 1) / checks, 3),
@@ -176,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
-        figures += f", acceptance {out['acceptance_rate']:.1%} drafting up to {out['draft_tokens']} tokens{floor}"
+        rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
+        figures += f", {rate} drafting up to {out['draft_tokens']} tokens{floor}"
         if out["lookup"]:
             figures += f", {out['lookup_accepted']}/{out['looked_up']} looked-up tokens kept"
         r = out.get("round")

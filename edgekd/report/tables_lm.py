@@ -41,7 +41,8 @@ def lm_headline(report: dict) -> str:
     if final.get("measured_on") is None and "measured_on" in final:  # a board that builds and times it itself
         parts.append(f"not measured: {not_measured_reason(final, 'measured_on')}")
     else:
-        parts.append(f"measured on {final.get('measured_on') or 'host'}")
+        note = final.get("measured_on_note")
+        parts.append(f"measured on {final.get('measured_on') or 'host'}" + (f" ({note})" if note else ""))
     return "; ".join(parts)
 
 
@@ -62,8 +63,10 @@ def models_table(report: dict) -> Table:
     teacher = report.get("teacher") or {}
     t.rows.append(_row(teacher.get("label") or "teacher (FP32)", teacher))
     q = stage(report, "quantize")
-    for c in (q or {}).get("candidates") or []:
-        t.rows.append(_row(f"{c['label']}" + (" ← final" if c.get("chosen") else ""), c))
+    params = (report.get("final") or {}).get("params")  # every candidate is the same student, its weights stored
+    for c in (q or {}).get("candidates") or []:  # another way
+        row = c if "params" in c or params is None else {**c, "params": params}
+        t.rows.append(_row(f"{c['label']}" + (" ← final" if c.get("chosen") else ""), row))
     if not q:
         t.rows.append(_row("final", report.get("final") or {}))
     return t
@@ -157,7 +160,8 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
     out = [("Language models (test split, target runtime)", models_table(report))]
     d = distill_table(report)
     if d is not None:
-        out.append(("Distillation against cross-entropy alone", d))
+        base = isinstance((stage(report, "distill") or {}).get("baseline"), dict)
+        out.append(("Distillation against cross-entropy alone" if base else "Distillation", d))
     s = speculative_table(report)
     if s is not None:
         head = ((report.get("speculative") or {}).get("draft") or {}).get("head")

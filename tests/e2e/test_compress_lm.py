@@ -105,6 +105,10 @@ def test_lm_run_reports_every_figure(lm_run):
     assert dv["vocab_tokens"] == 200 and dv["vocab_size"] == 320 and 50 < dv["train_coverage"] <= 100
     assert dv["artifact"].startswith("target/draft/") and (run / dv["artifact"]).is_file()
     assert "LM head kept for the 200 tokens most frequent in the training split" in md
+    from edgekd.report.tables import fmt_count
+
+    rows = [line for line in md.splitlines() if "MatMulNBits" in line]  # every weight candidate: the student's params
+    assert rows and all(f"| {fmt_count(report['final']['params'])} |" in line for line in rows)
     assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
     assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
 
@@ -305,6 +309,7 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
         _generate_decodes_in_the_states(tmp_path / "run", report)
     if target == "raspberry-pi-5":
         assert "not the board's speed" in report["final"]["measured_on_note"]
+        assert "not the board's speed" in (tmp_path / "run" / "report.md").read_text()  # the reader sees it too
 
 
 def _generate_decodes_in_the_states(run, report):

@@ -110,6 +110,10 @@ def test_runner_with_a_draft_decodes_speculatively_and_losslessly(decoder):
     s = one["speculative"]  # the model drafting for itself: every proposal kept, every output its own
     assert s["identical"] == 3 and s["prompts"] == 3 and s["acceptance_rate"] == 1.0 and s["draft_tokens"] == 3
     assert s["tokens_per_s"] > 0 and s["teacher_tokens_per_s"] > 0 and one["draft"] == artifact.path.name
+    # a floor no guess of this random model reaches: nothing drafted, so no acceptance, and the reason says why
+    none = lm_runner.run(lm_runner.parse_args([*base, "--draft-tokens", "2", "--min-confidence", "0.99"]))["speculative"]
+    assert none["drafted"] == 0 and none["acceptance_rate"] is None and none["identical"] == 3
+    assert none["not_measured"]["acceptance_rate"].startswith("nothing was drafted")
     grid = lm_runner.run(lm_runner.parse_args([*base, "--draft-tokens", "2,4", "--min-confidence", "0,0.5"]))["speculative"]
     assert [(t["draft_tokens"], t["min_confidence"]) for t in grid["tried"]] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
     best = max(grid["tried"], key=lambda t: t["tokens_per_s"])
