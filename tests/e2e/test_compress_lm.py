@@ -247,6 +247,7 @@ def test_bench_times_a_runs_decoder_and_scores_its_blocks_as_the_report_did(lm_r
     got = json.loads(out.read_text())
     assert got["perplexity"] == pytest.approx(report["final"]["perplexity"], rel=1e-4)  # same runtime, same blocks
     assert got["decode_tokens_per_s"] > 0 and got["prefill_tokens_per_s"] > 0 and got["ttft_ms"] > 0
+    assert got["cold_start_ms"] >= got["load_ms"] > 0 and got["emulated"] is False
     assert got["prompts"] == 2 and got["new_tokens"] == 6 and [len(t) for t in got["tokens"]] == [6, 6]
     assert got["artifact_bytes"] == report["final"]["size_bytes"] and got["target"]["name"] == "cpu"
     assert "next_tokens" not in got and "decode" in capsys.readouterr().out
