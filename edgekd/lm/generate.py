@@ -169,6 +169,10 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
 
 
 def run(args: argparse.Namespace) -> int:
+    loose = [flag for flag, value in (("--draft-tokens", args.draft_tokens), ("--min-confidence", args.min_confidence),
+                                      ("--lookup/--no-lookup", args.lookup)) if value is not None]
+    if loose and not args.speculative:
+        raise BadInputError(f"generate: {loose[0]} sets speculative decoding; add --speculative")
     if args.threads is not None and args.threads < 1:
         raise BadInputError(f"generate: --threads must be at least 1, got {args.threads}")
     if args.json_out:

@@ -212,3 +212,9 @@ def test_an_output_path_that_cannot_be_written_stops_before_any_work(argv, tmp_p
 def test_generate_refuses_threads_under_one(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x", "--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "edgekd: error: generate: --threads must be at least 1, got 0"
+
+
+def test_generate_refuses_draft_settings_without_speculative(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x", "--draft-tokens", "3"]) == 2
+    assert capsys.readouterr().err.strip() == ("edgekd: error: generate: --draft-tokens sets speculative decoding; "
+                                               "add --speculative")
