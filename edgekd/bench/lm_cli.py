@@ -10,12 +10,11 @@ import numpy as np
 
 from ..config.profiles import Profile
 from ..errors import BadInputError, EdgeKDError
-from .lm_runner import kv_layout
+from .lm_runner import POSITIONS_KEY, kv_layout
 
 __all__ = ["LM_DEFAULTS", "POSITIONS_KEY", "decoder_dims", "decoder_positions", "lm_bench", "describe_lm"]
 
 LM_DEFAULTS = {"prompts": 8, "prompt_tokens": 32, "new_tokens": 64}
-POSITIONS_KEY = "edgekd.max_positions"  # a decoder's metadata (edgekd.lm.export): the positions the model takes
 
 
 def decoder_dims(model: Path) -> tuple[int, int, int] | None:

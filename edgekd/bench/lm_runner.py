@@ -73,6 +73,7 @@ class KVDecoder:
 
 
 KV_LENGTH = "kv_length"  # the fused graph's (edgekd.lm.export) count of cached positions, -1: all of them
+POSITIONS_KEY = "edgekd.max_positions"  # a decoder's metadata (edgekd.lm.export): the positions the model takes
 
 
 class CountedKV(KVDecoder):

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bench.lm_cli import POSITIONS_KEY  # what edgekd bench reads
-from ..bench.lm_runner import KV_LENGTH  # the board runner's name for it: one definition
+from ..bench.lm_runner import KV_LENGTH, POSITIONS_KEY  # the board runner's names: one definition
 from ..errors import ModelError, StageError
 from ..runs import atomic_path
 from .models import lm_layers
