@@ -180,7 +180,7 @@ def _projected_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor,
-                  advance: Callable[[], None] | None = None) -> tuple[list[int], list[dict]]:
+                  advance: Callable[[], None] | None = None, reuse_inputs: bool = True) -> tuple[list[int], list[dict]]:
     """Teacher layers to keep for an `n_student`-layer student: starting from all of them, drop one at a time
     the layer whose removal raises the perplexity on `blocks` the least (first and last layers included in
     the search). Returns the kept indices (ascending) and each removal with the perplexity after it.
@@ -188,7 +188,8 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor,
     Each step runs the kept layers once, keeping every layer's input; the trial without layer d then runs
     only the layers after d, from d's input (the layers before d would compute that input again): about a
     third less work for the same perplexities, checked once against a whole run (a model where the two
-    differ is scored whole). `advance` is called after each trial (choice_trials of them)."""
+    differ is scored whole; `reuse_inputs=False` scores every trial whole, tools/layer_choice_benchmark.py
+    times both). `advance` is called after each trial (choice_trials of them)."""
     inner = teacher.model  # type: ignore[attr-defined]
     full = lm_layers(teacher)
     keep = list(range(len(full)))
@@ -251,7 +252,7 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor,
         return [(trial(j, starts), d) for j, d in enumerate(keep)]
 
     try:
-        fast = final_norm is not None and len(keep) > 2
+        fast = reuse_inputs and final_norm is not None and len(keep) > 2
         if fast:  # the shortcut gives what a whole run gives, or it is not taken
             j = len(keep) // 2
             starts = layer_inputs(keep)
