@@ -132,15 +132,17 @@ def _read(path: Path) -> str:
 
 
 def tokenize_blocks(files: Sequence[Path], encode: Callable[[str], list[int]], eos_token_id: int, seq_len: int,
-                    max_tokens: int | None = None) -> TokenBlocks:
+                    max_tokens: int | None = None, split: str = "") -> TokenBlocks:
     """The files' tokens, joined with `eos_token_id` between files, in blocks of `seq_len` (the tail
-    dropped); at most `max_tokens` tokens (whole blocks)."""
+    dropped); at most `max_tokens` tokens (whole blocks). `split` names them in an error."""
     stream: list[int] = []
     used: list[str] = []
+    empty = 0
     limit = max_tokens
     for path in files:
         text = _read(path)
         if not text.strip():
+            empty += 1
             continue
         stream.extend(encode(text))
         stream.append(eos_token_id)
@@ -151,8 +153,9 @@ def tokenize_blocks(files: Sequence[Path], encode: Callable[[str], list[int]], e
     if limit is not None:
         n = min(n, limit // seq_len)
     if n == 0:
-        raise DataError(f"data: {len(used)} file(s) give {len(stream)} tokens, fewer than one block of "
-                        f"data.seq_len {seq_len}")
+        where = f"the {split} split's {len(files)} file(s)" if split else f"{len(files)} file(s)"
+        raise DataError(f"data: {where} give {len(stream)} tokens ({empty} of them empty), fewer "
+                        f"than one block of data.seq_len {seq_len}")
     ids = torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)
     return TokenBlocks(ids, used)
 
@@ -170,7 +173,7 @@ def build_text_splits(files: Sequence[Path], tokenizer, seq_len: int, seed: int,
         return tokenizer.encode(text, add_special_tokens=False)
 
     train, val, test = split_files(files, seed, val_fraction, test_fraction)
-    return TextSplits(train=tokenize_blocks(train, encode, eos, seq_len, max_train_tokens),
-                      val=tokenize_blocks(val, encode, eos, seq_len, max_eval_tokens),
-                      test=tokenize_blocks(test, encode, eos, seq_len, max_eval_tokens),
+    return TextSplits(train=tokenize_blocks(train, encode, eos, seq_len, max_train_tokens, "training"),
+                      val=tokenize_blocks(val, encode, eos, seq_len, max_eval_tokens, "validation"),
+                      test=tokenize_blocks(test, encode, eos, seq_len, max_eval_tokens, "test"),
                       seq_len=seq_len, vocab_size=len(tokenizer), eos_token_id=int(eos))

@@ -359,6 +359,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             base_c.figures, _ = _quality(base_c.decoder, test, teacher_picks)  # type: ignore[arg-type]
             base_c.figures["teacher_agreement"] = base_c.figures.pop("next_token_agreement")
         test_prompts = splits.test.prompts(spec_cfg.prompts, spec_cfg.prompt_tokens)
+        if len(test_prompts) < spec_cfg.prompts:
+            ctx.notes.append(f"speculative.prompts {spec_cfg.prompts}: the test split has {len(test_prompts)} blocks, "
+                             f"one prompt each: {len(test_prompts)} prompts timed")
         timed = {"teacher": teacher_c, **cands}
         remote = []
         if hosts:

@@ -170,13 +170,15 @@ def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGEKD_CACHE", str(cache))
     try:
-        again = Pipeline(lm_config(teacher), target="cpu", out=tmp_path / "again").run()
+        again = Pipeline(lm_config(teacher, speculative={"prompts": 99}), target="cpu", out=tmp_path / "again").run()
     finally:
         mp.undo()
     first, second = ({s["name"]: s for s in r["stages"]}["distill"] for r in (report, again))
     assert second["resumed"] and second["init"] == first["init"] and "layer_choice" in second["init"]
     assert not (tmp_path / "again" / "model.int2.onnx").exists() and not (tmp_path / "again" / "target" / "int2").exists()
     assert (tmp_path / "again" / "notes.txt").read_text() == "the user's own"
+    n = again["speculative"]["prompts"]  # the test split's blocks, one prompt each, and the report says so
+    assert n < 99 and f"speculative.prompts 99: the test split has {n} blocks, one prompt each: {n} prompts timed" in again["notes"]
     # the FP32 student measured again (the quantized final is chosen on speed, which may pick another one)
     assert second["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
 

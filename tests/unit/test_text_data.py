@@ -54,6 +54,9 @@ def test_blocks_join_files_with_eos_and_respect_the_token_bound(tmp_path):
     assert bounded.tokens == 8 and bounded.files == [str(files[0])]
     with pytest.raises(DataError, match="fewer than one block of data.seq_len 64"):
         tokenize_blocks(files[:1], encode, 0, seq_len=64)
+    (tmp_path / "empty.py").write_text("  \n")
+    with pytest.raises(DataError, match=r"the test split's 2 file\(s\) give 11 tokens \(1 of them empty\)"):
+        tokenize_blocks([files[0], tmp_path / "empty.py"], encode, 0, seq_len=64, split="test")
 
 
 def test_binary_and_non_utf8_files_are_named_not_tokenized(tmp_path):
