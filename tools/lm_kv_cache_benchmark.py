@@ -102,22 +102,19 @@ def main() -> int:
 def _load_pair(path: Path, block: dict, profile, threads: int, runners: list):
     """(copying decoder, in-place decoder) for one artifact of the run, or the line saying why not; ONNX
     Runtime's sessions go into `runners` (closed by the caller)."""
-    precision = block.get("precision", "fp32")
-    if profile.backend == "openvino":
-        from edgekd.bench import lm_runner
-
-        pair = tuple(lm_runner.load(argparse.Namespace(model=str(path), backend="openvino", threads=threads,
-                                                       device="CPU", precision=precision, kv_heads=None,
-                                                       head_dim=None, kv_cache=kv))[0] for kv in ("copy", "auto"))
-        return pair if isinstance(pair[1], lm_runner.StatefulKV) else f"{path}: OpenVINO could not make the IR stateful"
     from types import SimpleNamespace
 
+    from edgekd.lm.decode import Decoder, openvino_decoder
+
+    precision, cfg = block.get("precision", "fp32"), SimpleNamespace(**block["decoder"])
+    if profile.backend == "openvino":
+        pair = tuple(openvino_decoder(path, cfg, threads, profile.device, precision, kv) for kv in ("copy", "auto"))
+        return pair if pair[1].kv is not None else f"{path}: OpenVINO could not make the IR stateful"
     from edgekd.backends import Artifact, get_backend
-    from edgekd.lm.decode import Decoder
 
     art = Artifact(path=path, backend="onnxruntime", precision=precision, files=[path])
     runners.append(get_backend("onnxruntime").load(art, profile, threads, spin=False))  # sessions take turns
-    cfg, run = SimpleNamespace(**block["decoder"]), runners[-1]
+    run = runners[-1]
     pair = (Decoder(run.run, cfg, cfg.num_hidden_layers),
             Decoder(run.run, cfg, cfg.num_hidden_layers, session=run.session))
     return pair if pair[1].kv is not None else (f"{path}: the graph does not take kv_length (exported before "

@@ -87,3 +87,18 @@ class Decoder:
             logits, _ = self.forward(ids, self.empty_cache(len(ids)))
             out.append(logits.argmax(-1))
         return np.concatenate(out)
+
+
+def openvino_decoder(path, config, threads: int | None, device: str, precision: str, kv_cache: str = "auto"
+                     ) -> Decoder:
+    """A Decoder for an OpenVINO IR loaded and compiled as the run's measurements load it (bench.lm_runner):
+    with `kv_cache` auto the IR made stateful where the runtime can (StatefulKV), with copy the cache copied
+    each step. The runner's RunnerError (exit 2: bad model, 3: runtime) passes through."""
+    import argparse
+
+    from ..bench.lm_runner import CountedKV, load
+
+    kv = load(argparse.Namespace(model=str(path), backend="openvino", threads=threads, device=device,
+                                 precision=precision, kv_heads=None, head_dim=None, kv_cache=kv_cache))[0]
+    return Decoder(kv.run, config, config.num_hidden_layers, kv=kv if isinstance(kv, CountedKV) else None)
+

@@ -74,21 +74,16 @@ def _decoder(run: Path, block: dict, threads: int | None):
 
 
 def _stateful(path: Path, block: dict, profile, threads: int | None, cfg):
-    """(closer, Decoder) for an OpenVINO IR loaded the way the run's measurements load it (bench.lm_runner):
-    the IR made stateful where it can be, compiled with the same settings."""
-    from ..bench.lm_runner import RunnerError, load
+    """(closer, Decoder) for an OpenVINO IR loaded the way the run's measurements load it (decode.openvino_decoder)."""
+    from ..bench.lm_runner import RunnerError
     from ..errors import ModelError, StageError
-    from .decode import Decoder
+    from .decode import openvino_decoder
 
-    ns = argparse.Namespace(model=str(path), backend="openvino", threads=threads or profile.threads,
-                            device=profile.device, precision=block.get("precision", "fp32"), kv_heads=None,
-                            head_dim=None, kv_cache="auto")
     try:
-        kv = load(ns)[0]
+        dec = openvino_decoder(path, cfg, threads or profile.threads, profile.device, block.get("precision", "fp32"))
     except RunnerError as e:
         raise (ModelError if e.exit_code == 2 else StageError)(f"generate: {e}") from None
-    counted = kv.empty_cache() == 0  # StatefulKV; a plain KVDecoder (no MakeStateful here) copies its cache
-    return SimpleNamespace(close=lambda: None), Decoder(kv.run, cfg, cfg.num_hidden_layers, kv=kv if counted else None)
+    return SimpleNamespace(close=lambda: None), dec
 
 
 def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> None:
