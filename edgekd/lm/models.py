@@ -247,19 +247,21 @@ def choose_layers(teacher: nn.Module, n_student: int, blocks: torch.Tensor,
             advance()
         return out
 
-    def trials(fast: bool) -> list[tuple[float, int]]:
-        starts = layer_inputs(keep) if fast else []
+    def trials(fast: bool, starts: list[torch.Tensor] | None = None) -> list[tuple[float, int]]:
+        starts = starts if starts is not None else layer_inputs(keep) if fast else []
         return [(trial(j, starts), d) for j, d in enumerate(keep)]
 
     try:
         fast = reuse_inputs and final_norm is not None and len(keep) > 2
+        starts = layer_inputs(keep) if fast else []  # the first step's, checked here and used there
         if fast:  # the shortcut gives what a whole run gives, or it is not taken
             j = len(keep) // 2
-            starts = layer_inputs(keep)
             fast = bool(starts) and math.isclose(ppl(keep[j + 1:], starts[j]),
                                                  ppl(keep[:j] + keep[j + 1:]), rel_tol=1e-6)
+        first = starts if fast else []
         while len(keep) > max(1, n_student):
-            best, drop = min(trials(fast))
+            best, drop = min(trials(fast, first))
+            first = None
             keep.remove(drop)
             steps.append({"dropped": drop, "perplexity": round(best, 3)})
     finally:
