@@ -23,6 +23,7 @@ mass against the student's probability outside those k tokens). With k = vocab t
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -134,12 +135,59 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def next_token_ce(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy of the student on the target tokens `labels` (batch, seq), averaged over the unmasked
-    ones. Labels at masked positions are ignored whatever they hold (-100, pad ids)."""
-    logits = _compute_dtype(student_logits)
+    ones. Labels at masked positions are ignored whatever they hold (-100, pad ids). Computed in float32
+    (float64 for float64 logits) a block of rows at a time, with a hand-written backward (see _RowCE)."""
     keep = labels >= 0 if mask is None else (mask.to(labels.device) != 0)
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
-    ce = F.cross_entropy(logits.flatten(0, -2), safe.flatten(), reduction="none").view(labels.shape)
+    ce = _RowCE.apply(student_logits, safe)
     return masked_token_mean(ce, keep)
+
+
+ROWS = 32  # rows of the vocabulary-wide passes computed together (a few MB: they stay in the CPU's cache)
+
+
+def _row_blocks(shape: torch.Size, rows: int = ROWS):
+    """Index tuples covering a (..., seq, vocab) tensor a block of at most `rows` positions at a time;
+    each block is contiguous whenever the last dimension is (a [:, :-1] view included)."""
+    lead, seq = shape[:-2], shape[-2]
+    for outer in itertools.product(*(range(n) for n in lead)):
+        for start in range(0, seq, rows):
+            yield (*outer, slice(start, min(start + rows, seq)))
+
+
+def _cdt(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+class _RowCE(torch.autograd.Function):
+    """Per-token cross-entropy log(sum exp z) - z[label], (..., vocab) logits of any float dtype, in
+    float32 a block of rows at a time: the full-vocabulary float32 copies of F.cross_entropy on bf16
+    logits (the upcast, the log-softmax it saves, the gradient) are never made. Backward recomputes
+    softmax(z) per block from the saved logits and log-sum-exp: d nll / dz = p - onehot(label)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):  # type: ignore[override]
+        cdt = _cdt(logits)
+        lse = torch.empty(logits.shape[:-1], dtype=cdt, device=logits.device)
+        for at in _row_blocks(logits.shape):
+            z = logits[at].to(cdt, copy=True)
+            m = z.amax(dim=-1, keepdim=True)
+            lse[at] = z.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+        nll = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).to(cdt)
+        ctx.save_for_backward(logits, labels, lse)
+        return nll
+
+    @staticmethod
+    def backward(ctx, g_nll):  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        cdt = lse.dtype
+        grad = torch.empty_like(logits)
+        g_nll = g_nll.to(cdt)
+        for at in _row_blocks(logits.shape):
+            g = g_nll[at].unsqueeze(-1)
+            p = logits[at].to(cdt, copy=True).sub_(lse[at].unsqueeze(-1)).exp_().mul_(g)
+            grad[at] = p.scatter_add_(-1, labels[at].unsqueeze(-1), -g)
+        return grad, None
 
 
 def _mix_check(alpha: float, labels: torch.Tensor | None) -> None:
@@ -202,26 +250,33 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
 
 class _Buckets(torch.autograd.Function):
     """The student's log-probabilities over the k + 1 buckets at temperature T, and (with labels, T = 1)
-    its per-token cross-entropy, in a few passes over the vocabulary and with a hand-written backward.
+    its per-token cross-entropy, in one pass over the vocabulary forward and one backward, a block of
+    rows at a time (float32 whatever the logits' dtype; float64 stays float64).
 
-    Forward: e = exp((z - max z) / T) once (in float32, whatever the logits' dtype); the k bucket entries
-    are read from it and zeroed in place, so the rest bucket's sum is exact (no 1 - sum cancellation) and
-    the total is that sum plus the k read entries. Backward: with L = log of the total, d s_top / dz =
-    onehot(idx) - p, d s_rest / dz = e'/rest - p (e' zero on the k tokens), d nll / dz = p - onehot(label),
-    all on e' and the k saved entries; a rest bucket with no mass (k = vocab) passes no gradient."""
+    Forward, per block: e = exp((z - max z) / T); the k bucket entries are read from it and zeroed, so the
+    rest bucket's sum is exact (no 1 - sum cancellation) and the total is that sum plus the k read
+    entries. Backward recomputes e per block from the saved logits (no vocabulary-wide float32 tensor is
+    kept between the passes): with L = log of the total, d s_top / dz = onehot(idx) - p,
+    d s_rest / dz = e'/rest - p (e' zero on the k tokens), d nll / dz = p - onehot(label); a rest bucket
+    with no mass (k = vocab) passes no gradient."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor | None,
                 temperature: float):  # type: ignore[override]
-        cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        m = logits.amax(dim=-1, keepdim=True).to(cdt)
-        e = logits.to(cdt, copy=True).sub_(m)
-        if temperature != 1.0:
-            e.div_(temperature)
-        e.exp_()
-        e_top = e.gather(-1, idx)
-        e.scatter_(-1, idx, 0.0)
-        rest = e.sum(dim=-1, keepdim=True)
+        cdt = _cdt(logits)
+        lead = logits.shape[:-1]
+        m = torch.empty((*lead, 1), dtype=cdt, device=logits.device)
+        e_top = torch.empty(idx.shape, dtype=cdt, device=logits.device)
+        rest = torch.empty_like(m)
+        for at in _row_blocks(logits.shape):
+            e = logits[at].to(cdt, copy=True)
+            m[at] = e.amax(dim=-1, keepdim=True)
+            e.sub_(m[at])
+            if temperature != 1.0:
+                e.div_(temperature)
+            e.exp_()
+            e_top[at] = e.gather(-1, idx[at])
+            rest[at] = e.scatter_(-1, idx[at], 0.0).sum(dim=-1, keepdim=True)
         total = rest + e_top.sum(dim=-1, keepdim=True)
         log_total = total.log()
         s_top = (logits.gather(-1, idx).to(cdt) - m) / temperature - log_total
@@ -229,13 +284,14 @@ class _Buckets(torch.autograd.Function):
         nll = None
         if labels is not None:  # temperature 1 only (the caller's contract)
             nll = (log_total - (logits.gather(-1, labels.unsqueeze(-1)).to(cdt) - m)).squeeze(-1)
-        ctx.save_for_backward(e, e_top, total, rest, idx, labels if labels is not None else idx[..., :0])
-        ctx.temperature, ctx.in_dtype, ctx.has_labels = temperature, logits.dtype, labels is not None
+        ctx.save_for_backward(logits, m, e_top, total, rest, idx, labels if labels is not None else idx[..., :0])
+        ctx.temperature, ctx.has_labels = temperature, labels is not None
         return s_top, s_rest, nll if nll is not None else s_rest.new_zeros(s_rest.shape[:-1])
 
     @staticmethod
     def backward(ctx, g_top, g_rest, g_nll):  # type: ignore[override]
-        e, e_top, total, rest, idx, labels = ctx.saved_tensors
+        logits, m, e_top, total, rest, idx, labels = ctx.saved_tensors
+        temperature = ctx.temperature
         g_top = torch.zeros_like(e_top) if g_top is None else g_top
         g_rest = torch.zeros_like(rest) if g_rest is None else g_rest
         has_nll = ctx.has_labels and g_nll is not None
@@ -243,13 +299,20 @@ class _Buckets(torch.autograd.Function):
         if has_nll:
             g_l = g_l + g_nll.unsqueeze(-1)
         per_rest = torch.where(rest > 0, g_rest / rest.clamp_min(torch.finfo(rest.dtype).tiny), torch.zeros_like(rest))
-        grad = e * (g_l / total + per_rest)
-        grad.scatter_add_(-1, idx, g_top + g_l * e_top / total)
-        if has_nll:
-            grad.scatter_add_(-1, labels.unsqueeze(-1), -g_nll.unsqueeze(-1))
-        if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        return grad.to(ctx.in_dtype), None, None, None
+        scale = (g_l / total + per_rest) / temperature  # d loss / dz = e * scale, before the k and the label
+        top = (g_top + g_l * e_top / total) / temperature
+        label = (-g_nll.unsqueeze(-1) / temperature) if has_nll else None
+        grad = torch.empty_like(logits)
+        for at in _row_blocks(logits.shape):
+            e = logits[at].to(m.dtype, copy=True).sub_(m[at])
+            if temperature != 1.0:
+                e.div_(temperature)
+            e = e.exp_().scatter_(-1, idx[at], 0.0).mul_(scale[at])
+            e.scatter_add_(-1, idx[at], top[at])
+            if label is not None:
+                e.scatter_add_(-1, labels[at].unsqueeze(-1), label[at])
+            grad[at] = e
+        return grad, None, None, None
 
 
 def _bucket_log_probs(student_logits: torch.Tensor, teacher: TopKTeacher,

@@ -3,7 +3,9 @@ the JSD's ends, the top-k (cached teacher) forms, and where the gradients go."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from edgekd.distill import lm_losses
 from edgekd.distill.lm_losses import (
     forward_kl,
     forward_kl_topk,
@@ -97,6 +99,30 @@ def test_next_token_ce_matches_formula_and_ignores_masked_labels():
     assert float(next_token_ce(s, junk, mask)) == pytest.approx(want, abs=1e-5)
     assert float(next_token_ce(s, junk, None)) == pytest.approx(want, abs=1e-5)  # no mask: labels >= 0 count
 
+
+
+@pytest.mark.parametrize("rows", [2, 32])
+def test_next_token_ce_in_row_blocks_matches_torch_values_and_gradients(monkeypatch, rows):
+    """The blockwise cross-entropy (its own backward) against F.cross_entropy on the same float32 values:
+    a [:, :-1] view of bf16 logits as training passes it, blocks of 2 rows (a short last one) and one
+    block; float64 gradcheck with a mask."""
+    monkeypatch.setattr(lm_losses, "ROWS", rows)
+    s, _, labels, mask = _inputs(33)
+    full = torch.cat([s, s[:, :1]], dim=1).bfloat16()  # (B, S + 1, V): the view drops the last position
+    z = full.clone().requires_grad_(True)
+    got = next_token_ce(z[:, :-1], labels, mask)
+    got.backward()
+    ref = full.float().requires_grad_(True)
+    keep = mask != 0
+    per = F.cross_entropy(ref[:, :-1].flatten(0, 1), labels.flatten(), reduction="none").view(B, S)
+    want = per[keep].mean()
+    want.backward()
+    assert got.dtype == torch.float32 and float(got.detach()) == pytest.approx(float(want.detach()), abs=1e-5)
+    assert z.grad.dtype == torch.bfloat16
+    assert torch.allclose(z.grad.float(), ref.grad.to(torch.bfloat16).float(), atol=1e-3)
+    assert torch.equal(z.grad[:, -1], torch.zeros_like(z.grad[:, -1]))  # the dropped position gets nothing
+    x = s.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: next_token_ce(v, labels, mask), (x,))
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_lm_distill_loss_mixes_divergence_and_ce(kind):
@@ -274,9 +300,11 @@ def test_lm_distill_loss_ignores_garbage_at_masked_positions_for_every_alpha():
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_topk_loss_gradients_match_finite_differences(kind, T):
+@pytest.mark.parametrize("rows", [3, 32])
+def test_topk_loss_gradients_match_finite_differences(monkeypatch, kind, T, rows):
     """The bucket pass has its own backward (and at T = 1 the cross-entropy comes out of it): float64
-    gradcheck of the whole loss, padding labels and a mask included."""
+    gradcheck of the whole loss, padding labels and a mask included, in blocks of 3 rows and in one."""
+    monkeypatch.setattr(lm_losses, "ROWS", rows)
     s, t, labels, mask = _inputs(31)
     s = s.double().requires_grad_(True)
     top = topk_teacher(t.double(), 4)

@@ -113,3 +113,23 @@ def test_bf16_training_lowers_validation_perplexity_like_fp32(lm):
     assert b.val_perplexity < 0.5 * before
     assert b.val_perplexity == pytest.approx(a.val_perplexity, rel=0.1)
     assert next(bf16.parameters()).dtype == torch.float32  # the weights stay fp32
+
+
+def test_training_uses_the_fused_adamw_on_float_cpu_parameters(lm, monkeypatch):
+    """The student's optimizer is AdamW's fused kernel (one pass per parameter); integer or empty parameter
+    lists keep the default loop."""
+    from edgekd.distill import lm_trainer
+
+    made = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        made.append(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(lm_trainer.torch.optim, "AdamW", spy)
+    loaded, splits = lm
+    student, _ = build_lm_student(loaded.model, {"layers": 2}, init="scratch")
+    train_lm(student, splits.train.ids, splits.val.ids, steps=2, lr=3e-3, batch_size=8, seed=0, alpha=0.0)
+    assert made == [{"lr": 3e-3, "weight_decay": 0.01, "fused": True}]
+    assert not lm_trainer._fusable([]) and not lm_trainer._fusable([torch.zeros(2, dtype=torch.long)])
