@@ -68,6 +68,8 @@ def test_lm_run_reports_every_figure(lm_run):
     for c in q["candidates"]:
         assert c["perplexity"] > 1 and 0 <= c["next_token_agreement"] <= 100 and c["decode_tokens_per_s"] > 0
         assert c["selection"]["perplexity"] > 1 and c["selection"]["speed_measured_on"] == "host"
+        # every candidate's validation speed: up to 8 prompts, each in 2 interleaved rounds
+        assert c["selection"]["speed_generations"] == 2 * min(8, report["data"]["validation"]["blocks"])
         assert c["peak_memory_mb"] > 10 and c["measured_on"] == "host"
     assert q["choice"]["measured_where"].startswith("this host")
     f, t = report["final"], report["teacher"]

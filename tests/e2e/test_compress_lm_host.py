@@ -60,6 +60,7 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
     assert q["choice"]["measured_where"].startswith("board, the board") and "on board" in q["choice"]["chosen_on"]
     for c in q["candidates"]:
         assert c["measured_on"] == "board" and c["selection"]["speed_measured_on"] == "board"
+        assert c["selection"]["speed_generations"] == 2 * min(8, rep["data"]["validation"]["blocks"])
         assert c["decode_tokens_per_s"] > 0 and c["peak_memory_mb"] > 10
     assert stages["bench"]["measured_on"] == "board"
     spec = rep["speculative"]  # on the board too: the floor chosen there on validation prompts, then the test
