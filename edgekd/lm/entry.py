@@ -39,7 +39,7 @@ PARITY_STEPS = 16
 LAYER_CHOICE_BLOCKS, LAYER_CHOICE_TOKENS = 3, 128  # what the greedy layer choice scores each removal on
 SELECTION_PROMPTS = 4
 SPEED_PROMPTS, SPEED_ROUNDS = 8, 2  # the candidates' validation decode speeds: 8 prompts in 2 interleaved rounds
-# (4 prompts in 1 round, a few seconds a candidate, once put INT4 8% ahead of INT8 where the test found 1%)
+# (4 prompts in 1 round once put INT4 8% ahead of INT8 where the test found 1%)
 
 
 @dataclass
