@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekd.context import RunContext, usable_cores
     from edgekd.distill.lm_sequence import sequence_kd_blocks
     from edgekd.distill.lm_stage import _cache, lm_steps
-    from edgekd.distill.lm_trainer import train_lm
+    from edgekd.distill.lm_trainer import lm_amp, train_lm
     from edgekd.lm.decode import Decoder
     from edgekd.lm.entry import LAYER_CHOICE_BLOCKS, LAYER_CHOICE_TOKENS, _splits
     from edgekd.lm.export import export_lm_onnx
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     # every row trains on the same blocks: with --steps below one pass, the first `steps` batches (one pass
     # each), so the teacher's cache and its sequence-KD text cover only what is trained on
     train = splits.train.ids[:steps * cfg.data.batch_size]
-    cache, info = _cache(ctx, teacher, teacher_key, splits, train)
+    amp = lm_amp(cfg.distill.precision)  # the autocast the distill stage trains under, and its cache's key
+    cache, info = _cache(ctx, teacher, teacher_key, splits, train, amp)
     print(f"teacher cache: {info}", file=sys.stderr)
     sizes = cfg.student.lm_sizes()
     layers = None  # the teacher layers the student copies: chosen as `edgekd compress` chooses them
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                            beta=cfg.distill.beta, cache=None if plain else cache,
                            on_policy=(cfg.distill.on_policy or 0.5) if loss == "on_policy" else 0.0,
                            policy_teacher=teacher if loss == "on_policy" else None,
-                           policy_tokens=cfg.distill.sequence_kd or splits.seq_len // 4)
+                           policy_tokens=cfg.distill.sequence_kd or splits.seq_len // 4, amp=amp)
             seconds = time.perf_counter() - t0
             onnx = export_lm_onnx(student.eval(), args.out / f"{loss}-{seed}" / "model.onnx")
             art = backend.compile(onnx, profile, args.out / f"{loss}-{seed}" / "compiled", "fp32")
