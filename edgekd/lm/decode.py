@@ -64,30 +64,29 @@ class Decoder:
             logits, cache = self.forward(np.asarray([[token]]), cache)
         return out
 
-    def perplexity(self, blocks: np.ndarray, batch_size: int = 4) -> float:
-        """exp(mean next-token NLL) over every predicted token of `blocks` (n, seq), each block prefilled."""
-        total, count = 0.0, 0
+    def score(self, blocks: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over `blocks` (n, seq), each block prefilled: every block's summed next-token NLL (n,
+        float64) and the most likely next token at every position (n, seq)."""
+        nll, picks = [], []
         for i in range(0, len(blocks), batch_size):
             ids = blocks[i:i + batch_size]
             logits, _ = self.forward(ids, self.empty_cache(len(ids)))
             lg = np.asarray(logits[:, :-1], dtype=np.float32)
-            target = ids[:, 1:]
             top = lg.max(-1, keepdims=True)
             lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))  # log-sum-exp, no full log-softmax array
-            picked = np.take_along_axis(lg, target[..., None], -1)[..., 0]
-            total += float((lse - picked).astype(np.float64).sum())
-            count += target.size
-        return math.exp(total / max(count, 1))
+            picked = np.take_along_axis(lg, ids[:, 1:][..., None], -1)[..., 0]
+            nll.append((lse - picked).astype(np.float64).sum(-1))
+            picks.append(logits.argmax(-1))
+        return np.concatenate(nll), np.concatenate(picks)
+
+    def perplexity(self, blocks: np.ndarray, batch_size: int = 4) -> float:
+        """exp(mean next-token NLL) over every predicted token of `blocks` (n, seq), each block prefilled."""
+        nll, _ = self.score(blocks, batch_size)
+        return math.exp(float(nll.sum()) / max(blocks[:, 1:].size, 1))
 
     def next_tokens(self, blocks: np.ndarray, batch_size: int = 4) -> np.ndarray:
         """The most likely next token at every position of `blocks` (n, seq)."""
-        out = []
-        for i in range(0, len(blocks), batch_size):
-            ids = blocks[i:i + batch_size]
-            logits, _ = self.forward(ids, self.empty_cache(len(ids)))
-            out.append(logits.argmax(-1))
-        return np.concatenate(out)
-
+        return self.score(blocks, batch_size)[1]
 
 def openvino_decoder(path, config, threads: int | None, device: str, precision: str, kv_cache: str = "auto"
                      ) -> Decoder:

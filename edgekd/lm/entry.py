@@ -9,6 +9,7 @@ every reported speed and peak memory (lm/measure.py); otherwise peak memory is m
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,14 +141,16 @@ def _kv_cache_update(ctx: RunContext, dec: Decoder) -> str:
     return "in place (OpenVINO states)" if ctx.profile.backend == "openvino" else "copied each step"
 
 
-def _quality(dec: Decoder, blocks: np.ndarray, ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    """Perplexity, next-token accuracy against the text and (with `ref`) agreement with a reference's picks."""
-    picks = dec.next_tokens(blocks)
-    out = {"perplexity": round(dec.perplexity(blocks), 4),
+def _quality(dec: Decoder, blocks: np.ndarray, ref: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Perplexity, next-token accuracy against the text and (with `ref`) agreement with a reference's picks;
+    the picks and each block's mean next-token NLL. One pass over the blocks."""
+    nll, picks = dec.score(blocks)
+    nll = nll / max(blocks.shape[1] - 1, 1)
+    out = {"perplexity": round(math.exp(float(nll.mean())), 4),
            "accuracy": round(100.0 * float((picks[:, :-1] == blocks[:, 1:]).mean()), 3)}
     if ref is not None:
         out["next_token_agreement"] = round(100.0 * float((picks == ref).mean()), 3)
-    return out, picks
+    return out, picks, nll
 
 
 def _parity(student: nn.Module, dec: Decoder, blocks: torch.Tensor) -> dict:
@@ -325,10 +328,11 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         # Validation chooses: perplexity and agreement with FP32 on the validation blocks, speed on
         # validation prompts, all through the target's runtime.
         val = splits.val.ids.numpy()
-        fp32_val, fp32_picks = _quality(cands["fp32"].decoder, val, None)  # type: ignore[arg-type]
+        fp32_val, fp32_picks, fp32_nll = _quality(cands["fp32"].decoder, val, None)  # type: ignore[arg-type]
         cands["fp32"].selection = {**fp32_val, "next_token_agreement": 100.0}
         for c in list(cands.values())[1:]:
-            c.selection, _ = _quality(c.decoder, val, fp32_picks)  # type: ignore[arg-type]
+            c.selection, _, nll = _quality(c.decoder, val, fp32_picks)  # type: ignore[arg-type]
+            c.selection.update(assemble_lm.increase_bound(fp32_nll, nll))
         shapes = {n: assemble_lm.decoder_shape(t_config if n == "teacher" else student.config)
                   for n in ("teacher", *cands)}
         val_prompts = splits.val.prompts(SPEED_PROMPTS, spec_cfg.prompt_tokens)
@@ -352,14 +356,14 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         # Test reports: read only now, after the choice.
         test = splits.test.ids.numpy()
         t_bench = time.perf_counter()
-        teacher_c.figures, teacher_picks = _quality(teacher_c.decoder, test, None)  # type: ignore[arg-type]
-        fp32_test, fp32_test_picks = _quality(cands["fp32"].decoder, test, teacher_picks)  # type: ignore[arg-type]
+        teacher_c.figures, teacher_picks, _ = _quality(teacher_c.decoder, test, None)  # type: ignore[arg-type]
+        fp32_test, fp32_test_picks, _ = _quality(cands["fp32"].decoder, test, teacher_picks)  # type: ignore[arg-type]
         fp32_test["teacher_agreement"] = fp32_test.pop("next_token_agreement")
         cands["fp32"].figures = {**fp32_test, "next_token_agreement": 100.0}
         for c in list(cands.values())[1:]:
-            c.figures, _ = _quality(c.decoder, test, fp32_test_picks)  # type: ignore[arg-type]
+            c.figures = _quality(c.decoder, test, fp32_test_picks)[0]  # type: ignore[arg-type]
         if base_c is not None:
-            base_c.figures, _ = _quality(base_c.decoder, test, teacher_picks)  # type: ignore[arg-type]
+            base_c.figures = _quality(base_c.decoder, test, teacher_picks)[0]  # type: ignore[arg-type]
             base_c.figures["teacher_agreement"] = base_c.figures.pop("next_token_agreement")
         test_prompts = splits.test.prompts(spec_cfg.prompts, spec_cfg.prompt_tokens)
         if len(test_prompts) < spec_cfg.prompts:

@@ -3,10 +3,15 @@ perplexities against its cross-entropy baseline, the teacher, the final model an
 a Jetson bundle (lm/jetson.py), the same blocks with every figure of the board's engines null and the reason."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from ..context import RunContext
 from .assemble import skeleton
 
-__all__ = ["bundle_quantize_entry", "bundle_report", "choose", "distill_figures", "quantize_entry", "report"]
+__all__ = ["bundle_quantize_entry", "bundle_report", "choose", "distill_figures", "increase_bound", "quantize_entry",
+           "report"]
 
 SPEED_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms")
 NO_PEAK = "the runner's platform does not report peak resident memory (resource.getrusage)"
@@ -15,28 +20,61 @@ NO_PEAK = "the runner's platform does not report peak resident memory (resource.
 SPEED_TIE = 0.05  # decode speeds within 5% of the fastest are a tie on one machine's validation timing
 
 
+BOUND_CONFIDENCE = 0.95  # one-sided: a candidate's validation perplexity increase over FP32 is at most its
+BOUND_GROUPS = 16  # bound with this confidence; the blocks averaged in up to 16 groups of consecutive blocks
+# (batch means), since neighbouring blocks come from the same files and vary together
+
+
+def increase_bound(base_nll: np.ndarray, cand_nll: np.ndarray) -> dict:
+    """A candidate's perplexity increase over FP32 (percent) on the same equal-length blocks, from each
+    block's mean next-token NLL, and its one-sided BOUND_CONFIDENCE upper bound: Student's t over the paired
+    differences averaged in up to BOUND_GROUPS groups of consecutive blocks. Under two blocks, no bound."""
+    from scipy.stats import t as student_t
+
+    diff = np.asarray(cand_nll, dtype=np.float64) - np.asarray(base_nll, dtype=np.float64)
+    mean = float(diff.mean())
+    out = {"perplexity_increase": round(100 * math.expm1(mean), 3), "perplexity_increase_upper": None}
+    groups = min(BOUND_GROUPS, diff.size)
+    if groups < 2:
+        return out
+    means = np.asarray([g.mean() for g in np.array_split(diff, groups)])
+    spread = float(means.std(ddof=1)) / math.sqrt(groups)
+    out["perplexity_increase_upper"] = round(100 * math.expm1(mean + student_t.ppf(BOUND_CONFIDENCE, groups - 1)
+                                                              * spread), 3)
+    out["bound_groups"] = groups
+    return out
+
 def choose(cands: dict, max_increase: float) -> tuple[str, str]:
     """The candidate with the fastest decode on validation prompts among those whose validation perplexity
-    is within `max_increase` percent of the FP32 student's; speeds within SPEED_TIE of the fastest count
-    as a tie, which the lower validation perplexity wins (timing noise never buys a worse model)."""
+    increase over the FP32 student's is within `max_increase` percent (where the selection gives it, its
+    upper bound: increase_bound); speeds within SPEED_TIE of the fastest count as a tie, which the lower
+    validation perplexity wins (timing noise never buys a worse model)."""
     base = cands["fp32"].selection["perplexity"]
     limit = base * (1 + max_increase / 100)
-    within = {n: c for n, c in cands.items() if c.selection["perplexity"] <= limit}
+
+    def upper(c) -> float:  # percent
+        bound = c.selection.get("perplexity_increase_upper")
+        return bound if bound is not None else 100 * (c.selection["perplexity"] / base - 1)
+
+    within = {n: c for n, c in cands.items() if n == "fp32" or upper(c) <= max_increase}
     speed = {n: c.selection.get("decode_tokens_per_s") or 0.0 for n, c in within.items()}
     fastest = max(within, key=lambda n: speed[n])
     tied = [n for n in within if speed[n] >= (1 - SPEED_TIE) * speed[fastest]]
     name = min(tied, key=lambda n: within[n].selection["perplexity"])
     c = cands[name]
+    bounded = any(o.selection.get("perplexity_increase_upper") is not None for o in cands.values())
     why = (f"fastest decode on the validation prompts ({speed[name]} tokens/s) among the candidates within "
            f"quantize.max_perplexity_increase {max_increase}% of FP32's validation perplexity {base:.3f} "
-           f"(<= {limit:.3f}); {c.label}: {c.selection['perplexity']:.3f}")
+           + (f"at {BOUND_CONFIDENCE:.0%} confidence (one-sided, over groups of consecutive validation blocks)"
+              if bounded else f"(<= {limit:.3f})") + f"; {c.label}: {c.selection['perplexity']:.3f}")
+    if name != "fp32" and c.selection.get("perplexity_increase_upper") is not None:
+        why += f" (+{c.selection['perplexity_increase']:.2f}%, at most +{c.selection['perplexity_increase_upper']:.2f}%)"
     if name != fastest:
         why += (f"; {cands[fastest].label} decoded {speed[fastest]} tokens/s, within {SPEED_TIE:.0%}: a tie, "
                 "which the lower perplexity wins")
     for n, other in cands.items():
         other.selection["within_budget"] = n in within
     return name, why
-
 
 def distill_figures(entry: dict, fp32, teacher, baseline) -> None:
     """The distill stage's test figures (the FP32 student through the target's runtime), its baseline's and

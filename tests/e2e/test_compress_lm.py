@@ -71,6 +71,11 @@ def test_lm_run_reports_every_figure(lm_run):
         # every candidate's validation speed: up to 8 prompts, each in 2 interleaved rounds
         assert c["selection"]["speed_generations"] == 2 * min(8, report["data"]["validation"]["blocks"])
         assert c["peak_memory_mb"] > 10 and c["measured_on"] == "host"
+        if c["name"] != "fp32":  # the increase over FP32 on validation and its one-sided 95% bound decide
+            sel = c["selection"]
+            assert sel["perplexity_increase_upper"] >= sel["perplexity_increase"] and sel["bound_groups"] >= 2
+            assert sel["within_budget"] == (sel["perplexity_increase_upper"] <= 10.0)  # the default budget
+    assert "95% confidence" in q["choice"]["why"]
     assert q["choice"]["measured_where"].startswith("this host")
     f, t = report["final"], report["teacher"]
     for block in (f, t):
