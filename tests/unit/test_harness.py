@@ -107,16 +107,16 @@ def test_interleaved_alternates_and_measures_the_ratio():
         order.append("a")
         return sum(range(n))
 
-    def two(n):
+    def four(n):
         order.append("b")
-        return sum(range(n)) + sum(range(n))
+        return sum(sum(range(n)) for _ in range(4))
 
-    times = harness.interleaved({"a": one, "b": two}, 200000, warmup=2, iterations=30, rounds=4)  # ms-long calls
+    times = harness.interleaved({"a": one, "b": four}, 200000, warmup=2, iterations=30, rounds=4)  # ms-long calls
     assert times["a"].shape == (4, 30) and times["b"].shape == (4, 30)
     firsts = [order[i * 64] for i in range(4)]  # each round: 32 calls of each function
     assert firsts == ["a", "b", "a", "b"]  # A B, B A, A B, B A
     r = harness.ratio_ci(times["b"], times["a"], resamples=300)
-    assert 1.4 < r["ratio"] < 2.8  # twice the work
+    assert 2.0 < r["ratio"] < 8.0  # four times the work: wide, since a shared host's other load varies the calls
     assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1]
 
 
