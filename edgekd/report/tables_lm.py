@@ -155,9 +155,39 @@ def speculative_choice_table(report: dict) -> Table | None:
     return t
 
 
+def _increase(sel: dict, key: str) -> str:
+    v = sel.get(key)
+    return f"{v:+.2f}%" if isinstance(v, (int, float)) else "—"
+
+
+def weights_choice_table(report: dict) -> Table | None:
+    """The weight candidates as the quantize stage chose among them: validation perplexity, its increase over
+    FP32 and that increase's 95% upper bound, whether it is within the budget, and validation decode speed."""
+    q = stage(report, "quantize") or {}
+    cands = [c for c in q.get("candidates") or [] if isinstance(c.get("selection"), dict)]
+    if not cands:
+        return None
+    t = Table(["candidate", "validation perplexity", "increase over FP32", "at most (95%)", "within budget",
+               "validation decode", ""])
+    for c in cands:
+        sel = c["selection"]
+        within = sel.get("within_budget")
+        t.rows.append([Cell(c.get("label") or c.get("name", "—")), figure(sel, "perplexity", fmt_num),
+                       Cell(_increase(sel, "perplexity_increase")), Cell(_increase(sel, "perplexity_increase_upper")),
+                       Cell("—" if within is None else ("yes" if within else "no")),
+                       figure(sel, "decode_tokens_per_s", fmt_tps), Cell("✔ chosen" if c.get("chosen") else "")])
+    return t
+
+
 def lm_sections(report: dict) -> list[tuple[str, Table]]:
     """(title, table) for every LM section the report has."""
     out = [("Language models (test split, target runtime)", models_table(report))]
+    w = weights_choice_table(report)
+    if w is not None:
+        budget = (stage(report, "quantize") or {}).get("max_perplexity_increase")
+        within = f" within quantize.max_perplexity_increase {budget:g}% at 95% confidence" if budget is not None else ""
+        out.append((f"Weight candidates, chosen on validation (the fastest decode{within}; speeds within 5% are a tie, "
+                    "which the lower perplexity wins)", w))
     d = distill_table(report)
     if d is not None:
         base = isinstance((stage(report, "distill") or {}).get("baseline"), dict)

@@ -114,8 +114,14 @@ def test_lm_run_reports_every_figure(lm_run):
     assert "LM head kept for the 200 tokens most frequent in the training split" in md
     from edgekd.report.tables import fmt_count
 
-    rows = [line for line in md.splitlines() if "MatMulNBits" in line]  # every weight candidate: the student's params
+    models = md.split("### Language models")[1].split("###")[0]
+    rows = [line for line in models.splitlines() if "MatMulNBits" in line]  # every weight candidate: the student's params
     assert rows and all(f"| {fmt_count(report['final']['params'])} |" in line for line in rows)
+    # how the final was chosen: each candidate's validation increase over FP32, its 95% bound, the budget
+    choice = md.split("### Weight candidates, chosen on validation")[1].split("###")[0]
+    assert "at 95% confidence" in choice and "| at most (95%) |" in choice and choice.count("✔ chosen") == 1
+    for c in q["candidates"][1:]:
+        assert f"{c['selection']['perplexity_increase_upper']:+.2f}%" in choice
     assert report["gates"][0]["gate"] == "max_perplexity_increase" and report["gates_passed"]
     assert "perplexity" in (run / "report.md").read_text() and "Speculative" in (run / "report.html").read_text()
 
