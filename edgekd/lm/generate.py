@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
-        figures += f", {rate} drafting up to {out['draft_tokens']} tokens{floor}"
+        figures += f", {rate} drafting up to {out['draft_tokens']} token{'' if out['draft_tokens'] == 1 else 's'}{floor}"
         if out["lookup"]:
             figures += f", {out['lookup_accepted']}/{out['looked_up']} looked-up tokens kept"
         r = out.get("round")
