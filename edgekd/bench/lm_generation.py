@@ -52,17 +52,22 @@ def generate(decoder, prompts, new_tokens: int, warmup: int = 1) -> list:
     return [decode_once(decoder, p, new_tokens) for p in prompts]
 
 
+def block_nll(logits, ids) -> np.ndarray:
+    """Each row's summed next-token NLL (float64) of `ids` (batch, seq) under `logits` (batch, seq, vocab)."""
+    lg = np.asarray(logits[:, :-1], dtype=np.float32)
+    top = lg.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))  # log-sum-exp, no full log-softmax array
+    picked = np.take_along_axis(lg, ids[:, 1:][..., None], -1)[..., 0]
+    return (lse - picked).astype(np.float64).sum(-1)
+
+
 def score(decoder, blocks, batch_size: int = 4) -> dict:
     """Perplexity (exp of the mean next-token NLL, each block prefilled), next-token accuracy and the picks."""
     total, count, picks = 0.0, 0, []
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size]
         logits, _ = decoder.forward(ids, decoder.empty_cache(len(ids)))
-        lg = np.asarray(logits[:, :-1], dtype=np.float32)
-        top = lg.max(-1, keepdims=True)
-        lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))
-        picked = np.take_along_axis(lg, ids[:, 1:][..., None], -1)[..., 0]
-        total += float((lse - picked).astype(np.float64).sum())
+        total += float(block_nll(logits, ids).sum())
         count += ids[:, 1:].size
         picks.append(logits.argmax(-1))
     p = np.concatenate(picks)

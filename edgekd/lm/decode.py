@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..bench.lm_generation import trim
+from ..bench.lm_generation import block_nll, trim
 from .export import io_names, kv_shape
 
 __all__ = ["Decoder"]
@@ -71,11 +71,7 @@ class Decoder:
         for i in range(0, len(blocks), batch_size):
             ids = blocks[i:i + batch_size]
             logits, _ = self.forward(ids, self.empty_cache(len(ids)))
-            lg = np.asarray(logits[:, :-1], dtype=np.float32)
-            top = lg.max(-1, keepdims=True)
-            lse = top[..., 0] + np.log(np.exp(lg - top).sum(-1))  # log-sum-exp, no full log-softmax array
-            picked = np.take_along_axis(lg, ids[:, 1:][..., None], -1)[..., 0]
-            nll.append((lse - picked).astype(np.float64).sum(-1))
+            nll.append(block_nll(logits, ids))
             picks.append(logits.argmax(-1))
         return np.concatenate(nll), np.concatenate(picks)
 
@@ -87,6 +83,7 @@ class Decoder:
     def next_tokens(self, blocks: np.ndarray, batch_size: int = 4) -> np.ndarray:
         """The most likely next token at every position of `blocks` (n, seq)."""
         return self.score(blocks, batch_size)[1]
+
 
 def openvino_decoder(path, config, threads: int | None, device: str, precision: str, kv_cache: str = "auto"
                      ) -> Decoder:

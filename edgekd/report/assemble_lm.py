@@ -44,6 +44,7 @@ def increase_bound(base_nll: np.ndarray, cand_nll: np.ndarray) -> dict:
     out["bound_groups"] = groups
     return out
 
+
 def choose(cands: dict, max_increase: float) -> tuple[str, str]:
     """The candidate with the fastest decode on validation prompts among those whose validation perplexity
     increase over the FP32 student's is within `max_increase` percent (where the selection gives it, its
@@ -75,6 +76,7 @@ def choose(cands: dict, max_increase: float) -> tuple[str, str]:
     for n, other in cands.items():
         other.selection["within_budget"] = n in within
     return name, why
+
 
 def distill_figures(entry: dict, fp32, teacher, baseline) -> None:
     """The distill stage's test figures (the FP32 student through the target's runtime), its baseline's and
@@ -118,6 +120,7 @@ def quantize_entry(ctx: RunContext, cands: dict, name: str, why: str, seconds: f
     where = f"{board}, the board, with the target's runtime" if board else "this host, with the target's runtime"
     return {"name": "quantize", "duration_s": seconds, "kind": "weight-only",
             "max_perplexity_increase": ctx.config.quantize.max_perplexity_increase,
+            "budget_confidence": BOUND_CONFIDENCE,
             "candidates": [_candidate(ctx, n, c, n == name) for n, c in cands.items()],
             "choice": {"candidate": name, "precision": cands[name].precision, "why": why, "measured": True,
                        "measured_where": where,
@@ -277,6 +280,7 @@ def bundle_quantize_entry(ctx: RunContext, info: dict, portable: dict, reason: s
               "size_bytes": _bundle_size(ctx, info, "model"), **_nulls(("perplexity", "accuracy", *SPEED_KEYS), reason)}
     return {"name": "quantize", "duration_s": seconds, "kind": "weight-only",
             "max_perplexity_increase": ctx.config.quantize.max_perplexity_increase,
+            "budget_confidence": BOUND_CONFIDENCE,
             "candidates": [engine, *unserved],
             "choice": {"candidate": "fp16", "precision": "fp16", "measured": False,
                        "why": "the Jetson bundle serves FP16 engines of the distilled student; the weight-only "

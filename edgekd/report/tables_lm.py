@@ -167,7 +167,9 @@ def weights_choice_table(report: dict) -> Table | None:
     cands = [c for c in q.get("candidates") or [] if isinstance(c.get("selection"), dict)]
     if not cands:
         return None
-    t = Table(["candidate", "validation perplexity", "increase over FP32", "at most (95%)", "within budget",
+    conf = q.get("budget_confidence")
+    t = Table(["candidate", "validation perplexity", "increase over FP32",
+               f"at most ({conf:.0%})" if isinstance(conf, (int, float)) else "at most", "within budget",
                "validation decode", ""])
     for c in cands:
         sel = c["selection"]
@@ -184,10 +186,12 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
     out = [("Language models (test split, target runtime)", models_table(report))]
     w = weights_choice_table(report)
     if w is not None:
-        budget = (stage(report, "quantize") or {}).get("max_perplexity_increase")
-        within = f" within quantize.max_perplexity_increase {budget:g}% at 95% confidence" if budget is not None else ""
-        out.append((f"Weight candidates, chosen on validation (the fastest decode{within}; speeds within 5% are a tie, "
-                    "which the lower perplexity wins)", w))
+        q = stage(report, "quantize") or {}
+        budget, conf = q.get("max_perplexity_increase"), q.get("budget_confidence")
+        within = f" within quantize.max_perplexity_increase {budget:g}%" if budget is not None else ""
+        if within and isinstance(conf, (int, float)):
+            within += f" at {conf:.0%} confidence"
+        out.append((f"Weight candidates, chosen on validation (the fastest decode{within})", w))
     d = distill_table(report)
     if d is not None:
         base = isinstance((stage(report, "distill") or {}).get("baseline"), dict)
