@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext, usable_cores
     from edgekd.distill.lm_sequence import sequence_kd_blocks
-    from edgekd.distill.lm_stage import _cache, lm_steps
+    from edgekd.distill.lm_stage import lm_steps, teacher_topk_cache
     from edgekd.distill.lm_trainer import lm_amp, train_lm
     from edgekd.lm.decode import Decoder
     from edgekd.lm.entry import LAYER_CHOICE_BLOCKS, LAYER_CHOICE_TOKENS, _splits
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # each), so the teacher's cache and its sequence-KD text cover only what is trained on
     train = splits.train.ids[:steps * cfg.data.batch_size]
     amp = lm_amp(cfg.distill.precision)  # the autocast the distill stage trains under, and its cache's key
-    cache, info = _cache(ctx, teacher, teacher_key, splits, train, amp)
+    cache, info = teacher_topk_cache(ctx, teacher, teacher_key, splits, train, amp)
     print(f"teacher cache: {info}", file=sys.stderr)
     sizes = cfg.student.lm_sizes()
     layers = None  # the teacher layers the student copies: chosen as `edgekd compress` chooses them

@@ -155,7 +155,8 @@ class PruneConfig(Section):
     target_params: float | None = Field(None, gt=0, lt=1)
     target_speedup: float | None = Field(None, gt=1, le=100)
     target_latency_ms: float | None = Field(None, gt=0)
-    criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l2"
+    # activation (task causal-lm, its default there): each MLP channel's mean magnitude on training blocks
+    criterion: Literal["l1", "l2", "bn_scale", "taylor", "random", "activation"] = "l2"
     global_pruning: bool = False
     ignored_layers: list[str] = []
     steps: int = Field(1, ge=1, le=50)
@@ -171,6 +172,10 @@ class PruneConfig(Section):
     # The most validation accuracy (points) pruning may cost against the unpruned model after fine-tuning;
     # over it the stage prunes half as far, then keeps the unpruned model. None: no limit.
     max_accuracy_drop: float | None = Field(3.0, ge=0, le=100)
+    # task causal-lm: the fine-tune's optimizer steps (None: a quarter pass over the training batches) and the
+    # most validation perplexity (percent) pruning may add against the unpruned student (None: no limit)
+    finetune_steps: int | None = Field(None, ge=1, le=1_000_000)
+    max_perplexity_increase: float | None = Field(None, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneConfig:
@@ -180,6 +185,13 @@ class PruneConfig(Section):
             raise ValueError(f"prune: give one of ratio, target_macs, target_params, target_speedup, "
                              f"target_latency_ms, not {' and '.join(given)}")
         return self
+
+    def key_dump(self) -> dict:
+        """The settings for cache keys of the image task (the causal-LM keys left out, as keys were before)."""
+        out = self.model_dump(mode="json")
+        for k in ("finetune_steps", "max_perplexity_increase"):
+            out.pop(k, None)
+        return out
 
     def amount(self) -> tuple[str, float]:
         """The pruning amount as (kind, value); defaults to a 0.25 channel ratio."""

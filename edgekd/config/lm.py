@@ -13,6 +13,11 @@ TASKS = ("image-classification", "causal-lm")
 LM_TEACHER_DEFAULT = "smollm2-135m"  # lm.models.EMBEDDED_LM
 LM_STUDENT_SIZES = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size")
 LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init", "layer_choice")
+# prune keys each task reads alone (a key at its default is not refused: saved configs load again)
+LM_ONLY_PRUNE = ("finetune_steps", "max_perplexity_increase")
+IMAGE_ONLY_PRUNE = ("target_speedup", "target_latency_ms", "global_pruning", "ignored_layers", "steps",
+                    "finetune_epochs", "latency_guided", "max_accuracy_drop")
+LM_PRUNE_DEFAULTS = {"criterion": "activation", "max_perplexity_increase": 10.0}
 LM_ONLY_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
 # teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)
@@ -47,6 +52,7 @@ def lm_defaults(data: Any) -> Any:
     for key, value in LM_DISTILL_DEFAULTS.items():
         distill.setdefault(key, value)
     out["distill"] = distill
+    out["prune"] = {**LM_PRUNE_DEFAULTS, **(out.get("prune") or {})}
     out.setdefault("stages", ["distill", "quantize"])
     return out
 
@@ -57,9 +63,7 @@ def check_task(cfg) -> None:
     if lm:
         if cfg.data.dataset != "text":
             raise ValueError(f"task causal-lm reads text: data.dataset must be text, not {cfg.data.dataset}")
-        if "prune" in cfg.stages:
-            raise ValueError("task causal-lm: the prune stage is for image classifiers; size the student with "
-                             "student.layers / hidden_size / heads / kv_heads / intermediate_size instead")
+        _check_lm_prune(cfg.prune)
         if cfg.student.model != "teacher":
             raise ValueError("task causal-lm: student.model must be teacher (the teacher's family, sized by "
                              "student.layers, hidden_size, heads, kv_heads, intermediate_size)")
@@ -91,6 +95,24 @@ def check_task(cfg) -> None:
     if set_student or set_distill:
         key = f"student.{set_student[0]}" if set_student else f"distill.{set_distill[0]}"
         raise ValueError(f"{key} is read only with task: causal-lm")
+    set_prune = [k for k in LM_ONLY_PRUNE if getattr(cfg.prune, k) is not None]
+    if set_prune:
+        raise ValueError(f"prune.{set_prune[0]} is read only with task: causal-lm")
+    if cfg.prune.criterion == "activation":
+        raise ValueError("prune.criterion activation is read only with task: causal-lm")
     set_gates = [k for k in LM_ONLY_GATES if getattr(cfg.gates, k, None) is not None]
     if set_gates:
         raise ValueError(f"gates.{set_gates[0]} is read only with task: causal-lm")
+
+
+def _check_lm_prune(prune) -> None:
+    """The prune keys a causal LM reads: it narrows the student's MLPs to a ratio, target_macs or
+    target_params (no latency-guided amounts yet) by activation, weight magnitude or chance."""
+    fields = type(prune).model_fields
+    for key in IMAGE_ONLY_PRUNE:
+        if getattr(prune, key) != fields[key].default:
+            raise ValueError(f"prune.{key} is for image classifiers; task causal-lm narrows the student's MLPs "
+                             "to prune.ratio, target_macs or target_params and checks prune.max_perplexity_increase")
+    if prune.criterion not in ("activation", "l1", "l2", "random"):
+        raise ValueError(f"prune.criterion {prune.criterion} is for image classifiers; task causal-lm takes "
+                         "activation, l1, l2 or random")

@@ -21,7 +21,7 @@ from .lm_sequence import sequence_kd_blocks
 from .lm_trainer import build_topk_cache, lm_amp, train_lm
 from .trainer import PRECISION_NAMES as PRECISION
 
-__all__ = ["last_step_batches", "lm_distill_key", "lm_steps", "run_lm_distill"]
+__all__ = ["last_step_batches", "lm_distill_key", "lm_steps", "run_lm_distill", "teacher_topk_cache"]
 
 
 def lm_steps(ctx: RunContext, splits: TextSplits) -> int:
@@ -51,7 +51,7 @@ def last_step_batches(n_blocks: int, batch_size: int, steps: int, count: int) ->
     return sorted(int(b) for b in np.random.default_rng(0).choice(batches, count, replace=False))
 
 
-def _cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits,
+def teacher_topk_cache(ctx: RunContext, teacher: nn.Module, teacher_key: str, splits: TextSplits,
            blocks: torch.Tensor | None = None, amp: torch.dtype | None = None) -> tuple[TopKCache, dict]:
     """The teacher's top-k cache over `blocks` (default: the training blocks), built where missing, the
     teacher's layers under `amp` autocast (its head in fp32)."""
@@ -96,7 +96,7 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
             metrics["sequence_kd"]["last_steps"] = len(last)
     cache = None
     if d.alpha > 0 and d.cache_topk:
-        cache, metrics["teacher_cache"] = _cache(ctx, teacher, teacher_key, splits, blocks, amp)
+        cache, metrics["teacher_cache"] = teacher_topk_cache(ctx, teacher, teacher_key, splits, blocks, amp)
     policy_tokens = d.sequence_kd or max(1, splits.seq_len // 4)
     res = train_lm(student, blocks, splits.val.ids, steps=steps, lr=d.lr, batch_size=cfg.data.batch_size,
                    seed=cfg.seed, kind=d.loss, alpha=d.alpha, temperature=d.temperature, beta=d.beta,

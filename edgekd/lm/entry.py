@@ -31,7 +31,14 @@ from ..runs import hash_arrays, write_npz
 from .decode import Decoder
 from .export import KVDecoder, export_lm_onnx, fusable
 from .measure import check_hosts, on_board, peak_memory_here, speculative_measured
-from .models import build_lm_student, choice_trials, choose_layers, count_lm_params, load_lm
+from .models import (
+    build_lm_student,
+    choice_trials,
+    choose_layers,
+    count_lm_params,
+    lm_macs_per_token,
+    load_lm,
+)
 from .speculative import DRAFT_TOKEN_GRID, LOOKUP_GRID, MIN_CONFIDENCE_GRID
 
 __all__ = ["LMCandidate", "run_lm_entry"]
@@ -60,11 +67,6 @@ class LMCandidate:
     footprint: dict = field(default_factory=dict)  # peak memory, its scope and runtime
     measured_on: str = "host"  # where speed and memory were taken: "host" or the board
     board: dict = field(default_factory=dict)  # the board's environment and versions, with --host
-
-
-def _macs_per_token(model: nn.Module) -> int:
-    """Multiply-accumulates of the linear layers per generated token (attention over the context excluded)."""
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def _splits(ctx: RunContext, tokenizer) -> TextSplits:
@@ -269,11 +271,21 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     loaded.tokenizer.save_pretrained(str(run / "tokenizer"))  # for `edgekd generate`
     student, init = _student(ctx, teacher, teacher_key, splits)
     stages: list[dict] = [{"name": "teacher", "duration_s": teacher_seconds, "source": loaded.source,
-                           "params": count_lm_params(teacher), "macs": _macs_per_token(teacher)}]
+                           "params": count_lm_params(teacher), "macs": lm_macs_per_token(teacher)}]
     baseline = None
     if "distill" in cfg.stages:
         student, entry, baseline = _distill(ctx, teacher, teacher_key, student, splits, init)
         stages.append({"name": "distill", "init": init, **entry})
+    unpruned = None  # the student before pruning, where pruning narrowed it: its figures are the distill stage's
+    if "prune" in cfg.stages:
+        from ..prune.lm_stage import run_lm_prune
+
+        width = student.config.intermediate_size
+        pruned, prune_entry = run_lm_prune(ctx, teacher, teacher_key, student.eval(), splits)
+        stages.append({"name": "prune", **prune_entry})
+        if pruned.config.intermediate_size != width:
+            unpruned = student
+        student = pruned
     student.eval()
     t_config = teacher.config
     layers = t_config.num_hidden_layers
@@ -289,9 +301,14 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         from .jetson import run_lm_jetson
 
         return run_lm_jetson(ctx, loaded.source, {"model": student.config, "teacher": t_config}, splits, stages,
-                             {"params": count_lm_params(student), "macs": _macs_per_token(student)},
+                             {"params": count_lm_params(student), "macs": lm_macs_per_token(student)},
                              lambda dec: _parity(student, dec, splits.test.ids), t_export)
     cands = {"fp32": LMCandidate("fp32", "fp32", run / "model.fp32.onnx", "FP32")}
+    unpruned_c = None
+    if unpruned is not None:
+        path = ctx.stage_dir("prune") / "unpruned.onnx"
+        export_lm_onnx(unpruned.eval(), path, ctx.profile.opset, fused=ort and fusable(unpruned.config))
+        unpruned_c = LMCandidate("unpruned", "fp32", path, "unpruned FP32")
     teacher_c = LMCandidate("teacher", "fp32", run / "teacher.fp32.onnx", "teacher FP32")
     base_c = None
     if baseline is not None:
@@ -315,10 +332,11 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             else:
                 cands[w] = LMCandidate(w, precision(w), onnx_q, WEIGHT_FORMATS[w])
         quantize_seconds = round(time.perf_counter() - tq, 2)
-    opened = [teacher_c, *cands.values(), *([base_c] if base_c else [])]
+    opened = [teacher_c, *cands.values(), *([base_c] if base_c else []), *([unpruned_c] if unpruned_c else [])]
     try:
         for c in opened:
-            _open(ctx, c, t_config if c is teacher_c else student.config, layers if c is teacher_c else s_layers)
+            _open(ctx, c, t_config if c is teacher_c else unpruned.config if c is unpruned_c else student.config,  # type: ignore[union-attr]
+                  layers if c is teacher_c else s_layers)
         stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
                        "opset": ctx.profile.opset, "kv_cache": True,
                        "attention": "fused (ONNX Runtime GroupQueryAttention)" if fused else "plain ONNX operators",
@@ -365,6 +383,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         if base_c is not None:
             base_c.figures = _quality(base_c.decoder, test, teacher_picks)[0]  # type: ignore[arg-type]
             base_c.figures["teacher_agreement"] = base_c.figures.pop("next_token_agreement")
+        if unpruned_c is not None:
+            unpruned_c.figures = _quality(unpruned_c.decoder, test, teacher_picks)[0]  # type: ignore[arg-type]
+            unpruned_c.figures["teacher_agreement"] = unpruned_c.figures.pop("next_token_agreement")
         test_prompts = splits.test.prompts(spec_cfg.prompts, spec_cfg.prompt_tokens)
         if len(test_prompts) < spec_cfg.prompts:
             ctx.notes.append(f"speculative.prompts {spec_cfg.prompts}: the test split has {len(test_prompts)} blocks, "
@@ -399,12 +420,14 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             if c.runner is not None:
                 c.runner.close()
     if "distill" in cfg.stages:
-        assemble_lm.distill_figures(stages[1], cands["fp32"], teacher_c, base_c)
+        assemble_lm.distill_figures(stages[1], unpruned_c or cands["fp32"], teacher_c, base_c)
+    if "prune" in cfg.stages:
+        assemble_lm.prune_figures(next(s for s in stages if s["name"] == "prune"), cands["fp32"], unpruned_c)
     if "quantize" in cfg.stages:
         stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds, hosts[0] if hosts else None))
     stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads,
                    "measured_on": hosts[0] if hosts else "host"})
     report = assemble_lm.report(ctx, loaded.source, t_config, splits, stages, teacher_c, cands, name, why, spec,
-                                {"params": count_lm_params(student), "macs": _macs_per_token(student)}, student.config,
+                                {"params": count_lm_params(student), "macs": lm_macs_per_token(student)}, student.config,
                                 remote)
     return report

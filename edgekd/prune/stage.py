@@ -167,7 +167,7 @@ def run_prune(ctx: RunContext, teacher: nn.Module, model: nn.Module, upstream: s
     cfg, splits = ctx.config, ctx.splits
     p = cfg.prune
     board = ctx.board is not None and ctx.profile.backend != "tensorrt"  # a Jetson times one engine per session
-    key = ctx.key("prune-v5", upstream, p.model_dump(mode="json"), cfg.distill.temperature,
+    key = ctx.key("prune-v5", upstream, p.key_dump(), cfg.distill.temperature,
                   ctx.profile.round_to, ctx.profile.name, ctx.threads, ctx.board[0] if board else None)
     out = ctx.stage_dir("prune")
     hit = ctx.cached("prune", key)

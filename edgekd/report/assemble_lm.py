@@ -93,6 +93,16 @@ def distill_figures(entry: dict, fp32, teacher, baseline) -> None:
         entry["perplexity_vs_baseline"] = round(fp32.figures["perplexity"] / baseline.figures["perplexity"] - 1, 4)
 
 
+def prune_figures(entry: dict, pruned, unpruned) -> None:
+    """The prune stage's test figures (the pruned FP32 student through the target's runtime) beside the unpruned
+    student's (None where the stage kept it)."""
+    entry.update({k: pruned.figures.get(k) for k in ("perplexity", "accuracy", "teacher_agreement")})
+    entry["measured_with"] = "the exported FP32 decoder on the target's runtime, test split"
+    if unpruned is not None:
+        entry["unpruned"] = {k: unpruned.figures.get(k) for k in ("perplexity", "accuracy", "teacher_agreement")}
+        entry["perplexity_increase"] = round(100.0 * (pruned.figures["perplexity"] / unpruned.figures["perplexity"] - 1), 3)
+
+
 def _memory(c) -> dict:
     """peak_memory_mb with its scope and the runtime that produced it, or null with the reason."""
     fp = getattr(c, "footprint", None) or {}

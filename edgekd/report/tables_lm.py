@@ -94,6 +94,32 @@ def distill_table(report: dict) -> Table | None:
     return t
 
 
+def prune_table(report: dict) -> Table | None:
+    """The student before and after its MLPs were narrowed: width, size, cost, validation and test perplexity."""
+    p = stage(report, "prune")
+    if not p:
+        return None
+    t = Table(["student", "MLP channels a layer", "params", "linear MACs a token", "validation perplexity",
+               "test perplexity", "agreement with the teacher"])
+    width = p.get("intermediate_size") or {}
+    unpruned = p.get("unpruned") or {}
+    same = width.get("after") == width.get("before")
+    t.rows.append([Cell("unpruned"), Cell(str(width.get("before", "—"))), figure(p.get("before") or {}, "params", fmt_count),
+                   figure(p.get("before") or {}, "macs", fmt_count), figure(p, "val_perplexity_unpruned", fmt_num),
+                   figure(p if same else unpruned, "perplexity", fmt_num),
+                   figure(p if same else unpruned, "teacher_agreement", fmt_pct)])
+    for tried in p.get("steps") or []:
+        kind, value = next(iter((tried.get("amount") or {"?": "?"}).items()))
+        kept = tried.get("accepted") and not same
+        label = f"pruned ({kind} {value}), fine-tuned {(p.get('finetune') or {}).get('steps', '?')} steps"
+        label += " ← kept" if kept else " (over prune.max_perplexity_increase: not kept)"
+        t.rows.append([Cell(label), Cell(str(tried.get("intermediate_size", "—"))), figure(tried, "params", fmt_count),
+                       figure(tried, "macs", fmt_count), figure(tried, "val_perplexity", fmt_num),
+                       figure(p, "perplexity", fmt_num) if kept else Cell("—"),
+                       figure(p, "teacher_agreement", fmt_pct) if kept else Cell("—")])
+    return t
+
+
 def _draft(s: dict) -> str:
     """How a setting drafts: the student's length and floor, with or without context lookup, or lookup alone."""
     k, c = s.get("draft_tokens"), s.get("min_confidence")
@@ -196,6 +222,11 @@ def lm_sections(report: dict) -> list[tuple[str, Table]]:
     if d is not None:
         base = isinstance((stage(report, "distill") or {}).get("baseline"), dict)
         out.append(("Distillation against cross-entropy alone" if base else "Distillation", d))
+    p = prune_table(report)
+    if p is not None:
+        budget = (stage(report, "prune") or {}).get("max_perplexity_increase")
+        within = f", within prune.max_perplexity_increase {budget:g}% on validation" if budget is not None else ""
+        out.append((f"Pruning the student's MLPs (the same channels kept in every layer{within})", p))
     s = speculative_table(report)
     if s is not None:
         head = ((report.get("speculative") or {}).get("draft") or {}).get("head")

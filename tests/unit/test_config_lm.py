@@ -20,7 +20,12 @@ def test_causal_lm_defaults():
     ({"data": {"dataset": "text"}}, "data.dataset text needs task: causal-lm"),
     ({"speculative": {"draft_tokens": 4}}, "speculative is read only with task: causal-lm"),
     ({"gates": {"max_perplexity": 30}}, "gates.max_perplexity is read only with task: causal-lm"),
-    ({"task": "causal-lm", "stages": ["distill", "prune"]}, "the prune stage is for image classifiers"),
+    ({"task": "causal-lm", "prune": {"target_speedup": 2}}, "prune.target_speedup is for image classifiers"),
+    ({"task": "causal-lm", "prune": {"finetune_epochs": 3}}, "prune.finetune_epochs is for image classifiers"),
+    ({"task": "causal-lm", "prune": {"criterion": "taylor"}}, "prune.criterion taylor is for image classifiers"),
+    ({"prune": {"finetune_steps": 10}}, "prune.finetune_steps is read only with task: causal-lm"),
+    ({"prune": {"max_perplexity_increase": 5}}, "prune.max_perplexity_increase is read only with task: causal-lm"),
+    ({"prune": {"criterion": "activation"}}, "prune.criterion activation is read only with task: causal-lm"),
     ({"task": "causal-lm", "data": {"dataset": "digits"}}, "data.dataset must be text"),
     ({"task": "causal-lm", "student": {"model": "edge_cnn"}}, "student.model must be teacher"),
     ({"task": "causal-lm", "data": {"files": []}}, "data.files is empty"),
@@ -54,6 +59,14 @@ def test_image_cache_keys_leave_the_lm_keys_out():
     assert c.data.key_dump()["dataset"] == "digits" and "temperature" in c.distill.key_dump()
     lm = from_dict({"task": "causal-lm"})
     assert lm.data.key_dump()["seq_len"] == 256
+
+
+def test_a_causal_lm_prunes_by_activation_within_a_perplexity_budget():
+    c = from_dict({"task": "causal-lm", "stages": ["distill", "prune", "quantize"], "prune": {"ratio": 0.5}})
+    assert (c.prune.criterion, c.prune.max_perplexity_increase, c.prune.amount()) == ("activation", 10.0, ("ratio", 0.5))
+    assert from_dict(c.model_dump(mode="json")) == c
+    image = from_dict({})
+    assert image.prune.criterion == "l2" and not {"finetune_steps", "max_perplexity_increase"} & set(image.prune.key_dump())
 
 
 def test_saved_configs_load_again():
