@@ -17,7 +17,10 @@ LM_ONLY_STUDENT = (*LM_STUDENT_SIZES, "init", "layer_choice")
 LM_ONLY_PRUNE = ("finetune_steps", "max_perplexity_increase")
 IMAGE_ONLY_PRUNE = ("target_speedup", "target_latency_ms", "global_pruning", "ignored_layers", "steps",
                     "finetune_epochs", "latency_guided", "max_accuracy_drop")
-LM_PRUNE_DEFAULTS = {"criterion": "activation", "max_perplexity_increase": 10.0}
+# a fine-tune of an already distilled student: a tenth of the distill stage's learning rate and its alpha (on
+# SmolLM2's student with a quarter of its MLP channels pruned, 100 steps: validation perplexity +4.2% against
+# the unpruned student at 1e-4 and alpha 0.5, +9.4% at alpha 0.9, +13.2% at 1e-3 and 0.9; BENCHMARKS.md)
+LM_PRUNE_DEFAULTS = {"criterion": "activation", "max_perplexity_increase": 10.0, "lr": 1e-4, "kd_alpha": 0.5}
 LM_ONLY_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
 # teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)

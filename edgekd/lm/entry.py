@@ -269,6 +269,10 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     write_npz(run / "eval.npz", x=splits.test.ids.numpy())
     write_npz(run / "calib.npz", x=splits.val.ids.numpy())
     loaded.tokenizer.save_pretrained(str(run / "tokenizer"))  # for `edgekd generate`
+    if "prune" in cfg.stages:  # an amount the student's MLPs cannot reach stops here, before any training
+        from ..prune.lm_stage import kept_width
+
+        kept_width(build_lm_student(teacher, cfg.student.lm_sizes(), "scratch", cfg.seed)[0], *cfg.prune.amount())
     student, init = _student(ctx, teacher, teacher_key, splits)
     stages: list[dict] = [{"name": "teacher", "duration_s": teacher_seconds, "source": loaded.source,
                            "params": count_lm_params(teacher), "macs": lm_macs_per_token(teacher)}]
@@ -391,6 +395,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             ctx.notes.append(f"speculative.prompts {spec_cfg.prompts}: the test split has {len(test_prompts)} blocks, "
                              f"one prompt each: {len(test_prompts)} prompts timed")
         timed = {"teacher": teacher_c, **cands}
+        if unpruned_c is not None:  # what pruning bought in speed: the unpruned FP32 student in the same rounds
+            timed["unpruned"] = unpruned_c
+            shapes["unpruned"] = shapes["fp32"]
         remote = []
         if hosts:
             for h in hosts:  # the first board's figures are the report's; every board's are in report["remote"]

@@ -47,11 +47,11 @@ def _channel_cost(model: nn.Module) -> int:
 
 def kept_width(model: nn.Module, kind: str, value: float) -> int:
     """The intermediate channels every layer keeps for prune.<kind> `value`: a ratio of the channels removed
-    (rounded toward more removed), or the share of the student's parameters or linear MACs per token kept
+    (to the nearest block of ROUND_TO), or the share of the student's parameters or linear MACs per token kept
     (at most that share); BadInputError where the MLPs alone cannot reach it or it removes nothing."""
     width = int(model.config.intermediate_size)
     if kind == "ratio":
-        keep = math.floor(width * (1 - value) / ROUND_TO) * ROUND_TO
+        keep = math.floor(width * (1 - value) / ROUND_TO + 0.5) * ROUND_TO
     elif kind in ("target_params", "target_macs"):
         base = count_lm_params(model) if kind == "target_params" else lm_macs_per_token(model)
         keep = (width - math.ceil((1 - value) * base / _channel_cost(model))) // ROUND_TO * ROUND_TO
@@ -173,11 +173,15 @@ def run_lm_prune(ctx: RunContext, teacher: nn.Module, teacher_key: str, student:
         return model.eval(), {**hit, "resumed": True}
     t0 = time.perf_counter()
     width = int(student.config.intermediate_size)
-    amounts = [p.amount()]
+    amounts = [(p.amount(), kept_width(student, *p.amount()))]  # an amount the MLPs cannot reach stops here
     gentler = p.gentler() if p.max_perplexity_increase is not None else None
     if gentler is not None:
-        amounts.append(gentler.amount())
-    first = kept_width(student, *amounts[0])  # an amount the MLPs cannot reach stops before any work
+        try:
+            half = kept_width(student, *gentler.amount())
+            if half > amounts[0][1]:
+                amounts.append((gentler.amount(), half))
+        except BadInputError:  # half as far removes no block of channels: only the first amount is tried
+            pass
     amp = lm_amp(d.precision)
     steps = p.finetune_steps or max(1, -(-len(splits.train) // cfg.data.batch_size) // 4)
     cache, cache_info = None, None
@@ -188,14 +192,7 @@ def run_lm_prune(ctx: RunContext, teacher: nn.Module, teacher_key: str, student:
     before = {"params": count_lm_params(student), "macs": lm_macs_per_token(student)}
     tries: list[dict] = []
     chosen = None
-    for n, (kind, value) in enumerate(amounts):
-        if n == 0:
-            keep = first
-        else:
-            try:
-                keep = kept_width(student, kind, value)
-            except BadInputError:  # half as far removes no block of channels: the unpruned student stays
-                break
+    for (kind, value), keep in amounts:
         model = copy.deepcopy(student)
         torch.manual_seed(cfg.seed)
         kept = narrow_mlps(model, keep, p.criterion, splits.train.ids[:IMPORTANCE_BLOCKS], cfg.data.batch_size)
@@ -216,7 +213,7 @@ def run_lm_prune(ctx: RunContext, teacher: nn.Module, teacher_key: str, student:
             chosen = model
             break
     model = chosen if chosen is not None else student
-    metrics: dict = {"method": METHOD, "criterion": p.criterion, "amount": dict(amounts[:1]), "round_to": ROUND_TO,
+    metrics: dict = {"method": METHOD, "criterion": p.criterion, "amount": dict([amounts[0][0]]), "round_to": ROUND_TO,
                      "intermediate_size": {"before": width, "after": int(model.config.intermediate_size)},
                      "before": before,
                      "after": {"params": count_lm_params(model), "macs": lm_macs_per_token(model)},

@@ -98,9 +98,15 @@ def prune_figures(entry: dict, pruned, unpruned) -> None:
     student's (None where the stage kept it)."""
     entry.update({k: pruned.figures.get(k) for k in ("perplexity", "accuracy", "teacher_agreement")})
     entry["measured_with"] = "the exported FP32 decoder on the target's runtime, test split"
-    if unpruned is not None:
-        entry["unpruned"] = {k: unpruned.figures.get(k) for k in ("perplexity", "accuracy", "teacher_agreement")}
-        entry["perplexity_increase"] = round(100.0 * (pruned.figures["perplexity"] / unpruned.figures["perplexity"] - 1), 3)
+    if unpruned is None:
+        return
+    entry["unpruned"] = {k: unpruned.figures.get(k) for k in ("perplexity", "accuracy", "teacher_agreement")}
+    entry["perplexity_increase"] = round(100.0 * (pruned.figures["perplexity"] / unpruned.figures["perplexity"] - 1), 3)
+    mine, theirs = pruned.speed.get("decode_tokens_per_s"), unpruned.speed.get("decode_tokens_per_s")
+    if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)):  # FP32 both, in the same rounds
+        entry["decode_tokens_per_s"], entry["unpruned"]["decode_tokens_per_s"] = mine, theirs
+        entry["speedup_vs_unpruned"] = round(mine / theirs, 3)
+        entry["speed_measured_on"] = pruned.measured_on
 
 
 def _memory(c) -> dict:

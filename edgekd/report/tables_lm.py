@@ -100,14 +100,15 @@ def prune_table(report: dict) -> Table | None:
     if not p:
         return None
     t = Table(["student", "MLP channels a layer", "params", "linear MACs a token", "validation perplexity",
-               "test perplexity", "agreement with the teacher"])
+               "test perplexity", "agreement with the teacher", "decode (FP32)"])
     width = p.get("intermediate_size") or {}
     unpruned = p.get("unpruned") or {}
     same = width.get("after") == width.get("before")
     t.rows.append([Cell("unpruned"), Cell(str(width.get("before", "—"))), figure(p.get("before") or {}, "params", fmt_count),
                    figure(p.get("before") or {}, "macs", fmt_count), figure(p, "val_perplexity_unpruned", fmt_num),
                    figure(p if same else unpruned, "perplexity", fmt_num),
-                   figure(p if same else unpruned, "teacher_agreement", fmt_pct)])
+                   figure(p if same else unpruned, "teacher_agreement", fmt_pct),
+                   Cell("—") if same else figure(unpruned, "decode_tokens_per_s", fmt_tps)])
     for tried in p.get("steps") or []:
         kind, value = next(iter((tried.get("amount") or {"?": "?"}).items()))
         kept = tried.get("accepted") and not same
@@ -116,7 +117,8 @@ def prune_table(report: dict) -> Table | None:
         t.rows.append([Cell(label), Cell(str(tried.get("intermediate_size", "—"))), figure(tried, "params", fmt_count),
                        figure(tried, "macs", fmt_count), figure(tried, "val_perplexity", fmt_num),
                        figure(p, "perplexity", fmt_num) if kept else Cell("—"),
-                       figure(p, "teacher_agreement", fmt_pct) if kept else Cell("—")])
+                       figure(p, "teacher_agreement", fmt_pct) if kept else Cell("—"),
+                       figure(p, "decode_tokens_per_s", fmt_tps) if kept else Cell("—")])
     return t
 
 

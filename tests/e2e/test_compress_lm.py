@@ -196,6 +196,62 @@ def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm
     assert second["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
 
 
+def _pruned_run(lm_run, out, **prune):
+    _, _, teacher, cache = lm_run
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    try:
+        cfg = lm_config(teacher, stages=["distill", "prune", "quantize"], quantize={"weights": ["int8"]},
+                        distill={"baseline": False}, prune={"ratio": 0.5, "finetune_steps": 8, **prune})
+        return Pipeline(cfg, target="cpu", out=out).run()
+    finally:
+        mp.undo()
+
+
+def test_the_prune_stage_narrows_the_mlps_and_fine_tunes_from_the_distill_stages_cache(lm_run, tmp_path):
+    report = _pruned_run(lm_run, tmp_path / "pruned", max_perplexity_increase=1000)
+    stages = {s["name"]: s for s in report["stages"]}
+    p, d = stages["prune"], stages["distill"]
+    assert p["intermediate_size"] == {"before": 64, "after": 32} and p["criterion"] == "activation"
+    per_channel = 3 * 32 * 2  # a gate row, an up row and a down column of width 32 in each of 2 layers
+    assert p["before"]["params"] - p["after"]["params"] == 32 * per_channel
+    assert p["before"]["macs"] - p["after"]["macs"] == 32 * per_channel
+    assert report["final"]["params"] == p["after"]["params"] and p["reached"]
+    cache = p["finetune"]["teacher_cache"]
+    assert cache["reused"] and cache["built_batches"] == 0 and cache["directory"] == d["teacher_cache"]["directory"]
+    [tried] = p["steps"]
+    assert tried["accepted"] and tried["intermediate_size"] == 32 and len(tried["activation_kept"]) == 2
+    assert tried["val_perplexity_increase"] == pytest.approx(100 * (tried["val_perplexity"] / p["val_perplexity_unpruned"] - 1),
+                                                            abs=1e-2)
+    # test figures through ONNX Runtime: the distill stage's are the unpruned student's, the prune stage's the final's
+    assert d["perplexity"] == p["unpruned"]["perplexity"] and p["perplexity"] != d["perplexity"]
+    assert p["perplexity_increase"] == pytest.approx(100 * (p["perplexity"] / d["perplexity"] - 1), abs=1e-2)
+    fp32 = next(c for c in stages["quantize"]["candidates"] if c["name"] == "fp32")
+    assert fp32["perplexity"] == p["perplexity"] and p["decode_tokens_per_s"] == fp32["decode_tokens_per_s"]
+    assert p["speedup_vs_unpruned"] == pytest.approx(p["decode_tokens_per_s"] / p["unpruned"]["decode_tokens_per_s"],
+                                                     rel=1e-2) and p["speed_measured_on"] == "host"
+    md = (tmp_path / "pruned" / "report.md").read_text()
+    assert "### Pruning the student's MLPs" in md and "pruned (ratio 0.5), fine-tuned 8 steps ← kept | 32 |" in md
+    if CHECK_RUN.is_file():
+        res = subprocess.run([sys.executable, str(CHECK_RUN), str(tmp_path / "pruned")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+    again = _pruned_run(lm_run, tmp_path / "pruned", max_perplexity_increase=1000)
+    p2 = next(s for s in again["stages"] if s["name"] == "prune")
+    assert p2["resumed"] and p2["perplexity"] == pytest.approx(p["perplexity"], rel=1e-6)
+
+
+def test_a_prune_over_its_perplexity_budget_keeps_the_unpruned_student(lm_run, tmp_path):
+    report = _pruned_run(lm_run, tmp_path / "over", criterion="random", finetune_steps=1, lr=1e-9,
+                         max_perplexity_increase=0)
+    p = next(s for s in report["stages"] if s["name"] == "prune")
+    # half as far (ratio 0.25) keeps all 64 channels in blocks of 32: it is not tried
+    [tried] = p["steps"]
+    assert tried["amount"] == {"ratio": 0.5} and not tried["accepted"] and tried["val_perplexity_increase"] > 0
+    assert p["intermediate_size"] == {"before": 64, "after": 64} and p["after"] == p["before"] and not p["reached"]
+    assert "the unpruned student is kept" in p["note"] and any(n.startswith("prune: pruning added") for n in report["notes"])
+    assert "unpruned" not in p and report["final"]["params"] == p["before"]["params"]
+
+
 def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     from types import SimpleNamespace
 
@@ -469,6 +525,8 @@ def test_lm_hosts_it_cannot_measure_on_are_one_clear_line(lm_run, tmp_path, caps
     ({"speculative": {"prompt_tokens": 8, "max_new_tokens": 250}},
      "speculative.prompt_tokens 8 + max_new_tokens 250: the teacher takes at most 256 positions"),
     ({"student": {"layers": 5}}, "student.layers 5: init teacher copies a subset of the teacher's 4 layers"),
+    ({"stages": ["distill", "prune", "quantize"], "prune": {"target_params": 0.1}},
+     "prune.target_params 0.1: narrowing the student's MLPs to 32 channels keeps 0.787 of its parameters"),
 ])
 def test_lm_sizes_beyond_the_teacher_are_one_clear_line(lm_run, tmp_path, capsys, extra, needle):
     from edgekd.cli import main
@@ -481,6 +539,7 @@ def test_lm_sizes_beyond_the_teacher_are_one_clear_line(lm_run, tmp_path, capsys
     errors = [line for line in err.splitlines() if line.startswith("edgekd: error:")]  # after the progress lines
     assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err
     assert not (tmp_path / "r" / "report.json").exists()
+    assert not (tmp_path / "r" / "stages" / "distill" / "done.json").exists()  # before any training
 
 
 def test_a_teacher_the_export_cannot_write_stops_before_any_training(tmp_path, capsys):

@@ -64,6 +64,8 @@ def test_image_cache_keys_leave_the_lm_keys_out():
 def test_a_causal_lm_prunes_by_activation_within_a_perplexity_budget():
     c = from_dict({"task": "causal-lm", "stages": ["distill", "prune", "quantize"], "prune": {"ratio": 0.5}})
     assert (c.prune.criterion, c.prune.max_perplexity_increase, c.prune.amount()) == ("activation", 10.0, ("ratio", 0.5))
+    assert (c.prune.lr, c.prune.kd_alpha) == (1e-4, 0.5)  # a fine-tune of a distilled student
+    assert from_dict({"task": "causal-lm", "prune": {"lr": 1e-3}}).prune.lr == 1e-3
     assert from_dict(c.model_dump(mode="json")) == c
     image = from_dict({})
     assert image.prune.criterion == "l2" and not {"finetune_steps", "max_perplexity_increase"} & set(image.prune.key_dump())
