@@ -8,8 +8,9 @@ projection's input over training blocks; l1/l2 by its weights; random by chance.
 dependency graph finds what a channel couples (the gate and up rows, the down column) and removes them
 together.
 
-The fine-tune distils from the teacher's top-k cache over the training blocks, the one the distill stage
-built (reused, not rebuilt), at prune.kd_alpha against next-token cross-entropy, for prune.finetune_steps
+The fine-tune distils from the teacher's top-k cache over the training blocks as written, the one the
+distill stage built (reused, not rebuilt; with distill.sequence_kd that stage's cache holds rewritten blocks,
+and this one is built once more), at prune.kd_alpha against next-token cross-entropy, for prune.finetune_steps
 steps (default a quarter pass). Validation judges: where the fine-tuned student's validation perplexity
 is more than prune.max_perplexity_increase percent over the unpruned student's, the stage prunes half as
 far, then keeps the unpruned student."""
@@ -27,6 +28,7 @@ from ..context import RunContext
 from ..data.text import TextSplits
 from ..distill.lm_stage import teacher_topk_cache
 from ..distill.lm_trainer import SELECTION_BLOCKS, lm_amp, perplexity, train_lm
+from ..distill.trainer import PRECISION_NAMES as PRECISION
 from ..errors import BadInputError, StageError
 from ..lm.models import count_lm_params, lm_layers, lm_macs_per_token
 from ..runs import atomic_path, hash_arrays
@@ -221,7 +223,7 @@ def run_lm_prune(ctx: RunContext, teacher: nn.Module, teacher_key: str, student:
                      "val_perplexity_unpruned": round(base, 4), "max_perplexity_increase": p.max_perplexity_increase,
                      "chosen_on": f"the first {len(val)} validation blocks",
                      "finetune": {"steps": steps, "lr": p.lr, "alpha": p.kd_alpha, "loss": d.loss,
-                                  "precision": "bf16" if amp is torch.bfloat16 else "fp32",
+                                  "precision": PRECISION[amp],
                                   **({"teacher_cache": cache_info} if cache_info else {})},
                      "steps": tries}
     if chosen is None:
