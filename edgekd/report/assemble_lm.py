@@ -305,8 +305,8 @@ def bundle_quantize_entry(ctx: RunContext, info: dict, portable: dict, reason: s
 
 
 def _bundle_distill(entry: dict, reason: str) -> None:
-    """The distill stage keeps what training measured (PyTorch, validation split); its test figures would be
-    the engine's, so they are null with the reason."""
+    """The distill (or prune) stage keeps what training measured (PyTorch, validation split); its test figures
+    would be the engine's, so they are null with the reason."""
     entry["measured_with"] = "PyTorch during training, validation split (val_perplexity)"
     entry.update(_nulls(("perplexity", "accuracy", "teacher_agreement"), reason))
     if isinstance(entry.get("baseline"), dict):
@@ -318,7 +318,7 @@ def bundle_report(ctx: RunContext, source: str, configs: dict, splits, stages: l
     """The whole report for a causal-LM run whose target builds and times its engines itself (Jetson)."""
     path, tentry = info["path"], stages[0]
     for st in stages:
-        if st["name"] == "distill":
+        if st["name"] in ("distill", "prune"):
             _bundle_distill(st, reason)
     served = {"precision": "fp16", "backend": "tensorrt", "measured_on": None,
               "latency_runtime": "tensorrt fp16, on the board (not measured here)"}

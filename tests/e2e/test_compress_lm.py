@@ -252,6 +252,24 @@ def test_a_prune_over_its_perplexity_budget_keeps_the_unpruned_student(lm_run, t
     assert "unpruned" not in p and report["final"]["params"] == p["before"]["params"]
 
 
+def test_a_pruned_student_for_a_jetson_bundle_says_its_test_figures_are_not_measured(lm_run, tmp_path, monkeypatch):
+    from edgekd.cli import main
+
+    _, _, teacher, cache = lm_run
+    monkeypatch.setenv("EDGEKD_CACHE", str(cache))
+    cfg = tmp_path / "lm.json"
+    cfg.write_text(json.dumps(lm_raw(teacher, stages=["distill", "prune", "quantize"], quantize={"weights": ["int8"]},
+                                     distill={"baseline": False, "steps": 5},
+                                     prune={"ratio": 0.5, "finetune_steps": 4, "max_perplexity_increase": None},
+                                     gates={"max_perplexity_increase": None})))
+    assert main(["compress", "--config", str(cfg), "--target", "jetson", "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    p = next(s for s in report["stages"] if s["name"] == "prune")
+    assert p["intermediate_size"] == {"before": 64, "after": 32} and report["final"]["params"] == p["after"]["params"]
+    assert p["perplexity"] is None and "TensorRT is not installed here" in p["not_measured"]["perplexity"]
+    assert p["steps"][0]["accepted"] and p["max_perplexity_increase"] is None  # no limit: the first amount stays
+
+
 def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     from types import SimpleNamespace
 
