@@ -24,7 +24,9 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
     teacher = tiny_llama_dir(tmp_path / "teacher")
     cfg = tmp_path / "lm.yaml"  # JSON is YAML
     cfg.write_text(json.dumps(lm_raw(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8"]},
-                                     speculative={"prompts": 2}, gates={"max_memory_mb": 1e6})))
+                                     speculative={"prompts": 2}, gates={"max_memory_mb": 1e6},
+                                     stages=["distill", "prune", "quantize"],
+                                     prune={"ratio": 0.5, "finetune_steps": 4, "max_perplexity_increase": None})))
     profile = tmp_path / "pi.yaml"
     profile.write_text(f"name: test-pi\nbackend: onnxruntime\narch: aarch64\nthreads: 1\n"
                        f"remote: {{workdir: {tmp_path}, timeout_s: 120, connect_timeout_s: 5}}\n")
@@ -63,6 +65,9 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
         assert c["selection"]["speed_generations"] == 2 * min(8, rep["data"]["validation"]["blocks"])
         assert c["decode_tokens_per_s"] > 0 and c["peak_memory_mb"] > 10
     assert stages["bench"]["measured_on"] == "board"
+    p = stages["prune"]  # the pruned and the unpruned FP32 student timed in the same rounds on the board
+    assert p["intermediate_size"]["after"] == 32 and p["speed_measured_on"] == "board"
+    assert p["unpruned"]["decode_tokens_per_s"] > 0 and p["speedup_vs_unpruned"] > 0
     spec = rep["speculative"]  # on the board too: the floor chosen there on validation prompts, then the test
     assert spec["measured_on"] == "board" and spec["identical"] == 2 and spec["prompts"] == 2
     assert "x86_64 processor where test-pi is aarch64" in spec["measured_on_note"]
