@@ -90,6 +90,8 @@ def check_task(cfg) -> None:
         return
     if cfg.data.dataset == "text":
         raise ValueError("data.dataset text needs task: causal-lm")
+    if cfg.data.text_field != type(cfg.data).model_fields["text_field"].default:
+        raise ValueError("data.text_field is read only with task: causal-lm (JSON Lines text)")
     if cfg.speculative is not None:
         raise ValueError("speculative is read only with task: causal-lm")
     # a key at its default is not refused: a saved config (every key written out) must load again

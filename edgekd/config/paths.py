@@ -30,9 +30,19 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
             raw[sect] = dict(raw[sect])
             fix(raw[sect], "model", is_model=True)
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("files"), list) and not data.get("root"):
-        data["files"] = [str(base / f) if isinstance(f, str) and f and not f.startswith(("/", "~")) else f
-                         for f in data["files"]]  # text files and globs, relative to the config file
+    if isinstance(data, dict) and not data.get("root"):  # text files and globs, relative to the config file
+        def joined(files: Any) -> Any:
+            if isinstance(files, str):
+                return joined([files])[0]
+            if not isinstance(files, list):
+                return files
+            return [str(base / f) if isinstance(f, str) and f and not f.startswith(("/", "~")) else f for f in files]
+
+        files = data.get("files")
+        if isinstance(files, list):
+            data["files"] = joined(files)
+        elif isinstance(files, dict) and {"train", "validation", "test"} & set(files):  # text splits named
+            data["files"] = {k: joined(v) for k, v in files.items()}
     teacher = raw.get("teacher")
     spec = teacher.get("model") if isinstance(teacher, dict) else None
     if isinstance(spec, str) and spec.startswith("gguf:") and not spec[5:].startswith(("/", "~")):

@@ -72,9 +72,15 @@ class LMCandidate:
 
 def _splits(ctx: RunContext, tokenizer) -> TextSplits:
     d = ctx.config.data
-    files = resolve_text_files(d.files, d.root) if isinstance(d.files, list) else stdlib_sources()
+    if isinstance(d.files, list):
+        files: list | dict = resolve_text_files(d.files, d.root)
+    elif d.files is not None:  # the splits named (TextSplitFiles)
+        files = {name: resolve_text_files(getattr(d.files, name), d.root, f"data.files.{name}")
+                 for name in ("train", "validation", "test") if getattr(d.files, name)}
+    else:
+        files = stdlib_sources()
     return build_text_splits(files, tokenizer, d.seq_len, SPLIT_SEED, d.val_fraction, d.test_fraction,
-                             d.max_train_tokens, d.max_eval_tokens)
+                             d.max_train_tokens, d.max_eval_tokens, d.text_field)
 
 
 def _draft(ctx: RunContext, final: LMCandidate, config, layers: int, splits: TextSplits, n: int

@@ -171,7 +171,7 @@ def _skeleton(ctx: RunContext, splits, teacher_block: dict, stages: list[dict]) 
                   "reported_on": f"test split ({summary['test']['blocks']} blocks, eval.npz)",
                   "calib_npz": "the validation blocks the candidates were chosen on (weight-only quantization "
                                "reads no calibration data)"}
-    rep = skeleton(ctx, "text: " + ("data.files" if isinstance(ctx.config.data.files, list)
+    rep = skeleton(ctx, "text: " + ("data.files" if ctx.config.data.files is not None
                                     else "Python's standard library sources"), None, teacher=teacher_block,
                    data_extra=data_extra)
     rep["task"] = "causal-lm"

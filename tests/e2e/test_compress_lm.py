@@ -196,6 +196,42 @@ def test_a_resumed_run_rebuilds_the_student_on_the_layers_the_first_run_chose(lm
     assert second["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
 
 
+def test_a_users_json_lines_in_named_splits_through_the_cli(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+
+    _, _, teacher, cache = lm_run
+    texts = [f.read_text(encoding="utf-8") for f in corpus_files(12)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"content": t, "id": i}) + "\n" for i, t in enumerate(texts[:10])))
+    (data / "test.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in texts[10:]))
+    raw = lm_raw(teacher, quantize={"weights": ["int8"]}, distill={"baseline": False, "steps": 6})
+    raw["data"] = {**raw["data"], "files": {"train": "data/train.jsonl", "test": ["data/test.jsonl"]},
+                   "text_field": "content"}
+    (tmp_path / "lm.json").write_text(json.dumps(raw))  # the data paths relative to the config file
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKD_CACHE", str(cache))
+    try:
+        assert main(["compress", "--quiet", "--config", str(tmp_path / "lm.json"), "--out", str(tmp_path / "run")]) == 0
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        with (data / "train.jsonl").open("a") as f:
+            f.write('{"body": "no content field"}\n')
+        code = main(["compress", "--quiet", "--config", str(tmp_path / "lm.json"), "--out", str(tmp_path / "bad")])
+    finally:
+        mp.undo()
+    d = report["data"]
+    assert d["split"] == "as named; validation carved from the training records, seeded"
+    # the records read (each split is bounded by tokens: 8, 2 and 2 records are there)
+    assert 1 <= d["train"]["documents"] <= 8 and 1 <= d["validation"]["documents"] <= 2 and 1 <= d["test"]["documents"] <= 2
+    assert d["train"]["files"] == d["validation"]["files"] == d["test"]["files"] == 1
+    assert report["final"]["perplexity"] > 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].endswith("train.jsonl line 11 has no 'content' field (its keys: body); set data.text_field, or "
+                           "write 'messages' (chat) or 'prompt' and 'completion'")
+    assert not (tmp_path / "bad" / "report.json").exists()
+
+
 def _pruned_run(lm_run, out, **prune):
     _, _, teacher, cache = lm_run
     mp = pytest.MonkeyPatch()

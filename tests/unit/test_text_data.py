@@ -35,7 +35,7 @@ def test_split_is_by_file_seeded_and_disjoint(tmp_path):
     assert not (set(train) & set(test)) and not (set(val) & set(test)) and not (set(train) & set(val))
     assert split_files(files, 7, 0.1, 0.2) == (train, val, test)
     assert split_files(files, 8, 0.1, 0.2)[2] != test
-    with pytest.raises(DataError, match="at least 3"):
+    with pytest.raises(DataError, match=r"at least 3 .*or the splits named: data.files: \{train"):
         split_files(files[:2], 0, 0.1, 0.1)
 
 
@@ -55,7 +55,7 @@ def test_blocks_join_files_with_eos_and_respect_the_token_bound(tmp_path):
     with pytest.raises(DataError, match="fewer than one block of data.seq_len 64"):
         tokenize_blocks(files[:1], encode, 0, seq_len=64)
     (tmp_path / "empty.py").write_text("  \n")
-    with pytest.raises(DataError, match=r"the test split's 2 file\(s\) give 11 tokens \(1 of them empty\)"):
+    with pytest.raises(DataError, match=r"the test split's 2 file\(s\) give 11 tokens \(1 document\(s\) empty\)"):
         tokenize_blocks([files[0], tmp_path / "empty.py"], encode, 0, seq_len=64, split="test")
 
 
@@ -67,9 +67,9 @@ def test_binary_and_non_utf8_files_are_named_not_tokenized(tmp_path):
 
     crlf = tmp_path / "crlf.txt"  # line ends read as text mode reads them: the tokens do not depend on them
     crlf.write_bytes(b"a b\r\nc d\re f\n")
-    from edgekd.data.text import _read
+    from edgekd.data.documents import read_text
 
-    assert _read(crlf) == "a b\nc d\ne f\n" == crlf.read_text()
+    assert read_text(crlf) == "a b\nc d\ne f\n" == crlf.read_text()
     latin = tmp_path / "latin.txt"  # a few Latin-1 bytes in text: kept, each replaced
     latin.write_bytes(b"caf\xe9 " * 3 + b"word " * 200)
     assert tokenize_blocks([latin], encode, 0, seq_len=4).tokens > 0
@@ -100,7 +100,8 @@ def test_build_splits_with_a_real_tokenizer(tmp_path):
     assert splits.vocab_size == len(tok) and splits.eos_token_id == tok.eos_token_id
     assert int(splits.train.ids.max()) < len(tok)
     summary = splits.summary()
-    assert set(summary) == {"train", "validation", "test"} and summary["test"]["files"] >= 1
+    assert set(summary) == {"split", "train", "validation", "test"} and summary["test"]["files"] >= 1
+    assert summary["split"] == "by file, seeded" and summary["test"]["documents"] == summary["test"]["files"]
     assert not set(splits.test.files) & set(splits.train.files)
 
 

@@ -1,0 +1,128 @@
+"""The documents of a text corpus's files: a plain text file is one document; a JSON Lines file (.jsonl,
+.ndjson) holds one document per record, as Hugging Face datasets and most LM fine-tuning data are written.
+Either may be gzip-compressed (.gz).
+
+A record's text is its `text_field` (data.text_field, default "text"); a chat record ({"messages": [{"role",
+"content"}, ...]}) is rendered with the teacher's chat template, as the model sees a conversation; a
+prompt-completion record ({"prompt", "completion"}) is the two joined. A line that is not JSON, or a
+record with none of these, is a DataError naming the file and line."""
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+
+__all__ = ["ChatRenderer", "Source", "document_texts", "is_records", "read_text", "record_count"]
+
+RECORD_SUFFIXES = (".jsonl", ".ndjson")
+
+ChatRenderer = Callable[[list], str]  # a chat record's messages as the text the model reads
+
+
+@dataclass(frozen=True)
+class Source:
+    """Some records of a JSON Lines file, in the order given (a split cut by record)."""
+
+    path: Path
+    records: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _name(path: Path) -> str:
+    return path.name[:-3] if path.name.endswith(".gz") else path.name
+
+
+def is_records(path: Path) -> bool:
+    """Whether the file holds one document per line (JSON Lines), by its name."""
+    return _name(path).lower().endswith(RECORD_SUFFIXES)
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"data.files: cannot read {path}: {e.strerror or e}") from None
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"data.files: {path} is not a readable gzip file ({e})") from None
+    return raw
+
+
+def read_text(path: Path) -> str:
+    """The file as text; a binary file (NUL bytes) or one that is mostly not UTF-8 is a DataError naming it,
+    not tokens of garbage (a few undecodable bytes, as in a Latin-1 comment, are replaced)."""
+    raw = _bytes(path)
+    if b"\x00" in raw:
+        raise DataError(f"data.files: {path} is not text (it holds NUL bytes); name text files only")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > max(16, len(text) // 100):
+        raise DataError(f"data.files: {path} is not UTF-8 text ({bad} undecodable bytes); name text files only")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a JSON Lines file with their line numbers (from 1)."""
+    return [(i, line) for i, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
+
+
+def record_count(path: Path) -> int:
+    """How many records a JSON Lines file holds (its non-blank lines)."""
+    return len(_lines(path))
+
+
+def _record_text(path: Path, line_no: int, line: str, field: str, chat: ChatRenderer | None) -> str:
+    where = f"data.files: {path} line {line_no}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where} is a JSON {type(rec).__name__}, not a record with a {field!r} field")
+    if field in rec:
+        value = rec[field]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {field!r} is a JSON {type(value).__name__}, not text")
+        return value
+    if "messages" in rec:
+        messages = rec["messages"]
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise DataError(f"{where}: 'messages' is not a list of {{'role', 'content'}} texts")
+        if chat is None:
+            raise DataError(f"{where} is a chat record, and the teacher's tokenizer has no chat template to "
+                            "render it with")
+        try:
+            return chat(messages)
+        except Exception as e:  # noqa: BLE001 - a template raises what its author wrote (jinja2 errors)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{where}: the teacher's chat template refused its messages ({first[:160]})") from None
+    if isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+        return rec["prompt"] + rec["completion"]
+    keys = ", ".join(sorted(rec)[:8]) or "none"
+    raise DataError(f"{where} has no {field!r} field (its keys: {keys}); set data.text_field, or write "
+                    "'messages' (chat) or 'prompt' and 'completion'")
+
+
+def document_texts(source: Path | Source, field: str = "text", chat: ChatRenderer | None = None) -> Iterator[str]:
+    """The documents of `source`, in order: the whole file, or a JSON Lines file's records (those a Source
+    names, in its order). Every record of a JSON Lines file is checked, read or not, so a bad line stops a
+    run whatever part of the file it uses."""
+    path = source.path if isinstance(source, Source) else source
+    if not is_records(path):
+        yield read_text(path)
+        return
+    texts = [_record_text(path, n, line, field, chat) for n, line in _lines(path)]  # every record checked
+    chosen: Sequence[int] = source.records if isinstance(source, Source) else range(len(texts))
+    for i in chosen:
+        yield texts[i]
