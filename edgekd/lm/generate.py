@@ -20,7 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description="Greedy generation with the final decoder of a finished causal-lm run; "
                                           "--speculative drafts with it for the run's teacher.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (task causal-lm)")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the text to continue")
+    given.add_argument("--prompt-file", metavar="FILE", help="the text to continue, read from FILE ('-': stdin)")
+    p.add_argument("--chat", action="store_true", help="the prompt as a user's message through the tokenizer's chat "
+                                                       "template, the assistant's turn to answer")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--speculative", action="store_true", help="the final model drafts (with the run's draft "
                                                                     "vocabulary), the teacher verifies")
@@ -95,10 +99,31 @@ def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> Non
                             f"need {prompt_tokens + max_new_tokens} positions; the model takes at most {min(limits)}")
 
 
+def _chat_ids(tok, prompt: str) -> list[int]:
+    """The prompt as one user message in the tokenizer's chat template, opening the assistant's turn."""
+    if not getattr(tok, "chat_template", None):
+        raise BadInputError("generate: --chat needs a chat template, and the run's tokenizer has none")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some transformers versions
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def read_prompt(path: str) -> str:
+    """--prompt-file's text ('-': standard input); a missing or unreadable file is bad input."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"generate: --prompt-file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
              draft_tokens: int | None = None, threads: int | None = None,
-             min_confidence: float | None = None, lookup: bool | None = None) -> dict:
-    """The continuation of `prompt` and its figures (see the module's docstring)."""
+             min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False) -> dict:
+    """The continuation of `prompt` and its figures (see the module's docstring); `chat`: the prompt as a
+    user's message in the chat template."""
     from transformers import AutoTokenizer
 
     from .speculative import UNCHOSEN, speculative_greedy
@@ -114,7 +139,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     target = report["target"]["name"]
     threads = threads or report["target"].get("threads")
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
-    ids = tok.encode(prompt, add_special_tokens=False)
+    ids = _chat_ids(tok, prompt) if chat else tok.encode(prompt, add_special_tokens=False)
     if not ids:
         raise BadInputError("generate: the prompt is empty after tokenisation")
     final = {**report["final"], "_target": target}
@@ -174,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
         from ..runs import check_output_file
 
         check_output_file(args.json_out, "generate: --json")
-    out = generate(args.run_dir, args.prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
-                   args.min_confidence, args.lookup)
+    prompt = args.prompt if args.prompt is not None else read_prompt(args.prompt_file)
+    out = generate(args.run_dir, prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
+                   args.min_confidence, args.lookup, chat=args.chat)
     print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("speculative"):

@@ -339,6 +339,32 @@ def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     assert SimpleNamespace(**report["final"]["decoder"]).num_hidden_layers == 2
 
 
+def test_generate_reads_a_prompt_file_and_a_chat_prompt_through_the_template(lm_run, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from edgekd.cli import main
+    from edgekd.lm.generate import generate
+
+    _, run, _, _ = lm_run
+    prompt = tmp_path / "prompt.py"
+    prompt.write_text("def f(x):\n    return")
+    out = tmp_path / "gen.json"
+    assert main(["generate", str(run), "--prompt-file", str(prompt), "--max-new-tokens", "6", "--json", str(out)]) == 0
+    from_file = json.loads(out.read_text())
+    assert from_file["token_ids"] == generate(run, "def f(x):\n    return", 6)["token_ids"]  # greedy: the same
+    assert main(["generate", str(run), "--prompt", "hi", "--chat"]) == 2  # the tiny tokenizer has no template
+    assert capsys.readouterr().err.strip().endswith("--chat needs a chat template, and the run's tokenizer has none")
+    assert main(["generate", str(run), "--prompt-file", str(tmp_path / "absent.txt")]) == 2
+    assert "--prompt-file" in capsys.readouterr().err
+    chat_run = tmp_path / "chat-run"  # the same run, its tokenizer given a chat template
+    shutil.copytree(run, chat_run)
+    tok = AutoTokenizer.from_pretrained(str(chat_run / "tokenizer"))
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    tok.save_pretrained(str(chat_run / "tokenizer"))
+    got = generate(chat_run, "hi", 4, chat=True)
+    assert got["prompt_tokens"] == len(tok.encode("<user>hi\n<assistant>", add_special_tokens=False))
+
+
 def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     from edgekd.cli import main
 
