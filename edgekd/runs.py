@@ -74,6 +74,15 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     write_bytes(path, buf.getvalue())
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` at `dst` (the run directory keeps one copy of a large model), else copy it."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's content."""
     h = hashlib.sha256()

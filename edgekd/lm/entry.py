@@ -28,6 +28,7 @@ from ..data.text import TextSplits, build_text_splits, resolve_text_files, stdli
 from ..errors import BadInputError, StageError
 from ..report import assemble_lm
 from ..runs import hash_arrays, write_npz
+from .app_bundle import write_app_bundle
 from .decode import Decoder
 from .export import KVDecoder, export_lm_onnx, fusable
 from .measure import check_hosts, on_board, peak_memory_here, speculative_measured
@@ -440,7 +441,9 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
         stages.append(assemble_lm.quantize_entry(ctx, cands, name, why, quantize_seconds, hosts[0] if hosts else None))
     stages.append({"name": "bench", "duration_s": bench_seconds, "threads": ctx.threads,
                    "measured_on": hosts[0] if hosts else "host"})
+    bundle = write_app_bundle(ctx, {"model": cands[name], "draft": draft_c, "teacher": teacher_c}, shapes, spec_choice,
+                              loaded.tokenizer)
     report = assemble_lm.report(ctx, loaded.source, t_config, splits, stages, teacher_c, cands, name, why, spec,
                                 {"params": count_lm_params(student), "macs": lm_macs_per_token(student)}, student.config,
-                                remote)
+                                remote, bundle)
     return report

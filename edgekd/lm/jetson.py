@@ -11,7 +11,6 @@ export is still checked on this host with ONNX Runtime (parity with PyTorch, and
 FP32 decoder), which says the files are right, not how fast the board is."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -26,7 +25,7 @@ from ..config.lm import SpeculativeConfig
 from ..context import RunContext
 from ..errors import StageError
 from ..report import assemble_lm
-from ..runs import write_json, write_npz, write_text
+from ..runs import link_or_copy, write_json, write_npz, write_text
 from .decode import Decoder
 from .draft_vocab import cut_head, frequent_tokens
 from .export import io_names, kv_shape
@@ -50,15 +49,6 @@ def not_measured_reason(rel: str) -> str:
     if "fails to import" in why:
         return f"TensorRT fails to import here; {where}"
     return f"TensorRT is not installed here; {where}"
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link `src` at `dst` (the run directory keeps one copy of a large model), else copy it."""
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def model_entry(name: str, config, limits: dict, fp32_layers: list[str]) -> dict:
@@ -120,7 +110,7 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     draft = "draft" if draft_vocab is not None else "model"
     models = {}
     for name, config in configs.items():
-        _link(sources[name], out / f"{name}.onnx")
+        link_or_copy(sources[name], out / f"{name}.onnx")
         keep = write_mixed_fp16(sources[name], out / f"{name}.fp16.onnx")
         models[name] = model_entry(name, config, limits, keep)
     script = out / "build_engine.sh"
@@ -132,7 +122,7 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     (out / "trt_lm_runner.py").chmod(0o755)
     shutil.copyfile(BUNDLE_DIR / "README_LM.md", out / "README.md")
     write_npz(out / "prompts.npz", prompts=prompts.astype(np.int64))
-    _link(run / "eval.npz", out / "eval.npz")
+    link_or_copy(run / "eval.npz", out / "eval.npz")
     if (run / "tokenizer").is_dir():
         shutil.copytree(run / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     from .._version import __version__

@@ -206,9 +206,11 @@ def _where(block: dict, c, prof) -> None:
 
 
 def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[dict], teacher, cands: dict, name: str,
-           why: str, spec: dict, counts: dict, student_config, remote: list | None = None) -> dict:
+           why: str, spec: dict, counts: dict, student_config, remote: list | None = None,
+           bundle: dict | None = None) -> dict:
     """The whole report for a causal-LM run (the pipeline adds gates and writes it). `remote`: (host, its
-    figures by decoder) for every board of --host, the first one's already in the candidates."""
+    figures by decoder) for every board of --host, the first one's already in the candidates; `bundle`: what
+    ships to the board (lm/app_bundle.py), final.bundle as a Jetson run's."""
     prof = ctx.profile
     where = teacher.measured_on
     runtime = f"{prof.backend} fp32, {ctx.threads} threads" + ("" if where == "host" else f", on {where}")
@@ -253,6 +255,8 @@ def report(ctx: RunContext, source: str, teacher_config, splits, stages: list[di
         final["accuracy_source"] = f"{prof.backend} on this host (perplexity and next-token figures)"
     if nm:
         final["not_measured"] = nm
+    if bundle is not None:
+        final["bundle"] = bundle
     rep["final"] = final
     if remote:
         rep["remote"] = [_remote(h, got, name) for h, got in remote]

@@ -365,6 +365,45 @@ def test_generate_reads_a_prompt_file_and_a_chat_prompt_through_the_template(lm_
     assert got["prompt_tokens"] == len(tok.encode("<user>hi\n<assistant>", add_special_tokens=False))
 
 
+def _app(run, tmp_path, *args):
+    """target/app/generate.py run as on a board: a fresh process where edgekd, torch and transformers cannot
+    be imported."""
+    blocked = tmp_path / "blocked"
+    for name in ("edgekd", "torch", "transformers"):
+        (blocked / name).mkdir(parents=True, exist_ok=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the board')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+    return subprocess.run([sys.executable, str(run / "target" / "app" / "generate.py"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run, tmp_path):
+    from edgekd.lm.generate import generate
+
+    report, run, _, _ = lm_run
+    b = report["final"]["bundle"]
+    assert b["path"] == "target/app" and b["needs"] == ["numpy", "onnxruntime", "tokenizers"]
+    for f in ("generate.py", "bundle.json", "README.md", "lm_runner.py", "lm_generation.py", "runner.py",
+              "tokenizer/tokenizer.json", b["roles"]["model"], b["roles"]["draft"], b["roles"]["teacher"]):
+        assert f"target/app/{f}" in b["files"], f
+    final = run / report["final"]["artifact"]
+    assert os.path.samefile(final, run / "target" / "app" / b["roles"]["model"])  # linked, not copied
+    prompt = "def f(x):\n    return"
+    got = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "12", "--json", "plain.json")
+    assert got.returncode == 0, got.stderr
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert plain["token_ids"] == generate(run, prompt, 12)["token_ids"] and got.stdout.rstrip("\n") == plain["text"]
+    got = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "12", "--speculative", "--json", "spec.json")
+    assert got.returncode == 0, got.stderr
+    spec = json.loads((tmp_path / "spec.json").read_text())  # lossless: the teacher's own greedy tokens
+    assert spec["token_ids"] == generate(run, prompt, 12, speculative=True)["token_ids"] and spec["speculative"]
+    for args, message in ((["--prompt", "x", "--chat"], "--chat needs a chat template"),
+                          (["--prompt", "x", "--max-new-tokens", "100000"], "positions; the model takes at most"),
+                          (["--prompt", "x", "--draft-tokens", "2"], "add --speculative")):
+        got = _app(run, tmp_path, *args)
+        assert got.returncode == 2 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
 def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     from edgekd.cli import main
 
@@ -459,6 +498,15 @@ def test_lm_run_on_openvino_and_the_pi_profile(lm_run, tmp_path, target):
     if target == "intel-cpu":
         assert export["kv_cache_update"] == "in place (OpenVINO states)"
         _generate_decodes_in_the_states(tmp_path / "run", report)
+        bundle = report["final"]["bundle"]  # the board's app reads the IR with OpenVINO alone
+        assert bundle["needs"] == ["numpy", "openvino", "tokenizers"] and bundle["roles"]["model"].endswith(".xml")
+        got = _app(tmp_path / "run", tmp_path, "--prompt", "def f(x):", "--max-new-tokens", "6", "--speculative",
+                   "--json", "ov.json")
+        assert got.returncode == 0, got.stderr
+        from edgekd.lm.generate import generate
+
+        assert json.loads((tmp_path / "ov.json").read_text())["token_ids"] == generate(
+            tmp_path / "run", "def f(x):", 6, speculative=True)["token_ids"]
     if target == "raspberry-pi-5":
         assert "not the board's speed" in report["final"]["measured_on_note"]
         assert "not the board's speed" in (tmp_path / "run" / "report.md").read_text()  # the reader sees it too

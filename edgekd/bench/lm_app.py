@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Text in, text out on the board: an edgekd causal-LM run's final decoder with its tokenizer, without edgekd,
+PyTorch or transformers. edgekd copies this file as generate.py into target/app/ beside lm_runner.py,
+lm_generation.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
+
+    python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--speculative]
+                        [--draft-tokens K] [--min-confidence P] [--lookup 0|1] [--threads N] [--json OUT]
+
+Needs numpy, the runtime the run was built for (onnxruntime, or openvino for an intel-cpu run) and the
+`tokenizers` package; --chat also needs jinja2 (the tokenizer's chat template is a Jinja template). Greedy
+decoding through the same loading and decode loops that measured the run (lm_runner.load, lm_generation); with
+--speculative the final decoder drafts and the teacher checks (lossless: the teacher's own greedy output).
+The continuation is printed on stdout, the figures on stderr. Exit 2: bad input; exit 3: a missing package or
+a runtime failure."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 3
+
+
+class AppError(Exception):
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.code = code
+
+
+def _bundle() -> dict:
+    try:
+        with open(os.path.join(HERE, "bundle.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise AppError(f"bundle.json beside generate.py cannot be read ({e})") from None
+
+
+def _tokenizer(bundle: dict):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise AppError("the tokenizers package is not installed: pip install tokenizers", EXIT_RUNTIME) from None
+    path = os.path.join(HERE, bundle["tokenizer"]["file"])
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the Rust library raises its own exception type
+        raise AppError(f"{path} cannot be read as a tokenizer ({e})") from None
+
+
+def chat_text(bundle: dict, prompt: str) -> str:
+    """The prompt as one user message in the tokenizer's chat template, the assistant's turn opened (what
+    transformers' apply_chat_template(add_generation_prompt=True) writes)."""
+    tok = bundle["tokenizer"]
+    template = tok.get("chat_template")
+    if not template:
+        raise AppError("--chat needs a chat template, and the run's tokenizer has none")
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise AppError("--chat needs the jinja2 package: pip install jinja2", EXIT_RUNTIME) from None
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=[{"role": "user", "content": prompt}],
+                                                add_generation_prompt=True, **tok.get("special_tokens", {}))
+    except TemplateError as e:
+        raise AppError(f"the chat template refused the prompt ({e})") from None
+
+
+def _load(bundle: dict, role: str, threads, draft: bool):
+    import argparse as ap
+
+    from lm_runner import load  # type: ignore[import-not-found]
+
+    entry = bundle[role]
+    args = ap.Namespace(model=os.path.join(HERE, entry["file"]), backend=bundle["backend"], threads=threads,
+                        providers=",".join(bundle.get("providers") or []) or None, device=bundle.get("device", "CPU"),
+                        precision=entry["precision"], precise_int8=False, kv_heads=entry["kv_heads"],
+                        head_dim=entry["head_dim"], kv_cache="auto", draft="yes" if draft else None)
+    return load(args)[0]
+
+
+def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, threads, draft_tokens=None,
+             min_confidence=None, lookup=None) -> dict:
+    import lm_runner  # type: ignore[import-not-found]
+    import numpy as np
+    from lm_generation import speculative_greedy  # type: ignore[import-not-found]
+
+    lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
+    eos = bundle["tokenizer"].get("eos_token_id")
+    out: dict = {"prompt_tokens": len(ids)}
+    if speculative:
+        if "teacher" not in bundle:
+            raise AppError("--speculative needs the teacher's decoder, and this bundle was written without it")
+        chosen = bundle.get("speculative") or {}
+        k = draft_tokens or chosen.get("draft_tokens") or 2
+        floor = chosen.get("min_confidence", 0.0) if min_confidence is None else min_confidence
+        copy = bool(chosen.get("lookup", False)) if lookup is None else bool(lookup)
+        teacher = _load(bundle, "teacher", threads, True)
+        draft = _load(bundle, "draft", threads, True)
+        t0 = time.perf_counter()
+        res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=eos)
+        seconds, tokens = time.perf_counter() - t0, res.tokens
+        out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
+                    "drafted": res.drafted, "acceptance_rate": None if res.acceptance_rate is None
+                    else round(res.acceptance_rate, 4)})
+    else:
+        model = _load(bundle, "model", threads, False)
+        t0 = time.perf_counter()
+        logits, cache = model.forward(np.asarray([list(ids)]), model.empty_cache())
+        tokens = [int(logits[0, -1].argmax())]
+        while len(tokens) < max_new_tokens and tokens[-1] != eos:
+            logits, cache = model.forward(np.asarray([[tokens[-1]]]), cache)
+            tokens.append(int(logits[0, -1].argmax()))
+        seconds = time.perf_counter() - t0
+    if eos in tokens:
+        tokens = tokens[:tokens.index(eos)]
+    out.update({"tokens": len(tokens), "token_ids": tokens, "seconds": round(seconds, 4),
+                "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="generate.py", description="Greedy generation with the final decoder of an "
+                                "edgekd causal-lm run, on this machine's runtime.")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the text to continue")
+    given.add_argument("--prompt-file", metavar="FILE", help="the text to continue, read from FILE ('-': stdin)")
+    p.add_argument("--chat", action="store_true", help="the prompt as a user's message in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--speculative", action="store_true", help="the final decoder drafts, the teacher checks")
+    p.add_argument("--draft-tokens", type=int, default=None, help="the most a round drafts (default: the run's choice)")
+    p.add_argument("--min-confidence", type=float, default=None, help="the draft's probability floor (default: the run's)")
+    p.add_argument("--lookup", type=int, choices=[0, 1], default=None, help="context lookup (default: the run's choice)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the run's profile)")
+    p.add_argument("--json", default=None, help="write the text and figures as JSON here")
+    return p.parse_args(argv)
+
+
+def _prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AppError(f"--prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def run(args) -> dict:
+    if args.max_new_tokens < 1:
+        raise AppError("--max-new-tokens must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise AppError("--threads must be at least 1")
+    if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
+        raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
+    bundle = _bundle()
+    tok = _tokenizer(bundle)
+    text = _prompt(args)
+    ids = tok.encode(chat_text(bundle, text) if args.chat else text, add_special_tokens=False).ids
+    if not ids:
+        raise AppError("the prompt is empty after tokenisation")
+    limit = min(bundle[r]["max_positions"] for r in (("teacher", "draft") if args.speculative else ("model",)))
+    if len(ids) + args.max_new_tokens > limit:
+        raise AppError(f"the prompt's {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} need "
+                       f"{len(ids) + args.max_new_tokens} positions; the model takes at most {limit}")
+    out = generate(bundle, ids, args.max_new_tokens, args.speculative, args.threads or bundle.get("threads"),
+                   args.draft_tokens, args.min_confidence, args.lookup)
+    out["text"] = tok.decode(out["token_ids"], skip_special_tokens=False)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = run(args)
+    except AppError as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return e.code
+    except Exception as e:  # noqa: BLE001 - the runner's errors and a runtime's own
+        code = getattr(e, "exit_code", EXIT_RUNTIME)
+        print(f"generate: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr)
+        return code
+    print(out["text"])
+    figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
+    if out.get("speculative"):
+        rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
+        figures += f", {rate} drafting up to {out['draft_tokens']}"
+    print(figures, file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
