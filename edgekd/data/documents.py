@@ -17,11 +17,16 @@ from pathlib import Path
 
 from ..errors import DataError
 
-__all__ = ["ChatRenderer", "Source", "document_texts", "is_records", "read_text", "record_count"]
+__all__ = ["ChatRenderer", "Rendered", "Source", "document_texts", "is_records", "read_text", "record_count"]
 
 RECORD_SUFFIXES = (".jsonl", ".ndjson")
 
 ChatRenderer = Callable[[list], str]  # a chat record's messages as the text the model reads
+
+
+class Rendered(str):
+    """A chat record's text as the chat template wrote it: the template closes every turn with its own
+    end-of-turn token, so no end-of-text token is added after it (as chat fine-tuning packs conversations)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def _record_text(path: Path, line_no: int, line: str, field: str, chat: ChatRend
             raise DataError(f"{where} is a chat record, and the teacher's tokenizer has no chat template to "
                             "render it with")
         try:
-            return chat(messages)
+            return Rendered(chat(messages))
         except Exception as e:  # noqa: BLE001 - a template raises what its author wrote (jinja2 errors)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DataError(f"{where}: the teacher's chat template refused its messages ({first[:160]})") from None

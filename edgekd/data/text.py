@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .documents import ChatRenderer, Source, document_texts, is_records, record_count
+from .documents import ChatRenderer, Rendered, Source, document_texts, is_records, record_count
 
 __all__ = ["TextSplits", "TokenBlocks", "build_text_splits", "resolve_text_files", "split_corpus", "split_files",
            "split_records", "stdlib_sources", "tokenize_blocks"]
@@ -191,7 +191,7 @@ def tokenize_blocks(files: Sequence[Path | Source], encode: Callable[[str], list
                     seq_len: int, max_tokens: int | None = None, split: str = "", text_field: str = "text",
                     chat: ChatRenderer | None = None) -> TokenBlocks:
     """The documents' tokens, joined with `eos_token_id` after each document (a file, or a JSON Lines
-    record), in blocks of `seq_len` (the tail dropped); at most `max_tokens` tokens (whole blocks). `split`
+    record; a chat record's template closes its turns itself), in blocks of `seq_len` (the tail dropped); at most `max_tokens` tokens (whole blocks). `split`
     names them in an error."""
     stream: list[int] = []
     used: list[str] = []
@@ -204,7 +204,8 @@ def tokenize_blocks(files: Sequence[Path | Source], encode: Callable[[str], list
                 empty += 1
                 continue
             stream.extend(encode(text))
-            stream.append(eos_token_id)
+            if not isinstance(text, Rendered):  # a chat template ends its turns itself
+                stream.append(eos_token_id)
             documents += 1
             if limit is not None and len(stream) >= limit:
                 break

@@ -129,6 +129,8 @@ def test_build_splits_renders_chat_records_with_the_tokenizer_template(tmp_path)
     assert summary["validation"]["documents"] == 3 and summary["test"]["documents"] == 3
     first = tok.decode(splits.train.ids.flatten()[:200].tolist())
     assert first.startswith("<user>q0 q1") and "<assistant>a0" in first  # the template's own markup
+    eos = tok.eos_token_id  # the template closes each conversation: no end-of-text token after it; text records get one
+    assert not (splits.train.ids == eos).any() and (splits.test.ids == eos).any()
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(DataError, match=r"chat.jsonl line \d+: the teacher's chat template refused its messages "
                                         r"\(roles must alternate\)"):
