@@ -56,11 +56,9 @@ class TextSplitFiles(Section):
 
 def _files_kind(v: Any) -> str:
     """Which form data.files takes: the text splits named (train, validation, test), IDX files, or a list."""
-    if isinstance(v, (list, tuple, str)) or isinstance(v, TextSplitFiles):
-        return "TextSplitFiles" if isinstance(v, TextSplitFiles) else "list"
-    if isinstance(v, dict) and {"train", "validation", "test"} & set(v):
+    if isinstance(v, TextSplitFiles) or (isinstance(v, dict) and {"train", "validation", "test"} & set(v)):
         return "TextSplitFiles"
-    return "IdxFiles"
+    return "list" if isinstance(v, (list, tuple, str)) else "IdxFiles"
 
 
 FILES_TAGS = ("IdxFiles", "TextSplitFiles", "list")  # data.files' forms, left out of an error's key path

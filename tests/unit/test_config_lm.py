@@ -86,3 +86,16 @@ def test_speculative_auto_is_written_and_read_back():
     assert from_dict({"task": "causal-lm", "speculative": {}}).speculative.lookup == "auto"
     off = from_dict({"task": "causal-lm", "speculative": {"lookup": False}})
     assert off.speculative.lookup is False and from_dict(off.model_dump(mode="json")).speculative.lookup is False
+
+
+def test_every_example_config_loads():
+    from edgekd.config import load_config
+    from tests.conftest import ROOT
+
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.name, path
+    chat = load_config(ROOT / "examples" / "smollm2-chat.yaml")  # the splits named, relative to the config file
+    assert chat.data.files.train == [str(ROOT / "examples" / "../data/chat/train.jsonl")]
