@@ -31,13 +31,30 @@ class Rendered(str):
 
 @dataclass(frozen=True)
 class Source:
-    """Some records of a JSON Lines file, in the order given (a split cut by record)."""
+    """Part of a file: some records of a JSON Lines file in the order given (a split cut by record), or a
+    stretch of a text file's lines, `span` its start and end as fractions of the file's characters (a
+    split cut by position; the cut falls at the line boundary nearest each fraction)."""
 
     path: Path
-    records: tuple[int, ...]
+    records: tuple[int, ...] = ()
+    span: tuple[float, float] | None = None
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+def _stretch(text: str, span: tuple[float, float]) -> str:
+    """The lines of `text` from one fraction of its characters to another, cut at line boundaries."""
+    ends = [i + 1 for i, c in enumerate(text) if c == "\n"]  # where each line ends
+    if not ends or ends[-1] != len(text):
+        ends.append(len(text))
+    bounds = [0] + ends
+
+    def at(fraction: float) -> int:
+        target = fraction * len(text)
+        return min(bounds, key=lambda b: abs(b - target)) if fraction not in (0.0, 1.0) else round(target)
+
+    return text[at(span[0]):at(span[1])]
 
 
 def _name(path: Path) -> str:
@@ -125,7 +142,8 @@ def document_texts(source: Path | Source, field: str = "text", chat: ChatRendere
     run whatever part of the file it uses."""
     path = source.path if isinstance(source, Source) else source
     if not is_records(path):
-        yield read_text(path)
+        text = read_text(path)
+        yield _stretch(text, source.span) if isinstance(source, Source) and source.span else text
         return
     texts = [_record_text(path, n, line, field, chat) for n, line in _lines(path)]  # every record checked
     chosen: Sequence[int] = source.records if isinstance(source, Source) else range(len(texts))

@@ -156,14 +156,25 @@ def split_records(files: Sequence[Path], seed: int, fractions: tuple[float, ...]
 
 def split_corpus(files: Sequence[Path] | dict[str, list[Path]], seed: int, val_fraction: float,
                  test_fraction: float) -> tuple[list, list, list, str]:
-    """train, validation and test sources and how they were cut. A list of files is split by file (seeded),
-    or, fewer than 3 files all JSON Lines, by record. A mapping gives the splits as named; without
-    validation files, validation is carved from the training files (by file, or a single JSON Lines
-    file's records)."""
+    """train, validation and test sources and how they were cut. A list of files is split by file (seeded);
+    fewer than 3 files, by record where they are all JSON Lines, by position where they are all text (the
+    first lines of each to train, the last to test, as single-file corpora are cut). A mapping gives the
+    splits as named; without validation files, validation is carved from the training files (by file, or
+    a single file's records or last lines)."""
     if not isinstance(files, dict):
         if len(files) < 3 and files and all(is_records(f) for f in files):
             train, val, test = split_records(files, seed, (val_fraction, test_fraction))
             return train, val, test, "by record, seeded (fewer than 3 files)"
+        if len(files) < 3 and files and not any(is_records(f) for f in files):
+            cut = 1 - val_fraction - test_fraction
+            train, val, test = ([Source(f, span=span) for f in files]
+                                for span in ((0.0, cut), (cut, 1 - test_fraction), (1 - test_fraction, 1.0)))
+            return (train, val, test, f"by position in each file (fewer than 3 files): the first {cut:.0%} of its "
+                    f"lines to train, the next {val_fraction:.0%} to validation, the last {test_fraction:.0%} to test")
+        if len(files) < 3 and files:
+            raise DataError(f"data.files: {len(files)} files, JSON Lines and plain text mixed; fewer than 3 files are "
+                            "split within each file, which needs one kind; give 3 files or more, or name the splits: "
+                            "data.files: {train: [...], validation: [...], test: [...]}")
         return (*split_files(files, seed, val_fraction, test_fraction), "by file, seeded")
     seen: dict[Path, str] = {}
     for name in ("train", "validation", "test"):
@@ -180,11 +191,12 @@ def split_corpus(files: Sequence[Path] | dict[str, list[Path]], seed: int, val_f
         random.Random(seed).shuffle(order)
         n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
         return order[n_val:], order[:n_val], test, "as named; validation carved from the training files, seeded"
-    if all(is_records(f) for f in train):
+    if is_records(train[0]):
         train_part, val_part = split_records(train, seed, (val_fraction,))
         return train_part, val_part, test, "as named; validation carved from the training records, seeded"
-    raise DataError(f"data.files.validation: not given, and one training file ({train[0]}) cannot be carved; "
-                    "name validation files (they choose the model; the test files only report)")
+    cut = 1 - val_fraction
+    return ([Source(train[0], span=(0.0, cut))], [Source(train[0], span=(cut, 1.0))], test,
+            f"as named; validation carved from the last {val_fraction:.0%} of the training file's lines")
 
 
 def tokenize_blocks(files: Sequence[Path | Source], encode: Callable[[str], list[int]], eos_token_id: int,

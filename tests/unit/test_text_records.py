@@ -87,8 +87,22 @@ def test_fewer_than_three_jsonl_files_split_by_record_seeded_and_disjoint(tmp_pa
         split_records([_jsonl(tmp_path / "two.jsonl", [{"text": "x"}, {"text": "y"}])], 0, (0.2, 0.2))
     txt = tmp_path / "one.txt"
     txt.write_text("text")
-    with pytest.raises(DataError, match=r"2 file\(s\) given; a text corpus split by file needs at least 3"):
+    with pytest.raises(DataError, match=r"2 files, JSON Lines and plain text mixed; .*name the splits"):
         split_corpus([a, txt], 0, 0.2, 0.2)
+
+
+def test_one_text_file_is_split_by_position_at_line_boundaries(tmp_path):
+    f = tmp_path / "input.txt"  # a single-file corpus, as tiny-shakespeare's input.txt
+    lines = [f"line {i:03d}\n" for i in range(100)]  # 9 characters each
+    f.write_text("".join(lines))
+    train, val, test, how = split_corpus([f], seed=0, val_fraction=0.1, test_fraction=0.2)
+    assert how.startswith("by position in each file") and "the first 70%" in how and "the last 20% to test" in how
+    texts = ["".join(document_texts(s)) for s in (*train, *val, *test)]
+    assert texts == ["".join(lines[:70]), "".join(lines[70:80]), "".join(lines[80:])]  # whole lines, in order
+    ragged = tmp_path / "ragged.txt"  # cuts fall at the line boundary nearest each fraction
+    ragged.write_text("a" * 50 + "\n" + "b" * 10 + "\n" + "c" * 39)
+    parts = split_corpus([ragged], 0, 0.1, 0.4)[:3]
+    assert ["".join(document_texts(s[0])) for s in parts] == ["a" * 50 + "\n", "b" * 10 + "\n", "c" * 39]
 
 
 def test_the_splits_named_are_kept_and_validation_is_carved_from_train(tmp_path):
@@ -107,8 +121,9 @@ def test_the_splits_named_are_kept_and_validation_is_carved_from_train(tmp_path)
     assert "carved from the training records" in how
     with pytest.raises(DataError, match=r"data.files: .*test.txt is in both train and test"):
         split_corpus({"train": [t1, te], "test": [te]}, 0, 0.2, 0.2)
-    with pytest.raises(DataError, match=r"data.files.validation: not given, and one training file .*t1.txt"):
-        split_corpus({"train": [t1], "test": [te]}, 0, 0.2, 0.2)
+    train, val, test, how = split_corpus({"train": [t1], "test": [te]}, 0, 0.25, 0.2)  # one text file: its last lines
+    assert how == "as named; validation carved from the last 25% of the training file's lines"
+    assert "".join(document_texts(train[0])) + "".join(document_texts(val[0])) == t1.read_text() and test == [te]
 
 
 def test_build_splits_renders_chat_records_with_the_tokenizer_template(tmp_path):
