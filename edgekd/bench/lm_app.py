@@ -3,8 +3,9 @@
 PyTorch or transformers. edgekd copies this file as generate.py into target/app/ beside lm_runner.py,
 lm_generation.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
 
-    python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--speculative]
-                        [--draft-tokens K] [--min-confidence P] [--lookup 0|1] [--threads N] [--json OUT]
+    python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--stream]
+                        [--speculative [--draft-tokens K] [--min-confidence P] [--lookup 0|1]] [--threads N]
+                        [--json OUT]
 
 Needs numpy, the runtime the run was built for (onnxruntime, or openvino for an intel-cpu run) and the
 `tokenizers` package; --chat also needs jinja2 (the tokenizer's chat template is a Jinja template). Greedy
@@ -24,6 +25,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 3
+
+
+class Streamer:
+    """Prints a continuation as its tokens come (on_tokens of the decode loops): each time, the text decoded
+    so far past what is already shown, held back while it ends in an incomplete character; up to `limit`
+    tokens, ending before `eos`. finish() prints what is left of the final text."""
+
+    def __init__(self, decode, eos, limit: int, out=None):
+        self.decode, self.eos, self.limit, self.out = decode, eos, limit, out or sys.stdout
+        self.ids: list = []
+        self.shown = ""
+        self.done = False
+
+    def __call__(self, tokens: list) -> None:
+        for t in tokens:
+            if self.done or t == self.eos or len(self.ids) >= self.limit:
+                self.done = True
+                break
+            self.ids.append(t)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self, text: str) -> None:
+        self.out.write((text[len(self.shown):] if text.startswith(self.shown) else "\n" + text) + "\n")
+        self.out.flush()
 
 
 class AppError(Exception):
@@ -91,7 +121,7 @@ def _load(bundle: dict, role: str, threads, draft: bool):
 
 
 def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, threads, draft_tokens=None,
-             min_confidence=None, lookup=None) -> dict:
+             min_confidence=None, lookup=None, on_tokens=None) -> dict:
     import lm_runner  # type: ignore[import-not-found]
     import numpy as np
     from lm_generation import speculative_greedy  # type: ignore[import-not-found]
@@ -109,7 +139,7 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
         teacher = _load(bundle, "teacher", threads, True)
         draft = _load(bundle, "draft", threads, True)
         t0 = time.perf_counter()
-        res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=eos)
+        res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=eos, on_tokens=on_tokens)
         seconds, tokens = time.perf_counter() - t0, res.tokens
         out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                     "drafted": res.drafted, "acceptance_rate": None if res.acceptance_rate is None
@@ -119,9 +149,13 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
         t0 = time.perf_counter()
         logits, cache = model.forward(np.asarray([list(ids)]), model.empty_cache())
         tokens = [int(logits[0, -1].argmax())]
+        if on_tokens is not None:
+            on_tokens(tokens[-1:])
         while len(tokens) < max_new_tokens and tokens[-1] != eos:
             logits, cache = model.forward(np.asarray([[tokens[-1]]]), cache)
             tokens.append(int(logits[0, -1].argmax()))
+            if on_tokens is not None:
+                on_tokens(tokens[-1:])
         seconds = time.perf_counter() - t0
     if eos in tokens:
         tokens = tokens[:tokens.index(eos)]
@@ -142,6 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-tokens", type=int, default=None, help="the most a round drafts (default: the run's choice)")
     p.add_argument("--min-confidence", type=float, default=None, help="the draft's probability floor (default: the run's)")
     p.add_argument("--lookup", type=int, choices=[0, 1], default=None, help="context lookup (default: the run's choice)")
+    p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the run's profile)")
     p.add_argument("--json", default=None, help="write the text and figures as JSON here")
     return p.parse_args(argv)
@@ -176,9 +211,16 @@ def run(args) -> dict:
     if len(ids) + args.max_new_tokens > limit:
         raise AppError(f"the prompt's {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} need "
                        f"{len(ids) + args.max_new_tokens} positions; the model takes at most {limit}")
+    streamer = None
+    if args.stream:
+        streamer = Streamer(lambda t: tok.decode(t, skip_special_tokens=False), bundle["tokenizer"].get("eos_token_id"),
+                            args.max_new_tokens)
     out = generate(bundle, ids, args.max_new_tokens, args.speculative, args.threads or bundle.get("threads"),
-                   args.draft_tokens, args.min_confidence, args.lookup)
+                   args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer)
     out["text"] = tok.decode(out["token_ids"], skip_special_tokens=False)
+    if streamer is not None:
+        streamer.finish(out["text"])
+        out["streamed"] = True
     return out
 
 
@@ -194,7 +236,8 @@ def main(argv=None) -> int:
         print(f"generate: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
               file=sys.stderr)
         return code
-    print(out["text"])
+    if not out.get("streamed"):
+        print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("speculative"):
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"

@@ -140,7 +140,7 @@ NOTHING_DRAFTED = ("nothing was drafted: no guess of the draft reached the confi
 
 
 def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
-                       min_confidence: float = 0.0, lookup: bool = False, eos=None) -> SpeculativeResult:
+                       min_confidence: float = 0.0, lookup: bool = False, eos=None, on_tokens=None) -> SpeculativeResult:
     """The target's greedy continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
     `draft_tokens` (stopping where its probability for its next token is under `min_confidence`), the target
     checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
@@ -148,7 +148,8 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
     the text proposes what followed them there (up to LOOKUP_TOKENS) instead, and the draft catches up on
     the kept tokens in its next round. Lossless: the output is the target's own greedy output. With `eos`, the
     output ends at that token (kept), as greedy decoding stops there. A decoder with cut(cache, length) cuts
-    its own cache (the Jetson bundle's engines keep theirs on the device)."""
+    its own cache (the Jetson bundle's engines keep theirs on the device). `on_tokens` is handed the tokens each
+    round keeps, as they are kept (streaming)."""
     seq = list(prompt)
     logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
     t_len, passes = len(seq), 1
@@ -159,6 +160,8 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
     while True:
         seq.append(nxt)
         produced += 1
+        if on_tokens is not None:
+            on_tokens([nxt])
         if produced >= max_new_tokens or nxt == eos:
             break
         left = max_new_tokens - produced
@@ -195,9 +198,14 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
             lookup_accepted += n
         kept = proposals[:n]
         if eos in kept:
-            seq.extend(kept[:kept.index(eos) + 1])
+            kept = kept[:kept.index(eos) + 1]
+            seq.extend(kept)
+            if on_tokens is not None:
+                on_tokens(kept)
             break
         seq.extend(kept)
+        if on_tokens is not None and kept:
+            on_tokens(kept)
         produced += n
         t_len = len(seq)
         t_cache = _cut(target, t_cache, t_len)

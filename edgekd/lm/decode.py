@@ -52,17 +52,20 @@ class Decoder:
         out = self.run(feeds)
         return np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
 
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-        """The greedy continuation of `prompt` (a list of token ids): prefill once, then one token a step."""
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos: int | None = None,
+               on_tokens: Callable[[list[int]], None] | None = None) -> list[int]:
+        """The greedy continuation of `prompt` (a list of token ids): prefill once, then one token a step;
+        `on_tokens` is handed each new token as it comes (streaming)."""
         logits, cache = self.forward(np.asarray([prompt]), self.empty_cache())
         out: list[int] = []
-        for _ in range(max_new_tokens):
+        while True:
             token = int(logits[0, -1].argmax())
             out.append(token)
-            if eos is not None and token == eos:
-                break
+            if on_tokens is not None:
+                on_tokens([token])
+            if (eos is not None and token == eos) or len(out) >= max_new_tokens:
+                return out
             logits, cache = self.forward(np.asarray([[token]]), cache)
-        return out
 
     def score(self, blocks: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """One pass over `blocks` (n, seq), each block prefilled: every block's summed next-token NLL (n,

@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                         "under this, 0 never (default: the run's choice)")
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=None,
                    help="rounds whose last tokens recur in the text propose what followed them (default: the run's choice)")
+    p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -121,7 +122,8 @@ def read_prompt(path: str) -> str:
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
              draft_tokens: int | None = None, threads: int | None = None,
-             min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False) -> dict:
+             min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False,
+             stream: bool = False) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring); `chat`: the prompt as a
     user's message in the chat template."""
     from transformers import AutoTokenizer
@@ -145,6 +147,11 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     final = {**report["final"], "_target": target}
     _check_context([final, report["teacher"]] if speculative else [final], len(ids), max_new_tokens)
     drafting = ((report.get("speculative") or {}).get("draft") or {}).get("artifact") if speculative else None
+    streamer = None
+    if stream:
+        from ..bench.lm_app import Streamer
+
+        streamer = Streamer(tok.decode, tok.eos_token_id, max_new_tokens)
     runners = []
     try:
         runner, draft = _decoder(run, {**final, "artifact": drafting} if drafting else final, threads)
@@ -159,7 +166,8 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             runner, teacher = _decoder(run, {**report["teacher"], "_target": target}, threads)
             runners.append(runner)
             t0 = time.perf_counter()
-            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=tok.eos_token_id)
+            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=tok.eos_token_id,
+                                     on_tokens=streamer)
             tokens = res.tokens
             out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                         "drafted": res.drafted,
@@ -176,7 +184,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
                                 "check_ms": round(1000 * res.check_seconds / checks, 3),
                                 "draft_ms": round(1000 * res.draft_seconds / checks, 3)}
         else:
-            tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
+            tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id, on_tokens=streamer)
         seconds = time.perf_counter() - t0
     finally:
         for r in runners:
@@ -185,6 +193,9 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         tokens = tokens[:tokens.index(tok.eos_token_id)]
     out.update({"text": tok.decode(tokens), "tokens": len(tokens), "token_ids": tokens,
                 "seconds": round(seconds, 4), "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
+    if streamer is not None:
+        streamer.finish(out["text"])
+        out["streamed"] = True
     return out
 
 
@@ -201,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json_out, "generate: --json")
     prompt = args.prompt if args.prompt is not None else read_prompt(args.prompt_file)
     out = generate(args.run_dir, prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
-                   args.min_confidence, args.lookup, chat=args.chat)
-    print(out["text"])
+                   args.min_confidence, args.lookup, chat=args.chat, stream=args.stream)
+    if not out.get("streamed"):
+        print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""

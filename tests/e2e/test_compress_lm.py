@@ -352,6 +352,9 @@ def test_generate_reads_a_prompt_file_and_a_chat_prompt_through_the_template(lm_
     assert main(["generate", str(run), "--prompt-file", str(prompt), "--max-new-tokens", "6", "--json", str(out)]) == 0
     from_file = json.loads(out.read_text())
     assert from_file["token_ids"] == generate(run, "def f(x):\n    return", 6)["token_ids"]  # greedy: the same
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt-file", str(prompt), "--max-new-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out == from_file["text"] + "\n"  # streamed as it came: the same text
     assert main(["generate", str(run), "--prompt", "hi", "--chat"]) == 2  # the tiny tokenizer has no template
     assert capsys.readouterr().err.strip().endswith("--chat needs a chat template, and the run's tokenizer has none")
     assert main(["generate", str(run), "--prompt-file", str(tmp_path / "absent.txt")]) == 2
@@ -397,6 +400,8 @@ def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run,
     assert got.returncode == 0, got.stderr
     spec = json.loads((tmp_path / "spec.json").read_text())  # lossless: the teacher's own greedy tokens
     assert spec["token_ids"] == generate(run, prompt, 12, speculative=True)["token_ids"] and spec["speculative"]
+    streamed = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "12", "--speculative", "--stream")
+    assert streamed.returncode == 0 and streamed.stdout == spec["text"] + "\n", streamed.stderr  # the same text
     for args, message in ((["--prompt", "x", "--chat"], "--chat needs a chat template"),
                           (["--prompt", "x", "--max-new-tokens", "100000"], "positions; the model takes at most"),
                           (["--prompt", "x", "--draft-tokens", "2"], "add --speculative")):

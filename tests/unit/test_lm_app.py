@@ -21,3 +21,31 @@ def test_the_board_app_renders_a_chat_prompt_as_transformers_does():
         chat_text({"tokenizer": {"chat_template": "{{ raise_exception('no users') }}"}}, prompt)
     with pytest.raises(AppError, match="has none"):
         chat_text({"tokenizer": {"chat_template": None}}, prompt)
+
+
+def test_the_streamer_prints_whole_characters_as_tokens_come_and_stops_at_eos():
+    import io
+
+    from edgekd.bench.lm_app import Streamer
+
+    pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9 ", 4: b"ok", 0: b"<eos>"}  # token 2 and 3 split one character
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    out = io.StringIO()
+    s = Streamer(decode, eos=0, limit=10, out=out)
+    s([1])
+    assert out.getvalue() == "caf"
+    s([2])  # half a character: held back
+    assert out.getvalue() == "caf"
+    s([3, 4])
+    assert out.getvalue() == "café ok"
+    s([0, 4])  # the end-of-text token ends it: nothing after it is shown
+    assert out.getvalue() == "café ok" and s.ids == [1, 2, 3, 4] and s.done
+    s.finish(decode(s.ids))
+    assert out.getvalue() == "café ok\n"
+    short = io.StringIO()
+    t = Streamer(decode, eos=0, limit=2, out=short)
+    t([1, 4, 4])  # no more than the limit
+    assert short.getvalue() == "cafok" and t.ids == [1, 4]
