@@ -123,8 +123,7 @@ def _load(bundle: dict, role: str, threads, draft: bool):
 def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, threads, draft_tokens=None,
              min_confidence=None, lookup=None, on_tokens=None) -> dict:
     import lm_runner  # type: ignore[import-not-found]
-    import numpy as np
-    from lm_generation import speculative_greedy  # type: ignore[import-not-found]
+    from lm_generation import greedy, speculative_greedy  # type: ignore[import-not-found]
 
     lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
     eos = bundle["tokenizer"].get("eos_token_id")
@@ -147,15 +146,7 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
     else:
         model = _load(bundle, "model", threads, False)
         t0 = time.perf_counter()
-        logits, cache = model.forward(np.asarray([list(ids)]), model.empty_cache())
-        tokens = [int(logits[0, -1].argmax())]
-        if on_tokens is not None:
-            on_tokens(tokens[-1:])
-        while len(tokens) < max_new_tokens and tokens[-1] != eos:
-            logits, cache = model.forward(np.asarray([[tokens[-1]]]), cache)
-            tokens.append(int(logits[0, -1].argmax()))
-            if on_tokens is not None:
-                on_tokens(tokens[-1:])
+        tokens = greedy(model, ids, max_new_tokens, eos, on_tokens)
         seconds = time.perf_counter() - t0
     if eos in tokens:
         tokens = tokens[:tokens.index(eos)]

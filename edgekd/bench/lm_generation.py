@@ -29,6 +29,21 @@ def decode_once(decoder, prompt, new_tokens: int) -> dict:
     return {"prefill_s": prefill, "prompt_tokens": len(prompt), "step_s": steps, "tokens": tokens}
 
 
+def greedy(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None) -> list:
+    """The greedy continuation of `prompt` (token ids): prefill once, then one token a step, ending with `eos`
+    (kept) or after `max_new_tokens`; `on_tokens` is handed each new token as it comes (streaming)."""
+    logits, cache = decoder.forward(np.asarray([list(prompt)]), decoder.empty_cache())
+    out = []
+    while True:
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if on_tokens is not None:
+            on_tokens([token])
+        if (eos is not None and token == eos) or len(out) >= max_new_tokens:
+            return out
+        logits, cache = decoder.forward(np.asarray([[token]]), cache)
+
+
 def figures(runs: list) -> dict:
     """The report's speed figures from several timed generations."""
     prefill = sum(r["prefill_s"] for r in runs)

@@ -8,6 +8,8 @@ prompt-completion record ({"prompt", "completion"}) is the two joined. A line th
 record with none of these, is a DataError naming the file and line."""
 from __future__ import annotations
 
+import bisect
+import functools
 import gzip
 import json
 import zlib
@@ -52,7 +54,8 @@ def _stretch(text: str, span: tuple[float, float]) -> str:
 
     def at(fraction: float) -> int:
         target = fraction * len(text)
-        return min(bounds, key=lambda b: abs(b - target)) if fraction not in (0.0, 1.0) else round(target)
+        i = bisect.bisect_left(bounds, target)  # the nearest line boundary: bounds[i - 1] or bounds[i]
+        return min(bounds[max(i - 1, 0):i + 1], key=lambda b: abs(b - target))
 
     return text[at(span[0]):at(span[1])]
 
@@ -136,6 +139,13 @@ def _record_text(path: Path, line_no: int, line: str, field: str, chat: ChatRend
                     "'messages' (chat) or 'prompt' and 'completion'")
 
 
+@functools.lru_cache(maxsize=4)
+def _record_texts(path: Path, stamp: tuple, field: str, chat: ChatRenderer | None) -> tuple[str, ...]:
+    """Every record's text, each one checked: read and rendered once per file, version (`stamp`: its mtime
+    and size) and renderer, though a split by record reads the file for each of its three parts."""
+    return tuple(_record_text(path, n, line, field, chat) for n, line in _lines(path))
+
+
 def document_texts(source: Path | Source, field: str = "text", chat: ChatRenderer | None = None) -> Iterator[str]:
     """The documents of `source`, in order: the whole file, or a JSON Lines file's records (those a Source
     names, in its order). Every record of a JSON Lines file is checked, read or not, so a bad line stops a
@@ -145,7 +155,8 @@ def document_texts(source: Path | Source, field: str = "text", chat: ChatRendere
         text = read_text(path)
         yield _stretch(text, source.span) if isinstance(source, Source) and source.span else text
         return
-    texts = [_record_text(path, n, line, field, chat) for n, line in _lines(path)]  # every record checked
+    stat = path.stat()
+    texts = _record_texts(path, (stat.st_mtime_ns, stat.st_size), field, chat)
     chosen: Sequence[int] = source.records if isinstance(source, Source) else range(len(texts))
     for i in chosen:
         yield texts[i]

@@ -107,6 +107,11 @@ def resolve_text_files(patterns: Sequence[str], root: str | Path | None = None,
     return [out[k] for k in sorted(out)]
 
 
+def _carve(n: int, fraction: float) -> int:
+    """How many of n items a fraction carves off: at least one, and one left."""
+    return min(max(1, round(n * fraction)), n - 1)
+
+
 def _cut(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
     """How many of n items go to test and to validation: each at least one, at least one left to train."""
     n_test = max(1, round(n * test_fraction))
@@ -143,7 +148,7 @@ def split_records(files: Sequence[Path], seed: int, fractions: tuple[float, ...]
         n_test, n_val = _cut(len(pairs), *fractions)
         cuts = [pairs[n_test + n_val:], pairs[n_test:n_test + n_val], pairs[:n_test]]
     else:
-        n_val = min(max(1, round(len(pairs) * fractions[0])), len(pairs) - 1)
+        n_val = _carve(len(pairs), fractions[0])
         cuts = [pairs[n_val:], pairs[:n_val]]
     out = []
     for cut in cuts:
@@ -189,7 +194,7 @@ def split_corpus(files: Sequence[Path] | dict[str, list[Path]], seed: int, val_f
     if len(train) >= 2:
         order = list(train)
         random.Random(seed).shuffle(order)
-        n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
+        n_val = _carve(len(order), val_fraction)
         return order[n_val:], order[:n_val], test, "as named; validation carved from the training files, seeded"
     if is_records(train[0]):
         train_part, val_part = split_records(train, seed, (val_fraction,))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..bench.lm_generation import block_nll, trim
+from ..bench.lm_generation import block_nll, greedy, trim
 from .export import io_names, kv_shape
 
 __all__ = ["Decoder"]
@@ -54,18 +54,8 @@ class Decoder:
 
     def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos: int | None = None,
                on_tokens: Callable[[list[int]], None] | None = None) -> list[int]:
-        """The greedy continuation of `prompt` (a list of token ids): prefill once, then one token a step;
-        `on_tokens` is handed each new token as it comes (streaming)."""
-        logits, cache = self.forward(np.asarray([prompt]), self.empty_cache())
-        out: list[int] = []
-        while True:
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if on_tokens is not None:
-                on_tokens([token])
-            if (eos is not None and token == eos) or len(out) >= max_new_tokens:
-                return out
-            logits, cache = self.forward(np.asarray([[token]]), cache)
+        """The greedy continuation of `prompt` (a list of token ids): lm_generation.greedy, the board's loop."""
+        return greedy(self, prompt, max_new_tokens, eos, on_tokens)
 
     def score(self, blocks: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """One pass over `blocks` (n, seq), each block prefilled: every block's summed next-token NLL (n,
