@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Text in, text out on the board: an edgekd causal-LM run's final decoder with its tokenizer, without edgekd,
 PyTorch or transformers. edgekd copies this file as generate.py into target/app/ beside lm_runner.py,
-lm_generation.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
+lm_generation.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
 
     python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--stream]
+                        [--temperature T [--top-k K] [--top-p P] [--seed N]]
                         [--speculative [--draft-tokens K] [--min-confidence P] [--lookup 0|1]] [--threads N]
                         [--json OUT]
 
 Needs numpy, the runtime the run was built for (onnxruntime, or openvino for an intel-cpu run) and the
 `tokenizers` package; --chat also needs jinja2 (the tokenizer's chat template is a Jinja template). Greedy
-decoding through the same loading and decode loops that measured the run (lm_runner.load, lm_generation); with
---speculative the final decoder drafts and the teacher checks (lossless: the teacher's own greedy output).
+decoding, or sampled with --temperature (lm_sampling), through the same loading and decode loops that measured
+the run (lm_runner.load, lm_generation); with --speculative the final decoder drafts and the teacher checks
+(lossless: the teacher's own greedy output, or distributed as the teacher's own sampling).
 The continuation is printed on stdout, the figures on stderr. Exit 2: bad input; exit 3: a missing package or
 a runtime failure."""
 from __future__ import annotations
@@ -121,9 +123,10 @@ def _load(bundle: dict, role: str, threads, draft: bool):
 
 
 def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, threads, draft_tokens=None,
-             min_confidence=None, lookup=None, on_tokens=None) -> dict:
+             min_confidence=None, lookup=None, on_tokens=None, sampling=None) -> dict:
     import lm_runner  # type: ignore[import-not-found]
-    from lm_generation import greedy, speculative_greedy  # type: ignore[import-not-found]
+    from lm_generation import Greedy, continue_ids  # type: ignore[import-not-found]
+    from lm_generation import speculative as speculate  # type: ignore[import-not-found]
 
     lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
     eos = bundle["tokenizer"].get("eos_token_id")
@@ -138,7 +141,8 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
         teacher = _load(bundle, "teacher", threads, True)
         draft = _load(bundle, "draft", threads, True)
         t0 = time.perf_counter()
-        res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=eos, on_tokens=on_tokens)
+        rule = Greedy(floor) if sampling is None else sampling.drafting(floor)
+        res = speculate(teacher, draft, ids, max_new_tokens, k, rule, copy, eos=eos, on_tokens=on_tokens)
         seconds, tokens = time.perf_counter() - t0, res.tokens
         out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                     "drafted": res.drafted, "acceptance_rate": None if res.acceptance_rate is None
@@ -146,18 +150,20 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
     else:
         model = _load(bundle, "model", threads, False)
         t0 = time.perf_counter()
-        tokens = greedy(model, ids, max_new_tokens, eos, on_tokens)
+        tokens = continue_ids(model, ids, max_new_tokens, eos, on_tokens, sampling)
         seconds = time.perf_counter() - t0
     if eos in tokens:
         tokens = tokens[:tokens.index(eos)]
     out.update({"tokens": len(tokens), "token_ids": tokens, "seconds": round(seconds, 4),
                 "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
+    if sampling is not None:
+        out.update({"sampling": sampling.record(), "sampled": sampling.describe()})
     return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="generate.py", description="Greedy generation with the final decoder of an "
-                                "edgekd causal-lm run, on this machine's runtime.")
+    p = argparse.ArgumentParser(prog="generate.py", description="Generation (greedy, or sampled with --temperature) "
+                                "with the final decoder of an edgekd causal-lm run, on this machine's runtime.")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="the text to continue")
     given.add_argument("--prompt-file", metavar="FILE", help="the text to continue, read from FILE ('-': stdin)")
@@ -167,6 +173,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-tokens", type=int, default=None, help="the most a round drafts (default: the run's choice)")
     p.add_argument("--min-confidence", type=float, default=None, help="the draft's probability floor (default: the run's)")
     p.add_argument("--lookup", type=int, choices=[0, 1], default=None, help="context lookup (default: the run's choice)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the fewest tokens reaching probability P")
+    p.add_argument("--seed", type=int, default=None, help="the sampling seed (default: a fresh one, in the JSON)")
     p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the run's profile)")
     p.add_argument("--json", default=None, help="write the text and figures as JSON here")
@@ -185,6 +195,22 @@ def _prompt(args) -> str:
         raise AppError(f"--prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def _sampling(args):
+    """lm_sampling.Sampling for --temperature above 0, else None (greedy)."""
+    from lm_sampling import Sampling, settings_error  # type: ignore[import-not-found]
+
+    if not args.temperature:
+        loose = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+        if loose:
+            raise AppError(f"{loose[0]} sets sampling, and decoding is greedy; add --temperature T")
+        return None
+    top_k, top_p = args.top_k or 0, 1.0 if args.top_p is None else args.top_p
+    problem = settings_error(args.temperature, top_k, top_p)
+    if problem:
+        raise AppError(problem)
+    return Sampling(args.temperature, top_k, top_p, args.seed)
+
+
 def run(args) -> dict:
     if args.max_new_tokens < 1:
         raise AppError("--max-new-tokens must be at least 1")
@@ -192,6 +218,7 @@ def run(args) -> dict:
         raise AppError("--threads must be at least 1")
     if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
         raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
+    sampling = _sampling(args)
     bundle = _bundle()
     tok = _tokenizer(bundle)
     text = _prompt(args)
@@ -207,7 +234,7 @@ def run(args) -> dict:
         streamer = Streamer(lambda t: tok.decode(t, skip_special_tokens=False), bundle["tokenizer"].get("eos_token_id"),
                             args.max_new_tokens)
     out = generate(bundle, ids, args.max_new_tokens, args.speculative, args.threads or bundle.get("threads"),
-                   args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer)
+                   args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer, sampling=sampling)
     out["text"] = tok.decode(out["token_ids"], skip_special_tokens=False)
     if streamer is not None:
         streamer.finish(out["text"])
@@ -230,6 +257,8 @@ def main(argv=None) -> int:
     if not out.get("streamed"):
         print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
+    if out.get("sampled"):
+        figures += f", {out['sampled']}"
     if out.get("speculative"):
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
         figures += f", {rate} drafting up to {out['draft_tokens']}"

@@ -29,19 +29,26 @@ def decode_once(decoder, prompt, new_tokens: int) -> dict:
     return {"prefill_s": prefill, "prompt_tokens": len(prompt), "step_s": steps, "tokens": tokens}
 
 
-def greedy(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None) -> list:
-    """The greedy continuation of `prompt` (token ids): prefill once, then one token a step, ending with `eos`
-    (kept) or after `max_new_tokens`; `on_tokens` is handed each new token as it comes (streaming)."""
+def continue_ids(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None, choice=None) -> list:
+    """The continuation of `prompt` (token ids): prefill once, then one token a step, each picked by `choice`
+    (Greedy(): the most likely; lm_sampling.Sampling: drawn), ending with `eos` (kept) or after
+    `max_new_tokens`; `on_tokens` is handed each new token as it comes (streaming)."""
+    pick = (choice or GREEDY).pick
     logits, cache = decoder.forward(np.asarray([list(prompt)]), decoder.empty_cache())
     out = []
     while True:
-        token = int(logits[0, -1].argmax())
+        token = pick(logits[0, -1])
         out.append(token)
         if on_tokens is not None:
             on_tokens([token])
         if (eos is not None and token == eos) or len(out) >= max_new_tokens:
             return out
         logits, cache = decoder.forward(np.asarray([[token]]), cache)
+
+
+def greedy(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None) -> list:
+    """The greedy continuation of `prompt` (continue_ids with the most likely token each step)."""
+    return continue_ids(decoder, prompt, max_new_tokens, eos, on_tokens)
 
 
 def figures(runs: list) -> dict:
@@ -101,6 +108,33 @@ def draft_token(logits, min_confidence: float):
     return token if 1.0 / float(np.exp(row - row[token]).sum()) >= min_confidence else None
 
 
+class Greedy:
+    """Greedy decoding as a loop's `choice` (lm_sampling.Sampling is the sampled one): pick the most likely
+    token; as a draft, propose it while its probability reaches `min_confidence`; as the target, keep the
+    longest prefix of the proposals it would have picked itself, then its own next token."""
+
+    def __init__(self, min_confidence: float = 0.0):
+        self.min_confidence = min_confidence
+
+    @staticmethod
+    def pick(row) -> int:
+        return int(row.argmax())
+
+    def propose(self, row):
+        return draft_token(row, self.min_confidence), None
+
+    @staticmethod
+    def check(rows, proposals: list, guesses: list) -> tuple[int, int]:
+        preds = rows[:len(proposals) + 1].argmax(-1)
+        n = 0
+        while n < len(proposals) and proposals[n] == int(preds[n]):
+            n += 1
+        return n, int(preds[n])
+
+
+GREEDY = Greedy()
+
+
 def trim(cache: list, length: int) -> list:
     """The KV cache cut back to its first `length` tokens."""
     return [np.ascontiguousarray(c[:, :, :length]) for c in cache]
@@ -156,20 +190,29 @@ NOTHING_DRAFTED = ("nothing was drafted: no guess of the draft reached the confi
 
 def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens: int,
                        min_confidence: float = 0.0, lookup: bool = False, eos=None, on_tokens=None) -> SpeculativeResult:
-    """The target's greedy continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
-    `draft_tokens` (stopping where its probability for its next token is under `min_confidence`), the target
-    checks them in one pass and keeps the longest prefix it agrees with plus its own next token; both keep
-    their KV caches, cut back to the kept tokens. With `lookup`, a round whose last tokens recur earlier in
-    the text proposes what followed them there (up to LOOKUP_TOKENS) instead, and the draft catches up on
-    the kept tokens in its next round. Lossless: the output is the target's own greedy output. With `eos`, the
-    output ends at that token (kept), as greedy decoding stops there. A decoder with cut(cache, length) cuts
+    """The target's greedy continuation of `prompt`, `max_new_tokens` long, drafted (speculative with Greedy)."""
+    return speculative(target, draft, prompt, max_new_tokens, draft_tokens, Greedy(min_confidence), lookup, eos,
+                       on_tokens)
+
+
+def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, choice=None, lookup: bool = False,
+                eos=None, on_tokens=None) -> SpeculativeResult:
+    """The target's continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
+    `draft_tokens` (`choice.propose`: greedy, stopping where its probability for its next token is under the
+    floor; or sampled), the target checks them in one pass and keeps what `choice.check` accepts (greedy: the
+    longest prefix it agrees with) plus its own next token; both keep their KV caches, cut back to the kept
+    tokens. With `lookup`, a round whose last tokens recur earlier in the text proposes what followed them
+    there (up to LOOKUP_TOKENS) instead, and the draft catches up on the kept tokens in its next round.
+    Lossless: the output is the target's own greedy output (sampled: distributed as the target's own sampled
+    output). With `eos`, the output ends at that token (kept), as decoding alone stops there. A decoder with cut(cache, length) cuts
     its own cache (the Jetson bundle's engines keep theirs on the device). `on_tokens` is handed the tokens each
     round keeps, as they are kept (streaming)."""
+    choice = choice or GREEDY
     seq = list(prompt)
     logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
     t_len, passes = len(seq), 1
     d_cache, d_len = draft.empty_cache(), 0
-    nxt = int(logits[0, -1].argmax())
+    nxt = choice.pick(logits[0, -1])
     produced = drafted = accepted = looked_up = lookup_accepted = 0
     check_s = draft_s = 0.0
     while True:
@@ -181,6 +224,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
             break
         left = max_new_tokens - produced
         proposals = context_lookup(seq, min(LOOKUP_TOKENS, left)) if lookup else []
+        guesses: list = [None] * len(proposals)  # the draft's distribution for each guess (greedy: none needed)
         copied = bool(proposals)
         if not copied and draft_tokens > 0:  # draft_tokens 0: context lookup alone
             k = min(draft_tokens, left)
@@ -188,10 +232,11 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
             d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
             d_len = len(seq)
             while True:
-                token = draft_token(d_logits[0, -1], min_confidence)
+                token, q = choice.propose(d_logits[0, -1])
                 if token is None:
                     break
                 proposals.append(token)
+                guesses.append(q)
                 if len(proposals) == k:
                     break
                 d_logits, d_cache = draft.forward(np.asarray([[token]]), d_cache)
@@ -202,10 +247,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
         logits, t_cache = target.forward(np.asarray([seq[t_len:] + proposals]), t_cache)
         check_s += time.perf_counter() - t0
         passes += 1
-        preds = logits[0, start:].argmax(-1)
-        n = 0
-        while n < len(proposals) and proposals[n] == int(preds[n]):
-            n += 1
+        n, after = choice.check(logits[0, start:], proposals, guesses)
         drafted += len(proposals)
         accepted += n
         if copied:
@@ -229,7 +271,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
             d_cache = _cut(draft, d_cache, d_len)
         if produced >= max_new_tokens:
             break
-        nxt = int(preds[n])
+        nxt = after
     return SpeculativeResult(seq[len(prompt):len(prompt) + max_new_tokens], drafted, accepted, passes,
                              looked_up, lookup_accepted, check_s, draft_s)
 

@@ -1,6 +1,7 @@
 """`edgekd generate RUN_DIR --prompt TEXT`: text from a finished causal-LM run's final decoder, alone or as
 the draft for its teacher (--speculative, lossless: the teacher's own greedy output), on this host with
-the run's target runtime."""
+the run's target runtime. Greedy by default; --temperature (with --top-k, --top-p, --seed) samples, and
+speculative sampling is distributed as the teacher's own sampling (bench/lm_sampling.py)."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ __all__ = ["add_parser", "generate"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text with a causal-lm run's final model",
-                              description="Greedy generation with the final decoder of a finished causal-lm run; "
-                                          "--speculative drafts with it for the run's teacher.")
+                              description="Generation with the final decoder of a finished causal-lm run, greedy or sampled "
+                                          "(--temperature); --speculative drafts with it for the run's teacher.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (task causal-lm)")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="the text to continue")
@@ -33,6 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                         "under this, 0 never (default: the run's choice)")
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=None,
                    help="rounds whose last tokens recur in the text propose what followed them (default: the run's choice)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, help="sample from the fewest tokens whose probabilities reach P (default 1)")
+    p.add_argument("--seed", type=int, help="the sampling seed (default: a fresh one, printed; the same seed and "
+                                            "settings repeat the text)")
     p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
@@ -110,6 +116,21 @@ def _chat_ids(tok, prompt: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
+    """lm_sampling.Sampling for `temperature` above 0, else None (greedy); bad settings are bad input."""
+    from ..bench.lm_sampling import Sampling, settings_error
+
+    if not temperature:
+        loose = [flag for flag, value in (("--top-k", top_k), ("--top-p", top_p), ("--seed", seed)) if value is not None]
+        if loose:
+            raise BadInputError(f"generate: {loose[0]} sets sampling, and decoding is greedy; add --temperature T")
+        return None
+    problem = settings_error(temperature, top_k or 0, 1.0 if top_p is None else top_p)
+    if problem:
+        raise BadInputError(f"generate: {problem}")
+    return Sampling(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
+
+
 def read_prompt(path: str) -> str:
     """--prompt-file's text ('-': standard input); a missing or unreadable file is bad input."""
     if path == "-":
@@ -123,12 +144,14 @@ def read_prompt(path: str) -> str:
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
              draft_tokens: int | None = None, threads: int | None = None,
              min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False,
-             stream: bool = False) -> dict:
+             stream: bool = False, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring); `chat`: the prompt as a
-    user's message in the chat template."""
+    user's message in the chat template; `temperature` above 0 samples (with `top_k`, `top_p`, `seed`)."""
     from transformers import AutoTokenizer
 
-    from .speculative import UNCHOSEN, speculative_greedy
+    from ..bench import lm_generation
+    from .speculative import UNCHOSEN
 
     if max_new_tokens < 1:
         raise BadInputError("generate: --max-new-tokens must be at least 1")
@@ -136,6 +159,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         raise BadInputError("generate: --draft-tokens must be at least 1")
     if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
         raise BadInputError("generate: --min-confidence must be in [0, 1)")
+    sampling = _sampling(temperature, top_k, top_p, seed)
     run = Path(run_dir)
     report = _load(run)
     target = report["target"]["name"]
@@ -166,8 +190,9 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             runner, teacher = _decoder(run, {**report["teacher"], "_target": target}, threads)
             runners.append(runner)
             t0 = time.perf_counter()
-            res = speculative_greedy(teacher, draft, ids, max_new_tokens, k, floor, copy, eos=tok.eos_token_id,
-                                     on_tokens=streamer)
+            rule = lm_generation.Greedy(floor) if sampling is None else sampling.drafting(floor)
+            res = lm_generation.speculative(teacher, draft, ids, max_new_tokens, k, rule, copy,
+                                            eos=tok.eos_token_id, on_tokens=streamer)
             tokens = res.tokens
             out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                         "drafted": res.drafted,
@@ -184,7 +209,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
                                 "check_ms": round(1000 * res.check_seconds / checks, 3),
                                 "draft_ms": round(1000 * res.draft_seconds / checks, 3)}
         else:
-            tokens = draft.greedy(ids, max_new_tokens, eos=tok.eos_token_id, on_tokens=streamer)
+            tokens = lm_generation.continue_ids(draft, ids, max_new_tokens, tok.eos_token_id, streamer, sampling)
         seconds = time.perf_counter() - t0
     finally:
         for r in runners:
@@ -193,6 +218,9 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         tokens = tokens[:tokens.index(tok.eos_token_id)]
     out.update({"text": tok.decode(tokens), "tokens": len(tokens), "token_ids": tokens,
                 "seconds": round(seconds, 4), "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
+    if sampling is not None:
+        out["sampling"] = sampling.record()
+        out["sampled"] = sampling.describe()
     if streamer is not None:
         streamer.finish(out["text"])
         out["streamed"] = True
@@ -212,10 +240,13 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json_out, "generate: --json")
     prompt = args.prompt if args.prompt is not None else read_prompt(args.prompt_file)
     out = generate(args.run_dir, prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
-                   args.min_confidence, args.lookup, chat=args.chat, stream=args.stream)
+                   args.min_confidence, args.lookup, chat=args.chat, stream=args.stream, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if not out.get("streamed"):
         print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
+    if out.get("sampled"):
+        figures += f", {out['sampled']}"
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"

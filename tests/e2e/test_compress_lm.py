@@ -386,7 +386,7 @@ def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run,
     report, run, _, _ = lm_run
     b = report["final"]["bundle"]
     assert b["path"] == "target/app" and b["needs"] == ["numpy", "onnxruntime", "tokenizers"]
-    for f in ("generate.py", "bundle.json", "README.md", "lm_runner.py", "lm_generation.py", "runner.py",
+    for f in ("generate.py", "bundle.json", "README.md", "lm_runner.py", "lm_generation.py", "lm_sampling.py", "runner.py",
               "tokenizer/tokenizer.json", b["roles"]["model"], b["roles"]["draft"], b["roles"]["teacher"]):
         assert f"target/app/{f}" in b["files"], f
     final = run / report["final"]["artifact"]
@@ -406,6 +406,44 @@ def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run,
                           (["--prompt", "x", "--max-new-tokens", "100000"], "positions; the model takes at most"),
                           (["--prompt", "x", "--draft-tokens", "2"], "add --speculative")):
         got = _app(run, tmp_path, *args)
+        assert got.returncode == 2 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
+def test_sampled_text_repeats_with_its_seed_in_generate_and_on_the_board(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+    from edgekd.lm.generate import generate
+
+    _, run, _, _ = lm_run
+    prompt, settings = "def f(x):\n    return", ["--temperature", "1.5", "--top-p", "0.95", "--seed", "7"]
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "16", *settings,
+                 "--json", str(tmp_path / "s.json")]) == 0
+    assert "sampled at temperature 1.5, top-p 0.95, seed 7" in capsys.readouterr().err
+    sampled = json.loads((tmp_path / "s.json").read_text())
+    assert sampled["sampling"] == {"temperature": 1.5, "top_k": 0, "top_p": 0.95, "seed": 7}
+    again = generate(run, prompt, 16, temperature=1.5, top_p=0.95, seed=7)
+    assert again["token_ids"] == sampled["token_ids"] != generate(run, prompt, 16)["token_ids"]  # not greedy
+    assert len({tuple(generate(run, prompt, 16, temperature=1.5, seed=s)["token_ids"]) for s in range(4)}) > 1
+    assert generate(run, prompt, 16, temperature=1.0, top_k=1, seed=3)["token_ids"] == generate(run, prompt, 16)[
+        "token_ids"]  # top-k 1 is greedy
+    fresh = generate(run, prompt, 8, temperature=1.0)  # no seed: a fresh one, written down so it can be repeated
+    assert generate(run, prompt, 8, temperature=1.0, seed=fresh["sampling"]["seed"])["token_ids"] == fresh["token_ids"]
+    spec = generate(run, prompt, 16, speculative=True, temperature=1.5, top_p=0.95, seed=7)
+    assert spec["speculative"] and spec["sampling"]["seed"] == 7 and 0 < len(spec["token_ids"]) <= 16
+    # the board's app: the same settings and seed give the same tokens, alone and speculative
+    got = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "16", *settings, "--json", "app.json")
+    assert got.returncode == 0 and "seed 7" in got.stderr, got.stderr
+    assert json.loads((tmp_path / "app.json").read_text())["token_ids"] == sampled["token_ids"]
+    got = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "16", *settings, "--speculative",
+               "--json", "app-spec.json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads((tmp_path / "app-spec.json").read_text())["token_ids"] == spec["token_ids"]
+    for args, message in ((["--seed", "3"], "--seed sets sampling, and decoding is greedy; add --temperature"),
+                          (["--temperature", "1", "--top-p", "0"], "top-p must be in (0, 1]"),
+                          (["--temperature", "-1"], "temperature must be above 0")):
+        assert main(["generate", str(run), "--prompt", "x", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        got = _app(run, tmp_path, "--prompt", "x", *args)
         assert got.returncode == 2 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
 
 

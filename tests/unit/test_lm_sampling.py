@@ -1,0 +1,125 @@
+"""Sampled decoding (bench/lm_sampling.py): the filters against their formulas, draws that follow their
+distribution, and speculative sampling distributed exactly as the target's own sampling (chi-square over
+many seeded runs, with a control that shows the test tells a wrong distribution apart)."""
+import itertools
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from edgekd.bench.lm_generation import continue_ids, greedy, speculative, speculative_greedy
+from edgekd.bench.lm_sampling import Sampling, settings_error
+from edgekd.lm.draft_vocab import FLOOR
+
+
+class Bigram:
+    """A bigram language model with the decoders' interface (forward(ids, cache), empty_cache(), a cache of
+    (batch, heads, length, dim) arrays that the loops cut): logits for the next token from the last one."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = np.asarray(table, dtype=np.float32)
+
+    def empty_cache(self, batch: int = 1) -> list:
+        return [np.zeros((batch, 1, 0, 1), dtype=np.float32)]
+
+    def forward(self, ids, cache):
+        ids = np.asarray(ids)
+        grown = np.zeros((ids.shape[0], 1, cache[0].shape[2] + ids.shape[1], 1), dtype=np.float32)
+        return self.table[ids], [grown]
+
+
+def _softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def test_filters_follow_their_formulas():
+    row = np.array([2.0, 1.0, 0.5, 0.0, -1.0])
+    assert np.allclose(Sampling(temperature=0.5).probs(row), _softmax(row / 0.5), atol=1e-12)
+    top2 = Sampling(top_k=2).probs(row)
+    assert np.allclose(top2, np.r_[_softmax(row[:2]), 0, 0, 0], atol=1e-12)
+    full = _softmax(row)  # 0.535, 0.197, 0.119, 0.072, 0.027
+    assert full[0] < 0.6 < full[0] + full[1] < 0.8 < full[:3].sum()
+    assert np.allclose(Sampling(top_p=0.6).probs(row), np.r_[full[:2] / full[:2].sum(), 0, 0, 0], atol=1e-12)
+    assert np.allclose(Sampling(top_p=0.8).probs(row), np.r_[full[:3] / full[:3].sum(), 0, 0], atol=1e-12)
+    assert np.count_nonzero(Sampling(top_p=1e-6).probs(row)) == 1  # the most likely token is always kept
+    cut = np.array([FLOOR, 3.0, FLOOR, 1.0])  # a cut draft vocabulary's floor is probability 0
+    assert np.allclose(Sampling().probs(cut), np.r_[0, _softmax(np.array([3.0, 1.0]))[0], 0,
+                                                    _softmax(np.array([3.0, 1.0]))[1]], atol=1e-12)
+
+
+def test_bad_settings_are_named():
+    assert "temperature" in settings_error(0.0, 0, 1.0)
+    assert "top-k" in settings_error(1.0, -1, 1.0)
+    assert "top-p" in settings_error(1.0, 0, 0.0) and "top-p" in settings_error(1.0, 0, 1.5)
+    assert "floor" in settings_error(1.0, 0, 1.0, 1.0)
+    assert settings_error(0.7, 40, 0.9, 0.3) is None
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=-1.0)
+
+
+def test_draws_follow_the_distribution_and_skip_zero_probability():
+    p = np.array([0.5, 0.0, 0.3, 0.2, 0.0])
+    s = Sampling(seed=3)
+    counts = np.bincount([s.draw(p) for _ in range(20000)], minlength=5)
+    assert counts[1] == counts[4] == 0
+    assert chisquare(counts[[0, 2, 3]], 20000 * p[[0, 2, 3]]).pvalue > 1e-3
+
+
+def test_a_seed_repeats_its_text_and_top_k_1_is_greedy():
+    rng = np.random.default_rng(0)
+    target = Bigram(rng.normal(0, 2, (40, 40)))
+    a = continue_ids(target, [1, 2], 30, choice=Sampling(0.9, seed=11))
+    assert a == continue_ids(target, [1, 2], 30, choice=Sampling(0.9, seed=11))
+    assert a != continue_ids(target, [1, 2], 30, choice=Sampling(0.9, seed=12))
+    assert continue_ids(target, [1, 2], 30, choice=Sampling(top_k=1, seed=5)) == greedy(target, [1, 2], 30)
+    draft = Bigram(rng.normal(0, 2, (40, 40)))
+    assert (speculative(target, draft, [1, 2], 30, 3, Sampling(top_k=1, seed=5)).tokens
+            == speculative_greedy(target, draft, [1, 2], 30, 3).tokens == greedy(target, [1, 2], 30))
+    s = Sampling()  # fresh entropy, and the seed drawn is kept: the text can be repeated
+    assert continue_ids(target, [1], 10, choice=s) == continue_ids(target, [1], 10, choice=Sampling(seed=s.seed))
+
+
+V, NEW, RUNS = 4, 3, 8000
+
+
+def _chain(table, settings: dict, prompt_last: int) -> np.ndarray:
+    """The exact probability of every sequence of NEW tokens under bigram `table` sampled with `settings`."""
+    s = Sampling(**settings)
+    out = np.zeros((V,) * NEW)
+    for seq in itertools.product(range(V), repeat=NEW):
+        prob, last = 1.0, prompt_last
+        for t in seq:
+            prob *= s.probs(table[last])[t]
+            last = t
+        out[seq] = prob
+    return out.ravel()
+
+
+@pytest.mark.parametrize("settings, k, lookup, cut", [
+    ({"temperature": 1.0}, 2, False, False),
+    ({"temperature": 0.7, "top_k": 3, "top_p": 0.9, "min_confidence": 0.4}, 3, False, False),
+    ({"temperature": 1.3}, 2, True, True),  # context lookup's copies and a draft with a cut vocabulary
+])
+def test_speculative_sampling_is_distributed_as_the_target(settings, k, lookup, cut):
+    rng = np.random.default_rng(1)
+    t_table = rng.normal(0, 1.2, (V, V))
+    d_table = t_table + rng.normal(0, 1.0, (V, V))  # a draft that is often, not always, right
+    if cut:
+        d_table[:, V - 1] = FLOOR  # the draft never proposes the last token; the target still makes it
+    target, draft = Bigram(t_table), Bigram(d_table)
+    prompt = [0, 1, 0, 1]  # a repeating prompt, so context lookup proposes
+    seen = np.zeros(V ** NEW)
+    accepted = drafted = 0
+    for seed in range(RUNS):
+        res = speculative(target, draft, prompt, NEW, k, Sampling(**settings, seed=seed), lookup=lookup)
+        seen[np.ravel_multi_index(res.tokens, (V,) * NEW)] += 1
+        accepted, drafted = accepted + res.accepted, drafted + res.drafted
+    expect = _chain(t_table, {key: v for key, v in settings.items() if key != "min_confidence"}, prompt[-1])
+    live = expect > 0
+    assert seen[~live].sum() == 0
+    assert chisquare(seen[live], RUNS * expect[live] / expect[live].sum()).pvalue > 1e-3
+    assert 0.2 < accepted / drafted < 0.95  # both ways of the check were taken
+    drafts = _chain(d_table, {key: v for key, v in settings.items() if key != "min_confidence"}, prompt[-1])
+    control = drafts[live] + 1e-12
+    assert chisquare(seen[live], RUNS * control / control.sum()).pvalue < 1e-6  # the draft's own sampling fails
