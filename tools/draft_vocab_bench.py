@@ -13,9 +13,13 @@ drafting for the run's FP32 teacher, and the teacher alone, all timed in the sam
     identical    outputs equal to the teacher's own greedy output (every one must be)
     coverage     the kept tokens' share of the training split and of the teacher's outputs here
 
+With --temperature T (and --top-k, --top-p) every run samples instead: the teacher alone samples, and the
+drafts do speculative sampling (edgekd.bench.lm_sampling), each prompt with its own seed; an output is then
+distributed as the teacher's own, not equal to it, so `identical` is not counted.
+
     python tools/draft_vocab_bench.py --run RUN_DIR [--vocab 0 4096 8192 16384] [--prompts 20]
                  [--new-tokens N] [--first] [--setting K:C:L ...] [--drafts-from RUN_DIR ...]
-                 [--threads N] [--json OUT]
+                 [--temperature T [--top-k K] [--top-p P]] [--threads N] [--json OUT]
 
 --drafts-from adds other finished runs of the same teacher on the same data: their final decoders, cut
 the same way, draft for this run's teacher in the same rounds (two students compared as drafts).
@@ -49,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--first", action="store_true", help="the first test blocks' prompts instead of spread ones")
     p.add_argument("--setting", nargs="*", default=None)
     p.add_argument("--drafts-from", type=Path, nargs="*", default=[])
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at T (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -74,13 +81,21 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     from edgekd.bench import lm_runner
-    from edgekd.bench.lm_generation import decode_once, speculative_greedy
+    from edgekd.bench.lm_generation import Greedy, continue_ids, decode_once, speculative
+    from edgekd.bench.lm_sampling import Sampling, settings_error
     from edgekd.config import from_dict
     from edgekd.config.lm import SpeculativeConfig
     from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext
     from edgekd.lm.draft_vocab import cut_head, frequent_tokens
     from edgekd.lm.entry import _splits
+
+    sampled = args.temperature != 0.0
+    if sampled and settings_error(args.temperature, args.top_k, args.top_p):
+        raise BenchError(settings_error(args.temperature, args.top_k, args.top_p))
+
+    def rule(seed: int, floor: float):
+        return Sampling(args.temperature, args.top_k, args.top_p, seed, floor) if sampled else Greedy(floor)
 
     run = args.run.resolve()
     if not (run / "report.json").is_file():
@@ -140,10 +155,11 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
         for r in order:
             t = time.perf_counter()
             if r is None:
-                ref = decode_once(teacher, prompt, new_tokens)["tokens"]
+                ref = (continue_ids(teacher, prompt, new_tokens, choice=rule(i, 0.0)) if sampled
+                       else decode_once(teacher, prompt, new_tokens)["tokens"])
             else:
                 (d, (k, c, u)) = r
-                results[r] = speculative_greedy(teacher, drafts[d], prompt, new_tokens, k, c, u)
+                results[r] = speculative(teacher, drafts[d], prompt, new_tokens, k, rule(i, c), u)
             got[r]["seconds"] += time.perf_counter() - t
         outputs.extend(ref)
         for r, res in results.items():
@@ -162,15 +178,19 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
                      "output_coverage": round(100 * float(out_counts[kept[n]].sum() / out_counts.sum()), 3),
                      "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else None,
                      "tokens_per_s": round(len(prompts) * new_tokens / g["seconds"], 2),
-                     "speedup": round(base / g["seconds"], 3), "identical": g["identical"]})
+                     "speedup": round(base / g["seconds"], 3), "identical": None if sampled else g["identical"]})
     return {"run": str(run), "prompts": len(prompts), "prompt_rows": "first" if args.first else "spread",
             "new_tokens": new_tokens, "threads": threads, "vocab_size": vocab,
+            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} if sampled else None,
             "teacher_tokens_per_s": round(len(prompts) * new_tokens / base, 2), "rows": rows}
 
 
 def table(result: dict) -> str:
+    sampling = result.get("sampling")
+    how = "greedy" if not sampling else (f"sampled at temperature {sampling['temperature']:g}, top-k "
+                                         f"{sampling['top_k']}, top-p {sampling['top_p']:g}")
     lines = [f"teacher alone {result['teacher_tokens_per_s']} tokens/s; {result['prompts']} {result['prompt_rows']} "
-             f"test prompts, {result['new_tokens']} new tokens, {result['threads']} threads, same rounds", "",
+             f"test prompts, {result['new_tokens']} new tokens, {result['threads']} threads, same rounds, {how}", "",
              "| draft head | drafting | train coverage | output coverage | acceptance | tokens/s | speedup | identical |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     several = len({r["draft"] for r in result["rows"]}) > 1
@@ -179,9 +199,10 @@ def table(result: dict) -> str:
         head = f"{r['draft']}: {head}" if several else head
         how = f"up to {r['draft_tokens']}" + (f", p >= {r['min_confidence']:g}" if r["min_confidence"] else "") + (
             " + lookup" if r["lookup"] else "")
+        same = "—" if r["identical"] is None else f"{r['identical']}/{result['prompts']}"
         lines.append(f"| {head} | {how} | {r['train_coverage']:.1f}% | {r['output_coverage']:.1f}% "
                      f"| {'—' if r['acceptance_rate'] is None else format(100 * r['acceptance_rate'], '.1f') + '%'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
-                     f"| {r['identical']}/{result['prompts']} |")
+                     f"| {same} |")
     return "\n".join(lines)
 
 

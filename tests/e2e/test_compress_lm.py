@@ -772,6 +772,14 @@ def test_the_draft_vocabulary_bench_times_whole_and_cut_heads_on_a_finished_run(
     assert [r["draft"] for r in rows] == [run.name, "other"] and all(r["identical"] == 2 for r in rows)
     assert rows[0]["acceptance_rate"] == rows[1]["acceptance_rate"]  # the same decoder, the same guesses
     assert "| other: whole vocabulary | up to 2 |" in res2.stdout
+    sampled = subprocess.run([sys.executable, str(ROOT / "tools" / "draft_vocab_bench.py"), "--run", str(run),
+                              "--vocab", "0", "--prompts", "2", "--new-tokens", "6", "--setting", "2:0:0",
+                              "--temperature", "0.8", "--top-p", "0.9", "--json", str(out)],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    got = json.loads(out.read_text())  # speculative sampling: distributed as the teacher's, never counted identical
+    assert got["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9} and got["rows"][0]["identical"] is None
+    assert 0 <= got["rows"][0]["acceptance_rate"] <= 1 and "sampled at temperature 0.8" in sampled.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "draft_vocab_bench.py"), "--run", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "has no report.json" in bad.stderr and "Traceback" not in bad.stderr
