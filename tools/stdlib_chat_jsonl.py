@@ -1,8 +1,13 @@
 """Write a chat dataset in JSON Lines from Python's standard library: one record per documented top-level
 function, {"messages": [user: "Write the Python function NAME(ARGS): FIRST DOCSTRING LINE", assistant: its
-source]}, split by module into train.jsonl and test.jsonl (every fifth module, in sorted order, to test).
-Real text in the form users bring for an instruct model (what `data.files: {train, test}` and chat records
-read).
+source in a ```python fenced block]}, split by module into train.jsonl and test.jsonl (every fifth module, in
+sorted order, to test). Real text in the form users bring for an instruct model (what `data.files: {train,
+test}` and chat records read).
+
+The answer is fenced because that is how the teacher (SmolLM2-135M-Instruct) answers a request for code.
+Answers that open otherwise (the bare source) disagree with the teacher at the answer's first token: token-level
+KD then teaches the student the teacher's "```" there, while no training text shows what follows it, and the
+distilled student's free-running answer loops on "```" (measured: BENCHMARKS.md, the chat example).
 
     python tools/stdlib_chat_jsonl.py --out /tmp/chat
 """
@@ -35,7 +40,7 @@ def records(path: Path) -> list[dict]:
             continue
         args = ast.unparse(node.args)
         ask = f"Write the Python function {node.name}({args}): {doc.strip().splitlines()[0]}"
-        out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": code}]})
+        out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": f"```python\n{code}\n```"}]})
     return out
 
 
