@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--setting", nargs="*", default=None)
     p.add_argument("--drafts-from", type=Path, nargs="*", default=[])
     p.add_argument("--temperature", type=float, default=0.0, help="sample at T (default 0: greedy)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -82,7 +82,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
 
     from edgekd.bench import lm_runner
     from edgekd.bench.lm_generation import Greedy, continue_ids, decode_once, speculative
-    from edgekd.bench.lm_sampling import Sampling, settings_error
+    from edgekd.bench.lm_sampling import Sampling, from_flags
     from edgekd.config import from_dict
     from edgekd.config.lm import SpeculativeConfig
     from edgekd.config.profiles import load_profile
@@ -90,12 +90,14 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     from edgekd.lm.draft_vocab import cut_head, frequent_tokens
     from edgekd.lm.entry import _splits
 
-    sampled = args.temperature != 0.0
-    if sampled and settings_error(args.temperature, args.top_k, args.top_p):
-        raise BenchError(settings_error(args.temperature, args.top_k, args.top_p))
+    try:
+        asked = from_flags(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    sampled = asked is not None
 
-    def rule(seed: int, floor: float):
-        return Sampling(args.temperature, args.top_k, args.top_p, seed, floor) if sampled else Greedy(floor)
+    def rule(seed: int, floor: float):  # each prompt its own seed
+        return Greedy(floor) if asked is None else Sampling(asked.temperature, asked.top_k, asked.top_p, seed, floor)
 
     run = args.run.resolve()
     if not (run / "report.json").is_file():
@@ -181,7 +183,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
                      "speedup": round(base / g["seconds"], 3), "identical": None if sampled else g["identical"]})
     return {"run": str(run), "prompts": len(prompts), "prompt_rows": "first" if args.first else "spread",
             "new_tokens": new_tokens, "threads": threads, "vocab_size": vocab,
-            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} if sampled else None,
+            "sampling": {k: v for k, v in asked.record().items() if k != "seed"} if sampled else None,
             "teacher_tokens_per_s": round(len(prompts) * new_tokens / base, 2), "rows": rows}
 
 

@@ -40,7 +40,8 @@ def records(path: Path) -> list[dict]:
             continue
         args = ast.unparse(node.args)
         ask = f"Write the Python function {node.name}({args}): {doc.strip().splitlines()[0]}"
-        out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": f"```python\n{code}\n```"}]})
+        answer = f"```python\n{code}\n```"
+        out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]})
     return out
 
 

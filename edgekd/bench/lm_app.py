@@ -197,18 +197,12 @@ def _prompt(args) -> str:
 
 def _sampling(args):
     """lm_sampling.Sampling for --temperature above 0, else None (greedy)."""
-    from lm_sampling import Sampling, settings_error  # type: ignore[import-not-found]
+    from lm_sampling import from_flags  # type: ignore[import-not-found]
 
-    if not args.temperature:
-        loose = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
-        if loose:
-            raise AppError(f"{loose[0]} sets sampling, and decoding is greedy; add --temperature T")
-        return None
-    top_k, top_p = args.top_k or 0, 1.0 if args.top_p is None else args.top_p
-    problem = settings_error(args.temperature, top_k, top_p)
-    if problem:
-        raise AppError(problem)
-    return Sampling(args.temperature, top_k, top_p, args.seed)
+    try:
+        return from_flags(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise AppError(str(e)) from None
 
 
 def run(args) -> dict:

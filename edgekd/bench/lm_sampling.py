@@ -12,7 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Sampling", "settings_error"]
+__all__ = ["Sampling", "from_flags", "settings_error"]
+
+
+NUCLEUS_ROWS = 1024  # the most likely tokens top-p sorts first (the whole row only where they fall short)
+
+
+def from_flags(temperature: float, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None) -> Sampling | None:
+    """The Sampling that generate's flags ask for, or None for greedy decoding (temperature 0); what is
+    wrong with them raises ValueError with the line to show."""
+    if not temperature:
+        loose = [flag for flag, value in (("--top-k", top_k), ("--top-p", top_p), ("--seed", seed)) if value is not None]
+        if loose:
+            raise ValueError(f"{loose[0]} sets sampling, and decoding is greedy; add --temperature T")
+        return None
+    return Sampling(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
 
 
 def settings_error(temperature: float, top_k: int, top_p: float, min_confidence: float = 0.0) -> str | None:
@@ -70,13 +85,22 @@ class Sampling:
         p = np.exp(z - z.max())
         p /= p.sum()
         if self.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
+            order = self._ranked(p)
             ranked = np.cumsum(p[order])
-            keep = int(np.searchsorted(ranked, self.top_p * ranked[-1], side="left")) + 1  # the fewest reaching top_p
+            keep = int(np.searchsorted(ranked, self.top_p, side="left")) + 1  # the fewest reaching top_p
             cut = np.zeros_like(p)
             cut[order[:keep]] = p[order[:keep]]
             p = cut / cut.sum()
         return p
+
+    def _ranked(self, p: np.ndarray) -> np.ndarray:
+        """Token ids by falling probability, far enough to hold top_p of the mass: the NUCLEUS_ROWS most
+        likely (a partial sort, a tenth of a whole vocabulary's) where they reach it, else the whole row."""
+        if len(p) > NUCLEUS_ROWS:
+            head = np.argpartition(p, len(p) - NUCLEUS_ROWS)[len(p) - NUCLEUS_ROWS:]
+            if float(p[head].sum()) >= self.top_p:
+                return head[np.argsort(-p[head], kind="stable")]
+        return np.argsort(-p, kind="stable")
 
     def draw(self, p: np.ndarray) -> int:
         """One token drawn from the distribution `p` (a token of probability 0 never)."""

@@ -1,7 +1,8 @@
 """target/app/: what a causal-LM run ships to its board (ONNX Runtime and OpenVINO targets): the final decoder,
 the draft and the teacher for speculative decoding, the tokenizer, and generate.py (bench/lm_app.py) with the
-runner code that measured the run (lm_runner.py, lm_generation.py, runner.py) and lm_sampling.py. Copied to the board, it writes
-text from a prompt with numpy, the runtime and the `tokenizers` package: no edgekd, PyTorch or transformers.
+runner code that measured the run (lm_runner.py, lm_generation.py, runner.py) and lm_sampling.py. Copied to the
+board, it writes text from a prompt with numpy, the runtime and the `tokenizers` package: no edgekd, PyTorch or
+transformers.
 Decoders are hard-linked from the run's target/ (no second copy on disk)."""
 from __future__ import annotations
 

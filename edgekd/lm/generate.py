@@ -116,21 +116,6 @@ def _chat_ids(tok, prompt: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
-    """lm_sampling.Sampling for `temperature` above 0, else None (greedy); bad settings are bad input."""
-    from ..bench.lm_sampling import Sampling, settings_error
-
-    if not temperature:
-        loose = [flag for flag, value in (("--top-k", top_k), ("--top-p", top_p), ("--seed", seed)) if value is not None]
-        if loose:
-            raise BadInputError(f"generate: {loose[0]} sets sampling, and decoding is greedy; add --temperature T")
-        return None
-    problem = settings_error(temperature, top_k or 0, 1.0 if top_p is None else top_p)
-    if problem:
-        raise BadInputError(f"generate: {problem}")
-    return Sampling(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
-
-
 def read_prompt(path: str) -> str:
     """--prompt-file's text ('-': standard input); a missing or unreadable file is bad input."""
     if path == "-":
@@ -151,6 +136,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     from transformers import AutoTokenizer
 
     from ..bench import lm_generation
+    from ..bench.lm_sampling import from_flags
     from .speculative import UNCHOSEN
 
     if max_new_tokens < 1:
@@ -159,7 +145,10 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         raise BadInputError("generate: --draft-tokens must be at least 1")
     if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
         raise BadInputError("generate: --min-confidence must be in [0, 1)")
-    sampling = _sampling(temperature, top_k, top_p, seed)
+    try:
+        sampling = from_flags(temperature, top_k, top_p, seed)
+    except ValueError as e:
+        raise BadInputError(f"generate: {e}") from None
     run = Path(run_dir)
     report = _load(run)
     target = report["target"]["name"]

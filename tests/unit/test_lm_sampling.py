@@ -48,6 +48,18 @@ def test_filters_follow_their_formulas():
                                                     _softmax(np.array([3.0, 1.0]))[1]], atol=1e-12)
 
 
+def test_top_p_over_a_whole_vocabulary_keeps_the_same_nucleus_as_a_full_sort():
+    rng = np.random.default_rng(4)
+    for scale, top_p in ((3.0, 0.9), (3.0, 0.9999), (0.2, 0.5)):  # a partial sort, and rows it falls short on
+        row = rng.normal(0, scale, 49152)
+        full = _softmax(row)
+        order = np.argsort(-full, kind="stable")
+        keep = order[:int(np.searchsorted(np.cumsum(full[order]), top_p)) + 1]
+        expect = np.zeros_like(full)
+        expect[keep] = full[keep] / full[keep].sum()
+        assert np.allclose(Sampling(top_p=top_p).probs(row), expect, atol=1e-12)
+
+
 def test_bad_settings_are_named():
     assert "temperature" in settings_error(0.0, 0, 1.0)
     assert "top-k" in settings_error(1.0, -1, 1.0)
