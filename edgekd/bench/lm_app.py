@@ -4,7 +4,7 @@ PyTorch or transformers. edgekd copies this file as generate.py into target/app/
 lm_generation.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
 
     python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--stream]
-                        [--temperature T [--top-k K] [--top-p P] [--seed N]]
+                        [--temperature T [--top-k K] [--top-p P] [--seed N]] [--repetition-penalty R [--repetition-window N]]
                         [--speculative [--draft-tokens K] [--min-confidence P] [--lookup 0|1]] [--threads N]
                         [--json OUT]
 
@@ -12,7 +12,8 @@ Needs numpy, the runtime the run was built for (onnxruntime, or openvino for an 
 `tokenizers` package; --chat also needs jinja2 (the tokenizer's chat template is a Jinja template). Greedy
 decoding, or sampled with --temperature (lm_sampling), through the same loading and decode loops that measured
 the run (lm_runner.load, lm_generation); with --speculative the final decoder drafts and the teacher checks
-(lossless: the teacher's own greedy output, or distributed as the teacher's own sampling).
+(lossless: the teacher's own greedy output, or distributed as the teacher's own sampling); a repetition penalty
+shapes every step's logits, the teacher's checks included.
 The continuation is printed on stdout, the figures on stderr. Exit 2: bad input; exit 3: a missing package or
 a runtime failure."""
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _load(bundle: dict, role: str, threads, draft: bool):
 
 
 def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, threads, draft_tokens=None,
-             min_confidence=None, lookup=None, on_tokens=None, sampling=None) -> dict:
+             min_confidence=None, lookup=None, on_tokens=None, sampling=None, penalty=None) -> dict:
     import lm_runner  # type: ignore[import-not-found]
     from lm_generation import Greedy, continue_ids  # type: ignore[import-not-found]
     from lm_generation import speculative as speculate  # type: ignore[import-not-found]
@@ -142,7 +143,8 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
         draft = _load(bundle, "draft", threads, True)
         t0 = time.perf_counter()
         rule = Greedy(floor) if sampling is None else sampling.drafting(floor)
-        res = speculate(teacher, draft, ids, max_new_tokens, k, rule, copy, eos=eos, on_tokens=on_tokens)
+        res = speculate(teacher, draft, ids, max_new_tokens, k, rule, copy, eos=eos, on_tokens=on_tokens,
+                        penalty=penalty)
         seconds, tokens = time.perf_counter() - t0, res.tokens
         out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                     "drafted": res.drafted, "acceptance_rate": None if res.acceptance_rate is None
@@ -150,7 +152,7 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
     else:
         model = _load(bundle, "model", threads, False)
         t0 = time.perf_counter()
-        tokens = continue_ids(model, ids, max_new_tokens, eos, on_tokens, sampling)
+        tokens = continue_ids(model, ids, max_new_tokens, eos, on_tokens, sampling, penalty)
         seconds = time.perf_counter() - t0
     if eos in tokens:
         tokens = tokens[:tokens.index(eos)]
@@ -158,6 +160,8 @@ def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, th
                 "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
     if sampling is not None:
         out.update({"sampling": sampling.record(), "sampled": sampling.describe()})
+    if penalty is not None:
+        out.update({"repetition": penalty.record(), "penalised": penalty.describe()})
     return out
 
 
@@ -177,6 +181,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens only")
     p.add_argument("--top-p", type=float, default=None, help="sample from the fewest tokens reaching probability P")
     p.add_argument("--seed", type=int, default=None, help="the sampling seed (default: a fresh one, in the JSON)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide the logit of every token already in the text by R (above 1: fewer repeats)")
+    p.add_argument("--repetition-window", type=int, default=None, metavar="N",
+                   help="the penalty counts the last N tokens only (default 0: the whole text)")
     p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the run's profile)")
     p.add_argument("--json", default=None, help="write the text and figures as JSON here")
@@ -196,11 +204,12 @@ def _prompt(args) -> str:
 
 
 def _sampling(args):
-    """lm_sampling.Sampling for --temperature above 0, else None (greedy)."""
-    from lm_sampling import from_flags  # type: ignore[import-not-found]
+    """(lm_sampling.Sampling for --temperature above 0, else None (greedy); lm_sampling.RepetitionPenalty or None)."""
+    from lm_sampling import from_flags, penalty_from_flags  # type: ignore[import-not-found]
 
     try:
-        return from_flags(args.temperature, args.top_k, args.top_p, args.seed)
+        return (from_flags(args.temperature, args.top_k, args.top_p, args.seed),
+                penalty_from_flags(args.repetition_penalty, args.repetition_window))
     except ValueError as e:
         raise AppError(str(e)) from None
 
@@ -212,7 +221,7 @@ def run(args) -> dict:
         raise AppError("--threads must be at least 1")
     if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
         raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
-    sampling = _sampling(args)
+    sampling, penalty = _sampling(args)
     bundle = _bundle()
     tok = _tokenizer(bundle)
     text = _prompt(args)
@@ -228,7 +237,8 @@ def run(args) -> dict:
         streamer = Streamer(lambda t: tok.decode(t, skip_special_tokens=False), bundle["tokenizer"].get("eos_token_id"),
                             args.max_new_tokens)
     out = generate(bundle, ids, args.max_new_tokens, args.speculative, args.threads or bundle.get("threads"),
-                   args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer, sampling=sampling)
+                   args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer, sampling=sampling,
+                   penalty=penalty)
     out["text"] = tok.decode(out["token_ids"], skip_special_tokens=False)
     if streamer is not None:
         streamer.finish(out["text"])
@@ -253,6 +263,8 @@ def main(argv=None) -> int:
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("sampled"):
         figures += f", {out['sampled']}"
+    if out.get("penalised"):
+        figures += f", {out['penalised']}"
     if out.get("speculative"):
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
         figures += f", {rate} drafting up to {out['draft_tokens']}"

@@ -29,15 +29,17 @@ def decode_once(decoder, prompt, new_tokens: int) -> dict:
     return {"prefill_s": prefill, "prompt_tokens": len(prompt), "step_s": steps, "tokens": tokens}
 
 
-def continue_ids(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None, choice=None) -> list:
+def continue_ids(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None, choice=None, penalty=None) -> list:
     """The continuation of `prompt` (token ids): prefill once, then one token a step, each picked by `choice`
-    (Greedy(): the most likely; lm_sampling.Sampling: drawn), ending with `eos` (kept) or after
+    (Greedy(): the most likely; lm_sampling.Sampling: drawn) from its logits as `penalty` (row, text before it)
+    leaves them (lm_sampling.RepetitionPenalty; None: as they are), ending with `eos` (kept) or after
     `max_new_tokens`; `on_tokens` is handed each new token as it comes (streaming)."""
     pick = (choice or GREEDY).pick
     logits, cache = decoder.forward(np.asarray([list(prompt)]), decoder.empty_cache())
     out = []
     while True:
-        token = pick(logits[0, -1])
+        row = logits[0, -1]
+        token = pick(row if penalty is None else penalty(row, list(prompt) + out))
         out.append(token)
         if on_tokens is not None:
             on_tokens([token])
@@ -196,7 +198,7 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int, draft_tokens:
 
 
 def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, choice=None, lookup: bool = False,
-                eos=None, on_tokens=None) -> SpeculativeResult:
+                eos=None, on_tokens=None, penalty=None) -> SpeculativeResult:
     """The target's continuation of `prompt`, `max_new_tokens` long: each round the draft proposes up to
     `draft_tokens` (`choice.propose`: greedy, stopping where its probability for its next token is under the
     floor; or sampled), the target checks them in one pass and keeps what `choice.check` accepts (greedy: the
@@ -206,13 +208,19 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
     Lossless: the output is the target's own greedy output (sampled: distributed as the target's own sampled
     output). With `eos`, the output ends at that token (kept), as decoding alone stops there. A decoder with cut(cache, length) cuts
     its own cache (the Jetson bundle's engines keep theirs on the device). `on_tokens` is handed the tokens each
-    round keeps, as they are kept (streaming)."""
+    round keeps, as they are kept (streaming). With `penalty` (lm_sampling.RepetitionPenalty) every row the
+    target checks and the draft proposes from is penalised from the text before it: the output is then the
+    target's own output under the same penalty."""
     choice = choice or GREEDY
+
+    def shaped(row, text):
+        return row if penalty is None else penalty(row, text)
+
     seq = list(prompt)
     logits, t_cache = target.forward(np.asarray([seq]), target.empty_cache())
     t_len, passes = len(seq), 1
     d_cache, d_len = draft.empty_cache(), 0
-    nxt = choice.pick(logits[0, -1])
+    nxt = choice.pick(shaped(logits[0, -1], seq))
     produced = drafted = accepted = looked_up = lookup_accepted = 0
     check_s = draft_s = 0.0
     while True:
@@ -232,7 +240,7 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
             d_logits, d_cache = draft.forward(np.asarray([seq[d_len:]]), d_cache)
             d_len = len(seq)
             while True:
-                token, q = choice.propose(d_logits[0, -1])
+                token, q = choice.propose(shaped(d_logits[0, -1], seq + proposals))
                 if token is None:
                     break
                 proposals.append(token)
@@ -247,7 +255,10 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
         logits, t_cache = target.forward(np.asarray([seq[t_len:] + proposals]), t_cache)
         check_s += time.perf_counter() - t0
         passes += 1
-        n, after = choice.check(logits[0, start:], proposals, guesses)
+        rows = logits[0, start:start + len(proposals) + 1]
+        if penalty is not None:
+            rows = np.stack([penalty(row, seq + proposals[:i]) for i, row in enumerate(rows)])
+        n, after = choice.check(rows, proposals, guesses)
         drafted += len(proposals)
         accepted += n
         if copied:

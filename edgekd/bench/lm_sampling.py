@@ -7,12 +7,13 @@ draws its random numbers in another order). Needs only numpy: it travels with lm
 
 A `Sampling` is the `choice` of lm_generation's loops (`continue_ids`, `speculative`): pick(row) for one token,
 propose(row) for a draft's guess and check(rows, proposals, guesses) for the target's verdict, as
-lm_generation.Greedy has them for greedy decoding."""
+lm_generation.Greedy has them for greedy decoding. A `RepetitionPenalty` reshapes each row of logits from the text
+before it (the loops take it as `penalty`), greedy or sampled."""
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Sampling", "from_flags", "settings_error"]
+__all__ = ["RepetitionPenalty", "Sampling", "from_flags", "penalty_from_flags", "settings_error"]
 
 
 NUCLEUS_ROWS = 1024  # the most likely tokens top-p sorts first (the whole row only where they fall short)
@@ -28,6 +29,47 @@ def from_flags(temperature: float, top_k: int | None = None, top_p: float | None
             raise ValueError(f"{loose[0]} sets sampling, and decoding is greedy; add --temperature T")
         return None
     return Sampling(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
+
+
+def penalty_from_flags(penalty: float | None, window: int | None = None) -> RepetitionPenalty | None:
+    """The RepetitionPenalty that --repetition-penalty and --repetition-window ask for, or None (no penalty:
+    not given, or 1); what is wrong with them raises ValueError with the line to show."""
+    if penalty is None:
+        if window is not None:
+            raise ValueError("--repetition-window sets the repetition penalty's window; add --repetition-penalty R")
+        return None
+    if not penalty > 0.0 or not np.isfinite(penalty):
+        raise ValueError(f"the repetition penalty must be above 0 (1: none, above 1: fewer repeats), got {penalty}")
+    if window is not None and window < 0:
+        raise ValueError(f"the repetition window must be 0 (the whole text) or more tokens, got {window}")
+    return None if penalty == 1.0 else RepetitionPenalty(penalty, window or 0)
+
+
+class RepetitionPenalty:
+    """The repetition penalty of Keskar et al. (CTRL, arXiv 1909.05858) as Hugging Face's generate and
+    llama.cpp apply it: every token that occurs in the text so far (prompt included; with `window`, its last
+    `window` tokens only) has its logit divided by `penalty` where positive and multiplied where negative, so
+    above 1 it makes a repeat less likely whatever the logit's sign. It depends only on the text before the
+    row, so a speculative loop applies it to each checked row from that row's own text and stays lossless."""
+
+    def __init__(self, penalty: float, window: int = 0):
+        self.penalty, self.window = float(penalty), int(window)
+
+    def __call__(self, row, context) -> np.ndarray:
+        """`row` (one row of logits) penalised for the tokens of `context` (the token ids before it)."""
+        seen = np.unique(np.asarray(context[-self.window:] if self.window else context, dtype=np.int64))
+        out = np.array(row, dtype=np.float32)
+        seen = seen[(seen >= 0) & (seen < out.shape[-1])]
+        v = out[seen]
+        out[seen] = np.where(v > 0, v / self.penalty, v * self.penalty)
+        return out
+
+    def record(self) -> dict:
+        return {"penalty": self.penalty, "window": self.window}
+
+    def describe(self) -> str:
+        """`repetition penalty 1.2` (over the whole text) or `repetition penalty 1.2 over the last 64 tokens`."""
+        return f"repetition penalty {self.penalty:g}" + (f" over the last {self.window} tokens" if self.window else "")
 
 
 def settings_error(temperature: float, top_k: int, top_p: float, min_confidence: float = 0.0) -> str | None:

@@ -1,7 +1,8 @@
 """`edgekd generate RUN_DIR --prompt TEXT`: text from a finished causal-LM run's final decoder, alone or as
 the draft for its teacher (--speculative, lossless: the teacher's own greedy output), on this host with
 the run's target runtime. Greedy by default; --temperature (with --top-k, --top-p, --seed) samples, and
-speculative sampling is distributed as the teacher's own sampling (bench/lm_sampling.py)."""
+speculative sampling is distributed as the teacher's own sampling (bench/lm_sampling.py);
+--repetition-penalty makes repeats less likely, greedy or sampled, speculative or not."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--top-p", type=float, help="sample from the fewest tokens whose probabilities reach P (default 1)")
     p.add_argument("--seed", type=int, help="the sampling seed (default: a fresh one, printed; the same seed and "
                                             "settings repeat the text)")
+    p.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="divide the logit of every token already in the text by R (multiply where negative): above 1, "
+                        "fewer repeats (default: none)")
+    p.add_argument("--repetition-window", type=int, metavar="N",
+                   help="the penalty counts the last N tokens only (default 0: the whole text, prompt included)")
     p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
@@ -130,13 +136,15 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
              draft_tokens: int | None = None, threads: int | None = None,
              min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False,
              stream: bool = False, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None) -> dict:
+             seed: int | None = None, repetition_penalty: float | None = None,
+             repetition_window: int | None = None) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring); `chat`: the prompt as a
-    user's message in the chat template; `temperature` above 0 samples (with `top_k`, `top_p`, `seed`)."""
+    user's message in the chat template; `temperature` above 0 samples (with `top_k`, `top_p`, `seed`);
+    `repetition_penalty` (over the last `repetition_window` tokens, 0: all) shapes every step's logits."""
     from transformers import AutoTokenizer
 
     from ..bench import lm_generation
-    from ..bench.lm_sampling import from_flags
+    from ..bench.lm_sampling import from_flags, penalty_from_flags
     from .speculative import UNCHOSEN
 
     if max_new_tokens < 1:
@@ -147,6 +155,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         raise BadInputError("generate: --min-confidence must be in [0, 1)")
     try:
         sampling = from_flags(temperature, top_k, top_p, seed)
+        penalty = penalty_from_flags(repetition_penalty, repetition_window)
     except ValueError as e:
         raise BadInputError(f"generate: {e}") from None
     run = Path(run_dir)
@@ -181,7 +190,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             t0 = time.perf_counter()
             rule = lm_generation.Greedy(floor) if sampling is None else sampling.drafting(floor)
             res = lm_generation.speculative(teacher, draft, ids, max_new_tokens, k, rule, copy,
-                                            eos=tok.eos_token_id, on_tokens=streamer)
+                                            eos=tok.eos_token_id, on_tokens=streamer, penalty=penalty)
             tokens = res.tokens
             out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
                         "drafted": res.drafted,
@@ -198,7 +207,8 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
                                 "check_ms": round(1000 * res.check_seconds / checks, 3),
                                 "draft_ms": round(1000 * res.draft_seconds / checks, 3)}
         else:
-            tokens = lm_generation.continue_ids(draft, ids, max_new_tokens, tok.eos_token_id, streamer, sampling)
+            tokens = lm_generation.continue_ids(draft, ids, max_new_tokens, tok.eos_token_id, streamer, sampling,
+                                                penalty)
         seconds = time.perf_counter() - t0
     finally:
         for r in runners:
@@ -210,6 +220,9 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     if sampling is not None:
         out["sampling"] = sampling.record()
         out["sampled"] = sampling.describe()
+    if penalty is not None:
+        out["repetition"] = penalty.record()
+        out["penalised"] = penalty.describe()
     if streamer is not None:
         streamer.finish(out["text"])
         out["streamed"] = True
@@ -230,12 +243,15 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else read_prompt(args.prompt_file)
     out = generate(args.run_dir, prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
                    args.min_confidence, args.lookup, chat=args.chat, stream=args.stream, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                   repetition_window=args.repetition_window)
     if not out.get("streamed"):
         print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
     if out.get("sampled"):
         figures += f", {out['sampled']}"
+    if out.get("penalised"):
+        figures += f", {out['penalised']}"
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"

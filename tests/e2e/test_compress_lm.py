@@ -447,6 +447,42 @@ def test_sampled_text_repeats_with_its_seed_in_generate_and_on_the_board(lm_run,
         assert got.returncode == 2 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
 
 
+def test_the_repetition_penalty_in_generate_and_on_the_board(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+    from edgekd.lm.generate import generate
+
+    _, run, _, _ = lm_run
+    prompt, penalty = "def f(x):\n    return", ["--repetition-penalty", "2.0"]
+    plain = generate(run, prompt, 24)["token_ids"]
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "24", *penalty,
+                 "--json", str(tmp_path / "p.json")]) == 0
+    assert "repetition penalty 2" in capsys.readouterr().err
+    shaped = json.loads((tmp_path / "p.json").read_text())
+    assert shaped["repetition"] == {"penalty": 2.0, "window": 0}
+    assert len(set(shaped["token_ids"])) > len(set(plain))  # fewer repeats
+    windowed = generate(run, prompt, 24, repetition_penalty=2.0, repetition_window=4)["token_ids"]
+    assert windowed != shaped["token_ids"]
+    spec = generate(run, prompt, 24, speculative=True, repetition_penalty=2.0)
+    assert spec["repetition"]["penalty"] == 2.0 and spec["drafted"] > 0
+    assert spec["token_ids"] != generate(run, prompt, 24, speculative=True)["token_ids"]
+    sampled = generate(run, prompt, 16, temperature=1.2, seed=5, repetition_penalty=1.5, repetition_window=8)
+    # the board's app: the same penalty gives the same tokens, greedy, speculative and sampled
+    for args, ids in (([], shaped["token_ids"]), (["--speculative"], spec["token_ids"]),
+                      (["--max-new-tokens", "16", "--temperature", "1.2", "--seed", "5", "--repetition-penalty", "1.5",
+                        "--repetition-window", "8"], sampled["token_ids"])):
+        got = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "24", *penalty, *args, "--json", "a.json")
+        assert got.returncode == 0 and "repetition penalty" in got.stderr, got.stderr
+        assert json.loads((tmp_path / "a.json").read_text())["token_ids"] == ids, args
+    for args, message in ((["--repetition-window", "8"], "add --repetition-penalty R"),
+                          (["--repetition-penalty", "0"], "repetition penalty must be above 0"),
+                          (["--repetition-penalty", "1.2", "--repetition-window", "-1"], "window must be 0")):
+        assert main(["generate", str(run), "--prompt", "x", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        got = _app(run, tmp_path, "--prompt", "x", *args)
+        assert got.returncode == 2 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
 def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     from edgekd.cli import main
 

@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import chisquare
 
 from edgekd.bench.lm_generation import continue_ids, greedy, speculative, speculative_greedy
-from edgekd.bench.lm_sampling import Sampling, settings_error
+from edgekd.bench.lm_generation import Greedy
+from edgekd.bench.lm_sampling import RepetitionPenalty, Sampling, penalty_from_flags, settings_error
 from edgekd.lm.draft_vocab import FLOOR
 
 
@@ -95,25 +96,28 @@ def test_a_seed_repeats_its_text_and_top_k_1_is_greedy():
 V, NEW, RUNS = 4, 3, 8000
 
 
-def _chain(table, settings: dict, prompt_last: int) -> np.ndarray:
-    """The exact probability of every sequence of NEW tokens under bigram `table` sampled with `settings`."""
+def _chain(table, settings: dict, prompt: list, penalty=None) -> np.ndarray:
+    """The exact probability of every sequence of NEW tokens after `prompt` under bigram `table` sampled with
+    `settings`, each row shaped by `penalty` from the text before it."""
     s = Sampling(**settings)
     out = np.zeros((V,) * NEW)
     for seq in itertools.product(range(V), repeat=NEW):
-        prob, last = 1.0, prompt_last
+        prob, text = 1.0, list(prompt)
         for t in seq:
-            prob *= s.probs(table[last])[t]
-            last = t
+            row = table[text[-1]]
+            prob *= s.probs(row if penalty is None else penalty(row, text))[t]
+            text.append(t)
         out[seq] = prob
     return out.ravel()
 
 
-@pytest.mark.parametrize("settings, k, lookup, cut", [
-    ({"temperature": 1.0}, 2, False, False),
-    ({"temperature": 0.7, "top_k": 3, "top_p": 0.9, "min_confidence": 0.4}, 3, False, False),
-    ({"temperature": 1.3}, 2, True, True),  # context lookup's copies and a draft with a cut vocabulary
+@pytest.mark.parametrize("settings, k, lookup, cut, penalty", [
+    ({"temperature": 1.0}, 2, False, False, None),
+    ({"temperature": 0.7, "top_k": 3, "top_p": 0.9, "min_confidence": 0.4}, 3, False, False, None),
+    ({"temperature": 1.3}, 2, True, True, None),  # context lookup's copies and a draft with a cut vocabulary
+    ({"temperature": 1.0}, 2, True, False, RepetitionPenalty(1.8, 3)),  # each row shaped by the text before it
 ])
-def test_speculative_sampling_is_distributed_as_the_target(settings, k, lookup, cut):
+def test_speculative_sampling_is_distributed_as_the_target(settings, k, lookup, cut, penalty):
     rng = np.random.default_rng(1)
     t_table = rng.normal(0, 1.2, (V, V))
     d_table = t_table + rng.normal(0, 1.0, (V, V))  # a draft that is often, not always, right
@@ -124,14 +128,52 @@ def test_speculative_sampling_is_distributed_as_the_target(settings, k, lookup, 
     seen = np.zeros(V ** NEW)
     accepted = drafted = 0
     for seed in range(RUNS):
-        res = speculative(target, draft, prompt, NEW, k, Sampling(**settings, seed=seed), lookup=lookup)
+        res = speculative(target, draft, prompt, NEW, k, Sampling(**settings, seed=seed), lookup=lookup,
+                          penalty=penalty)
         seen[np.ravel_multi_index(res.tokens, (V,) * NEW)] += 1
         accepted, drafted = accepted + res.accepted, drafted + res.drafted
-    expect = _chain(t_table, {key: v for key, v in settings.items() if key != "min_confidence"}, prompt[-1])
+    plain = {key: v for key, v in settings.items() if key != "min_confidence"}
+    expect = _chain(t_table, plain, prompt, penalty)
     live = expect > 0
     assert seen[~live].sum() == 0
     assert chisquare(seen[live], RUNS * expect[live] / expect[live].sum()).pvalue > 1e-3
     assert 0.2 < accepted / drafted < 0.95  # both ways of the check were taken
-    drafts = _chain(d_table, {key: v for key, v in settings.items() if key != "min_confidence"}, prompt[-1])
+    drafts = _chain(d_table, plain, prompt, penalty)
     control = drafts[live] + 1e-12
     assert chisquare(seen[live], RUNS * control / control.sum()).pvalue < 1e-6  # the draft's own sampling fails
+    if penalty is not None:  # and the penalty shaped what came out
+        bare = _chain(t_table, plain, prompt)[live]
+        assert chisquare(seen[live], RUNS * bare / bare.sum()).pvalue < 1e-6
+
+
+def test_the_repetition_penalty_follows_its_formula_and_its_window():
+    row = np.array([2.0, -1.0, 0.5, -0.5, 3.0], dtype=np.float32)
+    kept = row.copy()
+    pen = RepetitionPenalty(2.0)
+    assert np.allclose(pen(row, [0, 1, 1, 3]), [1.0, -2.0, 0.5, -1.0, 3.0])  # positive / 2, negative * 2
+    assert np.array_equal(row, kept)  # the decoder's row is left as it was
+    assert np.allclose(RepetitionPenalty(2.0, window=2)(row, [0, 1, 3, 4]), [2.0, -1.0, 0.5, -1.0, 1.5])
+    assert penalty_from_flags(None) is None and penalty_from_flags(1.0) is None  # 1 changes nothing
+    assert penalty_from_flags(1.3, 64).record() == {"penalty": 1.3, "window": 64}
+    assert penalty_from_flags(1.3).describe() == "repetition penalty 1.3"
+    for flags, words in (((0.0,), "above 0"), ((float("nan"),), "above 0"), ((1.2, -1), "window must be 0"),
+                         ((None, 8), "add --repetition-penalty")):
+        with pytest.raises(ValueError, match=words):
+            penalty_from_flags(*flags)
+
+
+def test_penalised_speculative_greedy_is_the_targets_own_penalised_greedy():
+    rng = np.random.default_rng(7)
+    loop = rng.normal(0, 0.8, (12, 12))
+    loop[np.arange(12), (np.arange(12) + 1) % 3] = 2.5  # greedy cycles 1 -> 2 -> 0 -> 1 ...
+    target = Bigram(loop)
+    plain = greedy(target, [0], 24)
+    pen = RepetitionPenalty(3.0, window=6)
+    shaped = continue_ids(target, [0], 24, penalty=pen)
+    assert set(plain) <= {0, 1, 2} and not set(shaped) <= {0, 1, 2}  # the penalty breaks the cycle
+    for seed in range(4):
+        draft = Bigram(loop + np.random.default_rng(seed).normal(0, 2.0, (12, 12)))
+        for k, lookup, floor in ((1, False, 0.0), (3, False, 0.3), (2, True, 0.0)):
+            res = speculative(target, draft, [0], 24, k, Greedy(floor), lookup, penalty=pen)
+            assert res.tokens == shaped, (seed, k, lookup)
+            assert res.drafted > 0
