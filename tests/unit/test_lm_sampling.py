@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from edgekd.bench.lm_generation import continue_ids, greedy, speculative, speculative_greedy
-from edgekd.bench.lm_generation import Greedy
+from edgekd.bench.lm_generation import Greedy, continue_ids, greedy, speculative, speculative_greedy
 from edgekd.bench.lm_sampling import RepetitionPenalty, Sampling, penalty_from_flags, settings_error
 from edgekd.lm.draft_vocab import FLOOR
 
