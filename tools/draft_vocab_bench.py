@@ -88,7 +88,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext
     from edgekd.lm.draft_vocab import cut_head, frequent_tokens
-    from edgekd.lm.entry import _splits
+    from edgekd.lm.student_stage import text_splits
 
     try:
         asked = from_flags(args.temperature, args.top_k, args.top_p)
@@ -114,7 +114,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     settings = [_setting(s) for s in args.setting] if args.setting else (
         [chosen, (chosen[0], chosen[1], False)] if chosen[2] else [chosen])
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
-    splits = _splits(RunContext(cfg, load_profile(report["target"]["name"]), run, threads=threads), tok)
+    splits = text_splits(RunContext(cfg, load_profile(report["target"]["name"]), run, threads=threads), tok)
     train, vocab = splits.train.ids.numpy(), splits.vocab_size
     test = splits.test.ids
     prompts = ([test[i, :spec_cfg.prompt_tokens].tolist() for i in range(min(args.prompts, len(test)))] if args.first

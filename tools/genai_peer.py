@@ -114,13 +114,13 @@ def student_and_data(run: Path, cfg, target: str, threads: int) -> tuple:
 
     from edgekd.config.profiles import load_profile
     from edgekd.context import RunContext
-    from edgekd.lm.entry import _splits
     from edgekd.lm.models import build_lm_student, load_lm
+    from edgekd.lm.student_stage import text_splits
 
     torch.set_num_threads(threads)
     loaded = load_lm(cfg.teacher.model)
     ctx = RunContext(cfg, load_profile(target), run, threads=threads)
-    splits = _splits(ctx, loaded.tokenizer)
+    splits = text_splits(ctx, loaded.tokenizer)
     student, _ = build_lm_student(loaded.model, cfg.student.lm_sizes(), cfg.student.init, cfg.seed)
     student.load_state_dict(torch.load(run / "stages" / "distill" / "model.pt", weights_only=True))
     return student.eval(), splits.test.ids

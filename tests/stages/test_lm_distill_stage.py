@@ -8,8 +8,8 @@ pytest.importorskip("transformers")
 from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.context import RunContext  # noqa: E402
 from edgekd.distill.lm_stage import run_lm_distill  # noqa: E402
-from edgekd.lm.entry import _splits  # noqa: E402
 from edgekd.lm.models import build_lm_student, load_lm  # noqa: E402
+from edgekd.lm.student_stage import text_splits  # noqa: E402
 from tests.e2e.test_compress_lm import lm_config  # noqa: E402
 from tests.lm_fixtures import tiny_llama_dir  # noqa: E402
 
@@ -22,7 +22,7 @@ def test_sequence_kd_and_on_policy_entries(tmp_path, monkeypatch):
     loaded = load_lm(str(teacher_dir))
     for p in loaded.model.parameters():
         p.requires_grad_(False)
-    splits = _splits(ctx, loaded.tokenizer)
+    splits = text_splits(ctx, loaded.tokenizer)
     student, _ = build_lm_student(loaded.model, cfg.student.lm_sizes(), "teacher", 0)
     _, metrics, baseline = run_lm_distill(ctx, loaded.model, "k", student, splits)
     seq = metrics["sequence_kd"]
@@ -35,4 +35,4 @@ def test_sequence_kd_and_on_policy_entries(tmp_path, monkeypatch):
     student2, _ = build_lm_student(loaded.model, cfg.student.lm_sizes(), "teacher", 0)
     _, again, _ = run_lm_distill(ctx, loaded.model, "k", student2, splits)
     assert again["sequence_kd"]["reused"] is True and again["teacher_cache"]["reused"] is True
-    assert torch.equal(splits.train.ids, _splits(ctx, loaded.tokenizer).train.ids)  # the text itself is untouched
+    assert torch.equal(splits.train.ids, text_splits(ctx, loaded.tokenizer).train.ids)  # the text itself is untouched
