@@ -5,6 +5,7 @@ lm_generation.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bun
 
     python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--stream]
                         [--temperature T [--top-k K] [--top-p P] [--seed N]] [--repetition-penalty R [--repetition-window N]]
+                        [--stop TEXT ...]
                         [--speculative [--draft-tokens K] [--min-confidence P] [--lookup 0|1]] [--threads N]
                         [--json OUT]
 
@@ -31,28 +32,52 @@ EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 3
 
 
 class Streamer:
-    """Prints a continuation as its tokens come (on_tokens of the decode loops): each time, the text decoded
-    so far past what is already shown, held back while it ends in an incomplete character; up to `limit`
-    tokens, ending before `eos`. finish() prints what is left of the final text."""
+    """Watches a continuation as its tokens come (on_tokens of the decode loops), up to `limit` tokens, ending
+    before `eos`. With `show` it prints the text decoded so far past what is already shown, held back while it
+    ends in an incomplete character or could be the start of a stop string. With `stops` the text ends before
+    the first of them to appear: `ids` keeps the tokens up to the one that completed it, `text` the text before
+    it, `stop` the string, and the call answers True so the loop ends there. finish() prints what is left."""
 
-    def __init__(self, decode, eos, limit: int, out=None):
+    def __init__(self, decode, eos, limit: int, out=None, stops=(), show: bool = True):
         self.decode, self.eos, self.limit, self.out = decode, eos, limit, out or sys.stdout
+        self.stops, self.show = [t for t in stops if t], show
         self.ids: list = []
         self.shown = ""
+        self.text: str | None = None
+        self.stop: str | None = None
         self.done = False
 
-    def __call__(self, tokens: list) -> None:
+    def _stopped(self) -> bool:
+        """Whether the text so far holds a stop string: if so, cut there."""
+        text = self.decode(self.ids)
+        at = [(text.find(t), t) for t in self.stops if t in text]
+        if not at:
+            return False
+        cut, self.stop = min(at)
+        self.text, self.done = text[:cut], True
+        return True
+
+    def _partial(self, text: str) -> int:
+        """How many characters at the end of `text` could be the start of a stop string (held back)."""
+        return max((k for t in self.stops for k in range(1, min(len(t), len(text) + 1)) if text.endswith(t[:k])),
+                   default=0)
+
+    def __call__(self, tokens: list) -> bool:
         for t in tokens:
             if self.done or t == self.eos or len(self.ids) >= self.limit:
                 self.done = True
                 break
             self.ids.append(t)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        self.out.write(text[len(self.shown):])
-        self.out.flush()
-        self.shown = text
+            if self.stops and self._stopped():
+                break
+        if self.show:
+            text = self.text if self.stop is not None else self.decode(self.ids)
+            ready = text if self.stop is not None else text[:len(text) - self._partial(text)]
+            if not ready.endswith("\ufffd") and ready.startswith(self.shown):
+                self.out.write(ready[len(self.shown):])
+                self.out.flush()
+                self.shown = ready
+        return self.stop is not None
 
     def finish(self, text: str) -> None:
         self.out.write((text[len(self.shown):] if text.startswith(self.shown) else "\n" + text) + "\n")
@@ -185,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="divide the logit of every token already in the text by R (above 1: fewer repeats)")
     p.add_argument("--repetition-window", type=int, default=None, metavar="N",
                    help="the penalty counts the last N tokens only (default 0: the whole text)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text before TEXT where it appears (repeat for several)")
     p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the run's profile)")
     p.add_argument("--json", default=None, help="write the text and figures as JSON here")
@@ -219,6 +246,8 @@ def run(args) -> dict:
         raise AppError("--max-new-tokens must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise AppError("--threads must be at least 1")
+    if args.stop is not None and not all(args.stop):
+        raise AppError("--stop needs a text to stop at, got an empty one")
     if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
         raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
     sampling, penalty = _sampling(args)
@@ -233,14 +262,17 @@ def run(args) -> dict:
         raise AppError(f"the prompt's {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} need "
                        f"{len(ids) + args.max_new_tokens} positions; the model takes at most {limit}")
     streamer = None
-    if args.stream:
+    if args.stream or args.stop:
         streamer = Streamer(lambda t: tok.decode(t, skip_special_tokens=False), bundle["tokenizer"].get("eos_token_id"),
-                            args.max_new_tokens)
+                            args.max_new_tokens, stops=args.stop or (), show=args.stream)
     out = generate(bundle, ids, args.max_new_tokens, args.speculative, args.threads or bundle.get("threads"),
                    args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer, sampling=sampling,
                    penalty=penalty)
     out["text"] = tok.decode(out["token_ids"], skip_special_tokens=False)
-    if streamer is not None:
+    if streamer is not None and streamer.stop is not None:  # the tokens up to the one that completed it
+        out.update({"token_ids": streamer.ids, "tokens": len(streamer.ids), "text": streamer.text, "stop": streamer.stop,
+                    "tokens_per_s": round(len(streamer.ids) / out["seconds"], 2) if out["seconds"] else None})
+    if args.stream:
         streamer.finish(out["text"])
         out["streamed"] = True
     return out
@@ -265,6 +297,8 @@ def main(argv=None) -> int:
         figures += f", {out['sampled']}"
     if out.get("penalised"):
         figures += f", {out['penalised']}"
+    if out.get("stop") is not None:
+        figures += f", stopped at {out['stop']!r}"
     if out.get("speculative"):
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
         figures += f", {rate} drafting up to {out['draft_tokens']}"

@@ -33,7 +33,8 @@ def continue_ids(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None,
     """The continuation of `prompt` (token ids): prefill once, then one token a step, each picked by `choice`
     (Greedy(): the most likely; lm_sampling.Sampling: drawn) from its logits as `penalty` (row, text before it)
     leaves them (lm_sampling.RepetitionPenalty; None: as they are), ending with `eos` (kept) or after
-    `max_new_tokens`; `on_tokens` is handed each new token as it comes (streaming)."""
+    `max_new_tokens`; `on_tokens` is handed each new token as it comes (streaming), and a true answer from it
+    ends the text there (a stop string, lm_app.Streamer)."""
     pick = (choice or GREEDY).pick
     logits, cache = decoder.forward(np.asarray([list(prompt)]), decoder.empty_cache())
     out = []
@@ -41,8 +42,8 @@ def continue_ids(decoder, prompt, max_new_tokens: int, eos=None, on_tokens=None,
         row = logits[0, -1]
         token = pick(row if penalty is None else penalty(row, list(prompt) + out))
         out.append(token)
-        if on_tokens is not None:
-            on_tokens([token])
+        if on_tokens is not None and on_tokens([token]):
+            return out
         if (eos is not None and token == eos) or len(out) >= max_new_tokens:
             return out
         logits, cache = decoder.forward(np.asarray([[token]]), cache)
@@ -208,7 +209,7 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
     Lossless: the output is the target's own greedy output (sampled: distributed as the target's own sampled
     output). With `eos`, the output ends at that token (kept), as decoding alone stops there. A decoder with cut(cache, length) cuts
     its own cache (the Jetson bundle's engines keep theirs on the device). `on_tokens` is handed the tokens each
-    round keeps, as they are kept (streaming). With `penalty` (lm_sampling.RepetitionPenalty) every row the
+    round keeps, as they are kept (streaming); a true answer from it ends the text after them (a stop string). With `penalty` (lm_sampling.RepetitionPenalty) every row the
     target checks and the draft proposes from is penalised from the text before it: the output is then the
     target's own output under the same penalty."""
     choice = choice or GREEDY
@@ -226,9 +227,7 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
     while True:
         seq.append(nxt)
         produced += 1
-        if on_tokens is not None:
-            on_tokens([nxt])
-        if produced >= max_new_tokens or nxt == eos:
+        if (on_tokens is not None and on_tokens([nxt])) or produced >= max_new_tokens or nxt == eos:
             break
         left = max_new_tokens - produced
         proposals = context_lookup(seq, min(LOOKUP_TOKENS, left)) if lookup else []
@@ -265,15 +264,14 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
             looked_up += len(proposals)
             lookup_accepted += n
         kept = proposals[:n]
-        if eos in kept:
+        ended = eos in kept
+        if ended:
             kept = kept[:kept.index(eos) + 1]
-            seq.extend(kept)
-            if on_tokens is not None:
-                on_tokens(kept)
-            break
         seq.extend(kept)
-        if on_tokens is not None and kept:
-            on_tokens(kept)
+        if on_tokens is not None and kept and on_tokens(kept):
+            ended = True
+        if ended:
+            break
         produced += n
         t_len = len(seq)
         t_cache = _cut(target, t_cache, t_len)

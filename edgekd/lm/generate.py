@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "fewer repeats (default: none)")
     p.add_argument("--repetition-window", type=int, metavar="N",
                    help="the penalty counts the last N tokens only (default 0: the whole text, prompt included)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the text before TEXT where it appears (repeat for several; the first to appear ends it)")
     p.add_argument("--stream", action="store_true", help="print the text as its tokens come")
     p.add_argument("--threads", type=int, help="inference threads (default: the run's)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write text and figures as JSON here")
@@ -137,10 +139,11 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
              min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False,
              stream: bool = False, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, repetition_penalty: float | None = None,
-             repetition_window: int | None = None) -> dict:
+             repetition_window: int | None = None, stop: list[str] | None = None) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring); `chat`: the prompt as a
     user's message in the chat template; `temperature` above 0 samples (with `top_k`, `top_p`, `seed`);
-    `repetition_penalty` (over the last `repetition_window` tokens, 0: all) shapes every step's logits."""
+    `repetition_penalty` (over the last `repetition_window` tokens, 0: all) shapes every step's logits; the
+    text ends before the first string of `stop` to appear."""
     from transformers import AutoTokenizer
 
     from ..bench import lm_generation
@@ -153,6 +156,8 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
         raise BadInputError("generate: --draft-tokens must be at least 1")
     if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
         raise BadInputError("generate: --min-confidence must be in [0, 1)")
+    if stop is not None and not all(stop):
+        raise BadInputError("generate: --stop needs a text to stop at, got an empty one")
     try:
         sampling = from_flags(temperature, top_k, top_p, seed)
         penalty = penalty_from_flags(repetition_penalty, repetition_window)
@@ -170,10 +175,10 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     _check_context([final, report["teacher"]] if speculative else [final], len(ids), max_new_tokens)
     drafting = ((report.get("speculative") or {}).get("draft") or {}).get("artifact") if speculative else None
     streamer = None
-    if stream:
+    if stream or stop:
         from ..bench.lm_app import Streamer
 
-        streamer = Streamer(tok.decode, tok.eos_token_id, max_new_tokens)
+        streamer = Streamer(tok.decode, tok.eos_token_id, max_new_tokens, stops=stop or (), show=stream)
     runners = []
     try:
         runner, draft = _decoder(run, {**final, "artifact": drafting} if drafting else final, threads)
@@ -215,7 +220,10 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
             r.close()
     if tok.eos_token_id in tokens:
         tokens = tokens[:tokens.index(tok.eos_token_id)]
-    out.update({"text": tok.decode(tokens), "tokens": len(tokens), "token_ids": tokens,
+    text = tok.decode(tokens)
+    if streamer is not None and streamer.stop is not None:  # the tokens up to the one that completed it
+        tokens, text, out["stop"] = streamer.ids, streamer.text, streamer.stop
+    out.update({"text": text, "tokens": len(tokens), "token_ids": tokens,
                 "seconds": round(seconds, 4), "tokens_per_s": round(len(tokens) / seconds, 2) if seconds else None})
     if sampling is not None:
         out["sampling"] = sampling.record()
@@ -223,8 +231,8 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     if penalty is not None:
         out["repetition"] = penalty.record()
         out["penalised"] = penalty.describe()
-    if streamer is not None:
-        streamer.finish(out["text"])
+    if stream:
+        streamer.finish(out["text"])  # type: ignore[union-attr]
         out["streamed"] = True
     return out
 
@@ -244,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     out = generate(args.run_dir, prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
                    args.min_confidence, args.lookup, chat=args.chat, stream=args.stream, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                   repetition_window=args.repetition_window)
+                   repetition_window=args.repetition_window, stop=args.stop)
     if not out.get("streamed"):
         print(out["text"])
     figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
@@ -252,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
         figures += f", {out['sampled']}"
     if out.get("penalised"):
         figures += f", {out['penalised']}"
+    if out.get("stop") is not None:
+        figures += f", stopped at {out['stop']!r}"
     if out.get("speculative"):
         floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
         rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"

@@ -483,6 +483,41 @@ def test_the_repetition_penalty_in_generate_and_on_the_board(lm_run, tmp_path, c
         assert got.returncode == 2 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
 
 
+def test_stop_strings_end_the_text_in_generate_and_on_the_board(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+    from edgekd.lm.generate import generate
+
+    _, run, _, _ = lm_run
+    prompt, sampled = "def f(x):\n    return", {"temperature": 1.5, "seed": 7}  # the tiny model's greedy text is spaces
+    flags = ["--temperature", "1.5", "--seed", "7"]
+    plain = generate(run, prompt, 32, **sampled)
+    text = plain["text"]
+    stop = next(text[k:k + 3] for k in range(len(text) // 2, len(text) - 3)
+                if text[k:k + 3].strip() and text.find(text[k:k + 3]) > 2)  # a stop inside the text, not at its start
+    cut = text.find(stop)
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "32", *flags, "--stop", stop,
+                 "--stop", "never in this text \u2603", "--json", str(tmp_path / "s.json")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == text[:cut] + "\n" and f"stopped at {stop!r}" in captured.err
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["text"] == text[:cut] and got["stop"] == stop
+    assert got["token_ids"] == plain["token_ids"][:len(got["token_ids"])] and got["tokens"] < plain["tokens"]
+    streamed = generate(run, prompt, 32, stop=[stop], stream=True, **sampled)
+    assert streamed["text"] == text[:cut] and capsys.readouterr().out == text[:cut] + "\n"  # the stop never shown
+    spec = generate(run, prompt, 32, speculative=True, **sampled)["text"]  # the same draws up to the stop
+    cut_spec = generate(run, prompt, 32, speculative=True, stop=[stop], **sampled)
+    assert cut_spec["text"] == (spec[:spec.find(stop)] if stop in spec else spec)
+    app = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "32", *flags, "--stop", stop, "--json", "a.json")
+    assert app.returncode == 0 and f"stopped at {stop!r}" in app.stderr, app.stderr
+    on_board = json.loads((tmp_path / "a.json").read_text())
+    assert on_board["token_ids"] == got["token_ids"] and on_board["text"] == got["text"]
+    assert main(["generate", str(run), "--prompt", "x", "--stop", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--stop needs a text to stop at" in err and "Traceback" not in err
+    app = _app(run, tmp_path, "--prompt", "x", "--stop", "")
+    assert app.returncode == 2 and "--stop needs a text to stop at" in app.stderr
+
+
 def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     from edgekd.cli import main
 

@@ -49,3 +49,54 @@ def test_the_streamer_prints_whole_characters_as_tokens_come_and_stops_at_eos():
     t = Streamer(decode, eos=0, limit=2, out=short)
     t([1, 4, 4])  # no more than the limit
     assert short.getvalue() == "cafok" and t.ids == [1, 4]
+
+
+def test_stop_strings_end_the_text_before_them_and_hold_back_what_could_start_one():
+    import io
+
+    from edgekd.bench.lm_app import Streamer
+
+    pieces = {1: "def f", 2: "():\n", 3: "    pass\n", 4: "``", 5: "`\n", 6: "more", 7: "``x"}
+
+    def decode(ids):
+        return "".join(pieces[i] for i in ids)
+
+    out = io.StringIO()
+    s = Streamer(decode, eos=0, limit=20, out=out, stops=["```", "never"])
+    assert not s([1, 2])
+    assert out.getvalue() == "def f():\n"  # nothing here could start a stop string
+    assert not s([3, 4])
+    assert out.getvalue() == "def f():\n    pass\n"  # "``" could start "```": held back
+    assert s([5, 6])  # the fence completes at token 5: the text ends before it, token 6 is dropped
+    assert s.ids == [1, 2, 3, 4, 5] and s.text == "def f():\n    pass\n" and s.stop == "```" and s.done
+    assert out.getvalue() == "def f():\n    pass\n"
+    partial = io.StringIO()
+    assert not Streamer(decode, eos=0, limit=20, out=partial, stops=["reX"])([6])
+    assert partial.getvalue() == "mo"  # "re" could start "reX"
+    s.finish(s.text)
+    assert out.getvalue() == "def f():\n    pass\n\n"
+    quiet = io.StringIO()
+    first = Streamer(decode, eos=0, limit=20, out=quiet, stops=["x", "``"], show=False)
+    assert first([1, 7]) and first.stop == "``" and first.text == "def f"  # the earliest in the text wins
+    assert quiet.getvalue() == ""
+
+
+def test_a_true_answer_from_on_tokens_ends_both_decode_loops():
+    import numpy as np
+
+    from edgekd.bench.lm_generation import continue_ids, speculative_greedy
+    from tests.unit.test_lm_sampling import Bigram
+
+    table = np.random.default_rng(2).normal(0, 2, (16, 16))
+    target, draft = Bigram(table), Bigram(table + np.random.default_rng(3).normal(0, 0.5, (16, 16)))
+    full = continue_ids(target, [3], 30)
+    seen: list = []
+
+    def until_ten(tokens):
+        seen.extend(tokens)
+        return len(seen) >= 10
+
+    assert continue_ids(target, [3], 30, on_tokens=until_ten) == full[:10]
+    seen.clear()
+    res = speculative_greedy(target, draft, [3], 30, 3, on_tokens=until_ten)
+    assert seen == res.tokens and full[:10] == res.tokens[:10] and 10 <= len(res.tokens) < 14  # ends with its round
