@@ -3,7 +3,8 @@
 PyTorch or transformers. edgekd copies this file as generate.py into target/app/ beside lm_runner.py,
 lm_generation.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
 
-    python3 generate.py --prompt TEXT | --prompt-file FILE [--chat] [--max-new-tokens 64] [--stream]
+    python3 generate.py --prompt TEXT | --prompt-file FILE [--chat [--system TEXT]] | --messages FILE.json
+                        [--max-new-tokens 64] [--stream]
                         [--temperature T [--top-k K] [--top-p P] [--seed N]] [--repetition-penalty R [--repetition-window N]]
                         [--stop TEXT ...]
                         [--speculative [--draft-tokens K] [--min-confidence P] [--lookup 0|1]] [--threads N]
@@ -110,8 +111,46 @@ def _tokenizer(bundle: dict):
         raise AppError(f"{path} cannot be read as a tokenizer ({e})") from None
 
 
-def chat_text(bundle: dict, prompt: str) -> str:
-    """The prompt as one user message in the tokenizer's chat template, the assistant's turn opened (what
+ROLES = ("system", "user", "assistant")
+
+
+def conversation(prompt, system: str | None = None) -> list:
+    """The messages a chat prompt stands for: `prompt` as one user message (or already a list of messages),
+    after `system` as the system message where given."""
+    messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return ([{"role": "system", "content": system}] if system is not None else []) + messages
+
+
+def read_messages(path: str, system: str | None = None) -> list:
+    """--messages FILE: a conversation in JSON, a list of {"role", "content"} or an object holding one under
+    "messages" (a record of the JSON Lines chat data), ending with the user's turn for the model to answer; with
+    `system` it may not hold a system message of its own. What is wrong raises ValueError with the line to show."""
+    where = f"--messages {path}"
+    try:
+        if path == "-":
+            data = json.loads(sys.stdin.read())
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{where}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not JSON ({e})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'{where}: expected a list of messages, or an object with one under "messages"')
+    for i, m in enumerate(messages):
+        if (not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and a text content")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message is the {messages[-1]['role']}'s; the model answers a user's message")
+    if system is not None and any(m["role"] == "system" for m in messages):
+        raise ValueError(f"{where} holds a system message already; leave out --system")
+    return conversation(messages, system)
+
+
+def chat_text(bundle: dict, messages: list) -> str:
+    """The messages (conversation()) in the tokenizer's chat template, the assistant's turn opened (what
     transformers' apply_chat_template(add_generation_prompt=True) writes)."""
     tok = bundle["tokenizer"]
     template = tok.get("chat_template")
@@ -129,8 +168,8 @@ def chat_text(bundle: dict, prompt: str) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=[{"role": "user", "content": prompt}],
-                                                add_generation_prompt=True, **tok.get("special_tokens", {}))
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                **tok.get("special_tokens", {}))
     except TemplateError as e:
         raise AppError(f"the chat template refused the prompt ({e})") from None
 
@@ -196,7 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="the text to continue")
     given.add_argument("--prompt-file", metavar="FILE", help="the text to continue, read from FILE ('-': stdin)")
+    given.add_argument("--messages", metavar="FILE", help="a conversation in JSON ([{role, content}, ...], ending with "
+                       "the user's turn) for the model to answer, through the chat template")
     p.add_argument("--chat", action="store_true", help="the prompt as a user's message in the chat template")
+    p.add_argument("--system", metavar="TEXT", help="the system message before the conversation (with --chat or "
+                                                    "--messages)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--speculative", action="store_true", help="the final decoder drafts, the teacher checks")
     p.add_argument("--draft-tokens", type=int, default=None, help="the most a round drafts (default: the run's choice)")
@@ -246,6 +289,8 @@ def run(args) -> dict:
         raise AppError("--max-new-tokens must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise AppError("--threads must be at least 1")
+    if args.system is not None and not (args.chat or args.messages is not None):
+        raise AppError("--system sets the chat's system message; add --chat")
     if args.stop is not None and not all(args.stop):
         raise AppError("--stop needs a text to stop at, got an empty one")
     if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
@@ -253,8 +298,15 @@ def run(args) -> dict:
     sampling, penalty = _sampling(args)
     bundle = _bundle()
     tok = _tokenizer(bundle)
-    text = _prompt(args)
-    ids = tok.encode(chat_text(bundle, text) if args.chat else text, add_special_tokens=False).ids
+    if args.messages is not None:
+        try:
+            text = chat_text(bundle, read_messages(args.messages, args.system))
+        except ValueError as e:
+            raise AppError(str(e)) from None
+    else:
+        text = _prompt(args)
+        text = chat_text(bundle, conversation(text, args.system)) if args.chat else text
+    ids = tok.encode(text, add_special_tokens=False).ids
     if not ids:
         raise AppError("the prompt is empty after tokenisation")
     limit = min(bundle[r]["max_positions"] for r in (("teacher", "draft") if args.speculative else ("model",)))

@@ -25,8 +25,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="the text to continue")
     given.add_argument("--prompt-file", metavar="FILE", help="the text to continue, read from FILE ('-': stdin)")
+    given.add_argument("--messages", metavar="FILE", help="a conversation in JSON ([{role, content}, ...], ending with "
+                       "the user's turn; '-': stdin) for the model to answer, through the chat template")
     p.add_argument("--chat", action="store_true", help="the prompt as a user's message through the tokenizer's chat "
                                                        "template, the assistant's turn to answer")
+    p.add_argument("--system", metavar="TEXT", help="the system message before the conversation (with --chat or "
+                                                    "--messages)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--speculative", action="store_true", help="the final model drafts (with the run's draft "
                                                                     "vocabulary), the teacher verifies")
@@ -114,11 +118,11 @@ def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> Non
                             f"need {prompt_tokens + max_new_tokens} positions; the model takes at most {min(limits)}")
 
 
-def _chat_ids(tok, prompt: str) -> list[int]:
-    """The prompt as one user message in the tokenizer's chat template, opening the assistant's turn."""
+def _chat_ids(tok, messages: list) -> list[int]:
+    """The messages (lm_app.conversation) in the tokenizer's chat template, opening the assistant's turn."""
     if not getattr(tok, "chat_template", None):
         raise BadInputError("generate: --chat needs a chat template, and the run's tokenizer has none")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some transformers versions
         ids = ids["input_ids"]
     return [int(i) for i in ids]
@@ -134,14 +138,14 @@ def read_prompt(path: str) -> str:
         raise BadInputError(f"generate: --prompt-file {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, speculative: bool = False,
+def generate(run_dir: str | Path, prompt: str | list, max_new_tokens: int = 64, speculative: bool = False,
              draft_tokens: int | None = None, threads: int | None = None,
              min_confidence: float | None = None, lookup: bool | None = None, chat: bool = False,
              stream: bool = False, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, repetition_penalty: float | None = None,
-             repetition_window: int | None = None, stop: list[str] | None = None) -> dict:
+             repetition_window: int | None = None, stop: list[str] | None = None, system: str | None = None) -> dict:
     """The continuation of `prompt` and its figures (see the module's docstring); `chat`: the prompt as a
-    user's message in the chat template; `temperature` above 0 samples (with `top_k`, `top_p`, `seed`);
+    user's message (or `prompt` a list of messages) in the chat template, after `system` where given; `temperature` above 0 samples (with `top_k`, `top_p`, `seed`);
     `repetition_penalty` (over the last `repetition_window` tokens, 0: all) shapes every step's logits; the
     text ends before the first string of `stop` to appear."""
     from transformers import AutoTokenizer
@@ -168,7 +172,12 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, specula
     target = report["target"]["name"]
     threads = threads or report["target"].get("threads")
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
-    ids = _chat_ids(tok, prompt) if chat else tok.encode(prompt, add_special_tokens=False)
+    if chat:
+        from ..bench.lm_app import conversation
+
+        ids = _chat_ids(tok, conversation(prompt, system))
+    else:
+        ids = tok.encode(prompt, add_special_tokens=False)
     if not ids:
         raise BadInputError("generate: the prompt is empty after tokenisation")
     final = {**report["final"], "_target": target}
@@ -248,9 +257,20 @@ def run(args: argparse.Namespace) -> int:
         from ..runs import check_output_file
 
         check_output_file(args.json_out, "generate: --json")
-    prompt = args.prompt if args.prompt is not None else read_prompt(args.prompt_file)
+    if args.system is not None and not args.chat and args.messages is None:
+        raise BadInputError("generate: --system sets the chat's system message; add --chat")
+    if args.messages is not None:
+        from ..bench.lm_app import read_messages
+
+        try:
+            prompt: str | list = read_messages(args.messages, args.system)
+        except ValueError as e:
+            raise BadInputError(f"generate: {e}") from None
+    else:
+        prompt = args.prompt if args.prompt is not None else read_prompt(args.prompt_file)
     out = generate(args.run_dir, prompt, args.max_new_tokens, args.speculative, args.draft_tokens, args.threads,
-                   args.min_confidence, args.lookup, chat=args.chat, stream=args.stream, temperature=args.temperature,
+                   args.min_confidence, args.lookup, chat=args.chat or args.messages is not None,
+                   system=None if args.messages else args.system, stream=args.stream, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                    repetition_window=args.repetition_window, stop=args.stop)
     if not out.get("streamed"):

@@ -366,6 +366,30 @@ def test_generate_reads_a_prompt_file_and_a_chat_prompt_through_the_template(lm_
     tok.save_pretrained(str(chat_run / "tokenizer"))
     got = generate(chat_run, "hi", 4, chat=True)
     assert got["prompt_tokens"] == len(tok.encode("<user>hi\n<assistant>", add_special_tokens=False))
+    # a system message, and a whole conversation from a file: the same template, on the host and on the board
+    talk = tmp_path / "talk.json"
+    talk.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                {"role": "user", "content": "more"}]))
+    bundle_json = chat_run / "target" / "app" / "bundle.json"
+    bundle = json.loads(bundle_json.read_text())
+    bundle["tokenizer"]["chat_template"] = tok.chat_template
+    bundle_json.write_text(json.dumps(bundle))
+    for args, text in ((["--prompt", "hi", "--chat", "--system", "be brief"], "<system>be brief\n<user>hi\n<assistant>"),
+                       (["--messages", str(talk), "--system", "s"], "<system>s\n<user>hi\n<assistant>yo\n<user>more\n"
+                                                                   "<assistant>")):
+        assert main(["generate", str(chat_run), *args, "--max-new-tokens", "4", "--json", str(out)]) == 0
+        host = json.loads(out.read_text())
+        assert host["prompt_tokens"] == len(tok.encode(text, add_special_tokens=False)) > got["prompt_tokens"]
+        board = _app(chat_run, tmp_path, *args, "--max-new-tokens", "4", "--json", "board.json")
+        assert board.returncode == 0, board.stderr
+        assert json.loads((tmp_path / "board.json").read_text())["token_ids"] == host["token_ids"]
+    for args, words in ((["--prompt", "hi", "--system", "s"], "--system sets the chat's system message; add --chat"),
+                        (["--messages", str(tmp_path / "absent.json")], "absent.json: No such file")):
+        assert main(["generate", str(chat_run), *args]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+        board = _app(chat_run, tmp_path, *args)
+        assert board.returncode == 2 and words in board.stderr, board.stderr
 
 
 def _app(run, tmp_path, *args):

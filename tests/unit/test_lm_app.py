@@ -4,7 +4,7 @@ import pytest
 
 def test_the_board_app_renders_a_chat_prompt_as_transformers_does():
     pytest.importorskip("transformers")
-    from edgekd.bench.lm_app import AppError, chat_text
+    from edgekd.bench.lm_app import AppError, chat_text, conversation
     from tests.lm_fixtures import tiny_tokenizer
 
     tok = tiny_tokenizer()  # a ChatML template of the kind SmolLM2 and Qwen ship: a default system turn, trim_blocks
@@ -16,11 +16,46 @@ def test_the_board_app_renders_a_chat_prompt_as_transformers_does():
     bundle = {"tokenizer": {"chat_template": tok.chat_template, "special_tokens": dict(tok.special_tokens_map)}}
     prompt = "Write a function that reverses a list.  "
     expect = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    assert chat_text(bundle, prompt) == expect and expect.endswith("<|im_start|>assistant\n")
+    assert chat_text(bundle, conversation(prompt)) == expect and expect.endswith("<|im_start|>assistant\n")
+    talk = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Reverse a list."},
+            {"role": "assistant", "content": "xs[::-1]"}, {"role": "user", "content": "In place?"}]
+    expect = tok.apply_chat_template(talk, tokenize=False, add_generation_prompt=True)
+    assert chat_text(bundle, conversation(talk[1:], "Answer in Python.")) == expect
+    assert "You are helpful." not in expect and expect.count("<|im_start|>") == 5  # its own system turn
     with pytest.raises(AppError, match="refused the prompt \\(no users\\)"):
-        chat_text({"tokenizer": {"chat_template": "{{ raise_exception('no users') }}"}}, prompt)
+        chat_text({"tokenizer": {"chat_template": "{{ raise_exception('no users') }}"}}, conversation(prompt))
     with pytest.raises(AppError, match="has none"):
-        chat_text({"tokenizer": {"chat_template": None}}, prompt)
+        chat_text({"tokenizer": {"chat_template": None}}, conversation(prompt))
+
+
+def test_a_messages_file_is_read_and_what_is_wrong_with_it_is_named(tmp_path):
+    import json
+
+    from edgekd.bench.lm_app import read_messages
+
+    talk = [{"role": "user", "content": "Reverse a list."}, {"role": "assistant", "content": "xs[::-1]"},
+            {"role": "user", "content": "In place?"}]
+    path = tmp_path / "talk.json"
+    path.write_text(json.dumps(talk))
+    assert read_messages(str(path)) == talk
+    path.write_text(json.dumps({"messages": talk}))  # a record of the JSON Lines chat data
+    assert read_messages(str(path), "Be brief.") == [{"role": "system", "content": "Be brief."}, *talk]
+    for content, words in ((talk[:2], "the last message is the assistant's"), ([], "expected a list of messages"),
+                           ([{"role": "robot", "content": "x"}], "message 0 needs a role"),
+                           ([{"role": "user", "content": 3}], "message 0 needs a role"),
+                           ([{"role": "system", "content": "a"}, talk[0]], None)):
+        path.write_text(json.dumps(content))
+        if words is None:  # a system message of its own, and --system too
+            with pytest.raises(ValueError, match="holds a system message already; leave out --system"):
+                read_messages(str(path), "Be brief.")
+            continue
+        with pytest.raises(ValueError, match=words):
+            read_messages(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        read_messages(str(path))
+    with pytest.raises(ValueError, match="absent.json: No such file"):
+        read_messages(str(tmp_path / "absent.json"))
 
 
 def test_the_streamer_prints_whole_characters_as_tokens_come_and_stops_at_eos():
