@@ -166,7 +166,7 @@ def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequenc
         bundle = Path(tmp) / "bundle.tar"
         with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
             tar.add(str(LM_RUNNER), arcname="lm_runner.py")
-            for helper in ("runner.py", "lm_generation.py"):  # lm_runner imports its helpers and loops
+            for helper in ("runner.py", "lm_generation.py", "lm_sampling.py"):  # lm_runner's helpers and loops
                 tar.add(str(LM_RUNNER.parent / helper), arcname=helper)
             tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
             if score is not None:  # the blocks lm_runner scores (--eval-data eval.npz)
@@ -226,10 +226,11 @@ Setting = tuple  # (draft_tokens, min_confidence, lookup): see lm_generation.spe
 
 
 def _speculative_arguments(target: LMJob, draft: LMJob, target_path: str, draft_path: str, profile: Profile,
-                           threads: int | None, new_tokens: int, grid: Sequence[Sequence], compare: Sequence[Setting]
-                           ) -> list[str]:
+                           threads: int | None, new_tokens: int, grid: Sequence[Sequence], compare: Sequence[Setting],
+                           sampling: dict | None = None) -> list[str]:
     """lm_runner's arguments for speculative decoding: grid = (draft lengths, floors, lookups); one value in
-    each times that setting (and `compare`'s) against the target alone, more choose the fastest."""
+    each times that setting (and `compare`'s) against the target alone, more choose the fastest. `sampling`
+    ({temperature, top_k, top_p, seed}) times speculative sampling with the setting too."""
     lengths, floors, lookups = grid
     args = _arguments(target, target_path, profile, threads, new_tokens, None)
     args += ["--draft", draft_path, "--draft-precision", draft.precision,
@@ -239,6 +240,9 @@ def _speculative_arguments(target: LMJob, draft: LMJob, target_path: str, draft_
              "--lookup", ",".join(str(int(bool(u))) for u in lookups)]
     if compare:
         args += ["--compare", ",".join(f"{k}:{c:g}:{int(bool(u))}" for k, c, u in compare)]
+    if sampling:
+        args += ["--temperature", f"{sampling['temperature']!r}", "--top-k", str(sampling.get("top_k", 0)),
+                 "--top-p", f"{sampling.get('top_p', 1.0)!r}", "--seed", str(sampling.get("seed", 0))]
     return args
 
 
@@ -248,14 +252,14 @@ def _settings(grid: Sequence[Sequence]) -> int:
 
 def speculative_local(target: LMJob, draft: LMJob, prompts: Sequence[Sequence[int]], new_tokens: int, profile: Profile,
                       threads: int | None, grid: Sequence[Sequence], compare: Sequence[Setting] = (),
-                      timeout_s: float | None = None) -> dict:
+                      timeout_s: float | None = None, sampling: dict | None = None) -> dict:
     """Speculative decoding on this host in a fresh lm_runner process (the code a board runs, with the two
     sessions sharing one thread pool): one setting timed against the target alone, or the fastest of `grid`."""
-    limit = (timeout_s or profile.remote.timeout_s) * (1 + _settings(grid) + len(compare))
+    limit = (timeout_s or profile.remote.timeout_s) * (1 + _settings(grid) + len(compare) + 2 * bool(sampling))
     with tempfile.TemporaryDirectory(prefix="edgekd-lm-") as tmp:
         _write_prompts(Path(tmp) / "prompts.npz", prompts)
         args = _speculative_arguments(target, draft, str(Path(target.model).resolve()), str(Path(draft.model).resolve()),
-                                      profile, threads, new_tokens, grid, compare)
+                                      profile, threads, new_tokens, grid, compare, sampling)
         got = _run_here(args, tmp, limit, "speculative decoding")
     return {**got["speculative"], "measured_on": "host"}
 
@@ -263,7 +267,7 @@ def speculative_local(target: LMJob, draft: LMJob, prompts: Sequence[Sequence[in
 def speculative_remote(host: str, target: LMJob, draft: LMJob, prompts: Sequence[Sequence[int]], new_tokens: int,
                        profile: Profile, threads: int | None, grid: Sequence[Sequence], compare: Sequence[Setting] = (),
                        *, ssh_config: str | Path | None = None, remote_python: str | None = None,
-                       timeout_s: int | None = None) -> dict:
+                       timeout_s: int | None = None, sampling: dict | None = None) -> dict:
     """Speculative decoding on the board `host` (lm_runner.py --draft, the code this host runs): one setting
     timed against the target alone, or the fastest of `grid`; its result with measured_on."""
     from .remote import board_mismatch
@@ -271,10 +275,10 @@ def speculative_remote(host: str, target: LMJob, draft: LMJob, prompts: Sequence
     python = remote_python or profile.remote.python
     timeout_s = int(timeout_s or profile.remote.timeout_s)
     args = _speculative_arguments(target, draft, f"t/{target.model.name}", f"d/{draft.model.name}", profile, threads,
-                                  new_tokens, grid, compare)
+                                  new_tokens, grid, compare, sampling)
     runs = _on_board(host, [*_job_files(target, "t"), *_job_files(draft, "d")], prompts,
                      [[python, "lm_runner.py", *args, "--json", "out/spec.json"]], profile, ssh_config, python,
-                     timeout_s * (1 + _settings(grid) + len(compare)))
+                     timeout_s * (1 + _settings(grid) + len(compare) + 2 * bool(sampling)))
     got = runs.get("spec")
     if not isinstance(got, dict) or not isinstance(got.get("speculative"), dict):
         raise BoardError(f"board {host}: the LM runner returned no speculative result")

@@ -292,11 +292,19 @@ COUNTS = ("seconds", "drafted", "accepted", "looked_up", "lookup_accepted", "che
           "draft_seconds", "later_tokens", "steps", "step_seconds")  # summed over prompts by _timed_settings
 
 
-def _timed_settings(target, draft, prompts, new_tokens: int, settings: list) -> dict:
+SAMPLED = "sampled"  # a setting's fourth field where it is timed with sampling; the teacher's own sampling's key
+TEACHER_SAMPLED = "teacher sampled"
+SAMPLED_IDENTICAL = ("sampled: the text is distributed as the teacher's own sampling, not the same tokens as its "
+                     "run with the same seed")
+
+
+def _timed_settings(target, draft, prompts, new_tokens: int, settings: list, sampling=None) -> dict:
     """{setting: {tokens, and COUNTS summed}} with the target alone as the setting None (its decode steps and
     their seconds), every prompt run by each in an order that rotates from prompt to prompt. A speculative
-    run's checks are the target's passes after the prompt's, and its later tokens those after the first."""
-    runs = [None, *settings]
+    run's checks are the target's passes after the prompt's, and its later tokens those after the first. A
+    setting (k, c, lookup, SAMPLED) samples with `sampling` (lm_sampling.Sampling) seeded for each prompt
+    (for_prompt), as the target's own sampling (TEACHER_SAMPLED, timed when `sampling` is given) does."""
+    runs = [None, *settings, *([TEACHER_SAMPLED] if sampling is not None else [])]
     got: dict = {r: {**dict.fromkeys(COUNTS, 0), "tokens": []} for r in runs}
     decode_once(target, prompts[0], min(4, new_tokens))
     for i, prompt in enumerate(prompts):
@@ -308,8 +316,12 @@ def _timed_settings(target, draft, prompts, new_tokens: int, settings: list) -> 
                 g["tokens"].append(once["tokens"])
                 g["steps"] += len(once["step_s"])
                 g["step_seconds"] += sum(once["step_s"])
+            elif run == TEACHER_SAMPLED:
+                g["tokens"].append(continue_ids(target, prompt, new_tokens, choice=sampling.for_prompt(i)))
             else:
-                res = speculative_greedy(target, draft, prompt, new_tokens, *run)
+                k, c, lookup = run[:3]
+                choice = sampling.for_prompt(i).drafting(c) if run[3:] == (SAMPLED,) else Greedy(c)
+                res = speculative(target, draft, prompt, new_tokens, k, choice, lookup)
                 g["tokens"].append(res.tokens)
                 for key in ("drafted", "accepted", "looked_up", "lookup_accepted", "check_seconds", "draft_seconds"):
                     g[key] += getattr(res, key)
@@ -330,7 +342,7 @@ def _round(g: dict) -> dict | None:
 
 
 def _figures(setting: Setting, g: dict, plain_s: float, n_tokens: int) -> dict:
-    k, c, lookup = setting
+    k, c, lookup = setting[:3]
     out = {"draft_tokens": k, "min_confidence": c, "lookup": bool(lookup), "drafted": g["drafted"],
            "acceptance_rate": round(g["accepted"] / g["drafted"], 4) if g["drafted"] else None,
            "tokens_per_s": round(n_tokens / g["seconds"], 2), "speedup": round(plain_s / g["seconds"], 3)}
@@ -347,13 +359,17 @@ def _figures(setting: Setting, g: dict, plain_s: float, n_tokens: int) -> dict:
 
 
 def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int, min_confidence: float = 0.0,
-                      lookup: bool = False, compare: tuple = ()) -> dict:
+                      lookup: bool = False, compare: tuple = (), sampling=None) -> dict:
     """Speculative decoding against the target's own greedy decoding on each prompt, interleaved: end-to-end
     tokens/s of both (prefill included), acceptance, and whether each output equals the target's. Each
-    setting of `compare` ((draft_tokens, min_confidence, lookup)) is timed in the same rounds, into "compared"."""
+    setting of `compare` ((draft_tokens, min_confidence, lookup)) is timed in the same rounds, into "compared".
+    With `sampling` (lm_sampling.Sampling), speculative sampling with the same setting is timed in the same
+    rounds too, against the target's own sampling with the same settings and seeds, into "sampled"."""
     chosen = (draft_tokens, min_confidence, bool(lookup))
     settings = [chosen, *[tuple(s) for s in compare if tuple(s) != chosen]]
-    got = _timed_settings(target, draft, prompts, new_tokens, settings)
+    sampled = (*chosen, SAMPLED)
+    got = _timed_settings(target, draft, prompts, new_tokens, settings + ([sampled] if sampling is not None else []),
+                          sampling)
     plain_s, n_tokens = got[None]["seconds"], new_tokens * len(prompts)
     identical, differences = 0, []
     for i, (res, ref) in enumerate(zip(got[chosen]["tokens"], got[None]["tokens"])):  # noqa: B905 - Python 3.8 boards
@@ -372,6 +388,12 @@ def speculative_bench(target, draft, prompts, new_tokens: int, draft_tokens: int
         out["compared"] = [dict(_figures(s, got[s], plain_s, n_tokens),
                                 identical=sum(a == b for a, b in zip(got[s]["tokens"], got[None]["tokens"])))  # noqa: B905
                            for s in settings[1:]]
+    if sampling is not None:
+        own_s = got[TEACHER_SAMPLED]["seconds"]
+        row = _figures(sampled, got[sampled], own_s, n_tokens)
+        row["not_measured"] = {**row.get("not_measured", {}), "identical": SAMPLED_IDENTICAL}
+        out["sampled"] = {**row, **sampling.record(), "seeds": f"{sampling.seed} + the prompt's index",
+                          "prompts": len(prompts), "teacher_tokens_per_s": round(n_tokens / own_s, 2), "identical": None}
     return out
 
 

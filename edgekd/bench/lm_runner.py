@@ -433,6 +433,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lookup", default="0", help="1: a round whose last tokens recur earlier proposes what followed "
                    "them there instead of drafting; a comma list as above")
     p.add_argument("--compare", default="", help="settings DRAFT_TOKENS:MIN_CONFIDENCE:LOOKUP timed in the same rounds")
+    p.add_argument("--temperature", type=float, default=0.0, help="above 0: speculative sampling with the setting is "
+                   "timed in the same rounds too, against the target's own sampling (lm_sampling.py beside this file)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="the first prompt's sampling seed (the i-th: seed + i)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -460,12 +465,29 @@ def _setting(text: str) -> tuple:
     return setting
 
 
+def _sampling(args: argparse.Namespace):
+    """lm_sampling.Sampling for --temperature, --top-k, --top-p and --seed (lm_sampling.py travels beside this
+    file); settings it refuses are bad input."""
+    if __package__:
+        from .lm_sampling import Sampling, settings_error
+    else:
+        from lm_sampling import Sampling, settings_error  # type: ignore[import-not-found,no-redef]
+    problem = settings_error(args.temperature, args.top_k, args.top_p)
+    if problem:
+        raise RunnerError(f"sampling: {problem}", EXIT_BAD_INPUT)
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+
+
 def run_speculative(args: argparse.Namespace, prompts: list) -> dict:
     """--model verified, --draft drafting: one pair timed against the target alone, or the fastest of a grid."""
     lengths = _grid(args.draft_tokens, int, "--draft-tokens", lambda k: k >= 1)
     floors = _grid(args.min_confidence, float, "--min-confidence", lambda c: 0.0 <= c < 1.0)
     lookups = _grid(args.lookup, int, "--lookup", lambda u: u in (0, 1))
     compare = [_setting(t) for t in args.compare.split(",") if t]
+    sampling = _sampling(args) if args.temperature else None
+    if sampling is not None and len(lengths) * len(floors) * len(lookups) > 1:
+        raise RunnerError("--temperature times one setting: give one --draft-tokens, --min-confidence and --lookup",
+                          EXIT_BAD_INPUT)
     target, details, versions = load(args)  # both sessions sleep between calls: they take turns on the cores
     draft, draft_details, _ = load(argparse.Namespace(**{**vars(args), "model": args.draft, "precision": args.draft_precision,
                                                           "kv_heads": args.draft_kv_heads, "head_dim": args.draft_head_dim}))
@@ -475,7 +497,7 @@ def run_speculative(args: argparse.Namespace, prompts: list) -> dict:
                                       [bool(u) for u in lookups])
         else:
             spec = speculative_bench(target, draft, prompts, args.new_tokens, lengths[0], floors[0],
-                                     bool(lookups[0]), compare)
+                                     bool(lookups[0]), compare, sampling)
     except RunnerError:
         raise
     except Exception as e:  # noqa: BLE001 - a runtime's failure mid-run

@@ -105,6 +105,10 @@ class Sampling:
         """These settings and seed with the draft's confidence floor: the rule of a speculative loop."""
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed, min_confidence)
 
+    def for_prompt(self, i: int) -> Sampling:
+        """These settings seeded for the i-th prompt of a benchmark (seed + i), so each prompt draws its own."""
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed + i, self.min_confidence)
+
     def record(self) -> dict:
         """How the text was sampled, for its JSON (the same settings and seed repeat it)."""
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}

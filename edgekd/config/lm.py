@@ -27,6 +27,16 @@ LM_ONLY_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_in
 LM_DISTILL_DEFAULTS = {"sweep": None, "temperature": 1.0, "alpha": 0.5, "epochs": 1, "lr": 1e-3, "cache_topk": 64}
 
 
+class SpeculativeSampling(Section):
+    """speculative.sampling: speculative sampling with the chosen setting, timed on the test prompts in the
+    same rounds against the teacher's own sampling with these settings (the i-th prompt seeded seed + i)."""
+
+    temperature: float = Field(gt=0.0, le=100.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0, lt=2 ** 32)
+
+
 class SpeculativeConfig(Section):
     # auto: the fastest of lm.speculative's grid on validation prompts; a number pins it
     draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
@@ -39,6 +49,7 @@ class SpeculativeConfig(Section):
     prompts: int = Field(20, ge=1, le=10000)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     prompt_tokens: int = Field(32, ge=1, le=4096)
+    sampling: SpeculativeSampling | None = None  # also time speculative sampling (the chosen setting) in the report
 
 
 def lm_defaults(data: Any) -> Any:

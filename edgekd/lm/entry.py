@@ -201,7 +201,8 @@ def run_lm_entry(ctx: RunContext, hosts: list[str]) -> dict:
             peak_memory_here(ctx, timed, shapes, test_prompts, spec_cfg.max_new_tokens)
         chosen = (spec_choice["draft_tokens"], spec_choice["min_confidence"], spec_choice["lookup"])
         spec = speculative_measured(ctx, hosts[0] if hosts else None, teacher_c, draft_c, shapes, test_prompts,
-                                    spec_cfg.max_new_tokens, [[v] for v in chosen], compared_settings(spec_choice))
+                                    spec_cfg.max_new_tokens, [[v] for v in chosen], compared_settings(spec_choice),
+                                    spec_cfg.sampling.model_dump() if spec_cfg.sampling else None)
         spec["draft"] = draft_info
         if "tried" in spec_choice:
             spec["selection"] = {"on": "validation prompts", "prompts": spec_choice["prompts"],

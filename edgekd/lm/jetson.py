@@ -221,4 +221,6 @@ def run_lm_jetson(ctx: RunContext, source: str, configs: dict, splits, stages: l
                    "bundle": info["path"],
                    "on_board": [info["build_on_board"], *info["bench_on_board"]]})
     ctx.notes.append(f"jetson: nothing was timed here; {reason}")
+    if spec.sampling is not None:
+        ctx.notes.append("speculative.sampling: the Jetson bundle times greedy speculative decoding only")
     return assemble_lm.bundle_report(ctx, source, configs, splits, stages, counts, info, reason)

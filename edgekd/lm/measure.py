@@ -75,18 +75,20 @@ def on_board(ctx: RunContext, host: str, cands: dict, shapes: dict, prompts: Seq
 
 def speculative_measured(ctx: RunContext, host: str | None, teacher, draft, shapes: dict,
                          prompts: Sequence[Sequence[int]], new_tokens: int, grid: Sequence[Sequence],
-                         compare: Sequence[tuple] = ()) -> dict:
+                         compare: Sequence[tuple] = (), sampling: dict | None = None) -> dict:
     """Speculative decoding with `draft` for `teacher` (LMCandidates) in a runner process of its own, on the
     board `host` or on this host (None): one setting of grid (draft lengths, floors, lookups) timed against
-    the teacher alone with `compare`'s settings beside it, or the fastest setting of the grid."""
+    the teacher alone with `compare`'s settings beside it (and with `sampling`, speculative sampling against the
+    teacher's own), or the fastest setting of the grid."""
     target_job, draft_job = _jobs({"teacher": teacher, "draft": draft}, {"teacher": shapes["teacher"],
                                                                          "draft": shapes[draft.name]})
     choosing = len(grid[0]) * len(grid[1]) * len(grid[2]) > 1
     what = "choosing how to draft" if choosing else "speculative decoding"
     if host is None:
         with ctx.progress.task(f"{what} on this host", None):
-            return speculative_local(target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads, grid, compare)
+            return speculative_local(target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads, grid, compare,
+                                     sampling=sampling)
     _, ssh_config, remote_python = ctx.board or (host, None, None)
     with ctx.progress.task(f"{what} on {host}", None):
         return speculative_remote(host, target_job, draft_job, prompts, new_tokens, ctx.profile, ctx.threads, grid,
-                                  compare, ssh_config=ssh_config, remote_python=remote_python)
+                                  compare, ssh_config=ssh_config, remote_python=remote_python, sampling=sampling)

@@ -38,6 +38,10 @@ def lm_headline(report: dict) -> str:
         parts.append(f"speculative decoding {fmt_ratio(spec['speedup'])} over the teacher alone ({_draft(spec)}"
                      + (f"; {beside}" if beside else "") + f"), {spec.get('identical')}/{spec.get('prompts')} "
                      "outputs identical")
+    sampled = spec.get("sampled")
+    if isinstance(sampled, dict) and isinstance(sampled.get("speedup"), (int, float)):
+        parts.append(f"speculative sampling {fmt_ratio(sampled['speedup'])} over the teacher's own sampling "
+                     f"({_sampled(sampled)})")
     if final.get("measured_on") is None and "measured_on" in final:  # a board that builds and times it itself
         parts.append(f"not measured: {not_measured_reason(final, 'measured_on')}")
     else:
@@ -133,6 +137,16 @@ def _draft(s: dict) -> str:
     return student + (" + context lookup" if s.get("lookup") else "")
 
 
+def _sampled(s: dict) -> str:
+    """`temperature 0.7, top-p 0.9` for a sampled row."""
+    parts = [f"temperature {s.get('temperature', 0):g}"]
+    if s.get("top_k"):
+        parts.append(f"top-k {s['top_k']}")
+    if s.get("top_p") not in (None, 1, 1.0):
+        parts.append(f"top-p {s['top_p']:g}")
+    return ", ".join(parts)
+
+
 def _sources(s: dict) -> str:
     src = s.get("sources")
     if not isinstance(src, dict):
@@ -150,8 +164,9 @@ def _round(row: dict) -> str:
 
 
 def speculative_table(report: dict) -> Table | None:
-    """The chosen setting and those timed beside it in the same rounds (the student alone, lookup alone), with
-    what a round cost and gave (a plain teacher token costs teacher_token_ms)."""
+    """The chosen setting and those timed beside it in the same rounds (the student alone, lookup alone, and
+    with speculative.sampling the chosen setting sampled, against the teacher's own sampling), with what a
+    round cost and gave (a plain teacher token costs teacher_token_ms)."""
     s = report.get("speculative")
     if not isinstance(s, dict):
         return None
@@ -159,9 +174,12 @@ def speculative_table(report: dict) -> Table | None:
     alone = "teacher alone" + (f" ({token_ms:.1f} ms a token)" if isinstance(token_ms, (int, float)) else "")
     t = Table(["drafting", "acceptance", "kept / proposed", "a round", "tokens/s", alone, "speedup",
                "identical outputs", "measured on", ""])
-    for row in [s, *(s.get("compared") or [])]:
-        t.rows.append([Cell(_draft(row)), figure(row, "acceptance_rate", fmt_share), Cell(_sources(row)),
-                       Cell(_round(row)), figure(row, "tokens_per_s", fmt_tps), figure(s, "teacher_tokens_per_s", fmt_tps),
+    sampled = [s["sampled"]] if isinstance(s.get("sampled"), dict) else []
+    for row in [s, *(s.get("compared") or []), *sampled]:
+        label = _draft(row) + (f", sampled at {_sampled(row)} (the teacher alone samples too)" if row in sampled else "")
+        t.rows.append([Cell(label), figure(row, "acceptance_rate", fmt_share), Cell(_sources(row)),
+                       Cell(_round(row)), figure(row, "tokens_per_s", fmt_tps),
+                       figure(row if row in sampled else s, "teacher_tokens_per_s", fmt_tps),
                        figure(row, "speedup", fmt_ratio),
                        figure(row, "identical", lambda n: f"{n}/{s.get('prompts')}"),
                        Cell(str(s.get("measured_on") or "—")), Cell("✔ chosen" if row is s else "")])

@@ -25,7 +25,7 @@ def lm_raw(teacher_dir, **extra) -> dict:
                     "max_eval_tokens": 32 * 8, "batch_size": 8, "val_fraction": 0.2, "test_fraction": 0.2},
            "student": {"layers": 2}, "distill": {"steps": 30, "baseline": True, "lr": 3e-3, "cache_topk": 16},
            "speculative": {"prompts": 3, "max_new_tokens": 8, "prompt_tokens": 8, "draft_tokens": 3,
-                           "draft_vocab": 200},
+                           "draft_vocab": 200, "sampling": {"temperature": 0.8, "top_p": 0.9, "seed": 3}},
            "gates": {"max_perplexity_increase": 50.0}}
     for k, v in extra.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
@@ -105,8 +105,16 @@ def test_lm_run_reports_every_figure(lm_run):
     # beside the choice, in the same rounds on the test prompts: the other lookup mode and lookup alone
     assert [c["lookup"] for c in s["compared"]] == [not s["lookup"], True] and s["compared"][1]["draft_tokens"] == 0
     assert all(c["identical"] == 3 and c["speedup"] > 0 for c in s["compared"])
+    # speculative sampling with the chosen setting, against the teacher's own sampling in the same rounds
+    sm = s["sampled"]
+    assert (sm["temperature"], sm["top_p"], sm["top_k"], sm["prompts"]) == (0.8, 0.9, 0, 3)
+    assert (sm["draft_tokens"], sm["min_confidence"], sm["lookup"]) == (s["draft_tokens"], s["min_confidence"], s["lookup"])
+    assert sm["speedup"] > 0 and sm["teacher_tokens_per_s"] > 0 and sm["round"]["check_ms"] > 0
+    assert sm["identical"] is None and "distributed as the teacher's own sampling" in sm["not_measured"]["identical"]
     md = (run / "report.md").read_text()
     assert "chosen on validation prompts" in md and "context lookup alone" in md
+    assert "sampled at temperature 0.8, top-p 0.9 (the teacher alone samples too)" in md
+    assert "over the teacher's own sampling (temperature 0.8, top-p 0.9)" in md
     # the draft: the final decoder with its LM head cut to the training split's 200 most frequent tokens
     dv = s["draft"]
     assert dv["vocab_tokens"] == 200 and dv["vocab_size"] == 320 and 50 < dv["train_coverage"] <= 100

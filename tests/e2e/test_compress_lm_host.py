@@ -24,7 +24,8 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
     teacher = tiny_llama_dir(tmp_path / "teacher")
     cfg = tmp_path / "lm.yaml"  # JSON is YAML
     cfg.write_text(json.dumps(lm_raw(teacher, distill={"baseline": False, "steps": 5}, quantize={"weights": ["int8"]},
-                                     speculative={"prompts": 2}, gates={"max_memory_mb": 1e6},
+                                     speculative={"prompts": 2, "sampling": {"temperature": 1.0, "top_k": 20}},
+                                     gates={"max_memory_mb": 1e6},
                                      stages=["distill", "prune", "quantize"],
                                      prune={"ratio": 0.5, "finetune_steps": 4, "max_perplexity_increase": None})))
     profile = tmp_path / "pi.yaml"
@@ -75,6 +76,7 @@ def test_lm_compress_with_host_reports_the_boards_figures(tmp_path):
     sel = spec["selection"]
     assert sel["measured_on"] == "board" and [t["min_confidence"] for t in sel["tried"]] == [0.0, 0.3, 0.5] * 2
     assert [c["draft_tokens"] for c in spec["compared"]][-1] == 0  # lookup alone, timed on the board as well
+    assert spec["sampled"]["top_k"] == 20 and spec["sampled"]["speedup"] > 0  # sampled there, lm_sampling.py beside
     assert rep["gates"][0]["gate"] == "max_memory_mb" and "measured on board" in rep["gates"][0]["detail"]
     assert "board" in (out / "report.md").read_text()
     check = SHARED / "tools" / "check_run.py"

@@ -176,3 +176,25 @@ def test_penalised_speculative_greedy_is_the_targets_own_penalised_greedy():
             res = speculative(target, draft, [0], 24, k, Greedy(floor), lookup, penalty=pen)
             assert res.tokens == shaped, (seed, k, lookup)
             assert res.drafted > 0
+
+
+def test_speculative_bench_times_speculative_sampling_against_the_targets_own_sampling():
+    import argparse
+
+    from edgekd.bench.lm_generation import speculative_bench
+    from edgekd.bench.lm_runner import RunnerError, _sampling
+
+    rng = np.random.default_rng(5)
+    table = rng.normal(0, 2, (24, 24))
+    target, draft = Bigram(table), Bigram(table + rng.normal(0, 0.7, (24, 24)))
+    prompts = [[1, 2], [3], [5, 6, 7]]
+    out = speculative_bench(target, draft, prompts, 12, 2, 0.0, True, sampling=Sampling(0.9, top_p=0.95, seed=4))
+    sm = out["sampled"]
+    assert (sm["temperature"], sm["top_k"], sm["top_p"], sm["seed"], sm["prompts"]) == (0.9, 0, 0.95, 4, 3)
+    assert (sm["draft_tokens"], sm["min_confidence"], sm["lookup"]) == (2, 0.0, True)
+    assert 0 < sm["acceptance_rate"] < 1 and sm["speedup"] > 0 and sm["teacher_tokens_per_s"] > 0
+    assert sm["identical"] is None and "identical" in sm["not_measured"]
+    assert out["identical"] == 3 and "sampled" not in speculative_bench(target, draft, prompts, 12, 2)
+    assert Sampling(0.9, seed=4).for_prompt(2).seed == 6  # each prompt draws its own
+    with pytest.raises(RunnerError, match="top-p must be in"):
+        _sampling(argparse.Namespace(temperature=1.0, top_k=0, top_p=0.0, seed=0))
