@@ -81,7 +81,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     from edgekd.bench import lm_runner
-    from edgekd.bench.lm_generation import Greedy, continue_ids, decode_once, speculative
+    from edgekd.bench.lm_figures import decode_once
+    from edgekd.bench.lm_generation import Greedy, continue_ids, speculative
     from edgekd.bench.lm_sampling import Sampling, from_flags
     from edgekd.config import from_dict
     from edgekd.config.lm import SpeculativeConfig

@@ -39,7 +39,7 @@ def main() -> int:
     import numpy as np
 
     from edgekd.bench.lm_bench import generation_bench
-    from edgekd.bench.lm_generation import decode_once, speculative_bench
+    from edgekd.bench.lm_figures import decode_once, speculative_bench
     from edgekd.config.profiles import load_profile
 
     report = json.loads((args.run / "report.json").read_text())

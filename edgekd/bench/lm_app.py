@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Text in, text out on the board: an edgekd causal-LM run's final decoder with its tokenizer, without edgekd,
 PyTorch or transformers. edgekd copies this file as generate.py into target/app/ beside lm_runner.py,
-lm_generation.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
+lm_generation.py, lm_figures.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
 
     python3 generate.py --prompt TEXT | --prompt-file FILE [--chat [--system TEXT]] | --messages FILE.json
                         [--max-new-tokens 64] [--stream]

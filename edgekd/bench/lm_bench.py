@@ -24,7 +24,7 @@ import numpy as np
 from ..config.profiles import Profile
 from ..errors import BadInputError, BoardError, ModelError, StageError
 from ..lm.decode import Decoder
-from .lm_generation import choose_speculation, decode_once, figures, speculative_bench
+from .lm_figures import choose_speculation, decode_once, figures, speculative_bench
 from .lm_runner import EXIT_BAD_INPUT
 
 __all__ = ["LMJob", "choose_speculation", "decode_once", "figures", "generation_bench", "run_local", "run_remote",
@@ -166,7 +166,7 @@ def _on_board(host: str, files: list[tuple[str, str]], prompts: Sequence[Sequenc
         bundle = Path(tmp) / "bundle.tar"
         with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
             tar.add(str(LM_RUNNER), arcname="lm_runner.py")
-            for helper in ("runner.py", "lm_generation.py", "lm_sampling.py"):  # lm_runner's helpers and loops
+            for helper in ("runner.py", "lm_generation.py", "lm_figures.py", "lm_sampling.py"):  # lm_runner's helpers
                 tar.add(str(LM_RUNNER.parent / helper), arcname=helper)
             tar.add(str(Path(tmp) / "prompts.npz"), arcname="prompts.npz")
             if score is not None:  # the blocks lm_runner scores (--eval-data eval.npz)

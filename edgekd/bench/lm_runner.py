@@ -42,11 +42,13 @@ except ImportError as missing:  # a board without numpy: one line and exit 3, li
     sys.exit(3)
 
 if __package__:  # imported as edgekd.bench.lm_runner: one runner module, one RunnerError
-    from .lm_generation import choose_speculation, figures, generate, score, speculative_bench, trim
+    from .lm_figures import choose_speculation, figures, generate, score, speculative_bench
+    from .lm_generation import trim
     from .runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb
-else:  # a script on a board: runner.py and lm_generation.py travel beside this file
+else:  # a script on a board: runner.py, lm_generation.py and lm_figures.py travel beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from lm_generation import choose_speculation, figures, generate, score, speculative_bench, trim  # type: ignore[no-redef]
+    from lm_figures import choose_speculation, figures, generate, score, speculative_bench  # type: ignore[no-redef]
+    from lm_generation import trim  # type: ignore[no-redef]
     from runner import EXIT_BAD_INPUT, EXIT_RUNTIME, RunnerError, _first_line, peak_rss_mb  # type: ignore[no-redef]
 
 LM_RUNNER_VERSION = 1

@@ -1,6 +1,6 @@
 """target/app/: what a causal-LM run ships to its board (ONNX Runtime and OpenVINO targets): the final decoder,
 the draft and the teacher for speculative decoding, the tokenizer, and generate.py (bench/lm_app.py) with the
-runner code that measured the run (lm_runner.py, lm_generation.py, runner.py) and lm_sampling.py. Copied to the
+runner code that measured the run (lm_runner.py, lm_generation.py, lm_figures.py, runner.py) and lm_sampling.py. Copied to the
 board, it writes text from a prompt with numpy, the runtime and the `tokenizers` package: no edgekd, PyTorch or
 transformers.
 Decoders are hard-linked from the run's target/ (no second copy on disk)."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..bench import lm_generation, lm_runner, lm_sampling, runner
+from ..bench import lm_figures, lm_generation, lm_runner, lm_sampling, runner
 from ..bench.harness import runner_backend
 from ..context import RunContext
 from ..runs import link_or_copy, write_json, write_text
@@ -59,7 +59,7 @@ def _readme(bundle: dict, needs: list[str]) -> str:
                   f"lookup {'on' if spec.get('lookup') else 'off'}. Leave `teacher/` behind to ship the student alone."]
     lines += [
         "- `tokenizer/`: the teacher's tokenizer (`tokenizer.json` is what generate.py reads).",
-        "- `lm_runner.py`, `lm_generation.py`, `runner.py`: the code that measured the run (`python3 lm_runner.py "
+        "- `lm_runner.py`, `lm_generation.py`, `lm_figures.py`, `runner.py`: the code that measured the run (`python3 lm_runner.py "
         "--help` times a decoder on prompts as the report did).",
         "- `lm_sampling.py`: `--temperature T [--top-k K] [--top-p P] [--seed N]` samples instead of greedy "
         "decoding (with `--speculative`, speculative sampling: distributed as the teacher's own sampling).",
@@ -110,7 +110,7 @@ def write_app_bundle(ctx: RunContext, roles: dict, shapes: dict, speculative: di
     special = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
     bundle["tokenizer"] = {"file": "tokenizer/tokenizer.json", "eos_token_id": tokenizer.eos_token_id,
                            "chat_template": _chat_template(tokenizer), "special_tokens": special}
-    for module in (lm_runner, lm_generation, lm_sampling, runner):
+    for module in (lm_runner, lm_generation, lm_figures, lm_sampling, runner):
         name = Path(module.__file__).name
         shutil.copyfile(module.__file__, out / name)
     shutil.copyfile(APP_SCRIPT, out / "generate.py")

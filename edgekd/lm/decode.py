@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..bench.lm_generation import block_nll, greedy, trim
+from ..bench.lm_figures import block_nll
+from ..bench.lm_generation import greedy, trim
 from .export import io_names, kv_shape
 
 __all__ = ["Decoder"]

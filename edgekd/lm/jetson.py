@@ -20,7 +20,7 @@ import numpy as np
 
 from ..backends.tensorrt import BUNDLE_DIR, tensorrt_status
 from ..backends.tensorrt_bundle.trt_lm_decode import context_limits, profile_shapes, shape_flags
-from ..bench import lm_generation
+from ..bench import lm_figures, lm_generation
 from ..config.lm import SpeculativeConfig
 from ..context import RunContext
 from ..errors import StageError
@@ -118,7 +118,8 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     script.chmod(0o755)
     for name in COPIED:
         shutil.copyfile(BUNDLE_DIR / name, out / name)
-    shutil.copyfile(lm_generation.__file__, out / "lm_generation.py")  # the speculative loop trt_lm_decode runs
+    for module in (lm_generation, lm_figures):  # the speculative loop trt_lm_decode runs, and its timing
+        shutil.copyfile(module.__file__, out / Path(module.__file__).name)
     (out / "trt_lm_runner.py").chmod(0o755)
     shutil.copyfile(BUNDLE_DIR / "README_LM.md", out / "README.md")
     write_npz(out / "prompts.npz", prompts=prompts.astype(np.int64))

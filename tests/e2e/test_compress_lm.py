@@ -418,7 +418,8 @@ def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run,
     report, run, _, _ = lm_run
     b = report["final"]["bundle"]
     assert b["path"] == "target/app" and b["needs"] == ["numpy", "onnxruntime", "tokenizers"]
-    for f in ("generate.py", "bundle.json", "README.md", "lm_runner.py", "lm_generation.py", "lm_sampling.py", "runner.py",
+    for f in ("generate.py", "bundle.json", "README.md", "lm_runner.py", "lm_generation.py", "lm_figures.py", "lm_sampling.py",
+              "runner.py",
               "tokenizer/tokenizer.json", b["roles"]["model"], b["roles"]["draft"], b["roles"]["teacher"]):
         assert f"target/app/{f}" in b["files"], f
     final = run / report["final"]["artifact"]
@@ -699,12 +700,13 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     assert main(["compress", "--config", str(cfg), "--target", "jetson", "--out", str(run)]) == 0, capsys.readouterr().err
     bundle = run / "target" / "jetson-lm"
     for name in ("model.onnx", "model.fp16.onnx", "teacher.onnx", "teacher.fp16.onnx", "build_engine.sh", "bundle.json",
-                 "README.md", "trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "trt_runner.py", "trt_device.py",
+                 "README.md", "trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "lm_figures.py", "trt_runner.py",
+                 "trt_device.py",
                  "prompts.npz",
                  "eval.npz", "tokenizer/tokenizer.json"):
         assert (bundle / name).is_file(), name
     assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
-    for name in ("trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py"):
+    for name in ("trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "lm_figures.py"):
         py_compile.compile(str(bundle / name), doraise=True)
     # the trtexec shapes name every input of each exported decoder, with its KV heads and head size
     script = (bundle / "build_engine.sh").read_text()

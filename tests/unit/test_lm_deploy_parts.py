@@ -201,7 +201,7 @@ def test_the_speculation_choice_times_every_pair_and_keeps_the_fastest(models):
 
 
 def test_the_speculation_choice_times_its_finalists_on_every_prompt(models):
-    from edgekd.bench.lm_generation import FINALISTS, SELECTION_FIRST
+    from edgekd.bench.lm_figures import FINALISTS, SELECTION_FIRST
 
     teacher, text, tmp, fp32 = models
     target = _decoder(fp32, teacher.config, tmp, "fp32-final")

@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 
 from edgekd.backends import get_backend  # noqa: E402
 from edgekd.bench import lm_runner  # noqa: E402
-from edgekd.bench.lm_generation import decode_once, score, speculative_greedy  # noqa: E402
+from edgekd.bench.lm_figures import decode_once, score  # noqa: E402
+from edgekd.bench.lm_generation import speculative_greedy  # noqa: E402
 from edgekd.config.profiles import load_profile  # noqa: E402
 from edgekd.lm.decode import Decoder  # noqa: E402
 from edgekd.lm.export import KV_LENGTH, export_lm_onnx  # noqa: E402

@@ -23,7 +23,8 @@ from edgekd.bench.lm_generation import LOOKUP_TOKENS
 from edgekd.config.profiles import load_profile
 
 SCRIPTS = ("trt_lm_runner.py", "trt_lm_decode.py", "trt_runner.py", "trt_device.py")
-LOOP = Path(__file__).resolve().parents[2] / "edgekd" / "bench" / "lm_generation.py"  # copied beside them
+LOOPS = [Path(__file__).resolve().parents[2] / "edgekd" / "bench" / f"lm_{n}.py" for n in ("generation", "figures")]
+# the decode loop and its timing, copied beside them
 
 
 # ---------------------------------------------------------------- the shape plan
@@ -496,7 +497,7 @@ def test_build_script_refuses_a_name_it_cannot_quote(decoders):
 
 
 def test_runner_scripts_compile_for_the_boards_python():
-    for path in (BUNDLE_DIR / "trt_lm_runner.py", BUNDLE_DIR / "trt_lm_decode.py", LOOP):
+    for path in (BUNDLE_DIR / "trt_lm_runner.py", BUNDLE_DIR / "trt_lm_decode.py", *LOOPS):
         py_compile.compile(str(path), doraise=True)
         ast.parse(path.read_text(), feature_version=(3, 8))  # JetPack 5 ships Python 3.8
         assert "strict=" not in path.read_text()  # zip(strict=) is Python 3.10+
@@ -505,7 +506,8 @@ def test_runner_scripts_compile_for_the_boards_python():
 def test_runner_run_as_a_script_in_a_bundle_without_tensorrt_exits_3(tmp_path):
     for name in SCRIPTS:
         shutil.copyfile(BUNDLE_DIR / name, tmp_path / name)
-    shutil.copyfile(LOOP, tmp_path / LOOP.name)
+    for loop in LOOPS:
+        shutil.copyfile(loop, tmp_path / loop.name)
     np.savez(tmp_path / "prompts.npz", prompts=np.zeros((2, 4), np.int64))
     env = {**os.environ, "PYTHONPATH": ""}
     code = "import sys; sys.modules['tensorrt'] = None; sys.argv[0] = 'trt_lm_runner.py'; " \

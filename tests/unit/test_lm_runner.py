@@ -131,7 +131,8 @@ def test_runner_with_a_draft_decodes_speculatively_and_losslessly(decoder):
 
 def test_openvino_keeps_the_cache_in_its_states_and_decodes_as_the_copying_path(decoder):
     pytest.importorskip("openvino")
-    from edgekd.bench.lm_generation import decode_once, speculative_greedy
+    from edgekd.bench.lm_figures import decode_once
+    from edgekd.bench.lm_generation import speculative_greedy
 
     cfg, artifact, prompts, tmp = decoder
     ir = tmp / "ov-states"

@@ -181,7 +181,7 @@ def test_penalised_speculative_greedy_is_the_targets_own_penalised_greedy():
 def test_speculative_bench_times_speculative_sampling_against_the_targets_own_sampling():
     import argparse
 
-    from edgekd.bench.lm_generation import speculative_bench
+    from edgekd.bench.lm_figures import speculative_bench
     from edgekd.bench.lm_runner import RunnerError, _sampling
 
     rng = np.random.default_rng(5)

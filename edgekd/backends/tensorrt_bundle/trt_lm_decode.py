@@ -1,7 +1,7 @@
 """The pure-numpy half of the Jetson LM bundle's runner (trt_lm_runner.py): the engines' one optimization
 profile, greedy decoding over any decoder with forward(ids) -> logits, trim(length), reset() and `length`
-(the cached tokens), and the JSON figures. Speculative decoding is lm_generation.py's loop (copied beside this
-file into the bundle), the one edgekd runs on the host and on other boards, through EngineLoop. Needs numpy
+(the cached tokens), and the JSON figures. Speculative decoding is lm_generation.py's loop, timed by
+lm_figures.py (both copied beside this file into the bundle), the one edgekd runs on the host and on other boards, through EngineLoop. Needs numpy
 only; edgekd's host side reads the same shape plan to write build_engine.sh."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import time
 import numpy as np
 
 try:  # imported as edgekd.backends.tensorrt_bundle.trt_lm_decode
+    from ...bench.lm_figures import speculative_bench as _speculative_bench
     from ...bench.lm_generation import LOOKUP_TOKENS
-    from ...bench.lm_generation import speculative_bench as _speculative_bench
     from ...bench.lm_generation import speculative_greedy as _speculative_greedy
-except ImportError:  # run as a script in the bundle, lm_generation.py beside it
+except ImportError:  # run as a script in the bundle, lm_generation.py and lm_figures.py beside it
+    from lm_figures import speculative_bench as _speculative_bench  # type: ignore[no-redef]
     from lm_generation import LOOKUP_TOKENS  # type: ignore[no-redef]
-    from lm_generation import speculative_bench as _speculative_bench  # type: ignore[no-redef]
     from lm_generation import speculative_greedy as _speculative_greedy  # type: ignore[no-redef]
 
 # ---------------------------------------------------------------- shapes
