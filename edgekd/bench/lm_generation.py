@@ -143,11 +143,12 @@ def speculative(target, draft, prompt, max_new_tokens: int, draft_tokens: int, c
     tokens. With `lookup`, a round whose last tokens recur earlier in the text proposes what followed them
     there (up to LOOKUP_TOKENS) instead, and the draft catches up on the kept tokens in its next round.
     Lossless: the output is the target's own greedy output (sampled: distributed as the target's own sampled
-    output). With `eos`, the output ends at that token (kept), as decoding alone stops there. A decoder with cut(cache, length) cuts
-    its own cache (the Jetson bundle's engines keep theirs on the device). `on_tokens` is handed the tokens each
-    round keeps, as they are kept (streaming); a true answer from it ends the text after them (a stop string). With `penalty` (lm_sampling.RepetitionPenalty) every row the
-    target checks and the draft proposes from is penalised from the text before it: the output is then the
-    target's own output under the same penalty."""
+    output). With `eos`, the output ends at that token (kept), as decoding alone stops there. A decoder with
+    cut(cache, length) cuts its own cache (the Jetson bundle's engines keep theirs on the device). `on_tokens`
+    is handed the tokens each round keeps, as they are kept (streaming); a true answer from it ends the text
+    after them (a stop string). With `penalty` (lm_sampling.RepetitionPenalty) every row the target checks and
+    the draft proposes from is penalised from the text before it: the output is then the target's own output
+    under the same penalty."""
     choice = choice or GREEDY
 
     def shaped(row, text):
