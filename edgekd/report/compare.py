@@ -49,6 +49,8 @@ _ROWS: list[tuple[str, str, str, str | None, Callable[[Any], str], str]] = [
     ("speculative speedup", "speculative", "speedup", None, fmt_ratio, "ratio"),
     ("speculative tokens/s", "speculative", "tokens_per_s", None, fmt_tps, "percent"),
     ("speculative acceptance", "speculative", "acceptance_rate", None, fmt_share, "share"),
+    ("speculative sampling speedup", "speculative", "sampled", "speedup", fmt_ratio, "ratio"),
+    ("speculative sampling acceptance", "speculative", "sampled", "acceptance_rate", fmt_share, "share"),
 ]
 
 

@@ -150,12 +150,14 @@ def test_compare_shows_the_language_model_figures_only_for_lm_reports():
                 "speculative": {"speedup": speedup, "acceptance_rate": accept, "tokens_per_s": 100.0},
                 "stages": [{"name": "distill", "perplexity": ppl, "baseline": {"perplexity": base}}]}
 
-    rows = {r[0].text: [c.text for c in r[1:]]
-            for r in comparison_table(lm(30.0, 300.0, 1.29, 0.431, 35.75), lm(31.5, 330.0, 1.45, 0.4413, 35.75)).rows}
+    sampled = lm(31.5, 330.0, 1.45, 0.4413, 35.75)
+    sampled["speculative"]["sampled"] = {"speedup": 1.06, "acceptance_rate": 0.361, "temperature": 0.7}
+    rows = {r[0].text: [c.text for c in r[1:]] for r in comparison_table(lm(30.0, 300.0, 1.29, 0.431, 35.75), sampled).rows}
     assert rows["test perplexity"] == ["30.00", "31.50", "+5.0%"]
     assert rows["decode"] == ["300.0 tok/s", "330.0 tok/s", "+10.0%"]
     assert rows["speculative speedup"] == ["1.29×", "1.45×", "+0.16×"]
     assert rows["speculative acceptance"] == ["43.10%", "44.13%", "+1.03 pt"]
+    assert rows["speculative sampling speedup"] == ["—", "1.06×", "—"]  # timed in the second run only
     assert rows["distill perplexity"][2] == "+5.0%" and rows["distill baseline perplexity"][2] == "+0.0%"
     image = {r[0].text for r in comparison_table(json.loads(FIXTURE.read_text()), json.loads(FIXTURE.read_text())).rows}
     assert not image & {"test perplexity", "decode", "speculative speedup", "distill perplexity"}
