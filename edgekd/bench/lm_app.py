@@ -174,6 +174,35 @@ def chat_text(bundle: dict, messages: list) -> str:
         raise AppError(f"the chat template refused the prompt ({e})") from None
 
 
+def flags_error(system, chat: bool, messages, stop) -> str | None:
+    """What is wrong with the text flags both generate commands take (--system, --stop), or None."""
+    if system is not None and not chat and messages is None:
+        return "--system sets the chat's system message; add --chat"
+    if stop is not None and not all(stop):
+        return "--stop needs a text to stop at, got an empty one"
+    return None
+
+
+def figures_line(out: dict) -> str:
+    """The figures line both generate commands print on stderr: tokens and speed, how the text was sampled,
+    penalised and stopped, and with --speculative the acceptance, drafting and (where timed) a round's cost."""
+    parts = [f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"]
+    parts += [out[k] for k in ("sampled", "penalised") if out.get(k)]
+    if out.get("stop") is not None:
+        parts.append(f"stopped at {out['stop']!r}")
+    if out.get("speculative"):
+        k, floor = out["draft_tokens"], out.get("min_confidence")
+        rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
+        parts.append(f"{rate} drafting up to {k} token{'' if k == 1 else 's'}" + (f" while p >= {floor:g}" if floor else ""))
+        if out.get("lookup") and "looked_up" in out:
+            parts.append(f"{out['lookup_accepted']}/{out['looked_up']} looked-up tokens kept")
+    line = ", ".join(parts)
+    r = out.get("round")
+    if r:
+        line += f"; a round: {r['tokens']:.2f} tokens, check {r['check_ms']:.1f} + draft {r['draft_ms']:.1f} ms"
+    return line
+
+
 def _load(bundle: dict, role: str, threads, draft: bool):
     import argparse as ap
 
@@ -289,10 +318,9 @@ def run(args) -> dict:
         raise AppError("--max-new-tokens must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise AppError("--threads must be at least 1")
-    if args.system is not None and not (args.chat or args.messages is not None):
-        raise AppError("--system sets the chat's system message; add --chat")
-    if args.stop is not None and not all(args.stop):
-        raise AppError("--stop needs a text to stop at, got an empty one")
+    problem = flags_error(args.system, args.chat, args.messages, args.stop)
+    if problem:
+        raise AppError(problem)
     if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
         raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
     sampling, penalty = _sampling(args)
@@ -344,17 +372,7 @@ def main(argv=None) -> int:
         return code
     if not out.get("streamed"):
         print(out["text"])
-    figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
-    if out.get("sampled"):
-        figures += f", {out['sampled']}"
-    if out.get("penalised"):
-        figures += f", {out['penalised']}"
-    if out.get("stop") is not None:
-        figures += f", stopped at {out['stop']!r}"
-    if out.get("speculative"):
-        rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
-        figures += f", {rate} drafting up to {out['draft_tokens']}"
-    print(figures, file=sys.stderr)
+    print(figures_line(out), file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

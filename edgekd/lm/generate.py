@@ -160,8 +160,11 @@ def generate(run_dir: str | Path, prompt: str | list, max_new_tokens: int = 64, 
         raise BadInputError("generate: --draft-tokens must be at least 1")
     if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
         raise BadInputError("generate: --min-confidence must be in [0, 1)")
-    if stop is not None and not all(stop):
-        raise BadInputError("generate: --stop needs a text to stop at, got an empty one")
+    from ..bench.lm_app import flags_error
+
+    problem = flags_error(system, chat, None, stop)
+    if problem:
+        raise BadInputError(f"generate: {problem}")
     try:
         sampling = from_flags(temperature, top_k, top_p, seed)
         penalty = penalty_from_flags(repetition_penalty, repetition_window)
@@ -257,8 +260,6 @@ def run(args: argparse.Namespace) -> int:
         from ..runs import check_output_file
 
         check_output_file(args.json_out, "generate: --json")
-    if args.system is not None and not args.chat and args.messages is None:
-        raise BadInputError("generate: --system sets the chat's system message; add --chat")
     if args.messages is not None:
         from ..bench.lm_app import read_messages
 
@@ -275,23 +276,9 @@ def run(args: argparse.Namespace) -> int:
                    repetition_window=args.repetition_window, stop=args.stop)
     if not out.get("streamed"):
         print(out["text"])
-    figures = f"{out['tokens']} tokens, {out['tokens_per_s']} tokens/s"
-    if out.get("sampled"):
-        figures += f", {out['sampled']}"
-    if out.get("penalised"):
-        figures += f", {out['penalised']}"
-    if out.get("stop") is not None:
-        figures += f", stopped at {out['stop']!r}"
-    if out.get("speculative"):
-        floor = f" while p >= {out['min_confidence']:g}" if out["min_confidence"] else ""
-        rate = "none drafted" if out["acceptance_rate"] is None else f"acceptance {out['acceptance_rate']:.1%}"
-        figures += f", {rate} drafting up to {out['draft_tokens']} token{'' if out['draft_tokens'] == 1 else 's'}{floor}"
-        if out["lookup"]:
-            figures += f", {out['lookup_accepted']}/{out['looked_up']} looked-up tokens kept"
-        r = out.get("round")
-        if r:
-            figures += f"; a round: {r['tokens']:.2f} tokens, check {r['check_ms']:.1f} + draft {r['draft_ms']:.1f} ms"
-    print(figures, file=sys.stderr)
+    from ..bench.lm_app import figures_line
+
+    print(figures_line(out), file=sys.stderr)
     if args.json_out:
         from ..runs import write_json
 
