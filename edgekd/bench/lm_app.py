@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Text in, text out on the board: an edgekd causal-LM run's final decoder with its tokenizer, without edgekd,
 PyTorch or transformers. edgekd copies this file as generate.py into target/app/ beside lm_runner.py,
-lm_generation.py, lm_figures.py, lm_sampling.py, runner.py, the decoders and the tokenizer; bundle.json says which file is which.
+lm_generation.py, lm_figures.py, lm_sampling.py, lm_prompts.py, runner.py, the decoders and the tokenizer;
+bundle.json says which file is which.
 
     python3 generate.py --prompt TEXT | --prompt-file FILE [--chat [--system TEXT]] | --messages FILE.json
+                        | --prompts FILE.jsonl
                         [--max-new-tokens 64] [--stream]
                         [--temperature T [--top-k K] [--top-p P] [--seed N]] [--repetition-penalty R [--repetition-window N]]
                         [--stop TEXT ...]
@@ -16,8 +18,9 @@ decoding, or sampled with --temperature (lm_sampling), through the same loading 
 the run (lm_runner.load, lm_generation); with --speculative the final decoder drafts and the teacher checks
 (lossless: the teacher's own greedy output, or distributed as the teacher's own sampling); a repetition penalty
 shapes every step's logits, the teacher's checks included.
-The continuation is printed on stdout, the figures on stderr. Exit 2: bad input; exit 3: a missing package or
-a runtime failure."""
+The continuation is printed on stdout, the figures on stderr; with --prompts (lm_prompts.py: one prompt per line
+of JSON Lines) each prompt's result is a line of JSON on stdout as it comes, and --json holds the batch's figures
+and every result. Exit 2: bad input; exit 3: a missing package or a runtime failure."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +31,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+if __package__:  # imported as edgekd.bench.lm_app
+    from .lm_prompts import conversation, read_messages, read_prompts, summary, summary_line
+else:  # generate.py on a board, lm_prompts.py beside it
+    from lm_prompts import conversation, read_messages, read_prompts, summary, summary_line  # type: ignore[no-redef]
 
 EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 3
 
@@ -111,44 +119,6 @@ def _tokenizer(bundle: dict):
         raise AppError(f"{path} cannot be read as a tokenizer ({e})") from None
 
 
-ROLES = ("system", "user", "assistant")
-
-
-def conversation(prompt, system: str | None = None) -> list:
-    """The messages a chat prompt stands for: `prompt` as one user message (or already a list of messages),
-    after `system` as the system message where given."""
-    messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return ([{"role": "system", "content": system}] if system is not None else []) + messages
-
-
-def read_messages(path: str, system: str | None = None) -> list:
-    """--messages FILE: a conversation in JSON, a list of {"role", "content"} or an object holding one under
-    "messages" (a record of the JSON Lines chat data), ending with the user's turn for the model to answer; with
-    `system` it may not hold a system message of its own. What is wrong raises ValueError with the line to show."""
-    where = f"--messages {path}"
-    try:
-        if path == "-":
-            data = json.loads(sys.stdin.read())
-        else:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-    except OSError as e:
-        raise ValueError(f"{where}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where} is not JSON ({e})") from None
-    messages = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f'{where}: expected a list of messages, or an object with one under "messages"')
-    for i, m in enumerate(messages):
-        if (not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str)):
-            raise ValueError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and a text content")
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message is the {messages[-1]['role']}'s; the model answers a user's message")
-    if system is not None and any(m["role"] == "system" for m in messages):
-        raise ValueError(f"{where} holds a system message already; leave out --system")
-    return conversation(messages, system)
-
-
 def chat_text(bundle: dict, messages: list) -> str:
     """The messages (conversation()) in the tokenizer's chat template, the assistant's turn opened (what
     transformers' apply_chat_template(add_generation_prompt=True) writes)."""
@@ -216,36 +186,44 @@ def _load(bundle: dict, role: str, threads, draft: bool):
     return load(args)[0]
 
 
-def generate(bundle: dict, ids: list, max_new_tokens: int, speculative: bool, threads, draft_tokens=None,
-             min_confidence=None, lookup=None, on_tokens=None, sampling=None, penalty=None) -> dict:
+def decoders(bundle: dict, speculative: bool, threads) -> dict:
+    """The bundle's decoders a generation needs, loaded once for every prompt: the teacher and the draft with
+    `speculative`, else the final model."""
     import lm_runner  # type: ignore[import-not-found]
+
+    lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
+    if not speculative:
+        return {"model": _load(bundle, "model", threads, False)}
+    if "teacher" not in bundle:
+        raise AppError("--speculative needs the teacher's decoder, and this bundle was written without it")
+    return {"teacher": _load(bundle, "teacher", threads, True), "draft": _load(bundle, "draft", threads, True)}
+
+
+def generate(bundle: dict, loaded: dict, ids: list, max_new_tokens: int, draft_tokens=None, min_confidence=None,
+             lookup=None, on_tokens=None, sampling=None, penalty=None) -> dict:
+    """One prompt's continuation with the decoders of decoders(): speculative where they are the teacher and
+    the draft."""
     from lm_generation import Greedy, continue_ids  # type: ignore[import-not-found]
     from lm_generation import speculative as speculate  # type: ignore[import-not-found]
 
-    lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
     eos = bundle["tokenizer"].get("eos_token_id")
     out: dict = {"prompt_tokens": len(ids)}
-    if speculative:
-        if "teacher" not in bundle:
-            raise AppError("--speculative needs the teacher's decoder, and this bundle was written without it")
+    if "teacher" in loaded:
         chosen = bundle.get("speculative") or {}
         k = draft_tokens or chosen.get("draft_tokens") or 2
         floor = chosen.get("min_confidence", 0.0) if min_confidence is None else min_confidence
         copy = bool(chosen.get("lookup", False)) if lookup is None else bool(lookup)
-        teacher = _load(bundle, "teacher", threads, True)
-        draft = _load(bundle, "draft", threads, True)
         t0 = time.perf_counter()
         rule = Greedy(floor) if sampling is None else sampling.drafting(floor)
-        res = speculate(teacher, draft, ids, max_new_tokens, k, rule, copy, eos=eos, on_tokens=on_tokens,
-                        penalty=penalty)
+        res = speculate(loaded["teacher"], loaded["draft"], ids, max_new_tokens, k, rule, copy, eos=eos,
+                        on_tokens=on_tokens, penalty=penalty)
         seconds, tokens = time.perf_counter() - t0, res.tokens
         out.update({"speculative": True, "draft_tokens": k, "min_confidence": floor, "lookup": copy,
-                    "drafted": res.drafted, "acceptance_rate": None if res.acceptance_rate is None
-                    else round(res.acceptance_rate, 4)})
+                    "drafted": res.drafted, "accepted": res.accepted, "acceptance_rate": None
+                    if res.acceptance_rate is None else round(res.acceptance_rate, 4)})
     else:
-        model = _load(bundle, "model", threads, False)
         t0 = time.perf_counter()
-        tokens = continue_ids(model, ids, max_new_tokens, eos, on_tokens, sampling, penalty)
+        tokens = continue_ids(loaded["model"], ids, max_new_tokens, eos, on_tokens, sampling, penalty)
         seconds = time.perf_counter() - t0
     if eos in tokens:
         tokens = tokens[:tokens.index(eos)]
@@ -266,6 +244,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     given.add_argument("--prompt-file", metavar="FILE", help="the text to continue, read from FILE ('-': stdin)")
     given.add_argument("--messages", metavar="FILE", help="a conversation in JSON ([{role, content}, ...], ending with "
                        "the user's turn) for the model to answer, through the chat template")
+    given.add_argument("--prompts", metavar="FILE", help="many prompts, one per line of JSON Lines (a text, or "
+                       '{"prompt"} or {"messages"}, with an optional "id"): one line of JSON out for each')
     p.add_argument("--chat", action="store_true", help="the prompt as a user's message in the chat template")
     p.add_argument("--system", metavar="TEXT", help="the system message before the conversation (with --chat or "
                                                     "--messages)")
@@ -313,41 +293,30 @@ def _sampling(args):
         raise AppError(str(e)) from None
 
 
-def run(args) -> dict:
-    if args.max_new_tokens < 1:
-        raise AppError("--max-new-tokens must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise AppError("--threads must be at least 1")
-    problem = flags_error(args.system, args.chat, args.messages, args.stop)
-    if problem:
-        raise AppError(problem)
-    if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
-        raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
-    sampling, penalty = _sampling(args)
-    bundle = _bundle()
-    tok = _tokenizer(bundle)
-    if args.messages is not None:
-        try:
-            text = chat_text(bundle, read_messages(args.messages, args.system))
-        except ValueError as e:
-            raise AppError(str(e)) from None
-    else:
-        text = _prompt(args)
-        text = chat_text(bundle, conversation(text, args.system)) if args.chat else text
-    ids = tok.encode(text, add_special_tokens=False).ids
-    if not ids:
-        raise AppError("the prompt is empty after tokenisation")
-    limit = min(bundle[r]["max_positions"] for r in (("teacher", "draft") if args.speculative else ("model",)))
-    if len(ids) + args.max_new_tokens > limit:
-        raise AppError(f"the prompt's {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} need "
-                       f"{len(ids) + args.max_new_tokens} positions; the model takes at most {limit}")
+def _prompts(args, bundle: dict) -> list[dict]:
+    """[{"line", "id", "prompt"}]: --prompts' records, or the one prompt of --prompt, --prompt-file or --messages
+    ("prompt": a text, or a list of messages for the chat template)."""
+    try:
+        if args.prompts is not None:
+            return read_prompts(args.prompts, args.chat, args.system)
+        if args.messages is not None:
+            prompt: str | list = read_messages(args.messages, args.system)
+        else:
+            prompt = _prompt(args)
+            prompt = conversation(prompt, args.system) if args.chat else prompt
+    except ValueError as e:
+        raise AppError(str(e)) from None
+    return [{"line": None, "id": None, "prompt": prompt}]
+
+
+def _one(bundle: dict, loaded: dict, tok, ids: list, args, sampling, penalty) -> dict:
+    """One prompt's continuation and figures, its text decoded and cut before a stop string."""
     streamer = None
     if args.stream or args.stop:
         streamer = Streamer(lambda t: tok.decode(t, skip_special_tokens=False), bundle["tokenizer"].get("eos_token_id"),
                             args.max_new_tokens, stops=args.stop or (), show=args.stream)
-    out = generate(bundle, ids, args.max_new_tokens, args.speculative, args.threads or bundle.get("threads"),
-                   args.draft_tokens, args.min_confidence, args.lookup, on_tokens=streamer, sampling=sampling,
-                   penalty=penalty)
+    out = generate(bundle, loaded, ids, args.max_new_tokens, args.draft_tokens, args.min_confidence, args.lookup,
+                   on_tokens=streamer, sampling=sampling, penalty=penalty)
     out["text"] = tok.decode(out["token_ids"], skip_special_tokens=False)
     if streamer is not None and streamer.stop is not None:  # the tokens up to the one that completed it
         out.update({"token_ids": streamer.ids, "tokens": len(streamer.ids), "text": streamer.text, "stop": streamer.stop,
@@ -358,10 +327,52 @@ def run(args) -> dict:
     return out
 
 
+def run(args) -> list[dict]:
+    """Every prompt's result in order; with --prompts each is also printed as a JSON line as it comes (its
+    "index", and its "id" where the record has one), its figures on stderr."""
+    if args.max_new_tokens < 1:
+        raise AppError("--max-new-tokens must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise AppError("--threads must be at least 1")
+    batch = args.prompts is not None
+    problem = flags_error(args.system, args.chat, args.messages if not batch else args.prompts, args.stop)
+    if problem:
+        raise AppError(problem)
+    if batch and args.stream:
+        raise AppError("--stream prints one text as it comes; with --prompts each result is a line of JSON")
+    if not args.speculative and (args.draft_tokens, args.min_confidence, args.lookup) != (None, None, None):
+        raise AppError("--draft-tokens, --min-confidence and --lookup set speculative decoding; add --speculative")
+    sampling, penalty = _sampling(args)
+    bundle = _bundle()
+    tok = _tokenizer(bundle)
+    prompts = _prompts(args, bundle)
+    limit = min(bundle[r]["max_positions"] for r in (("teacher", "draft") if args.speculative else ("model",)))
+    for p in prompts:  # every prompt checked before the first is generated
+        where = "" if p["line"] is None else f"--prompts {args.prompts} line {p['line']}: "
+        text = chat_text(bundle, p["prompt"]) if isinstance(p["prompt"], list) else p["prompt"]
+        p["ids"] = tok.encode(text, add_special_tokens=False).ids
+        if not p["ids"]:
+            raise AppError(f"{where}the prompt is empty after tokenisation")
+        if len(p["ids"]) + args.max_new_tokens > limit:
+            raise AppError(f"{where}the prompt's {len(p['ids'])} tokens and --max-new-tokens {args.max_new_tokens} "
+                           f"need {len(p['ids']) + args.max_new_tokens} positions; the model takes at most {limit}")
+    loaded = decoders(bundle, args.speculative, args.threads or bundle.get("threads"))
+    results = []
+    for i, p in enumerate(prompts):
+        out = _one(bundle, loaded, tok, p["ids"], args, sampling.for_prompt(i) if batch and sampling else sampling,
+                   penalty)
+        if batch:
+            out = {"index": i, **({"id": p["id"]} if p["id"] is not None else {}), **out}
+            print(json.dumps(out), flush=True)
+            print(f"[{i + 1}/{len(prompts)}] {figures_line(out)}", file=sys.stderr, flush=True)
+        results.append(out)
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        out = run(args)
+        results = run(args)
     except AppError as e:
         print(f"generate: {e}", file=sys.stderr)
         return e.code
@@ -370,9 +381,14 @@ def main(argv=None) -> int:
         print(f"generate: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
               file=sys.stderr)
         return code
-    if not out.get("streamed"):
-        print(out["text"])
-    print(figures_line(out), file=sys.stderr)
+    if args.prompts is not None:
+        out = {**summary(results), "results": results}
+        print(summary_line(out), file=sys.stderr)
+    else:
+        out = results[0]
+        if not out.get("streamed"):
+            print(out["text"])
+        print(figures_line(out), file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

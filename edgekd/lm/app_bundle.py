@@ -1,7 +1,7 @@
 """target/app/: what a causal-LM run ships to its board (ONNX Runtime and OpenVINO targets): the final decoder,
 the draft and the teacher for speculative decoding, the tokenizer, and generate.py (bench/lm_app.py) with the
-runner code that measured the run (lm_runner.py, lm_generation.py, lm_figures.py, runner.py) and lm_sampling.py. Copied to the
-board, it writes text from a prompt with numpy, the runtime and the `tokenizers` package: no edgekd, PyTorch or
+runner code that measured the run (lm_runner.py, lm_generation.py, lm_figures.py, runner.py), lm_sampling.py and
+lm_prompts.py. Copied to the board, it writes text from a prompt with numpy, the runtime and the `tokenizers` package: no edgekd, PyTorch or
 transformers.
 Decoders are hard-linked from the run's target/ (no second copy on disk)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..bench import lm_figures, lm_generation, lm_runner, lm_sampling, runner
+from ..bench import lm_figures, lm_generation, lm_prompts, lm_runner, lm_sampling, runner
 from ..bench.harness import runner_backend
 from ..context import RunContext
 from ..runs import link_or_copy, write_json, write_text
@@ -42,6 +42,7 @@ def _readme(bundle: dict, needs: list[str]) -> str:
         "python3 generate.py --prompt 'def fibonacci(n):'",
         "python3 generate.py --prompt-file prompt.txt --max-new-tokens 128 --json out.json",
         "python3 generate.py --temperature 0.7 --top-p 0.9 --seed 1 --prompt 'def fibonacci(n):'   # sampled",
+        "python3 generate.py --prompts prompts.jsonl --json batch.json > results.jsonl   # many prompts, loaded once",
     ]
     if bundle["tokenizer"].get("chat_template"):
         lines.append("python3 generate.py --chat --prompt 'Write a function that reverses a list.'")
@@ -63,6 +64,9 @@ def _readme(bundle: dict, needs: list[str]) -> str:
         "--help` times a decoder on prompts as the report did).",
         "- `lm_sampling.py`: `--temperature T [--top-k K] [--top-p P] [--seed N]` samples instead of greedy "
         "decoding (with `--speculative`, speculative sampling: distributed as the teacher's own sampling).",
+        "- `lm_prompts.py`: `--messages FILE.json` (a conversation) and `--prompts FILE.jsonl` (one prompt per line, "
+        "a text or {\"prompt\"} or {\"messages\"} with an optional \"id\"; a line of JSON out for each, the "
+        "decoders loaded once).",
         "- `bundle.json`: which file is which, the KV-cache shapes, the runtime settings and the end-of-text token.",
         "",
     ]
@@ -110,7 +114,7 @@ def write_app_bundle(ctx: RunContext, roles: dict, shapes: dict, speculative: di
     special = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
     bundle["tokenizer"] = {"file": "tokenizer/tokenizer.json", "eos_token_id": tokenizer.eos_token_id,
                            "chat_template": _chat_template(tokenizer), "special_tokens": special}
-    for module in (lm_runner, lm_generation, lm_figures, lm_sampling, runner):
+    for module in (lm_runner, lm_generation, lm_figures, lm_sampling, lm_prompts, runner):
         name = Path(module.__file__).name
         shutil.copyfile(module.__file__, out / name)
     shutil.copyfile(APP_SCRIPT, out / "generate.py")

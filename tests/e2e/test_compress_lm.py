@@ -318,7 +318,8 @@ def test_generate_alone_and_speculative_from_the_run(lm_run, tmp_path):
     from types import SimpleNamespace
 
     from edgekd.cli import main
-    from edgekd.lm.generate import _decoder, generate
+    from edgekd.lm.generate import generate
+    from edgekd.lm.run_decoders import _decoder
 
     report, run, _, _ = lm_run
     out = tmp_path / "gen.json"
@@ -419,6 +420,7 @@ def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run,
     b = report["final"]["bundle"]
     assert b["path"] == "target/app" and b["needs"] == ["numpy", "onnxruntime", "tokenizers"]
     for f in ("generate.py", "bundle.json", "README.md", "lm_runner.py", "lm_generation.py", "lm_figures.py", "lm_sampling.py",
+              "lm_prompts.py",
               "runner.py",
               "tokenizer/tokenizer.json", b["roles"]["model"], b["roles"]["draft"], b["roles"]["teacher"]):
         assert f"target/app/{f}" in b["files"], f
@@ -551,6 +553,58 @@ def test_stop_strings_end_the_text_in_generate_and_on_the_board(lm_run, tmp_path
     assert app.returncode == 2 and "--stop needs a text to stop at" in app.stderr
 
 
+def test_many_prompts_from_json_lines_load_the_decoders_once_on_the_host_and_on_the_board(lm_run, tmp_path, capsys):
+    from edgekd.cli import main
+    from edgekd.lm.generate import generate
+
+    _, run, _, _ = lm_run
+    texts = ["def f(x):\n    return", "import os\n", "class A:\n"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(texts[0]) + "\n\n" + json.dumps({"prompt": texts[1], "id": "b", "source": "x"})
+                       + "\n" + json.dumps({"prompt": texts[2]}) + "\n")
+    out = tmp_path / "batch.json"
+    assert main(["generate", str(run), "--prompts", str(prompts), "--max-new-tokens", "6", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]  # a line of JSON for each prompt, in order
+    assert [r["index"] for r in lines] == [0, 1, 2] and [r.get("id") for r in lines] == [None, "b", None]
+    for r, text in zip(lines, texts, strict=True):
+        assert r["token_ids"] == generate(run, text, 6)["token_ids"]  # each as it would be alone
+    batch = json.loads(out.read_text())
+    assert batch["prompts"] == 3 and batch["tokens"] == sum(r["tokens"] for r in lines) and batch["tokens_per_s"] > 0
+    assert [r["token_ids"] for r in batch["results"]] == [r["token_ids"] for r in lines]
+    assert "[3/3]" in captured.err and "3 prompts:" in captured.err
+    # speculative and sampled: lossless per prompt, prompt i seeded with seed + i, the same on the board
+    assert main(["generate", str(run), "--prompts", str(prompts), "--max-new-tokens", "8", "--speculative",
+                 "--temperature", "1.5", "--seed", "7", "--json", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    capsys.readouterr()
+    assert spec["speculative"] and spec["drafted"] == sum(r["drafted"] for r in spec["results"])
+    for i, (r, text) in enumerate(zip(spec["results"], texts, strict=True)):
+        assert r["sampling"]["seed"] == 7 + i
+        assert r["token_ids"] == generate(run, text, 8, speculative=True, temperature=1.5, seed=7 + i)["token_ids"]
+    app = _app(run, tmp_path, "--prompts", str(prompts), "--max-new-tokens", "8", "--speculative", "--temperature",
+               "1.5", "--seed", "7", "--json", "board.json")
+    assert app.returncode == 0, app.stderr
+    board = json.loads((tmp_path / "board.json").read_text())
+    assert [r["token_ids"] for r in board["results"]] == [r["token_ids"] for r in spec["results"]]
+    assert [json.loads(line)["index"] for line in app.stdout.splitlines()] == [0, 1, 2]
+    # a bad line is named before anything is generated, on both
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps("ok") + "\n{not json\n")
+    words = f"--prompts {bad} line 2 is not JSON"
+    assert main(["generate", str(run), "--prompts", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert words in captured.err and "Traceback" not in captured.err and captured.out == "", captured.err
+    app = _app(run, tmp_path, "--prompts", str(bad))
+    assert app.returncode == 2 and words in app.stderr and app.stdout == "", app.stderr
+    bad.write_text(json.dumps("ok") + "\n" + json.dumps({"prompt": "x" * 5000}) + "\n")
+    assert main(["generate", str(run), "--prompts", str(bad), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {bad} line 2:" in err and "the model takes at most" in err, err
+    assert main(["generate", str(run), "--prompts", str(prompts), "--stream"]) == 2
+    assert "--stream prints one text" in capsys.readouterr().err
+
+
 def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     from edgekd.cli import main
 
@@ -663,7 +717,8 @@ def _generate_decodes_in_the_states(run, report):
     """`edgekd generate` on an OpenVINO run decodes as the run measured: the cache in the infer request's
     states, its speculative output the teacher's own greedy output."""
     from edgekd.bench.lm_runner import StatefulKV
-    from edgekd.lm.generate import _decoder, generate
+    from edgekd.lm.generate import generate
+    from edgekd.lm.run_decoders import _decoder
 
     prompt = "def f(x):\n    return"
     spec = generate(run, prompt, 12, speculative=True, draft_tokens=2)
