@@ -100,11 +100,14 @@ class AppError(Exception):
 
 
 def _bundle() -> dict:
+    """bundle.json beside this file: the app's own (target/app/), or its "app" entry (a Jetson bundle, whose
+    bundle.json is trt_lm_runner.py's)."""
     try:
         with open(os.path.join(HERE, "bundle.json")) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as e:
         raise AppError(f"bundle.json beside generate.py cannot be read ({e})") from None
+    return data.get("app", data)
 
 
 def _tokenizer(bundle: dict):
@@ -174,11 +177,13 @@ def figures_line(out: dict) -> str:
 
 
 def _load(bundle: dict, role: str, threads, draft: bool):
+    entry = bundle[role]
+    if bundle["backend"] == "tensorrt":
+        return _engine(os.path.join(HERE, entry["file"]))
     import argparse as ap
 
     from lm_runner import load  # type: ignore[import-not-found]
 
-    entry = bundle[role]
     args = ap.Namespace(model=os.path.join(HERE, entry["file"]), backend=bundle["backend"], threads=threads,
                         providers=",".join(bundle.get("providers") or []) or None, device=bundle.get("device", "CPU"),
                         precision=entry["precision"], precise_int8=False, kv_heads=entry["kv_heads"],
@@ -186,12 +191,33 @@ def _load(bundle: dict, role: str, threads, draft: bool):
     return load(args)[0]
 
 
+_CUDA: list = []  # the one device-memory helper of this process (trt_device.cuda_memory)
+
+
+def _engine(path: str):
+    """A TensorRT engine the board built (build_engine.sh) as lm_generation's loops take a decoder
+    (trt_lm_decode.EngineLoop over trt_lm_runner.EngineDecoder: the cache on the device)."""
+    if not os.path.isfile(path):
+        raise AppError(f"{os.path.basename(path)} is not built yet: run ./build_engine.sh beside generate.py first")
+    from trt_lm_decode import EngineLoop  # type: ignore[import-not-found]
+    from trt_lm_runner import EngineDecoder  # type: ignore[import-not-found]
+    from trt_runner import _import_tensorrt  # type: ignore[import-not-found]
+
+    trt = _import_tensorrt()
+    if not _CUDA:
+        from trt_device import cuda_memory  # type: ignore[import-not-found]
+
+        _CUDA.append(cuda_memory())
+    return EngineLoop(EngineDecoder.load(trt, path, _CUDA[0]))
+
+
 def decoders(bundle: dict, speculative: bool, threads) -> dict:
     """The bundle's decoders a generation needs, loaded once for every prompt: the teacher and the draft with
     `speculative`, else the final model."""
-    import lm_runner  # type: ignore[import-not-found]
+    if bundle["backend"] != "tensorrt":
+        import lm_runner  # type: ignore[import-not-found]
 
-    lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
+        lm_runner._POOL["allowed"] = True  # this process is the app's own: two sessions may share one pool
     if not speculative:
         return {"model": _load(bundle, "model", threads, False)}
     if "teacher" not in bundle:

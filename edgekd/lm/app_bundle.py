@@ -14,11 +14,14 @@ from ..bench.harness import runner_backend
 from ..context import RunContext
 from ..runs import link_or_copy, write_json, write_text
 
-__all__ = ["APP", "write_app_bundle"]
+__all__ = ["APP", "APP_MODULES", "APP_SCRIPT", "tokenizer_entry", "write_app_bundle"]
 
 APP = "app"  # target/app/
 APP_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "lm_app.py"
 NEEDS = {"onnxruntime": ["numpy", "onnxruntime", "tokenizers"], "openvino": ["numpy", "openvino", "tokenizers"]}
+
+
+APP_MODULES = (lm_generation, lm_sampling, lm_prompts)  # what generate.py imports on every board
 
 
 def _chat_template(tokenizer) -> str | None:
@@ -26,6 +29,14 @@ def _chat_template(tokenizer) -> str | None:
     if isinstance(template, dict):  # named templates: the default one
         template = template.get("default")
     return template if isinstance(template, str) and template else None
+
+
+def tokenizer_entry(tokenizer) -> dict:
+    """bundle.json's "tokenizer": the file generate.py reads, the end-of-text token, the chat template and the
+    special tokens the template may name."""
+    special = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
+    return {"file": "tokenizer/tokenizer.json", "eos_token_id": tokenizer.eos_token_id,
+            "chat_template": _chat_template(tokenizer), "special_tokens": special}
 
 
 def _readme(bundle: dict, needs: list[str]) -> str:
@@ -111,10 +122,8 @@ def write_app_bundle(ctx: RunContext, roles: dict, shapes: dict, speculative: di
     if speculative and "teacher" in roles:
         bundle["speculative"] = {k: speculative[k] for k in ("draft_tokens", "min_confidence", "lookup")}
     shutil.copytree(run / "tokenizer", out / "tokenizer")
-    special = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
-    bundle["tokenizer"] = {"file": "tokenizer/tokenizer.json", "eos_token_id": tokenizer.eos_token_id,
-                           "chat_template": _chat_template(tokenizer), "special_tokens": special}
-    for module in (lm_runner, lm_generation, lm_figures, lm_sampling, lm_prompts, runner):
+    bundle["tokenizer"] = tokenizer_entry(tokenizer)
+    for module in (lm_runner, lm_figures, runner, *APP_MODULES):
         name = Path(module.__file__).name
         shutil.copyfile(module.__file__, out / name)
     shutil.copyfile(APP_SCRIPT, out / "generate.py")

@@ -5,7 +5,9 @@ The bundle holds the student's and the teacher's KV-cache decoders (and with spe
 student with its LM head cut to the training split's most frequent tokens, the draft) (FP32 as exported, and a mixed FP16 copy
 for strongly typed builds, lm/fp16.py), build_engine.sh (trtexec, one optimization profile covering prefill
 and decode, FP16 engines), the board-side runner (tensorrt_bundle/trt_lm_runner.py), the tokenizer, the
-run's test prompts and test blocks, and bundle.json. An engine only runs with the TensorRT and GPU it was
+run's test prompts and test blocks, and bundle.json; and generate.py (bench/lm_app.py, with the decode loops,
+sampling and prompt readers it imports), which writes text from a prompt with the engines once built, through
+the same loops (bundle.json's "app" says which engine is which). An engine only runs with the TensorRT and GPU it was
 built with, so nothing is built or timed here: no figure of another runtime stands in for TensorRT's. The
 export is still checked on this host with ONNX Runtime (parity with PyTorch, and the FP16 copy against the
 FP32 decoder), which says the files are right, not how fast the board is."""
@@ -26,6 +28,7 @@ from ..context import RunContext
 from ..errors import StageError
 from ..report import assemble_lm
 from ..runs import link_or_copy, write_json, write_npz, write_text
+from .app_bundle import APP_MODULES, APP_SCRIPT, tokenizer_entry
 from .decode import Decoder
 from .draft_vocab import cut_head, frequent_tokens
 from .export import io_names, kv_shape
@@ -118,9 +121,11 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
     script.chmod(0o755)
     for name in COPIED:
         shutil.copyfile(BUNDLE_DIR / name, out / name)
-    for module in (lm_generation, lm_figures):  # the speculative loop trt_lm_decode runs, and its timing
+    for module in (lm_figures, *APP_MODULES):  # the loops trt_lm_decode and generate.py run, and their timing
         shutil.copyfile(module.__file__, out / Path(module.__file__).name)
-    (out / "trt_lm_runner.py").chmod(0o755)
+    shutil.copyfile(APP_SCRIPT, out / "generate.py")
+    for name in ("trt_lm_runner.py", "generate.py"):
+        (out / name).chmod(0o755)
     shutil.copyfile(BUNDLE_DIR / "README_LM.md", out / "README.md")
     write_npz(out / "prompts.npz", prompts=prompts.astype(np.int64))
     link_or_copy(run / "eval.npz", out / "eval.npz")
@@ -135,6 +140,9 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
               "eval_data": "eval.npz", "tokenizer": "tokenizer",
               "workspace_mb": int(ctx.profile.workspace_mb), "draft": draft,
               "draft_vocab": None if draft_vocab is None else int(len(draft_vocab))}
+    app = _app_entry(ctx, configs, models, limits, draft, (draft_tokens, min_confidence, lookup))
+    if app is not None:
+        bundle["app"] = app
     write_json(out / "bundle.json", bundle)
     rel = str(out.relative_to(run))
     files = sorted(str(p.relative_to(run)) for p in out.rglob("*") if p.is_file())
@@ -145,7 +153,34 @@ def write_lm_bundle(ctx: RunContext, out: Path, configs: dict, prompts: np.ndarr
             "build_on_board": "./build_engine.sh",
             "bench_on_board": ["python3 trt_lm_runner.py bench --eval-data eval.npz",
                                f"python3 trt_lm_runner.py bench --engine teacher.engine --draft {draft}.engine"],
-            "draft": draft, "draft_vocab": bundle["draft_vocab"]}
+            "draft": draft, "draft_vocab": bundle["draft_vocab"],
+            **({"run_on_board": "python3 generate.py --prompt TEXT"} if app is not None else {})}
+
+
+def _app_entry(ctx: RunContext, configs: dict, models: dict, limits: dict, draft: str, chosen: tuple) -> dict | None:
+    """bundle.json's "app": what generate.py (bench/lm_app.py) reads to write text with the engines the board
+    builds: each role's engine and cache, the run's speculative choice and the tokenizer; None without a
+    tokenizer.json (generate.py reads no other)."""
+    from transformers import AutoTokenizer
+
+    from .._version import __version__
+
+    tok_dir = ctx.run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        return None
+    draft_tokens, min_confidence, lookup = chosen
+    check = max(draft_tokens, lm_generation.LOOKUP_TOKENS if lookup else 0) + 1  # a speculative round's last check
+    app: dict = {"edgekd_version": __version__, "name": ctx.config.name, "target": ctx.profile.name,
+                 "backend": "tensorrt", "threads": None,
+                 "speculative": {"draft_tokens": draft_tokens, "min_confidence": min_confidence, "lookup": lookup},
+                 "tokenizer": tokenizer_entry(AutoTokenizer.from_pretrained(str(tok_dir)))}
+    for role, name in (("model", "model"), ("draft", draft), ("teacher", "teacher")):
+        m, config = models[name], configs[name]
+        positions = getattr(config, "max_position_embeddings", None) or limits["max_context"]
+        app[role] = {"file": m["engine"], "precision": "fp16", "label": f"{name}.engine (TensorRT, FP16)",
+                     "layers": m["layers"], "kv_heads": m["kv_heads"], "head_dim": m["head_dim"],
+                     "max_positions": min(positions, limits["max_context"] - check)}
+    return app
 
 
 def _host_decoder(ctx: RunContext, path: Path, config, half: bool = False):

@@ -38,7 +38,7 @@ def _decoder(run: Path, block: dict, threads: int | None):
     profile = load_profile(report_target)
     if profile.backend == "tensorrt":
         raise BadInputError(f"generate: {run} was built for {profile.name} (TensorRT): build its engines on the board "
-                            "(target/jetson-lm/build_engine.sh) and generate there with trt_lm_runner.py")
+                            "(target/jetson-lm/build_engine.sh) and generate there with its generate.py")
     path = run / block["artifact"]
     if not path.is_file():
         raise BadInputError(f"generate: {path} is missing from the run directory")

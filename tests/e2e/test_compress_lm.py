@@ -401,15 +401,15 @@ def test_generate_reads_a_prompt_file_and_a_chat_prompt_through_the_template(lm_
         assert board.returncode == 2 and words in board.stderr, board.stderr
 
 
-def _app(run, tmp_path, *args):
-    """target/app/generate.py run as on a board: a fresh process where edgekd, torch and transformers cannot
-    be imported."""
+def _app(run, tmp_path, *args, app: str = "app"):
+    """target/app/generate.py (or `app`'s) run as on a board: a fresh process where edgekd, torch and
+    transformers cannot be imported."""
     blocked = tmp_path / "blocked"
     for name in ("edgekd", "torch", "transformers"):
         (blocked / name).mkdir(parents=True, exist_ok=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the board')\n")
     env = {**os.environ, "PYTHONPATH": str(blocked)}
-    return subprocess.run([sys.executable, str(run / "target" / "app" / "generate.py"), *args], cwd=tmp_path,
+    return subprocess.run([sys.executable, str(run / "target" / app / "generate.py"), *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -756,12 +756,12 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     bundle = run / "target" / "jetson-lm"
     for name in ("model.onnx", "model.fp16.onnx", "teacher.onnx", "teacher.fp16.onnx", "build_engine.sh", "bundle.json",
                  "README.md", "trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "lm_figures.py", "trt_runner.py",
-                 "trt_device.py",
+                 "trt_device.py", "generate.py", "lm_sampling.py", "lm_prompts.py",
                  "prompts.npz",
                  "eval.npz", "tokenizer/tokenizer.json"):
         assert (bundle / name).is_file(), name
     assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
-    for name in ("trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "lm_figures.py"):
+    for name in ("trt_lm_runner.py", "trt_lm_decode.py", "lm_generation.py", "lm_figures.py", "generate.py"):
         py_compile.compile(str(bundle / name), doraise=True)
     # the trtexec shapes name every input of each exported decoder, with its KV heads and head size
     script = (bundle / "build_engine.sh").read_text()
@@ -787,6 +787,24 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
     assert np.load(bundle / "prompts.npz")["prompts"].shape == (3, 8)
     # the draft: the student with its LM head cut to the training split's 200 most frequent tokens, in FP16 too
     assert b["draft"] == "draft" and b["draft_vocab"] == 200 and "--draft draft.engine" in script
+    # generate.py over the engines the board builds: each role's engine, positions within the profile
+    app = b["app"]
+    assert app["backend"] == "tensorrt" and app["tokenizer"]["file"] == "tokenizer/tokenizer.json"
+    assert {r: app[r]["file"] for r in ("model", "draft", "teacher")} == {
+        "model": "model.engine", "draft": "draft.engine", "teacher": "teacher.engine"}
+    assert app["teacher"]["max_positions"] == limits["max_context"] - 9 and app["teacher"]["layers"] == 4
+    for args, code, words in ((["--prompt", "def f(x):", "--max-new-tokens", "4"], 2,
+                               "model.engine is not built yet: run ./build_engine.sh"),
+                              (["--prompt", "x", "--speculative", "--max-new-tokens", "4"], 2,
+                               "teacher.engine is not built yet"),
+                              (["--prompt", "x", "--max-new-tokens", "500"], 2, "the model takes at most"),
+                              (["--prompt", "x", "--chat"], 2, "--chat needs a chat template")):
+        got = _app(run, tmp_path, *args, app="jetson-lm")
+        assert got.returncode == code and words in got.stderr and "Traceback" not in got.stderr, got.stderr
+    (bundle / "model.engine").write_bytes(b"built elsewhere")  # present, but this host has no TensorRT
+    got = _app(run, tmp_path, "--prompt", "def f(x):", "--max-new-tokens", "4", app="jetson-lm")
+    assert got.returncode == 3 and "tensorrt does not import" in got.stderr and "Traceback" not in got.stderr
+    (bundle / "model.engine").unlink()
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(bundle / "draft.fp16.onnx"))
