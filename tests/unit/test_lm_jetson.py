@@ -422,6 +422,36 @@ def test_bench_prints_an_engines_figures_and_speculative_decoding_with_its_draft
     assert [(c["draft_tokens"], c["lookup"], c["identical"]) for c in s["compared"]] == [(3, False, 3), (0, True, 3)]
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_bundles_generate_py_over_engines_writes_what_it_writes_over_onnx_runtime(decoders, sampled):
+    """generate.py's loop (bench/lm_app.py) over the engine decoders gives the tokens it gives over the same
+    decoders in ONNX Runtime: greedy and sampled, alone and speculative, a repetition penalty in every check
+    (the engines hand back views of their host buffers, which the loops must read before the next call)."""
+    from edgekd.bench import lm_app
+    from edgekd.bench.lm_sampling import RepetitionPenalty, Sampling
+
+    cuda = FakeCuda(strided=True)
+    bundle = {"tokenizer": {"eos_token_id": None}, "speculative": {"draft_tokens": 3, "min_confidence": 0.0,
+                                                                     "lookup": True}}
+    engines = {"teacher": lm.EngineLoop(_engine(decoders["teacher"], cuda)),
+               "draft": lm.EngineLoop(_engine(decoders["draft"], cuda))}
+    onnx = {"teacher": _ort_decoder(decoders["teacher"], decoders["teacher_config"]),
+            "draft": _ort_decoder(decoders["draft"], decoders["draft_config"])}
+    prompt = [5, 17, 3, 99, 42, 7, 5, 17]
+
+    def text(loaded, speculative):
+        roles = loaded if speculative else {"model": loaded["draft"]}
+        rule = Sampling(1.5, 0, 0.95, seed=3) if sampled else None
+        return lm_app.generate(bundle, roles, prompt, 14, sampling=rule, penalty=RepetitionPenalty(1.2))["token_ids"]
+
+    for speculative in (False, True):
+        got = text(engines, speculative)
+        assert len(got) == 14 and got == text(onnx, speculative), speculative
+    if not sampled:  # lossless: the teacher's own greedy text under the same penalty
+        alone = lm_app.generate(bundle, {"model": engines["teacher"]}, prompt, 14, penalty=RepetitionPenalty(1.2))
+        assert text(engines, True) == alone["token_ids"]
+
+
 def test_mixed_fp16_keeps_positions_norm_statistics_and_logits_in_fp32(decoders):
     import onnx
 
