@@ -3,6 +3,7 @@ or on boards over SSH. Both paths run the same runner.py, so their JSON has the 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..config.profiles import Profile, load_profile
@@ -54,8 +55,8 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < low:
             raise BadInputError(f"bench: --{name.replace('_', '-')} must be at least {low}, got {value}")
-    if args.duration is not None and args.duration <= 0:
-        raise BadInputError(f"bench: --duration must be positive, got {args.duration}")
+    if args.duration is not None and not 0 < args.duration < math.inf:  # nan and inf too: a run that never ends
+        raise BadInputError(f"bench: --duration must be a positive number of seconds, got {args.duration}")
     if args.eval_data and not Path(args.eval_data).is_file():
         raise BadInputError(f"bench: --eval-data {args.eval_data} does not exist")
     if args.json_out:

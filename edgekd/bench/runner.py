@@ -462,8 +462,9 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     for name in ("threads", "iterations", "batch", "trials"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.warmup < 0 or (args.duration is not None and args.duration <= 0):
-        p.error("--warmup must be >= 0 and --duration > 0")
+    if args.warmup < 0 or (args.duration is not None and not 0 < args.duration < float("inf")) or (
+            args.warmup_s is not None and not 0 <= args.warmup_s < float("inf")):
+        p.error("--warmup and --warmup-s must be >= 0 and --duration > 0, all finite")
     return args
 
 

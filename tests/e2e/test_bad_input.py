@@ -218,3 +218,12 @@ def test_generate_refuses_draft_settings_without_speculative(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x", "--draft-tokens", "3"]) == 2
     assert capsys.readouterr().err.strip() == ("edgekd: error: generate: --draft-tokens sets speculative decoding; "
                                                "add --speculative")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_bench_refuses_a_duration_that_is_not_a_positive_number_of_seconds(value, tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read: the flags are checked first")
+    assert main(["bench", str(model), "--target", "cpu", "--duration", value]) == 2  # nan and inf would never end
+    err = capsys.readouterr().err.strip()
+    assert err == f"edgekd: error: bench: --duration must be a positive number of seconds, got {float(value)}", err
