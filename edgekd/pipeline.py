@@ -68,6 +68,9 @@ class Pipeline:
         self.teacher_artifact: Artifact | None = None
         if (self.model_onnx is None) != (self.calib_data is None):
             raise BadInputError("--model and --calib-data go together (the ONNX entry needs both)")
+        if self.eval_data is not None and self.model_onnx is None:
+            raise BadInputError("--eval-data goes with --model and --calib-data (the ONNX entry); a config run takes its "
+                                "test split from data:")
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
@@ -84,6 +87,11 @@ class Pipeline:
             check_profile(self.profile)
             build_sysroot(log=self.progress.note)
         run_dir = self.out or default_run_dir(self.config, self.profile)
+        for flag, given in (("--model", self.model_onnx), ("--calib-data", self.calib_data),
+                            ("--eval-data", self.eval_data)):
+            if given is not None and run_dir.resolve() in given.resolve().parents:
+                raise BadInputError(f"{flag} {given} lies inside the run directory {run_dir}, which this run clears and "
+                                    "writes; keep its inputs outside it")
         created = not run_dir.exists()
         ensure_writable_dir(run_dir)
         if clear_previous_run(run_dir):  # a new run in the same folder: the old verdict and models no longer hold

@@ -24,6 +24,15 @@ if TYPE_CHECKING:  # annotations only: the config imports nothing from here at r
     from .config.profiles import Profile
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path` (atomic on POSIX)."""
@@ -34,6 +43,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp's 0600 would stay: the mode a plain open() gives under the umask
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -143,12 +154,23 @@ def clear_previous_run(run_dir: Path) -> list[str]:
     return [p.name for p in gone]
 
 
-def check_output_file(path: str | Path, flag: str) -> None:
+RUN_REPORTS = ("report.json", "report.md", "report.html")
+
+
+def check_output_file(path: str | Path, flag: str, inputs: tuple = ()) -> None:
     """BadInputError (one line naming `flag`) unless a file can be written at `path`: checked before any work,
-    so a long run never ends on a path it cannot write."""
+    so a long run never ends on a path it cannot write; nor may it be one of the command's `inputs` or a run
+    directory's report, which writing would destroy."""
     p = Path(path)
+    if not str(path):
+        raise BadInputError(f"{flag}: an empty path; give a file path")
     if p.is_dir():
         raise BadInputError(f"{flag} {p}: is a directory; give a file path")
+    for given in inputs:
+        if given is not None and Path(given).exists() and p.exists() and os.path.samefile(p, given):
+            raise BadInputError(f"{flag} {p}: is the input {given} this command reads; give another file")
+    if p.name in RUN_REPORTS and (p.parent / RUN_MARKER).is_file():
+        raise BadInputError(f"{flag} {p}: would overwrite a run directory's {p.name}; give another file")
     existing = next(q for q in (p.parent, *p.parent.parents) if q.exists())
     if not existing.is_dir():
         raise BadInputError(f"{flag} {p}: {existing} is a file, not a folder")

@@ -60,7 +60,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.eval_data and not Path(args.eval_data).is_file():
         raise BadInputError(f"bench: --eval-data {args.eval_data} does not exist")
     if args.json_out:
-        check_output_file(args.json_out, "bench: --json")
+        check_output_file(args.json_out, "bench: --json", (args.artifact, args.eval_data))
 
 
 def run(args: argparse.Namespace) -> int:

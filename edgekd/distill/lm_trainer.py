@@ -98,7 +98,8 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = EVAL_BA
         total += float(nll)
         count += ids[:, 1:].numel()
     model.train(was)
-    return math.exp(total / max(count, 1))
+    mean = total / max(count, 1)
+    return math.exp(mean) if mean < 700 else math.inf  # a diverged model: inf, not an OverflowError
 
 
 @torch.no_grad()
@@ -235,7 +236,7 @@ def train_lm(student: nn.Module, train: torch.Tensor, val: torch.Tensor, *, step
             if (step + 1) % every == 0 or step + 1 == steps:
                 ppl = perplexity(student, val)
                 curve.append({"step": step + 1, "loss": round(running / ((step % every) + 1), 5),
-                              "val_perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 2)})
+                              "val_perplexity": round(ppl, 4) if math.isfinite(ppl) else None, "seconds": round(time.perf_counter() - t0, 2)})
                 running = 0.0
                 if ppl < best[0]:
                     best = (ppl, step + 1, copy.deepcopy(student.state_dict()))

@@ -16,6 +16,8 @@ from .run_decoders import OpenRun
 
 __all__ = ["add_parser", "generate", "generate_many"]
 
+MAX_THREADS = 1024  # a runtime's thread pool of tens of thousands never finishes starting
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text with a causal-lm run's final model",
@@ -154,12 +156,13 @@ def run(args: argparse.Namespace) -> int:
                                       ("--lookup/--no-lookup", args.lookup)) if value is not None]
     if loose and not args.speculative:
         raise BadInputError(f"generate: {loose[0]} sets speculative decoding; add --speculative")
-    if args.threads is not None and args.threads < 1:
-        raise BadInputError(f"generate: --threads must be at least 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise BadInputError(f"generate: --threads must be 1 to {MAX_THREADS}, got {args.threads}"
+                            if args.threads > 0 else f"generate: --threads must be at least 1, got {args.threads}")
     if args.json_out:
         from ..runs import check_output_file
 
-        check_output_file(args.json_out, "generate: --json")
+        check_output_file(args.json_out, "generate: --json", (getattr(args, "prompts", None), args.messages, args.prompt_file))
     from ..bench.lm_app import figures_line
     from ..bench.lm_prompts import read_messages, read_prompts, summary, summary_line
 

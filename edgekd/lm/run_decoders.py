@@ -21,11 +21,22 @@ def _report(run: Path) -> dict:
         report = json.loads(path.read_text())
     except ValueError as e:
         raise BadInputError(f"generate: {path} is not valid JSON ({e})") from None
+    if not isinstance(report, dict):
+        raise BadInputError(f"generate: {path} is not a report (a JSON object)")
     if report.get("task") != "causal-lm":
         raise BadInputError(f"generate: {run} is a {report.get('task', 'image-classification')} run; generate needs "
                             "a causal-lm run")
     if not (run / "tokenizer").is_dir():
         raise BadInputError(f"generate: {run}/tokenizer is missing")
+    target = report.get("target")
+    if not isinstance(target, dict) or not isinstance(target.get("name"), str):
+        raise BadInputError(f"generate: {path} names no target (not a finished causal-lm report)")
+    for role in ("final", "teacher"):
+        block = report.get(role)
+        if not isinstance(block, dict) or not isinstance(block.get("artifact"), str) or not isinstance(
+                block.get("decoder"), dict) or not isinstance(block["decoder"].get("max_positions", 0), (int, type(None))):
+            raise BadInputError(f"generate: {path} has no {role} decoder (artifact and decoder shape): not a finished "
+                                "causal-lm report")
     return report
 
 
@@ -76,7 +87,12 @@ def _chat_ids(tok, messages: list) -> list[int]:
     """The messages (lm_prompts.conversation) in the tokenizer's chat template, opening the assistant's turn."""
     if not getattr(tok, "chat_template", None):
         raise BadInputError("generate: --chat needs a chat template, and the run's tokenizer has none")
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except TemplateError as e:
+        raise BadInputError(f"generate: the chat template refused the prompt ({e})") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some transformers versions
         ids = ids["input_ids"]
     return [int(i) for i in ids]
@@ -93,7 +109,11 @@ class OpenRun:
         self.report = _report(self.run)
         self.target = self.report["target"]["name"]
         self.threads = threads or self.report["target"].get("threads")
-        self.tok = AutoTokenizer.from_pretrained(str(self.run / "tokenizer"))
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(self.run / "tokenizer"))
+        except Exception as e:  # noqa: BLE001 - transformers and the Rust tokenizer raise many kinds
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BadInputError(f"generate: {self.run}/tokenizer cannot be read as a tokenizer ({first})") from None
         self.final = {**self.report["final"], "_target": self.target}
         self.drafting = (((self.report.get("speculative") or {}).get("draft") or {}).get("artifact")
                          if speculative else None)

@@ -111,7 +111,7 @@ def run_gate(args: argparse.Namespace) -> int:
     """`edgekd gate`: print the verdicts, write JUnit if asked; 0 when all gates hold, 1 when any fails."""
     report_path = Path(args.report)
     if getattr(args, "junit", None):
-        check_output_file(args.junit, "gate: --junit")
+        check_output_file(args.junit, "gate: --junit", (args.report, getattr(args, "baseline", None)))
     report = load_report(report_path)
     thresholds = gate_thresholds(report, args)
     if not any(k in GATES for k in thresholds):
@@ -164,7 +164,7 @@ def _render(args: argparse.Namespace) -> int:
     fmt = args.format or {".md": "md", ".html": "html", ".htm": "html"}.get(out.suffix.lower())
     if fmt is None:
         raise BadInputError(f"--out {out}: cannot tell the format from its suffix; pass --format md or html")
-    check_output_file(out, "report render: --out")
+    check_output_file(out, "report render: --out", (args.report,))
     report = load_report(args.report)
     (write_markdown if fmt == "md" else write_html)(report, out)
     print(f"wrote {out}")
@@ -188,5 +188,19 @@ def _compare(args: argparse.Namespace) -> int:
     names = (str(a), str(b))
     if a.name == b.name and a.parent.name and b.parent.name and a.parent.name != b.parent.name:
         names = (a.parent.name, b.parent.name)
-    print_comparison(load_report(a), load_report(b), names)
+    ra, rb = load_report(a), load_report(b)
+    ta, tb = (r.get("task", "image-classification") for r in (ra, rb))
+    if ta != tb:
+        raise BadInputError(f"report compare: {a} is a {ta} run and {b} a {tb} run; their figures do not compare")
+    where = [_runtime(r) for r in (ra, rb)]
+    if where[0] != where[1]:
+        print(f"note: {names[0]} was measured for {where[0]} and {names[1]} for {where[1]}: their latencies are "
+              "different runtimes' on different targets")
+    print_comparison(ra, rb, names)
     return EXIT_OK
+
+
+def _runtime(report: dict) -> str:
+    """`cpu (onnxruntime)`: a report's target and its backend."""
+    target = report.get("target") or {}
+    return f"{target.get('name')} ({target.get('backend')})"

@@ -260,6 +260,13 @@ def _regression(report: dict, baseline: dict | None, t: float, percentile: int) 
     gate, key = "max_regression", f"p{percentile}"
     if baseline is None:
         return GateResult(gate, t, None, False, "not measured: no baseline report given (--baseline REPORT)")
+    kinds = [(r.get("task", "image-classification"), (r.get("target") or {}).get("name"),
+              (r.get("target") or {}).get("backend")) for r in (report, baseline)]
+    if kinds[0] != kinds[1]:
+        (task, name, backend), (btask, bname, bbackend) = kinds
+        return GateResult(gate, t, None, False, f"not measured: the baseline is a {btask} run for {bname} ({bbackend}), "
+                                                f"this report a {task} run for {name} ({backend}); a regression compares "
+                                                "runs of the same task and target")
     final, base = report.get("final") or {}, baseline.get("final") or {}
     cur = (final.get("latency_ms") or {}).get(key)
     ref = (base.get("latency_ms") or {}).get(key)

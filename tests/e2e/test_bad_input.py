@@ -227,3 +227,43 @@ def test_bench_refuses_a_duration_that_is_not_a_positive_number_of_seconds(value
     assert main(["bench", str(model), "--target", "cpu", "--duration", value]) == 2  # nan and inf would never end
     err = capsys.readouterr().err.strip()
     assert err == f"edgekd: error: bench: --duration must be a positive number of seconds, got {float(value)}", err
+
+
+def test_onnx_entry_inputs_inside_the_run_directory_are_refused_before_it_is_cleared(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.fp32.onnx").write_bytes(b"the user's model")
+    (out / "calib.npz").write_bytes(b"the user's calibration data")
+    assert main(["compress", "--model", str(out / "model.fp32.onnx"), "--calib-data", str(out / "calib.npz"),
+                 "--target", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lies inside the run directory" in err and len(err.splitlines()) == 1, err
+    assert (out / "model.fp32.onnx").read_bytes() == b"the user's model"  # untouched
+    assert (out / "calib.npz").read_bytes() == b"the user's calibration data"
+
+
+def test_eval_data_without_the_onnx_entry_is_refused(tmp_path, capsys):
+    assert main(["compress", "--eval-data", str(tmp_path / "e.npz"), "--target", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--eval-data goes with --model and --calib-data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "{run}", "--prompt", "x", "--json", "{run}/report.json"],
+    ["gate", "{run}/report.json", "--max-size-mb", "1", "--junit", "{run}/report.json"],
+    ["bench", "{run}/m.onnx", "--target", "cpu", "--json", "{run}/m.onnx"],
+])
+def test_an_output_path_that_would_destroy_an_input_or_a_runs_report_is_refused(argv, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".edgekd-run.json").write_text("{}")
+    (run / "report.json").write_text('{"a": "finished run"}')
+    (run / "m.onnx").write_bytes(b"a model")
+    assert main([a.format(run=run) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("would overwrite a run directory's report.json" in err or "is the input" in err) and "Traceback" not in err
+    assert (run / "report.json").read_text() == '{"a": "finished run"}' and (run / "m.onnx").read_bytes() == b"a model"
+
+
+def test_generate_refuses_a_thread_count_no_runtime_can_start(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x", "--threads", "10000"]) == 2
+    assert "--threads must be 1 to 1024, got 10000" in capsys.readouterr().err

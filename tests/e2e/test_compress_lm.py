@@ -613,6 +613,19 @@ def test_generate_refuses_what_is_not_a_finished_lm_run(tmp_path, capsys):
     (tmp_path / "report.json").write_text(json.dumps({"task": "image-classification"}))
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "generate needs a causal-lm run" in capsys.readouterr().err
+    (tmp_path / "tokenizer").mkdir()
+    for report, words in (([], "is not a report"), ({"task": "causal-lm"}, "names no target"),
+                          ({"task": "causal-lm", "target": {"name": "cpu"}, "final": {"artifact": None}},
+                           "has no final decoder")):
+        (tmp_path / "report.json").write_text(json.dumps(report))
+        assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "report.json").write_text(json.dumps({"task": "causal-lm", "target": {"name": "cpu"}, **{
+        r: {"artifact": "m.onnx", "decoder": {"max_positions": 64}} for r in ("final", "teacher")}}))
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2  # an empty tokenizer folder
+    err = capsys.readouterr().err
+    assert "tokenizer cannot be read as a tokenizer" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_generate_refuses_a_continuation_longer_than_the_model_takes(lm_run, capsys):

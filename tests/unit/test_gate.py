@@ -217,3 +217,12 @@ def test_memory_and_energy_gates():
     assert (mem.gate, mem.passed, mem.measured) == ("max_memory_mb", True, 95.5) and "root@pi" in mem.detail
     assert energy.passed is False and "no power sensor" in energy.detail  # not measured fails its gate
     assert evaluate(report, {"max_memory_mb": 90})[0].passed is False
+
+
+@pytest.mark.parametrize("change, words", [({"target": {"name": "intel-cpu", "backend": "openvino"}}, "for intel-cpu"),
+                                           ({"task": "causal-lm"}, "a causal-lm run")])
+def test_a_baseline_of_another_target_or_task_fails_with_the_reason_not_a_ratio(report, change, words):
+    base = {**copy.deepcopy(report), **change}
+    result = evaluate(report, {"max_regression": 5}, baseline=base)[0]
+    assert result.passed is False and result.measured is None and words in result.detail, result.detail
+    assert "same task and target" in result.detail

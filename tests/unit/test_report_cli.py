@@ -136,7 +136,12 @@ def test_compare_side_by_side_with_deltas(tmp_path, capsys):
     assert "-0.50 pt" in text and "+10.0%" in text
     assert "main" in text and "branch" in text
     assert run_report(_parse("report", "compare", a_dir / "report.json", b_dir / "report.json")) == 0
-    assert "latency p50" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "latency p50" in out and "note:" not in out  # the same target: no caveat
+    report["target"] = {**report["target"], "name": "intel-cpu", "backend": "openvino"}
+    (b_dir / "report.json").write_text(json.dumps(report))
+    assert run_report(_parse("report", "compare", a_dir / "report.json", b_dir / "report.json")) == 0
+    assert "and branch for intel-cpu (openvino)" in capsys.readouterr().out  # said before the deltas
 
 
 def test_compare_shows_the_language_model_figures_only_for_lm_reports():
