@@ -147,12 +147,21 @@ def _bad(d: Path, kind: str) -> tuple[list[str], str]:
                           opset_version=17, input_names=["input"])
         np.savez(d / "bad.npz", x=x)
         return ["--model", "mlp.onnx", "--calib-data", "bad.npz"], "rank 2"
+    if kind == "labels":  # a label the 5-class model cannot score: every accuracy would be wrong
+        np.savez(d / "bad.npz", x=x)
+        np.savez(d / "badeval.npz", x=x, y=np.array([0, 1, 2, 3, 4, 7, 1, 2]))
+        return ["--calib-data", "bad.npz", "--eval-data", "badeval.npz"], "label 7 is outside 0..4"
+    if kind == "one-score":
+        tiny_onnx(d / "one.onnx", classes=1)
+        np.savez(d / "bad.npz", x=x)
+        return ["--model", "one.onnx", "--calib-data", "bad.npz"], "judges top-1 over class scores"
     (d / "zero.yaml").write_text(FAST + "quantize: {calibration_samples: 0}\n")
     np.savez(d / "bad.npz", x=x)
     return ["--config", "zero.yaml", "--calib-data", "bad.npz"], "calibration_samples"
 
 
-@pytest.mark.parametrize("kind", ["shape", "dtype", "nan", "empty", "rank", "model-rank", "size-zero"])
+@pytest.mark.parametrize("kind", ["shape", "dtype", "nan", "empty", "rank", "model-rank", "size-zero", "labels",
+                                  "one-score"])
 def test_bad_input_exits_2_with_one_line_and_no_report(model_dir, tmp_path, kind):
     d = tmp_path / "in"
     d.mkdir()
@@ -163,11 +172,13 @@ def test_bad_input_exits_2_with_one_line_and_no_report(model_dir, tmp_path, kind
     out = tmp_path / "out"
     r = run_edgekd("compress", "--config", str(d / given.get("--config", "fast.yaml")),
                    "--model", str(d / given.get("--model", "model.onnx")),
-                   "--calib-data", str(d / given["--calib-data"]), "--target", "cpu", "--out", str(out), "--quiet")
+                   "--calib-data", str(d / given["--calib-data"]), "--target", "cpu", "--out", str(out), "--quiet",
+                   *(["--eval-data", str(d / given["--eval-data"])] if "--eval-data" in given else []))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     named = Path(given.get("--config") if kind == "size-zero" else
-                 given["--model"] if kind == "model-rank" else given["--calib-data"]).name
+                 given["--model"] if kind in ("model-rank", "one-score") else
+                 given.get("--eval-data", given["--calib-data"])).name
     assert named in lines[0]
     assert not (out / "report.json").exists()
