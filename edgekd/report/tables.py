@@ -93,12 +93,14 @@ def figure(holder: dict | None, key: str, fmt: Callable[[Any], str], sub: str | 
     """The cell for holder[key] (or holder[key][sub]): absent is '—', null is 'not measured' + reason."""
     if not isinstance(holder, dict) or key not in holder:
         return Cell(ABSENT)
-    value = holder[key]
+    value, inner = holder[key], None
     if sub is not None and isinstance(value, dict):
         if sub not in value:
             return Cell(ABSENT)
-        value = value[sub]
-    if value is None:
+        value, inner = value[sub], value
+    if value is None:  # the reason beside the figure (holder[key]'s not_measured[sub]), else holder's for key
+        if inner is not None and isinstance(inner.get("not_measured"), dict) and inner["not_measured"].get(sub):
+            return Cell(NOT_MEASURED, not_measured_reason(inner, sub))
         return Cell(NOT_MEASURED, not_measured_reason(holder, key))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return Cell(str(value))

@@ -164,6 +164,11 @@ def test_compare_shows_the_language_model_figures_only_for_lm_reports():
     assert rows["speculative acceptance"] == ["43.10%", "44.13%", "+1.03 pt"]
     assert rows["speculative sampling speedup"] == ["—", "1.06×", "—"]  # timed in the second run only
     assert rows["distill perplexity"][2] == "+5.0%" and rows["distill baseline perplexity"][2] == "+0.0%"
+    none = lm(30.0, 300.0, 1.29, 0.431, 35.75)  # nothing drafted when sampled: the reason beside that figure
+    none["speculative"]["sampled"] = {"speedup": 1.0, "acceptance_rate": None,
+                                      "not_measured": {"acceptance_rate": "nothing was drafted"}}
+    rows = {r[0].text: r[1:] for r in comparison_table(none, sampled).rows}
+    assert rows["speculative sampling acceptance"][0].note == "nothing was drafted"
     image = {r[0].text for r in comparison_table(json.loads(FIXTURE.read_text()), json.loads(FIXTURE.read_text())).rows}
     assert not image & {"test perplexity", "decode", "speculative speedup", "distill perplexity"}
 
