@@ -85,7 +85,38 @@ def _blocks(path: Path | None) -> np.ndarray:
     if x.ndim != 2 or not x.size or not np.issubdtype(x.dtype, np.integer):
         raise BadInputError(f"bench: --eval-data {path}: x must be (blocks, tokens) token ids for a KV-cache decoder, "
                             f"got {x.dtype} {x.shape}")
+    if x.shape[1] < 2:
+        raise BadInputError(f"bench: --eval-data {path}: blocks of {x.shape[1]} token score nothing; a perplexity "
+                            "needs blocks of at least 2 tokens")
     return x.astype(np.int64)
+
+
+def _check_blocks(blocks: np.ndarray, path: str, model: Path, limit: int | None) -> None:
+    """Token ids the decoder can read (0 to its vocabulary), in blocks no longer than the positions it takes:
+    anything else would be scored as some other text, or fail inside the runtime."""
+    vocab = _vocabulary(model)
+    low, high = int(blocks.min()), int(blocks.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise BadInputError(f"bench: --eval-data {path}: token id {low if low < 0 else high} is outside 0.."
+                            f"{(vocab - 1) if vocab else 'the vocabulary'} ({model.name}'s vocabulary)")
+    if limit and blocks.shape[1] > limit:
+        raise BadInputError(f"bench: --eval-data {path}: blocks of {blocks.shape[1]} tokens; {model.name} takes at "
+                            f"most {limit} positions")
+
+
+def _vocabulary(model: Path) -> int | None:
+    """The vocabulary of an ONNX decoder (its logits' last dimension), or None where the graph does not say."""
+    if model.suffix.lower() != ".onnx":
+        return None
+    try:
+        import onnx
+
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - decoder_dims read it already
+        return None
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    dims = [d.dim_value for d in logits.type.tensor_type.shape.dim] if logits is not None else []
+    return dims[-1] if dims and dims[-1] > 0 else None
 
 
 def lm_bench(args: argparse.Namespace, profile: Profile, model: Path, files: list[Path],
@@ -99,6 +130,7 @@ def lm_bench(args: argparse.Namespace, profile: Profile, model: Path, files: lis
     if tokens > blocks.shape[1]:
         raise BadInputError(f"bench: --prompt-tokens {tokens} is more than the blocks' {blocks.shape[1]} tokens")
     limit = decoder_positions(model)
+    _check_blocks(blocks, args.eval_data, model, limit)
     if limit and tokens + new > limit:
         raise BadInputError(f"bench: --prompt-tokens {tokens} and --new-tokens {new} need {tokens + new} positions; "
                             f"{model.name} takes at most {limit}")

@@ -140,6 +140,8 @@ def _take(x: np.ndarray | Images, idx: np.ndarray) -> np.ndarray | Images:
 
 
 def _enough_per_class(y: np.ndarray, classes: list[str], need: int) -> None:
+    if len(classes) < 2:
+        raise DataError(f"data: one class ({', '.join(classes)}); a classifier needs images of at least 2 classes")
     counts = np.bincount(y, minlength=len(classes))
     if (counts < need).any():
         thin = [classes[i] for i in np.flatnonzero(counts < need)]

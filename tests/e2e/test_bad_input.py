@@ -73,6 +73,13 @@ def _setup(case: str, d: Path) -> list[str]:
             for i in range(3):
                 (d / "imgs" / c / f"{i}.jpg").write_bytes(b"not a jpeg")
         return config(f"data: {{dataset: imagefolder, root: {d / 'imgs'}}}\n")
+    if case == "one class":
+        from PIL import Image
+
+        (d / "one" / "cat").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (i * 40, 10, 10)).save(d / "one" / "cat" / f"{i}.png")
+        return config(f"data: {{dataset: imagefolder, root: {d / 'one'}}}\n")
     if case == "missing checkpoint":
         return config(f"teacher: {{checkpoint: {d / 'absent.pt'}}}\n")
     if case == "checkpoint is not one":
@@ -141,7 +148,7 @@ CASES = [
     ("unknown key", "distill.epochz: unknown key"), ("out of range", "distill.temperature"),
     ("wrong type", "distill.epochs"), ("stage order", "order"), ("unknown target", "unknown target 'toaster'"),
     ("bad profile file", "backend"), ("missing data root", "absent"), ("empty data root", "no class folders"),
-    ("unreadable images", "none of the 6 images"), ("missing checkpoint", "absent.pt does not exist"),
+    ("unreadable images", "none of the 6 images"), ("one class", "one class (cat); a classifier needs"), ("missing checkpoint", "absent.pt does not exist"),
     ("checkpoint is not one", "junk.pt: not a loadable"), ("malicious checkpoint", "evil.pt"),
     ("checkpoint of another model", "does not fit"), ("unknown torchvision model", "resnet9000"),
     ("pickled module without trust", "--trust-checkpoint"), ("calibration size 0", "calibration_samples"),

@@ -667,6 +667,18 @@ def test_bench_times_a_runs_decoder_and_scores_its_blocks_as_the_report_did(lm_r
         assert main(["bench", str(final), "--target", "cpu", *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
+    import numpy as np
+
+    vocab = report["data"]["vocab_size"]
+    for name, x, needle in (("neg", np.full((2, 8), -1), "token id -1 is outside 0.."),
+                            ("oov", np.full((2, 8), vocab + 10), f"token id {vocab + 10} is outside"),
+                            ("long", np.ones((2, limit + 4), np.int64), f"takes at most {limit} positions"),
+                            ("short", np.ones((2, 1), np.int64), "at least 2 tokens")):
+        np.savez(tmp_path / f"{name}.npz", x=x)
+        assert main(["bench", str(final), "--target", "cpu", "--eval-data", str(tmp_path / f"{name}.npz"),
+                     "--prompt-tokens", "1", "--new-tokens", "2"]) == 2, name
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_lm_gates_from_the_command_line(lm_run, capsys):
