@@ -17,7 +17,7 @@ from .backends.base import Runner
 from .bench.measure import accuracy_of, predict
 from .config.profiles import Profile
 from .context import RunContext
-from .errors import ModelError, StageError
+from .errors import BadInputError, ModelError, StageError
 from .runs import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -140,3 +140,29 @@ def host_predict(path: Path, x: np.ndarray, threads: int | None, profile: Profil
         return predict(runner, x)
     finally:
         runner.close()
+
+
+def check_class_scores(model: Path, sample, eval_y, model_name: str, eval_name: str) -> None:
+    """The ONNX entry judges top-1 over the first output's class scores: it must be (batch, classes) with at
+    least 2 classes, and every eval label one of them (else every accuracy would be a wrong figure)."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        first = np.asarray(sess.run(None, {sess.get_inputs()[0].name: sample.astype(np.float32)})[0])
+    except Exception:  # noqa: BLE001 - the stages that run it say what is wrong, in their words
+        return
+    name = sess.get_outputs()[0].name
+    if first.ndim != 2 or first.shape[1] < 2 or not np.issubdtype(first.dtype, np.floating):
+        raise BadInputError(f"{model_name}: its first output {name!r} is {first.dtype} of shape "
+                            f"{tuple(first.shape)}; edgekd judges top-1 over class scores, (batch, classes) with "
+                            "at least 2 classes")
+    if eval_y is not None:
+        y = np.asarray(eval_y)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise BadInputError(f"{eval_name}: 'y' must be one integer class index per input, got "
+                                f"{y.dtype} of shape {y.shape}")
+        bad = y[(y < 0) | (y >= first.shape[1])]
+        if len(bad):
+            raise BadInputError(f"{eval_name}: label {int(bad[0])} is outside 0..{first.shape[1] - 1} "
+                                f"(the model's first output has {first.shape[1]} classes)")

@@ -27,7 +27,7 @@ from .deploy import (
     time_all,
 )
 from .errors import BadInputError, StageError
-from .export import check_onnx_file, export_onnx, host_predict, parity, torch_logits
+from .export import check_class_scores, check_onnx_file, export_onnx, host_predict, parity, torch_logits
 from .models import count_macs, count_params, student_from
 from .progress import NullProgress, Progress
 from .quantize.calibration import stratified_sample
@@ -213,31 +213,6 @@ class Pipeline:
                          "measured on its own input in its stage entry, not beside the candidates")
         return eval_x, calib_x, tuple(ctx.splits.input_shape)
 
-    def _check_scores(self, model: Path, sample, eval_y) -> None:
-        """The ONNX entry judges top-1 over the first output's class scores: it must be (batch, classes) with at
-        least 2 classes, and every eval label one of them (else every accuracy would be a wrong figure)."""
-        import onnxruntime as ort
-
-        try:
-            sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-            first = np.asarray(sess.run(None, {sess.get_inputs()[0].name: sample.astype(np.float32)})[0])
-        except Exception:  # noqa: BLE001 - the stages that run it say what is wrong, in their words
-            return
-        name = sess.get_outputs()[0].name
-        if first.ndim != 2 or first.shape[1] < 2 or not np.issubdtype(first.dtype, np.floating):
-            raise BadInputError(f"--model {self.model_onnx}: its first output {name!r} is {first.dtype} of shape "
-                                f"{tuple(first.shape)}; edgekd judges top-1 over class scores, (batch, classes) with "
-                                "at least 2 classes")
-        if eval_y is not None:
-            y = np.asarray(eval_y)
-            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-                raise BadInputError(f"eval data {self.eval_data}: 'y' must be one integer class index per input, got "
-                                    f"{y.dtype} of shape {y.shape}")
-            bad = y[(y < 0) | (y >= first.shape[1])]
-            if len(bad):
-                raise BadInputError(f"eval data {self.eval_data}: label {int(bad[0])} is outside 0..{first.shape[1] - 1} "
-                                    f"(the model's first output has {first.shape[1]} classes)")
-
     def _onnx_entry(self, ctx: RunContext) -> tuple[dict, Candidate]:
         run = ctx.run_dir
         _, dims = check_onnx_file(self.model_onnx)  # type: ignore[arg-type]
@@ -260,7 +235,8 @@ class Pipeline:
         with ctx.progress.task("reading the ONNX model", None):
             onnx_input = normalise_onnx(self.model_onnx, run / "model.fp32.onnx", calib_x[:8],  # type: ignore[arg-type]
                                         ctx.profile.opset)
-        self._check_scores(run / "model.fp32.onnx", calib_x[:1], eval_y)
+        check_class_scores(run / "model.fp32.onnx", calib_x[:1], eval_y, f"--model {self.model_onnx}",
+                           f"eval data {self.eval_data}")
         # Validation chooses, test reports: a seeded share of the calibration inputs decides the fallback
         # and the precision choice; without eval data another share, never used to choose, is reported.
         cal_ids, sel_ids, rep_ids = split_inputs(len(calib_x), self.config.seed, hold_report=eval_x is None)
