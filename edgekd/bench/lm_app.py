@@ -33,9 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 if __package__:  # imported as edgekd.bench.lm_app
-    from .lm_prompts import conversation, read_messages, read_prompts, summary, summary_line
+    from .lm_prompts import conversation, read_messages, read_prompts, read_text, summary, summary_line
 else:  # generate.py on a board, lm_prompts.py beside it
-    from lm_prompts import conversation, read_messages, read_prompts, summary, summary_line  # type: ignore[no-redef]
+    from lm_prompts import conversation, read_messages, read_prompts, read_text, summary, summary_line  # type: ignore[no-redef]
 
 EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 3
 
@@ -297,15 +297,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _prompt(args) -> str:
-    if args.prompt is not None:
-        return args.prompt
-    if args.prompt_file == "-":
-        return sys.stdin.read()
-    try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise AppError(f"--prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+    return args.prompt if args.prompt is not None else read_text(args.prompt_file, "--prompt-file")
 
 
 def _sampling(args):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-__all__ = ["ROLES", "conversation", "read_messages", "read_prompts", "summary", "summary_line"]
+__all__ = ["ROLES", "conversation", "read_messages", "read_prompts", "read_text", "summary", "summary_line"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -40,7 +40,8 @@ def _messages(data, where: str, system: str | None) -> list:
     return conversation(messages, system)
 
 
-def _read(path: str, flag: str) -> str:
+def read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of the file `flag` names ('-': standard input); what is wrong raises ValueError."""
     if path == "-":
         return sys.stdin.read()
     try:
@@ -58,7 +59,7 @@ def read_messages(path: str, system: str | None = None) -> list:
     the model to answer; with `system` it may not hold a system message of its own. What is wrong raises
     ValueError with the line to show."""
     where = f"--messages {path}"
-    text = _read(path, "--messages")
+    text = read_text(path, "--messages")
     try:
         data = json.loads(text)
     except ValueError as e:
@@ -70,7 +71,7 @@ def read_prompts(path: str, chat: bool = False, system: str | None = None) -> li
     """--prompts FILE ('-': standard input) as [{"line", "id", "prompt"}]: "prompt" is the text to continue,
     or a list of messages for the chat template (a "messages" record; a text too with `chat`, as a user's
     message), after `system` where given. What is wrong raises ValueError naming the file and line."""
-    text = _read(path, "--prompts")
+    text = read_text(path, "--prompts")
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

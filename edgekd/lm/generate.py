@@ -66,12 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def read_prompt(path: str) -> str:
     """--prompt-file's text ('-': standard input); a missing or unreadable file is bad input."""
-    if path == "-":
-        return sys.stdin.read()
+    from ..bench.lm_prompts import read_text
+
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(f"generate: --prompt-file {path}: {getattr(e, 'strerror', None) or e}") from None
+        return read_text(path, "--prompt-file")
+    except ValueError as e:
+        raise BadInputError(f"generate: {e}") from None
 
 
 def _settings(max_new_tokens: int, draft_tokens, min_confidence, chat: bool, system, stop, temperature, top_k,
