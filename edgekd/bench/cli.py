@@ -163,5 +163,5 @@ def describe(result: dict, profile: Profile) -> str:
     lines.append(f"  cold start {_fmt(result.get('cold_start_ms'), 1)} ms · peak RSS "
                  f"{_fmt(result.get('peak_rss_mb'), 1)} MiB · size {result.get('artifact_bytes')} bytes · accuracy "
                  + (f"{acc:.2f}% on {result.get('eval_samples')} samples" if acc is not None
-                    else result.get("accuracy_not_measured", "n/a")))
+                    else f"not measured ({result.get('accuracy_not_measured', 'unknown reason')})"))
     return "\n".join(lines)

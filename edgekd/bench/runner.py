@@ -302,6 +302,13 @@ def import_runtime(backend: str) -> Any:
     return module
 
 
+def one_input(names: list, path: str) -> None:
+    """The runner feeds one input tensor (images); a model that takes more is bad input, named with its inputs."""
+    if len(names) != 1:
+        raise RunnerError(f"{path} takes {len(names)} inputs ({', '.join(names)}); edgekd bench feeds a model one "
+                          "input tensor", EXIT_BAD_INPUT)
+
+
 def load_onnxruntime(path: str, threads: int, providers: list, precise_int8: bool = False) -> Session:
     """An ONNX Runtime session with `threads` intra-op threads and the providers this build has;
     `precise_int8`: x86 int8 products summed without 16-bit saturation (session.x64quantprecision)."""
@@ -324,6 +331,7 @@ def load_onnxruntime(path: str, threads: int, providers: list, precise_int8: boo
         sess = ort.InferenceSession(path, so, providers=with_options)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RunnerError(f"onnxruntime cannot load {path}: {_first_line(e)}", EXIT_BAD_INPUT) from None
+    one_input([i.name for i in sess.get_inputs()], path)
     inp = sess.get_inputs()[0]
     name = inp.name
     shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
@@ -354,6 +362,7 @@ def load_openvino(path: str, threads: int, device: str) -> Session:
         compiled = core.compile_model(model, device, config)
     except Exception as e:  # noqa: BLE001
         raise RunnerError(f"openvino cannot compile {path} for {device}: {_first_line(e)}") from None
+    one_input([p.get_any_name() for p in model.inputs], path)
     request = compiled.create_infer_request()
     port = model.input(0)
     shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
@@ -389,14 +398,49 @@ def load_eval(path: str) -> tuple:
     try:
         with np.load(path, allow_pickle=False) as z:
             x = np.asarray(z["x"])
-            y = np.asarray(z["y"]).astype(np.int64).ravel() if "y" in z.files else None
+            y = np.asarray(z["y"]) if "y" in z.files else None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise RunnerError(f"eval data {path}: {_first_line(e)}", EXIT_BAD_INPUT) from None
     if x.ndim < 2 or len(x) == 0:
         raise RunnerError(f"eval data {path}: x must hold at least one sample, got shape {x.shape}", EXIT_BAD_INPUT)
-    if y is not None and len(y) != len(x):
-        raise RunnerError(f"eval data {path}: {len(x)} samples in x but {len(y)} labels in y", EXIT_BAD_INPUT)
+    if y is not None:
+        y, why = labels(y, len(x))
+        if why:
+            raise RunnerError(f"eval data {path}: {why}", EXIT_BAD_INPUT)
     return x, y
+
+
+def labels(y: np.ndarray, n: int) -> tuple:
+    """(y as one int64 class index per sample, None), or (None, why not) naming its shape or values. Bundles
+    for other runtimes import it from here, so it raises nothing of its own."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        hint = "; one-hot labels: save y.argmax(1)" if y.ndim == 2 and len(y) == n else ""
+        return None, f"y has shape {y.shape}; expected one class index per sample of x, ({n},){hint}"
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and
+                                                   np.array_equal(y, np.round(y)))):
+        return None, f"y has dtype {y.dtype} with values that are not class indices"
+    y = y.astype(np.int64)
+    if n and y.min() < 0:
+        return None, f"y holds a negative class index ({int(y.min())})"
+    return y, None
+
+
+def class_scores(out: np.ndarray) -> tuple:
+    """(out as (batch, classes), None), or (None, why not): a (batch, classes, 1, 1) conv head counts."""
+    if out.ndim > 2 and all(d == 1 for d in out.shape[2:]):
+        out = out.reshape(out.shape[:2])
+    if out.ndim != 2 or out.shape[1] < 2:
+        return None, f"the model's first output has shape {list(out.shape)}, not class scores (batch, classes)"
+    return out, None
+
+
+def check_classes(y: np.ndarray | None, classes: int) -> str | None:
+    """Why labels `y` cannot be scored against `classes` outputs, or None."""
+    if y is not None and len(y) and y.max() >= classes:
+        return f"y holds class {int(y.max())} but the model scores {classes} classes (0..{classes - 1})"
+    return None
 
 
 def input_shape(model_shape: list, batch: int, sample_shape: tuple | None) -> list:
@@ -418,8 +462,9 @@ def input_shape(model_shape: list, batch: int, sample_shape: tuple | None) -> li
     return shape
 
 
-def predict(session: Session, x: np.ndarray, batch: int, static_batch: bool) -> np.ndarray:
-    """Argmax class per sample, in chunks of `batch` (the last one padded when the batch is fixed)."""
+def predict(session: Session, x: np.ndarray, batch: int, static_batch: bool) -> tuple:
+    """(argmax class per sample, classes), in chunks of `batch` (the last one padded when the batch is fixed);
+    (None, why) where the first output is not class scores."""
     preds = []
     for start in range(0, len(x), batch):
         chunk = np.ascontiguousarray(x[start:start + batch], dtype=session.dtype)
@@ -430,8 +475,12 @@ def predict(session: Session, x: np.ndarray, batch: int, static_batch: bool) -> 
             out = session.first_output(chunk)
         except Exception as e:  # noqa: BLE001
             raise RunnerError(f"inference failed on eval samples {start}..{start + n - 1}: {_first_line(e)}") from None
-        preds.append(out[:n].reshape(n, -1).argmax(axis=1))
-    return np.concatenate(preds).astype(np.int64)
+        out, why = class_scores(np.asarray(out))
+        if why:
+            return None, why
+        classes = out.shape[1]
+        preds.append(out[:n].argmax(axis=1))
+    return np.concatenate(preds).astype(np.int64), classes
 
 
 # ---------------------------------------------------------------- the command
@@ -565,7 +614,14 @@ def _evaluate(session: Session, eval_data: str | None, batch: int) -> dict:
         return {"accuracy": None, "accuracy_not_measured": "no eval data given", "eval_samples": 0}
     x, y = load_eval(eval_data)
     static = session.shape[0] is not None
-    preds = predict(session, x, batch if static else max(batch, 32), static)
+    preds, classes = predict(session, x, batch if static else max(batch, 32), static)
+    if preds is None:
+        if y is not None:
+            raise RunnerError(f"eval data {eval_data} has labels (y) but {classes}", EXIT_BAD_INPUT)
+        return {"accuracy": None, "accuracy_not_measured": classes, "eval_samples": int(len(x))}
+    why = check_classes(y, classes)
+    if why:
+        raise RunnerError(f"eval data {eval_data}: {why}", EXIT_BAD_INPUT)
     out: dict = {"eval_samples": int(len(x)), "predictions": [int(p) for p in preds],
                  "predictions_sha256": hashlib.sha256(preds.astype("<i8").tobytes()).hexdigest()}
     if y is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config.profiles import Profile
 from ..errors import ModelError, StageError
 
-RUNTIME_FILES = ("trt_runner.py", "trt_device.py", "energy.py")
+RUNTIME_FILES = ("trt_runner.py", "trt_device.py", "energy.py", "runner.py")
 EXIT_BAD_INPUT = 2
 
 
@@ -32,7 +32,7 @@ def board_files(model: Path, files: list[Path]) -> list[Path]:
     beside = Path(model).parent / "bundle.json"
     if beside.is_file() and all(f.name != "bundle.json" for f in out):
         out.append(beside)
-    return out + [bundle_dir() / n for n in RUNTIME_FILES[:2]] + [Path(__file__).with_name("energy.py")]
+    return out + [bundle_dir() / n for n in RUNTIME_FILES[:2]] + [Path(__file__).with_name(n) for n in RUNTIME_FILES[2:]]
 
 
 def commands(python: str, model_name: str, profile: Profile, *, eval_data: str | None, warmup: int | None,

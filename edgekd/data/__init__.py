@@ -220,7 +220,9 @@ def load_npz(path: str | Path, what: str, need_labels: bool = False) -> tuple[np
         raise
     except Exception as e:  # noqa: BLE001 - numpy raises many kinds for a corrupt file
         raise DataError(f"{what} {p}: not a readable .npz file ({type(e).__name__})") from None
-    if x.size == 0 or len(x) == 0:
+    if x.ndim < 2:
+        raise DataError(f"{what} {p}: array 'x' has shape {x.shape}; expected (samples, channels, height, width)")
+    if x.size == 0:
         raise DataError(f"{what} {p}: array 'x' is empty")
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{what} {p}: array 'x' has dtype {x.dtype}; expected float32")
@@ -231,12 +233,24 @@ def load_npz(path: str | Path, what: str, need_labels: bool = False) -> tuple[np
     if need_labels and y is None:
         raise DataError(f"{what} {p}: no array named 'y' (labels)")
     if y is not None:
-        if len(y) != len(x):
-            raise DataError(f"{what} {p}: 'y' has {len(y)} labels for {len(x)} inputs")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{what} {p}: array 'y' has dtype {y.dtype}; expected integer labels")
-        y = y.astype(np.int64)
+        y = _labels(y, len(x), f"{what} {p}")
     return x, y
+
+
+def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    """`y` as one integer class index per sample, or one clear line on what it holds instead."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        hint = "; one-hot labels: save y.argmax(1)" if y.ndim == 2 else ""
+        raise DataError(f"{where}: array 'y' has shape {y.shape}; expected one class index per sample, ({n},){hint}")
+    if len(y) != n:
+        raise DataError(f"{where}: 'y' has {len(y)} labels for {n} inputs")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: array 'y' has dtype {y.dtype}; expected integer labels")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{where}: array 'y' holds a negative label ({int(y.min())})")
+    return y.astype(np.int64)
 
 
 def transfer_set(splits: Splits) -> ArrayDataset:

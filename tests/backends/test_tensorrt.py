@@ -22,7 +22,8 @@ from .conformance import BackendConformance, run_python
 from .conftest import SIZE, TinyCNN, export, ort_logits
 
 TRT_IMPORTS, _ = tensorrt_status()
-BUNDLE = {"model.onnx", "build_engine.sh", "bundle.json", "trt_runner.py", "trt_device.py", "README.md", "energy.py"}
+BUNDLE = {"model.onnx", "build_engine.sh", "bundle.json", "trt_runner.py", "trt_device.py", "README.md", "energy.py",
+          "runner.py"}
 
 
 class TestTensorRt(BackendConformance):

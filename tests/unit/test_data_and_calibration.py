@@ -55,9 +55,19 @@ def test_streaming_reader_yields_all_rows_in_bounded_batches(tmp_path):
     ({"x": np.zeros((0, 3, 4, 4), np.float32)}, "empty"),
     ({"x": np.full((2, 3, 4, 4), np.nan, np.float32)}, "NaN/Inf"),
     ({"x": np.zeros((2, 3, 4, 4), np.int32)}, "dtype int32"),
+    ({"x": np.float32(1.0)}, r"shape \(\); expected \(samples"),
+    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.eye(3)[[0, 2]]}, r"shape \(2, 3\).*y.argmax\(1\)"),
+    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.int64(1)}, r"'y' has shape \(\)"),
+    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.array([0, -1])}, "negative label"),
 ])
 def test_npz_validation(tmp_path, arrays, message):
     p = tmp_path / "d.npz"
     np.savez(p, **arrays)
     with pytest.raises(DataError, match=message):
         load_npz(p, "calibration data")
+
+
+def test_npz_labels_of_one_column_count_as_one_index_each(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 1, 2, 2), np.float32), y=np.array([[2], [0], [1]], np.int32))
+    _, y = load_npz(tmp_path / "d.npz", "eval data", need_labels=True)
+    assert y.dtype == np.int64 and y.tolist() == [2, 0, 1]

@@ -136,6 +136,51 @@ def test_imports_only_numpy_the_stdlib_and_the_runtimes():
         assert outside <= {"numpy", "onnxruntime", "openvino", "energy"}, (path.name, outside)
 
 
+def per_pixel_model(path: Path, inputs: int = 1) -> Path:
+    """A 1x1 conv over 3x8x8 inputs: scores per pixel (segmentation-shaped); `inputs` 2 adds a second input."""
+    names = ["x", "z"][:inputs]
+    nodes = [helper.make_node("Sum", names, ["s"]), helper.make_node("Conv", ["s", "w"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "seg", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 8, 8]) for n in names],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+LABELS = {"one-hot": lambda y: np.eye(5)[y], "fractional": lambda y: y + 0.5, "negative": lambda y: np.where(np.arange(len(y)) == 3, -1, y),
+          "beyond-the-classes": lambda y: y + 5, "scalar": lambda y: y[0]}
+
+
+@pytest.mark.parametrize("case", LABELS)
+def test_labels_that_are_not_class_indices_of_the_model_exit_2_naming_them(files, tmp_path, case):
+    _, model, data, _ = files
+    with np.load(data) as z:
+        np.savez(tmp_path / "e.npz", x=z["x"], y=LABELS[case](z["y"]))
+    r = run_runner("--model", str(model), "--iterations", "2", "--eval-data", str(tmp_path / "e.npz"))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "y " in r.stderr and ("argmax" in r.stderr) == (case == "one-hot"), r.stderr
+    if case == "beyond-the-classes":
+        assert "scores 5 classes" in r.stderr
+
+
+def test_accuracy_needs_class_scores_and_a_model_of_one_input(files, tmp_path):
+    _, _, data, _ = files
+    seg = per_pixel_model(tmp_path / "seg.onnx")
+    r = run_runner("--model", str(seg), "--iterations", "2", "--eval-data", str(data))
+    assert r.returncode == 2 and "not class scores" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with np.load(data) as z:
+        np.savez(tmp_path / "x.npz", x=z["x"])
+    r = run_runner("--model", str(seg), "--iterations", "2", "--eval-data", str(tmp_path / "x.npz"))
+    result = json.loads(r.stdout)
+    assert r.returncode == 0 and result["accuracy"] is None and "predictions" not in result
+    assert ", 4, 8, 8], not class scores" in result["accuracy_not_measured"]
+    r = run_runner("--model", str(per_pixel_model(tmp_path / "two.onnx", inputs=2)), "--iterations", "2")
+    assert r.returncode == 2 and "takes 2 inputs (x, z)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("case", ["corrupt", "missing", "eval-shape", "eval-file"])
 def test_bad_artifact_or_data_exits_2_with_one_line(files, tmp_path, case):
     _, model, _, _ = files

@@ -34,6 +34,10 @@ try:  # imported as edgekd.backends.tensorrt_bundle.trt_runner
     from .trt_device import DeviceError, cuda_memory
 except ImportError:  # run as a script in the bundle
     from trt_device import DeviceError, cuda_memory
+try:  # the eval data checks of edgekd's bench runner (a copy beside this file in the bundle)
+    from ...bench.runner import check_classes, class_scores, labels
+except ImportError:
+    from runner import check_classes, class_scores, labels  # type: ignore[no-redef]
 try:  # the board's power sensor, when the bundle carries energy.py (edgekd's, beside this file)
     from ...bench.energy import find_meter, measure
 except ImportError:
@@ -397,17 +401,32 @@ def _evaluate(eng: TrtEngine, eval_data: str | None) -> dict:
     try:
         with np.load(eval_data, allow_pickle=False) as z:
             x = np.asarray(z["x"], dtype=np.float32)
-            y = np.asarray(z["y"]).astype(np.int64).ravel() if "y" in z.files else None
+            y = np.asarray(z["y"]) if "y" in z.files else None
     except (OSError, KeyError, ValueError) as e:
         raise RunnerError(f"eval data {eval_data}: {_first_line(e)}", EXIT_BAD_INPUT) from None
     if x.ndim != len(eng.input_shape) or tuple(x.shape[1:]) != tuple(eng.input_shape[1:]):
         raise RunnerError(f"eval data {eval_data}: x has shape {x.shape}; the engine takes {eng.input_shape}",
                           EXIT_BAD_INPUT)
-    preds = np.concatenate([eng.infer(x[i:i + 64]).argmax(1) for i in range(0, len(x), 64)]).astype(np.int64)
+    if y is not None:
+        y, why = labels(y, len(x))
+        if why:
+            raise RunnerError(f"eval data {eval_data}: {why}", EXIT_BAD_INPUT)
+    scores = []
+    for i in range(0, len(x), 64):
+        chunk, why = class_scores(np.asarray(eng.infer(x[i:i + 64])))
+        if why:
+            if y is not None:
+                raise RunnerError(f"eval data {eval_data} has labels (y) but {why}", EXIT_BAD_INPUT)
+            return {"accuracy": None, "accuracy_not_measured": why, "eval_samples": int(len(x))}
+        scores.append(chunk)
+    why = check_classes(y, scores[0].shape[1])
+    if why:
+        raise RunnerError(f"eval data {eval_data}: {why}", EXIT_BAD_INPUT)
+    preds = np.concatenate([s.argmax(1) for s in scores]).astype(np.int64)
     out: dict = {"eval_samples": int(len(x)), "predictions": [int(p) for p in preds],
                  "predictions_sha256": hashlib.sha256(preds.astype("<i8").tobytes()).hexdigest()}
-    if y is None or len(y) != len(x):
-        out.update(accuracy=None, accuracy_not_measured="eval data has no labels (y) for every sample")
+    if y is None:
+        out.update(accuracy=None, accuracy_not_measured="eval data has no labels (y)")
     else:
         out["accuracy"] = float(100.0 * np.mean(preds == y))
     return out
