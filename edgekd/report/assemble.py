@@ -215,6 +215,8 @@ def fill_final(ctx: RunContext, report: dict, name: str, c, teacher_c, counts: d
     final["latency_ci_ms"] = _lat_ci(c.latency)
     final["latency_samples_ms"] = c.latency.get("samples_ms") if c.latency else None
     final["measured_on"] = "host" if c.latency else None
+    version = ctx.versions.get(prof.backend)
+    final["runtime"] = {"name": prof.backend, **({"version": version} if version else {"where": "on the board"})}
     if not prof.measures_here and c.latency:
         final["measured_on_note"] = (f"measured on this host ({ctx.environment()['cpu']}), not on a {prof.name}: "
                                      "not the board's latency")
@@ -339,6 +341,8 @@ def apply_boards(report: dict, results: dict, teacher_results: dict) -> None:
     lat = first["latency_ms"] or {}
     final["latency_ms"] = {k: lat[k] for k in LAT_KEYS if k in lat}
     final["measured_on"] = first["host"]
+    backend = final.get("backend") or (report.get("target") or {}).get("backend")
+    final["runtime"] = {"name": backend, "version": (first.get("versions") or {}).get(backend), "where": first["host"]}
     final.pop("measured_on_note", None)
     if first.get("board_mismatch"):  # a board unlike its profile: its figures say so wherever they appear
         final["measured_on_note"] = f"{first['host']}: {first['board_mismatch']}"

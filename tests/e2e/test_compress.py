@@ -21,15 +21,16 @@ def test_run_directory_holds_the_contract(tiny_run):
 
 
 def test_report_figures_are_measured_with_the_runtime(tiny_run):
+    import onnxruntime as ort
+
     out, _ = tiny_run
     rep = json.loads((out / "report.json").read_text())
     assert rep["schema_version"] == 1 and rep["target"]["name"] == "cpu"
     f = rep["final"]
     assert (out / f["artifact"]).exists()
     assert f["precision"] in ("int8", "fp32")
+    assert f["runtime"] == {"name": "onnxruntime", "version": ort.__version__}
     # The final accuracy is recomputed here from eval.npz with onnxruntime on the artifact.
-    import onnxruntime as ort
-
     with np.load(out / "eval.npz") as z:
         x, y = z["x"], z["y"]
     s = ort.InferenceSession(str(out / f["artifact"]), providers=["CPUExecutionProvider"])

@@ -48,6 +48,8 @@ def test_compress_with_host_reports_the_boards_figures(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         rep = json.loads((out / "report.json").read_text())
         assert rep["final"]["measured_on"] == "board"
+        assert rep["final"]["runtime"] == {"name": "onnxruntime", "version": rep["remote"][0]["versions"]["onnxruntime"],
+                                           "where": "board"}
         assert rep["final"]["latency_ms"]["p50"] > 0
         assert rep["remote"][0]["host"] == "board" and rep["remote"][0]["accuracy"] is not None
         # The board decides: every candidate was measured there, in interleaved rounds, and the choice says so.
