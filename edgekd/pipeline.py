@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backends.base import Artifact, Source
-from .config import Config
+from .config import Config, onnx_entry_unread
 from .config.profiles import load_profile
 from .context import RunContext, usable_cores
 from .data import build_splits, load_npz
@@ -68,6 +68,10 @@ class Pipeline:
         self.teacher_artifact: Artifact | None = None
         if (self.model_onnx is None) != (self.calib_data is None):
             raise BadInputError("--model and --calib-data go together (the ONNX entry needs both)")
+        unread = onnx_entry_unread(config) if self.model_onnx is not None else None
+        if unread:
+            raise BadInputError(f"--model (the ONNX entry) quantizes the given model and trains nothing: {unread} in "
+                                "the config is not read; remove it")
         if self.eval_data is not None and self.model_onnx is None:
             raise BadInputError("--eval-data goes with --model and --calib-data (the ONNX entry); a config run takes its "
                                 "test split from data:")
@@ -253,6 +257,9 @@ class Pipeline:
         else:
             write_npz(run / "eval.npz", **({"x": eval_x, "y": eval_y} if eval_y is not None else {"x": eval_x}))
             eval_source = f"eval data {self.eval_data}" + ("" if eval_y is not None else " (no labels: fidelity)")
+        q = self.config.quantize
+        if "calibration_samples" in q.model_fields_set:  # set in the config: at most that many calibrate
+            cal_ids = np.sort(np.random.default_rng(self.config.seed).permutation(cal_ids)[:q.calibration_samples])
         calib_x = calib_x[cal_ids]
         write_npz(run / "calib.npz", x=calib_x)
         report = assemble.skeleton(ctx, f"ONNX entry: {self.model_onnx}", None, teacher=dict(assemble.NO_TEACHER),

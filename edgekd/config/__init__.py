@@ -8,7 +8,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from ..errors import ConfigError
-from .base import Section
+from .base import Section, first_set
 from .data import FILES_TAGS, DataConfig, IdxFiles
 from .distill import (
     DEFAULT_SWEEP,
@@ -26,7 +26,7 @@ from .paths import resolve_paths
 __all__ = ["DEFAULT_SWEEP", "DISTILL_LOSSES", "FEATURE_LOSSES", "LOGIT_LOSSES", "STAGES", "STRATEGIES",
            "STRATEGY_MODULES", "BenchConfig", "Config", "DataConfig", "DistillConfig", "FeatureLayers", "GatesConfig",
            "IdxFiles", "PruneConfig", "QuantizeConfig", "SpeculativeConfig", "StudentConfig", "StudentSearch",
-           "TeacherConfig", "assign", "from_dict", "load_config", "to_dict"]
+           "TeacherConfig", "assign", "from_dict", "load_config", "onnx_entry_unread", "to_dict"]
 
 STAGES = ("distill", "prune", "quantize")
 
@@ -249,6 +249,13 @@ class Config(Section):
         if self.distill.strategy == "cross_modal" and "distill" not in self.stages:
             raise ValueError("distill.strategy cross_modal needs the distill stage in stages")
         return self
+
+
+def onnx_entry_unread(cfg: Config) -> str | None:
+    """The first key set in `cfg` that the ONNX entry (--model) does not read: it quantizes a given model,
+    so nothing of the data, the teacher, the student, distillation or pruning."""
+    return first_set(cfg, {name: tuple(type(getattr(cfg, name)).model_fields)
+                           for name in ("data", "teacher", "student", "distill", "prune")})
 
 
 def _union_tag(part: Any) -> bool:

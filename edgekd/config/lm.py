@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import Section
+from .base import Section, first_set
 from .distill import LM_ONLY_DISTILL_KEYS as LM_ONLY_DISTILL
 
 TASKS = ("image-classification", "causal-lm")
@@ -21,6 +21,13 @@ IMAGE_ONLY_PRUNE = ("target_speedup", "target_latency_ms", "global_pruning", "ig
 # SmolLM2's student with a quarter of its MLP channels pruned, 100 steps: validation perplexity +4.2% against
 # the unpruned student at 1e-4 and alpha 0.5, +9.4% at alpha 0.9, +13.2% at 1e-3 and 0.9; BENCHMARKS.md)
 LM_PRUNE_DEFAULTS = {"criterion": "activation", "max_perplexity_increase": 10.0, "lr": 1e-4, "kd_alpha": 0.5}
+# keys the other task reads alone: a causal LM loads its teacher from teacher.model, quantizes weights only
+# and reads text; an image run quantizes with calibration and reads no LM weight keys
+IMAGE_ONLY = {"teacher": ("checkpoint", "trust_checkpoint", "train_epochs", "lr"),
+              "quantize": ("calibration_samples", "method", "per_channel", "symmetric_activations", "percentile",
+                           "max_accuracy_drop", "recipe"),
+              "data": ("image_size", "labeled_fraction", "unlabeled_root", "augment", "decoded_cache_mb")}
+LM_ONLY = {"quantize": ("weights", "max_perplexity_increase"), "data": ("seq_len", "max_train_tokens", "max_eval_tokens")}
 LM_ONLY_GATES = ("min_decode_tokens_per_s", "max_perplexity", "max_perplexity_increase", "min_speculative_speedup")
 # one pass over the training blocks at a learning rate for a pretrained-initialised transformer, with the
 # teacher's top 64 tokens per position cached on disk; no temperature/alpha sweep (too costly for an LM)
@@ -98,6 +105,12 @@ def check_task(cfg) -> None:
                              f"{cfg.data.seq_len}: the prompts are the first tokens of test blocks")
         if cfg.distill.strategy != "kd":
             raise ValueError(f"task causal-lm: distill.strategy {cfg.distill.strategy} is for image classifiers")
+        if "distill" in cfg.stages and cfg.distill.epochs == 0 and cfg.distill.steps is None:
+            raise ValueError("distill.epochs 0 trains nothing: take distill out of stages to keep the student as "
+                             "initialised from the teacher")
+        key = first_set(cfg, IMAGE_ONLY)
+        if key:
+            raise ValueError(f"{key} is for image classifiers; task causal-lm does not read it")
         return
     if cfg.data.dataset == "text":
         raise ValueError("data.dataset text needs task: causal-lm")
@@ -116,6 +129,9 @@ def check_task(cfg) -> None:
         raise ValueError(f"prune.{set_prune[0]} is read only with task: causal-lm")
     if cfg.prune.criterion == "activation":
         raise ValueError("prune.criterion activation is read only with task: causal-lm")
+    key = first_set(cfg, LM_ONLY)
+    if key:
+        raise ValueError(f"{key} is read only with task: causal-lm")
     set_gates = [k for k in LM_ONLY_GATES if getattr(cfg.gates, k, None) is not None]
     if set_gates:
         raise ValueError(f"gates.{set_gates[0]} is read only with task: causal-lm")
@@ -132,3 +148,4 @@ def _check_lm_prune(prune) -> None:
     if prune.criterion not in ("activation", "l1", "l2", "random"):
         raise ValueError(f"prune.criterion {prune.criterion} is for image classifiers; task causal-lm takes "
                          "activation, l1, l2 or random")
+

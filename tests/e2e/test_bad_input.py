@@ -137,6 +137,11 @@ def _setup(case: str, d: Path) -> list[str]:
     if case == "eval shape mismatch":
         np.savez(d / "ev.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
         return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--eval-data", str(d / "ev.npz")]
+    if case == "training key in the ONNX entry":
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), *config("distill: {epochs: 5}\n")]
+    if case == "one-hot eval labels":
+        np.savez(d / "ev.npz", x=np.zeros((4, 3, 32, 32), np.float32), y=np.eye(5, dtype=np.int64)[[0, 1, 2, 3]])
+        return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--eval-data", str(d / "ev.npz")]
     if case == "out not writable":
         (d / "afile").write_text("x")
         return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--out", str(d / "afile" / "run")]
@@ -158,6 +163,8 @@ CASES = [
     ("calib with nan", "NaN/Inf"), ("calib wrong shape", "shape"), ("calib empty", "empty"),
     ("calib wrong dtype", "dtype int64"), ("calib not npz", "not a readable .npz"),
     ("eval shape mismatch", "ev.npz"), ("out not writable", "not writable"),
+    ("training key in the ONNX entry", "trains nothing: distill.epochs in the config is not read"),
+    ("one-hot eval labels", "y.argmax(1)"),
 ]
 
 

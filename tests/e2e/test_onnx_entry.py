@@ -52,8 +52,9 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _compress(d: Path, out: Path, *extra: str, calib: str = "calib.npz", model: str = "model.onnx"):
-    return run_edgekd("compress", "--config", str(d / "fast.yaml"), "--model", str(d / model), "--calib-data",
+def _compress(d: Path, out: Path, *extra: str, calib: str = "calib.npz", model: str = "model.onnx",
+              config: str = "fast.yaml"):
+    return run_edgekd("compress", "--config", str(d / config), "--model", str(d / model), "--calib-data",
                       str(d / calib), "--out", str(out), "--quiet", *extra)
 
 
@@ -100,10 +101,14 @@ def test_cpu_candidates_fidelity_and_contract(model_dir, tmp_path):
 
 def test_raspberry_pi_5_gets_the_arm_recipe_unmeasured(model_dir, tmp_path):
     out = tmp_path / "rpi"
-    r = _compress(model_dir, out, "--target", "raspberry-pi-5", "--eval-data", str(model_dir / "eval.npz"))
+    (model_dir / "calib8.yaml").write_text(FAST + "quantize: {calibration_samples: 8}\n")
+    r = _compress(model_dir, out, "--target", "raspberry-pi-5", "--eval-data", str(model_dir / "eval.npz"),
+                  config="calib8.yaml")
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "report.json").read_text())
     q = _quantize_stage(rep)
+    # quantize.calibration_samples, set, caps the 16 inputs left to calibrate (the other 16 select)
+    assert q["calibration"]["samples"] == 8 == rep["data"]["calibration_inputs"]
     rec = q["recipe"]
     assert (rec["name"], rec["activation_type"], rec["weight_type"], rec["per_channel"]) == \
         ("ort-arm", "int8", "int8", True)

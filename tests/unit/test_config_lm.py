@@ -37,6 +37,12 @@ def test_causal_lm_defaults():
     ({"task": "causal-lm", "speculative": {"lookup": "sometimes"}}, "speculative.lookup: Input should be a valid boolean"),
     ({"task": "causal-lm", "data": {"seq_len": 64}, "speculative": {"prompt_tokens": 65}},
      "speculative.prompt_tokens 65 is more than data.seq_len 64"),
+    ({"task": "causal-lm", "teacher": {"checkpoint": "w.pt"}}, "teacher.checkpoint is for image classifiers"),
+    ({"task": "causal-lm", "quantize": {"calibration_samples": 64}}, "quantize.calibration_samples is for image"),
+    ({"task": "causal-lm", "data": {"image_size": 64}}, "data.image_size is for image classifiers"),
+    ({"task": "causal-lm", "distill": {"epochs": 0}}, "distill.epochs 0 trains nothing"),
+    ({"quantize": {"weights": ["int4"]}}, "quantize.weights is read only with task: causal-lm"),
+    ({"data": {"seq_len": 128}}, "data.seq_len is read only with task: causal-lm"),
 ])
 def test_keys_that_do_not_fit_the_task_are_config_errors(raw, words):
     with pytest.raises(ConfigError, match=words):
