@@ -14,7 +14,7 @@ from torch import nn
 
 from ..context import RunContext
 from ..data.text import TextSplits
-from ..errors import BadInputError
+from ..errors import BadInputError, StageError
 from ..runs import cache_dir, hash_arrays, hash_obj
 from .lm_cache import TopKCache
 from .lm_sequence import sequence_kd_blocks
@@ -106,6 +106,7 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                    last_batches=last)
     metrics.update({"val_perplexity": round(res.val_perplexity, 4), "best_step": res.best_step, "step_curve": res.curve,
                     "train_seconds": res.seconds})
+    _check_progress(ctx, res, "the distilled student", metrics)
     if d.on_policy:
         metrics["on_policy"] = {"share": d.on_policy, "steps": res.on_policy_steps, "sampled_tokens": policy_tokens}
     baseline = None
@@ -117,5 +118,25 @@ def run_lm_distill(ctx: RunContext, teacher: nn.Module, teacher_key: str, studen
                         label="training the cross-entropy baseline", amp=amp)
         metrics["baseline"] = {"steps": steps, "val_perplexity": round(base.val_perplexity, 4),
                                "best_step": base.best_step, "train_seconds": base.seconds}
+        _check_progress(ctx, base, "the cross-entropy baseline", metrics["baseline"], fail=False)
     metrics["duration_s"] = round(time.perf_counter() - t0, 2)
     return student, metrics, baseline
+
+
+def _check_progress(ctx: RunContext, res, who: str, entry: dict, fail: bool = True) -> None:
+    """Training that never bettered the initial weights on validation keeps them (best_step 0): said in a
+    note and in the stage's entry; where the perplexity blew up (more than doubled, or overflowed) the
+    student diverged, a failure (exit 3) unless allow_collapse."""
+    if res.best_step > 0 or res.steps == 0:
+        return
+    first = res.curve[0]["val_perplexity"]
+    last = res.curve[-1].get("val_perplexity")
+    diverged = last is None or last > 2 * first
+    lr = ctx.config.distill.lr
+    said = (f"distill: {who} never bettered its initial validation perplexity {first:g} in {res.steps} steps "
+            f"(last {'inf' if last is None else f'{last:g}'}); it keeps its initial weights")
+    entry["kept_initial_weights"] = True
+    if diverged and fail and not ctx.config.allow_collapse:
+        raise StageError(f"{said}: training diverged; lower distill.lr (now {lr:g}); allow_collapse: true keeps "
+                         "the initial weights")
+    ctx.notes.append(said + (f": training diverged at distill.lr {lr:g}" if diverged else ""))

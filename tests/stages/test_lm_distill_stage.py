@@ -36,3 +36,28 @@ def test_sequence_kd_and_on_policy_entries(tmp_path, monkeypatch):
     _, again, _ = run_lm_distill(ctx, loaded.model, "k", student2, splits)
     assert again["sequence_kd"]["reused"] is True and again["teacher_cache"]["reused"] is True
     assert torch.equal(splits.train.ids, text_splits(ctx, loaded.tokenizer).train.ids)  # the text itself is untouched
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_student_that_diverges_stops_the_run_or_keeps_its_initial_weights_with_a_note(tmp_path, monkeypatch, allow):
+    from edgekd.config import from_dict
+    from edgekd.errors import StageError
+    from tests.e2e.test_compress_lm import lm_raw
+
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
+    teacher_dir = tiny_llama_dir(tmp_path / "teacher")
+    cfg = from_dict({**lm_raw(teacher_dir, distill={"steps": 4, "lr": 10.0}), "allow_collapse": allow})
+    ctx = RunContext(cfg, load_profile("cpu"), tmp_path / "run", threads=1)
+    loaded = load_lm(str(teacher_dir))
+    splits = text_splits(ctx, loaded.tokenizer)
+    student, _ = build_lm_student(loaded.model, cfg.student.lm_sizes(), "teacher", 0)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    if not allow:
+        with pytest.raises(StageError, match=r"never bettered its initial validation perplexity .* training diverged; "
+                                             r"lower distill.lr \(now 10\)"):
+            run_lm_distill(ctx, loaded.model, "k", student, splits)
+        return
+    student, metrics, _ = run_lm_distill(ctx, loaded.model, "k", student, splits)
+    assert metrics["best_step"] == 0 and metrics["kept_initial_weights"] is True
+    assert all(torch.equal(v, initial[k]) for k, v in student.state_dict().items())
+    assert any("keeps its initial weights: training diverged at distill.lr 10" in n for n in ctx.notes)
