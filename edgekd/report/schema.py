@@ -13,7 +13,10 @@ SCHEMA_VERSION = 1
 
 # Objects whose null figures must carry a not_measured reason beside them.
 _FIGURES = ("accuracy", "params", "macs", "size_bytes", "latency_ms", "accuracy_arm", "arm_agreement",
-            "agreement_with_fp32", "speedup_vs_teacher", "compression_vs_teacher")
+            "agreement_with_fp32", "speedup_vs_teacher", "compression_vs_teacher",
+            # task causal-lm
+            "perplexity", "next_token_agreement", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms",
+            "tpot_ms", "acceptance_rate", "tokens_per_s", "teacher_tokens_per_s", "speedup")
 
 
 # Figures computed from others: when they are missing, the missing source's reason explains them.
@@ -77,7 +80,33 @@ def validate_report(report: Any) -> list[str]:
         problems.append(f"{where}: {err.message}")
     if isinstance(report, dict):
         problems.extend(_unexplained_nulls(report))
+        if report.get("task") == "causal-lm":
+            problems.extend(_lm_ratios(report))
     return problems
+
+
+def _ratio_problem(where: str, ratio: Any, a: Any, b: Any, of: str) -> str | None:
+    """Where `ratio` is not a / b (to the report's 3 decimals, or 1%), the problem; else None."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (ratio, a, b)) or not b:
+        return None
+    if abs(ratio - a / b) > max(0.0011, 0.01 * abs(a / b)):
+        return f"{where}: {ratio} is not {of} ({a} / {b} = {a / b:.3f})"
+    return None
+
+
+def _lm_ratios(report: dict) -> list[str]:
+    """A causal-LM report's ratios agree with the figures they come from; identical prompts <= prompts."""
+    final, teacher = report.get("final") or {}, report.get("teacher") or {}
+    spec = report.get("speculative") if isinstance(report.get("speculative"), dict) else {}
+    found = [_ratio_problem("report.final.speedup_vs_teacher", final.get("speedup_vs_teacher"),
+                            final.get("decode_tokens_per_s"), teacher.get("decode_tokens_per_s"),
+                            "the final's decode tokens/s over the teacher's"),
+             _ratio_problem("report.speculative.speedup", spec.get("speedup"), spec.get("tokens_per_s"),
+                            spec.get("teacher_tokens_per_s"), "tokens/s with the draft over the teacher's alone")]
+    prompts, identical = spec.get("prompts"), spec.get("identical")
+    if isinstance(prompts, int) and isinstance(identical, int) and identical > prompts:
+        found.append(f"report.speculative.identical: {identical} of {prompts} prompts")
+    return [f for f in found if f]
 
 
 def _json_path(parts: Any) -> str:
@@ -103,6 +132,8 @@ def _holders(report: dict) -> list[tuple[str, dict]]:
     for i, entry in enumerate(report.get("remote") or []):
         if isinstance(entry, dict):
             out.append((f"report.remote[{i}]", entry))
+    if isinstance(report.get("speculative"), dict):
+        out.append(("report.speculative", report["speculative"]))
     return out
 
 

@@ -114,3 +114,33 @@ def test_invalid_report_lists_problems(tmp_path, report):
     with pytest.raises(BadInputError, match="'artifact' is a required property"):
         load_report(_write(tmp_path, report))
     assert load_report(tmp_path / "report.json", validate=False)["name"] == "digits-rpi5"
+
+
+LM_FIXTURE = FIXTURE.with_name("report_lm_example.json")
+
+
+def _lm() -> dict:
+    return json.loads(LM_FIXTURE.read_text())
+
+
+def test_a_causal_lm_report_is_checked_for_its_own_figures():
+    assert validate_report(_lm()) == []
+    breaks = {"report.final.perplexity": lambda r: r["final"].update(perplexity=0.5),
+              "report.speculative.acceptance_rate": lambda r: r["speculative"].update(acceptance_rate=60),
+              "report.teacher: decode_tokens_per_s null": lambda r: r["teacher"].update(decode_tokens_per_s=None),
+              "report.final: 'runtime' is a required property": lambda r: r["final"].pop("runtime"),
+              "report.final.tpot_ms: 'p90' is a required": lambda r: r["final"]["tpot_ms"].pop("p90"),
+              "report.speculative.speedup: 9 is not tokens/s with the draft": lambda r: r["speculative"].update(speedup=9),
+              "report.final.speedup_vs_teacher: 0.1 is not": lambda r: r["final"].update(speedup_vs_teacher=0.1),
+              "report.speculative.identical: 4 of 3 prompts": lambda r: r["speculative"].update(identical=4),
+              "report.task": lambda r: r.update(task="chat")}
+    for expected, brk in breaks.items():
+        report = _lm()
+        brk(report)
+        problems = validate_report(report)
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
+    report = _lm()
+    report["teacher"].update(decode_tokens_per_s=None, not_measured={"decode_tokens_per_s": "timed on the board"})
+    report["final"]["speedup_vs_teacher"] = None
+    report["final"]["not_measured"] = {"speedup_vs_teacher": "needs the teacher's decode tokens/s"}
+    assert validate_report(report) == []

@@ -372,3 +372,15 @@ def test_bench_refuses_eval_data_of_another_shape(fake, tmp_path):
     code = trt_runner.main(["bench", "--engine", str(tmp_path / "model.engine"), "--eval-data",
                             str(tmp_path / "eval.npz"), "--iterations", "1"])
     assert code == 2
+
+
+@pytest.mark.parametrize("labels, said", [(lambda y: np.eye(10)[y], "one-hot labels: save y.argmax(1)"),
+                                          (lambda y: y + 10, "y holds class 1")])
+def test_bench_refuses_labels_that_are_not_the_engines_classes(fake, tmp_path, capsys, labels, said):
+    (tmp_path / "model.engine").write_bytes(b"ENGINE")
+    x = np.random.default_rng(1).standard_normal((6, *SHAPE[1:])).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x, y=labels(np.arange(6)))
+    code = trt_runner.main(["bench", "--engine", str(tmp_path / "model.engine"), "--eval-data",
+                            str(tmp_path / "eval.npz"), "--iterations", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err

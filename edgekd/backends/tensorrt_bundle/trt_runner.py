@@ -34,10 +34,6 @@ try:  # imported as edgekd.backends.tensorrt_bundle.trt_runner
     from .trt_device import DeviceError, cuda_memory
 except ImportError:  # run as a script in the bundle
     from trt_device import DeviceError, cuda_memory
-try:  # the eval data checks of edgekd's bench runner (a copy beside this file in the bundle)
-    from ...bench.runner import check_classes, class_scores, labels
-except ImportError:
-    from runner import check_classes, class_scores, labels  # type: ignore[no-redef]
 try:  # the board's power sensor, when the bundle carries energy.py (edgekd's, beside this file)
     from ...bench.energy import find_meter, measure
 except ImportError:
@@ -398,6 +394,10 @@ def bench(engine_path: str, eval_data: str | None, warmup: int, iterations: int)
 def _evaluate(eng: TrtEngine, eval_data: str | None) -> dict:
     if not eval_data:
         return {"accuracy": None, "accuracy_not_measured": "no eval data given", "eval_samples": 0}
+    try:  # the eval data checks of edgekd's bench runner (a copy beside this file in the image bundle)
+        from ...bench.runner import check_classes, class_scores, labels
+    except ImportError:
+        from runner import check_classes, class_scores, labels  # type: ignore[no-redef]
     try:
         with np.load(eval_data, allow_pickle=False) as z:
             x = np.asarray(z["x"], dtype=np.float32)
