@@ -62,16 +62,40 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
     return path
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _check_external_data(proto, path: Path) -> None:
+    """Weights kept in external data files must lie where the model says, beside it: name the first missing."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            if not (path.parent / location).is_file():
+                raise ModelError(f"ONNX model {path}: its weights are in an external data file {location!r}, which "
+                                 f"is not in {path.parent.resolve()}; copy it beside the model")
+
+
 def check_onnx_file(path: Path) -> tuple[str, tuple]:
     """Validate a user's ONNX model (checker, one image-like input); returns (input name, input shape)."""
     import onnx
 
     if not Path(path).is_file():
         raise ModelError(f"ONNX model {path} does not exist")
+    if Path(path).stat().st_size == 0:
+        raise ModelError(f"ONNX model {path}: the file is empty")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001
         raise ModelError(f"ONNX model {path}: not a readable ONNX file") from None
+    _check_external_data(proto, Path(path))
+    try:
+        onnx.load_external_data_for_model(proto, str(Path(path).parent))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"ONNX model {path}: its external weights cannot be read ({_first_line(e)})") from None
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     for node in proto.graph.node:
         domain = node.domain or "ai.onnx"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -256,7 +257,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its message
+        if "Weights only load failed" in text:
+            raise ModelError(f"checkpoint {p} holds pickled Python objects beyond tensors (a whole model saved with "
+                             "torch.save(model)?); edgekd reads checkpoints weights-only: save model.state_dict() "
+                             "instead, or give the file as teacher.model with --trust-checkpoint if you trust it"
+                             ) from None
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ModelError(f"checkpoint {p}: not a loadable weights-only checkpoint ({first[:160]})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -267,9 +274,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _unwrapped(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`sd` with a wrapper's prefix taken off its keys where that fits `model` better: a training framework's
+    module holding the network as an attribute (PyTorch Lightning's `self.model`) saves `model.conv1.weight`."""
+    own = set(model.state_dict())
+    fit = sum(k in own for k in sd)
+    best = None
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in sd if "." in k}):
+        n = sum(k[len(prefix):] in own for k in sd if k.startswith(prefix))
+        if n > fit:
+            best, fit = prefix, n
+    return sd if best is None else {k[len(best):]: v for k, v in sd.items() if k.startswith(best)}
+
+
 def apply_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state_dict checkpoint into `model`, naming mismatched keys on failure."""
-    sd = load_state_dict_file(path)
+    sd = _unwrapped(load_state_dict_file(path), model)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -291,7 +311,7 @@ def classifier_layer(model: nn.Module) -> str | None:
 def apply_backbone(model: nn.Module, path: str | Path) -> list[str]:
     """Load a checkpoint whose classifier does not fit the task's classes: every weight but the head's.
     Returns the head keys left at their fresh initialisation; a mismatch elsewhere is a ModelError."""
-    sd = load_state_dict_file(path)
+    sd = _unwrapped(load_state_dict_file(path), model)
     head = classifier_layer(model)
     own = model.state_dict()
     head_keys = [k for k in own if head is not None and k.startswith(head + ".")]

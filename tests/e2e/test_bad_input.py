@@ -137,6 +137,18 @@ def _setup(case: str, d: Path) -> list[str]:
     if case == "eval shape mismatch":
         np.savez(d / "ev.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
         return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--eval-data", str(d / "ev.npz")]
+    if case == "empty onnx":
+        (d / "e.onnx").write_bytes(b"")
+        return ["--model", str(d / "e.onnx"), "--calib-data", str(good_calib)]
+    if case == "onnx without its external data":
+        import onnx
+        from onnx.external_data_helper import convert_model_to_external_data
+
+        model = onnx.load(str(_onnx(d / "m.onnx")))
+        convert_model_to_external_data(model, location="weights.bin", size_threshold=0)
+        onnx.save(model, str(d / "x.onnx"))
+        (d / "weights.bin").unlink()
+        return ["--model", str(d / "x.onnx"), "--calib-data", str(good_calib)]
     if case == "training key in the ONNX entry":
         return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), *config("distill: {epochs: 5}\n")]
     if case == "one-hot eval labels":
@@ -164,7 +176,8 @@ CASES = [
     ("calib wrong dtype", "dtype int64"), ("calib not npz", "not a readable .npz"),
     ("eval shape mismatch", "ev.npz"), ("out not writable", "not writable"),
     ("training key in the ONNX entry", "trains nothing: distill.epochs in the config is not read"),
-    ("one-hot eval labels", "y.argmax(1)"),
+    ("one-hot eval labels", "y.argmax(1)"), ("empty onnx", "e.onnx: the file is empty"),
+    ("onnx without its external data", "external data file 'weights.bin', which is not in"),
 ]
 
 

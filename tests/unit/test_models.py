@@ -68,3 +68,19 @@ def test_the_teacher_is_fine_tuned_with_a_new_head(tmp_path):
     with torch.no_grad():
         accuracy = (teacher(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.5  # ten classes: chance is 0.1
+
+
+def test_a_lightning_style_checkpoint_loads_and_a_pickled_model_is_named_for_what_it_is(tmp_path):
+    from edgekd.models import apply_checkpoint
+
+    source = build_model(f"{FACTORIES}:small_net", 5)
+    wrapped = {f"model.{k}": v for k, v in source.state_dict().items()}
+    wrapped["loss_fn.weight"] = torch.ones(5)  # the training module's own state beside the network's
+    torch.save({"state_dict": wrapped, "epoch": 3}, tmp_path / "last.ckpt")
+    model = apply_checkpoint(build_model(f"{FACTORIES}:small_net", 5), tmp_path / "last.ckpt")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save(source, tmp_path / "whole.pt")
+    with pytest.raises(ModelError) as e:
+        apply_checkpoint(build_model(f"{FACTORIES}:small_net", 5), tmp_path / "whole.pt")
+    assert "holds pickled Python objects beyond tensors" in str(e.value) and "\x1b" not in str(e.value)
+    assert "--trust-checkpoint" in str(e.value)
