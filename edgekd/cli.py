@@ -13,8 +13,26 @@ from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_STAGE_FAILED
 EXIT_CODES_HELP = "exit codes: 0 done, 1 a gate failed, 2 bad input, 3 a stage or a board failed"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line with the exit code for bad input (argparse prints the usage too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def seed_arg(text: str) -> int:
+    """--seed: what torch, numpy and random all take, 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgekd", description="Compress a PyTorch classifier or a small causal language model for an edge board.",
+    p = OneLineParser(prog="edgekd", description="Compress a PyTorch classifier or a small causal language model for an edge board.",
                                 epilog=EXIT_CODES_HELP)
     p.add_argument("--version", action="version", version=f"edgekd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -23,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML config (default: the embedded digits demo)")
     c.add_argument("--target", help="target name, alias or profile file (default: the config's, else cpu)")
     c.add_argument("--out", help="run directory (default: runs/<name>-<target>-<timestamp>/)")
-    c.add_argument("--seed", type=int, help="overrides the config's seed")
+    c.add_argument("--seed", type=seed_arg, help="overrides the config's seed")
     c.add_argument("--model", help="FP32 ONNX model to enter with (then --calib-data is required)")
     c.add_argument("--calib-data", help="calibration inputs (.npz with array x)")
     c.add_argument("--eval-data", help="held-out eval set (.npz with x and y)")

@@ -28,6 +28,8 @@ def from_flags(temperature: float, top_k: int | None = None, top_p: float | None
         if loose:
             raise ValueError(f"{loose[0]} sets sampling, and decoding is greedy; add --temperature T")
         return None
+    if seed is not None and not 0 <= seed < 2 ** 32:
+        raise ValueError(f"--seed must be an integer from 0 to {2 ** 32 - 1}, got {seed}")
     return Sampling(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
 
 

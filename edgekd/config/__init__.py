@@ -199,7 +199,7 @@ class BenchConfig(Section):
 
 class Config(Section):
     name: str = "demo"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # what torch, numpy and random all take
     task: Literal[TASKS] = "image-classification"  # type: ignore[valid-type]
     stages: list[Literal["distill", "prune", "quantize"]] = list(STAGES)
     target: str = "cpu"

@@ -294,3 +294,23 @@ def test_an_output_path_that_would_destroy_an_input_or_a_runs_report_is_refused(
 def test_generate_refuses_a_thread_count_no_runtime_can_start(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x", "--threads", "10000"]) == 2
     assert "--threads must be 1 to 1024, got 10000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["compress", "--seed", "-1"], "edgekd compress: error: argument --seed: expected an integer from 0 to 4294967295"),
+    (["compress", "--bogus"], "edgekd: error: unrecognized arguments: --bogus"),
+    (["bench"], "edgekd bench: error: the following arguments are required: ARTIFACT, --target"),
+    (["report", "show"], "edgekd report: error: argument {render,validate,compare}: invalid choice: 'show'"),
+])
+def test_argument_errors_are_one_line_with_exit_2(argv, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(said) and len(err.strip().splitlines()) == 1, err
+    assert err.strip().endswith("--help)")
+
+
+def test_a_config_seed_outside_what_the_generators_take_is_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("seed: 4294967296\n")
+    assert main(["compress", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert "seed: Input should be less than 4294967296" in capsys.readouterr().err
