@@ -176,6 +176,12 @@ def check_output_file(path: str | Path, flag: str, inputs: tuple = ()) -> None:
         raise BadInputError(f"{flag} {p}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInputError(f"{flag} {p}: {existing} is not writable")
+    try:  # a real write: permission bits do not tell for root, read-only mounts or /proc
+        fd, probe = tempfile.mkstemp(prefix=".edgekd-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BadInputError(f"{flag} {p}: {existing} is not writable ({e.strerror})") from None
 
 
 def cache_dir() -> Path:

@@ -128,7 +128,8 @@ def chat_text(bundle: dict, messages: list) -> str:
     tok = bundle["tokenizer"]
     template = tok.get("chat_template")
     if not template:
-        raise AppError("--chat needs a chat template, and the run's tokenizer has none")
+        raise AppError("chat prompts (--chat, --messages, messages lines) need a chat template; the run's tokenizer "
+                       "has none")
     try:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -24,7 +24,7 @@ def _report(run: Path) -> dict:
     if not isinstance(report, dict):
         raise BadInputError(f"generate: {path} is not a report (a JSON object)")
     if report.get("task") != "causal-lm":
-        raise BadInputError(f"generate: {run} is a {report.get('task', 'image-classification')} run; generate needs "
+        raise BadInputError(f"generate: {run} is an {report.get('task', 'image-classification')} run; generate needs "
                             "a causal-lm run")
     if not (run / "tokenizer").is_dir():
         raise BadInputError(f"generate: {run}/tokenizer is missing")
@@ -86,7 +86,8 @@ def _check_context(blocks: list, prompt_tokens: int, max_new_tokens: int) -> Non
 def _chat_ids(tok, messages: list) -> list[int]:
     """The messages (lm_prompts.conversation) in the tokenizer's chat template, opening the assistant's turn."""
     if not getattr(tok, "chat_template", None):
-        raise BadInputError("generate: --chat needs a chat template, and the run's tokenizer has none")
+        raise BadInputError("generate: chat prompts (--chat, --messages, messages lines) need a chat template; the "
+                            "run's tokenizer has none")
     from jinja2.exceptions import TemplateError
 
     try:

@@ -314,3 +314,13 @@ def test_a_config_seed_outside_what_the_generators_take_is_refused(tmp_path, cap
     (tmp_path / "c.yaml").write_text("seed: 4294967296\n")
     assert main(["compress", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert "seed: Input should be less than 4294967296" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_takes_no_file_is_found_by_writing_not_by_permission_bits(tmp_path):
+    from edgekd.errors import BadInputError
+    from edgekd.runs import check_output_file
+
+    with pytest.raises(BadInputError, match=r"--json /proc/x: /proc is not writable \("):
+        check_output_file("/proc/x", "--json")  # /proc passes os.access for root, yet takes no new file
+    check_output_file(tmp_path / "new" / "x.json", "--json")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind

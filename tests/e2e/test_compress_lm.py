@@ -365,7 +365,8 @@ def test_generate_reads_a_prompt_file_and_a_chat_prompt_through_the_template(lm_
     assert main(["generate", str(run), "--prompt-file", str(prompt), "--max-new-tokens", "6", "--stream"]) == 0
     assert capsys.readouterr().out == from_file["text"] + "\n"  # streamed as it came: the same text
     assert main(["generate", str(run), "--prompt", "hi", "--chat"]) == 2  # the tiny tokenizer has no template
-    assert capsys.readouterr().err.strip().endswith("--chat needs a chat template, and the run's tokenizer has none")
+    assert capsys.readouterr().err.strip().endswith("chat prompts (--chat, --messages, messages lines) need a chat template; the run's "
+                                               "tokenizer has none")
     assert main(["generate", str(run), "--prompt-file", str(tmp_path / "absent.txt")]) == 2
     assert "--prompt-file" in capsys.readouterr().err
     chat_run = tmp_path / "chat-run"  # the same run, its tokenizer given a chat template
@@ -437,7 +438,7 @@ def test_the_app_bundle_writes_the_same_text_on_the_board_without_edgekd(lm_run,
     assert spec["token_ids"] == generate(run, prompt, 12, speculative=True)["token_ids"] and spec["speculative"]
     streamed = _app(run, tmp_path, "--prompt", prompt, "--max-new-tokens", "12", "--speculative", "--stream")
     assert streamed.returncode == 0 and streamed.stdout == spec["text"] + "\n", streamed.stderr  # the same text
-    for args, message in ((["--prompt", "x", "--chat"], "--chat needs a chat template"),
+    for args, message in ((["--prompt", "x", "--chat"], "need a chat template"),
                           (["--prompt", "x", "--max-new-tokens", "100000"], "positions; the model takes at most"),
                           (["--prompt", "x", "--draft-tokens", "2"], "add --speculative")):
         got = _app(run, tmp_path, *args)
@@ -823,7 +824,7 @@ def test_lm_on_a_jetson_profile_writes_the_board_bundle_and_measures_nothing_her
                               (["--prompt", "x", "--speculative", "--max-new-tokens", "4"], 2,
                                "teacher.engine is not built yet"),
                               (["--prompt", "x", "--max-new-tokens", "500"], 2, "the model takes at most"),
-                              (["--prompt", "x", "--chat"], 2, "--chat needs a chat template")):
+                              (["--prompt", "x", "--chat"], 2, "need a chat template")):
         got = _app(run, tmp_path, *args, app="jetson-lm")
         assert got.returncode == code and words in got.stderr and "Traceback" not in got.stderr, got.stderr
     (bundle / "model.engine").write_bytes(b"built elsewhere")  # present, but this host has no TensorRT
