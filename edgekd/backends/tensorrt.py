@@ -27,7 +27,7 @@ from .base import Artifact, Backend, Runner
 BUNDLE_DIR = Path(__file__).parent / "tensorrt_bundle"
 COPIED = ("trt_runner.py", "trt_device.py", "README.md")
 ENERGY = Path(__file__).parents[1] / "bench" / "energy.py"
-EVAL_CHECKS = Path(__file__).parents[1] / "bench" / "runner.py"  # trt_runner checks eval data with its functions
+EVAL_CHECKS = Path(__file__).parents[1] / "bench" / "eval_data.py"  # trt_runner reads eval data with it
 NOT_RUNNABLE = ("TensorRT needs an NVIDIA GPU with the tensorrt Python bindings; none here — build on the board "
                 "with build_engine.sh")
 PRECISION_FLAGS = {"int8": "--int8 --fp16", "fp16": "--fp16", "fp32": ""}
@@ -231,7 +231,7 @@ class TensorRtBackend(Backend):
         for name in COPIED:
             shutil.copyfile(BUNDLE_DIR / name, out_dir / name)
         shutil.copyfile(ENERGY, out_dir / "energy.py")  # the board's power sensor, read while trt_runner times
-        shutil.copyfile(EVAL_CHECKS, out_dir / "runner.py")
+        shutil.copyfile(EVAL_CHECKS, out_dir / "eval_data.py")
         (out_dir / "trt_runner.py").chmod(0o755)
         from .._version import __version__
 
@@ -243,7 +243,7 @@ class TensorRtBackend(Backend):
                   "warmup": profile.bench.warmup, "iterations": profile.bench.iterations, "notes": notes}
         write_text(out_dir / "bundle.json", json.dumps(bundle, indent=2) + "\n")
         files = [model, script, out_dir / "bundle.json", *(out_dir / n for n in COPIED), out_dir / "energy.py",
-                 out_dir / "runner.py"]
+                 out_dir / "eval_data.py"]
         info = {"bundle": [f.name for f in files], "input_name": input_name, "input_shape": input_shape,
                 "qdq_nodes": qdq_nodes, "folded_int32_dequantize": folded, "dla_core": dla_core,
                 "workspace_mb": int(profile.workspace_mb),

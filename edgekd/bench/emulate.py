@@ -18,7 +18,7 @@ import numpy as np
 from ..config.profiles import Profile, load_profile
 from ..errors import BadInputError, DataError, ModelError, StageError
 from ..runs import write_json
-from .harness import bench_local, resolve_artifact, runner_arguments, runner_backend, runner_path
+from .harness import bench_local, resolve_artifact, runner_arguments, runner_backend, runner_files
 from .runner import EMULATED_REASON, EXIT_BAD_INPUT
 from .sysroot import Sysroot, load_sysroot, qemu_version
 
@@ -87,8 +87,8 @@ def run_emulated(files: list[Path], model_name: str, profile: Profile, *, cpu: s
     with tempfile.TemporaryDirectory(prefix="edgekd-arm-") as tmp:
         work = Path(tmp)
         (work / "model").mkdir()
-        shutil.copyfile(runner_path(), work / "runner.py")
-        shutil.copyfile(runner_path().with_name("energy.py"), work / "energy.py")
+        for f in runner_files():
+            shutil.copyfile(f, work / f.name)
         for f in files:
             shutil.copyfile(f, work / "model" / f.name)
         if eval_data:

@@ -33,7 +33,7 @@ from .runner import (
 
 __all__ = ["time_inference", "summarize", "throughput", "bootstrap_ci", "split_trials", "peak_rss_mb",
            "cold_start", "measure_trials", "latency_with_ci", "interleaved", "ratio_ci", "artifact_size_bytes",
-           "runner_path", "runner_backend", "runner_arguments", "bench_local"]
+           "runner_files", "runner_path", "runner_backend", "runner_arguments", "bench_local"]
 
 RUNNER = Path(__file__).with_name("runner.py")
 
@@ -112,6 +112,11 @@ def artifact_size_bytes(files: list[Path]) -> int:
 def runner_path() -> Path:
     """The standalone runner that is copied to boards."""
     return RUNNER
+
+
+def runner_files() -> list[Path]:
+    """What travels to a board for runner.py: itself, its power sensor reader and its eval data checks."""
+    return [RUNNER, *(RUNNER.with_name(n) for n in ("energy.py", "eval_data.py"))]
 
 
 def runner_backend(model: Path, profile: Profile) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config.profiles import Profile
 from ..errors import BadInputError, BoardError, EdgeKDError, ModelError
-from .harness import runner_arguments, runner_backend, runner_path
+from .harness import runner_arguments, runner_backend, runner_files
 from .runner import EXIT_BAD_INPUT
 
 MARKER = "--- edgekd bench result ---"
@@ -112,8 +112,8 @@ def remote_script(workdir: str, python: str, arguments: list[str], timeout_s: in
 
 def _bundle(files: list[Path], eval_data: Path | None, out: Path) -> None:
     with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
-        tar.add(str(runner_path()), arcname="runner.py")
-        tar.add(str(runner_path().with_name("energy.py")), arcname="energy.py")
+        for f in runner_files():
+            tar.add(str(f), arcname=f.name)
         for f in files:
             tar.add(os.path.realpath(f), arcname=f"model/{Path(f).name}")
         if eval_data is not None:
@@ -283,8 +283,8 @@ def bench_remote_many(host: str, models: dict[str, tuple[list[Path], str]], prof
     with tempfile.TemporaryDirectory(prefix="edgekd-remote-") as tmp:
         bundle = Path(tmp) / "bundle.tar"
         with tarfile.open(bundle, "w", format=tarfile.GNU_FORMAT) as tar:
-            tar.add(str(runner_path()), arcname="runner.py")
-            tar.add(str(runner_path().with_name("energy.py")), arcname="energy.py")
+            for f in runner_files():
+                tar.add(str(f), arcname=f.name)
             for i, name in enumerate(names):
                 for f in models[name][0]:
                     tar.add(os.path.realpath(f), arcname=f"m{i}/{Path(f).name}")

@@ -12,8 +12,10 @@ boards (JetPack 5) ship that; edgekd's harness imports the timing and statistics
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -22,8 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 try:
@@ -382,65 +384,29 @@ def load_openvino(path: str, threads: int, device: str) -> Session:
 
 # ---------------------------------------------------------------- data
 
-def npz_shape(path: str, key: str = "x") -> tuple:
-    """The shape of array `key` in an .npz, read from its header without loading the data."""
+@functools.lru_cache(maxsize=1)
+def _eval_data_module() -> Any:
     try:
-        with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return tuple(reader(f)[0])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise RunnerError(f"eval data {path}: cannot read array {key!r} ({_first_line(e)})", EXIT_BAD_INPUT) from None
+        from . import eval_data
+    except ImportError:  # run as a script, perhaps with -I (its folder then is not on sys.path): read the file
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_data.py")
+        if not os.path.isfile(path):
+            raise RunnerError(f"eval_data.py is not beside the runner ({path})") from None
+        spec = importlib.util.spec_from_file_location("eval_data", path)
+        eval_data = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(eval_data)  # type: ignore[union-attr]
+    return eval_data
 
 
-def load_eval(path: str) -> tuple:
-    """(x, y or None) from an .npz holding x (NCHW) and optionally y (class indices)."""
+@contextmanager
+def eval_checks() -> Iterator[Any]:
+    """eval_data.py, read only where eval data is given (beside this file on a board; the LM bundles, which
+    never score images, carry runner.py without it); what it finds wrong is bad input, exit 2."""
+    eval_data = _eval_data_module()
     try:
-        with np.load(path, allow_pickle=False) as z:
-            x = np.asarray(z["x"])
-            y = np.asarray(z["y"]) if "y" in z.files else None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise RunnerError(f"eval data {path}: {_first_line(e)}", EXIT_BAD_INPUT) from None
-    if x.ndim < 2 or len(x) == 0:
-        raise RunnerError(f"eval data {path}: x must hold at least one sample, got shape {x.shape}", EXIT_BAD_INPUT)
-    if y is not None:
-        y, why = labels(y, len(x))
-        if why:
-            raise RunnerError(f"eval data {path}: {why}", EXIT_BAD_INPUT)
-    return x, y
-
-
-def labels(y: np.ndarray, n: int) -> tuple:
-    """(y as one int64 class index per sample, None), or (None, why not) naming its shape or values. Bundles
-    for other runtimes import it from here, so it raises nothing of its own."""
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or len(y) != n:
-        hint = "; one-hot labels: save y.argmax(1)" if y.ndim == 2 and len(y) == n else ""
-        return None, f"y has shape {y.shape}; expected one class index per sample of x, ({n},){hint}"
-    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and
-                                                   np.array_equal(y, np.round(y)))):
-        return None, f"y has dtype {y.dtype} with values that are not class indices"
-    y = y.astype(np.int64)
-    if n and y.min() < 0:
-        return None, f"y holds a negative class index ({int(y.min())})"
-    return y, None
-
-
-def class_scores(out: np.ndarray) -> tuple:
-    """(out as (batch, classes), None), or (None, why not): a (batch, classes, 1, 1) conv head counts."""
-    if out.ndim > 2 and all(d == 1 for d in out.shape[2:]):
-        out = out.reshape(out.shape[:2])
-    if out.ndim != 2 or out.shape[1] < 2:
-        return None, f"the model's first output has shape {list(out.shape)}, not class scores (batch, classes)"
-    return out, None
-
-
-def check_classes(y: np.ndarray | None, classes: int) -> str | None:
-    """Why labels `y` cannot be scored against `classes` outputs, or None."""
-    if y is not None and len(y) and y.max() >= classes:
-        return f"y holds class {int(y.max())} but the model scores {classes} classes (0..{classes - 1})"
-    return None
+        yield eval_data
+    except eval_data.EvalDataError as e:
+        raise RunnerError(str(e), EXIT_BAD_INPUT) from None
 
 
 def input_shape(model_shape: list, batch: int, sample_shape: tuple | None) -> list:
@@ -475,7 +441,8 @@ def predict(session: Session, x: np.ndarray, batch: int, static_batch: bool) -> 
             out = session.first_output(chunk)
         except Exception as e:  # noqa: BLE001
             raise RunnerError(f"inference failed on eval samples {start}..{start + n - 1}: {_first_line(e)}") from None
-        out, why = class_scores(np.asarray(out))
+        with eval_checks() as checks:
+            out, why = checks.class_scores(np.asarray(out))
         if why:
             return None, why
         classes = out.shape[1]
@@ -526,7 +493,10 @@ def benchmark(args: argparse.Namespace) -> dict:
     backend = args.backend or ("openvino" if model.endswith(".xml") else "onnxruntime")
     threads = args.threads or usable_cores()
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    eval_shape = npz_shape(args.eval_data) if args.eval_data else None
+    eval_shape = None
+    if args.eval_data:
+        with eval_checks() as checks:
+            eval_shape = checks.npz_shape(args.eval_data)
 
     t0 = time.perf_counter()
     import_runtime(backend)
@@ -612,16 +582,16 @@ def _artifact_bytes(model: str) -> int:
 def _evaluate(session: Session, eval_data: str | None, batch: int) -> dict:
     if not eval_data:
         return {"accuracy": None, "accuracy_not_measured": "no eval data given", "eval_samples": 0}
-    x, y = load_eval(eval_data)
+    with eval_checks() as checks:
+        x, y = checks.load_eval(eval_data)
     static = session.shape[0] is not None
     preds, classes = predict(session, x, batch if static else max(batch, 32), static)
     if preds is None:
         if y is not None:
             raise RunnerError(f"eval data {eval_data} has labels (y) but {classes}", EXIT_BAD_INPUT)
         return {"accuracy": None, "accuracy_not_measured": classes, "eval_samples": int(len(x))}
-    why = check_classes(y, classes)
-    if why:
-        raise RunnerError(f"eval data {eval_data}: {why}", EXIT_BAD_INPUT)
+    with eval_checks() as checks:
+        checks.check_classes(y, classes, f"eval data {eval_data}")
     out: dict = {"eval_samples": int(len(x)), "predictions": [int(p) for p in preds],
                  "predictions_sha256": hashlib.sha256(preds.astype("<i8").tobytes()).hexdigest()}
     if y is None:

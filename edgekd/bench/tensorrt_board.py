@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config.profiles import Profile
 from ..errors import ModelError, StageError
 
-RUNTIME_FILES = ("trt_runner.py", "trt_device.py", "energy.py", "runner.py")
+RUNTIME_FILES = ("trt_runner.py", "trt_device.py", "energy.py", "eval_data.py")
 EXIT_BAD_INPUT = 2
 
 

@@ -23,7 +23,7 @@ from .conftest import SIZE, TinyCNN, export, ort_logits
 
 TRT_IMPORTS, _ = tensorrt_status()
 BUNDLE = {"model.onnx", "build_engine.sh", "bundle.json", "trt_runner.py", "trt_device.py", "README.md", "energy.py",
-          "runner.py"}
+          "eval_data.py"}
 
 
 class TestTensorRt(BackendConformance):

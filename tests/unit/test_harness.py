@@ -166,7 +166,7 @@ def test_a_jetson_board_builds_and_times_with_its_own_tensorrt(tmp_path):
     (tmp_path / "bundle.json").write_text("{}")
     files = tensorrt_board.board_files(model, [model])
     assert [f.name for f in files] == ["model.onnx", "bundle.json", "trt_runner.py", "trt_device.py", "energy.py",
-                                          "runner.py"]
+                                          "eval_data.py"]
     assert all(f.is_file() for f in files)
     build, bench = tensorrt_board.commands("python3", "model.onnx", load_profile("jetson"), eval_data="data/eval.npz",
                                            warmup=None, iterations=None)

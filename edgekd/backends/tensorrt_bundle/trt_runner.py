@@ -394,10 +394,17 @@ def bench(engine_path: str, eval_data: str | None, warmup: int, iterations: int)
 def _evaluate(eng: TrtEngine, eval_data: str | None) -> dict:
     if not eval_data:
         return {"accuracy": None, "accuracy_not_measured": "no eval data given", "eval_samples": 0}
-    try:  # the eval data checks of edgekd's bench runner (a copy beside this file in the image bundle)
-        from ...bench.runner import check_classes, class_scores, labels
+    try:  # the eval data checks of edgekd's bench runner (eval_data.py beside this file in the image bundle)
+        from ...bench import eval_data as checks
     except ImportError:
-        from runner import check_classes, class_scores, labels  # type: ignore[no-redef]
+        import eval_data as checks  # type: ignore[no-redef]
+    try:
+        return _scored(eng, eval_data, checks)
+    except checks.EvalDataError as e:
+        raise RunnerError(str(e), EXIT_BAD_INPUT) from None
+
+
+def _scored(eng: TrtEngine, eval_data: str, checks) -> dict:
     try:
         with np.load(eval_data, allow_pickle=False) as z:
             x = np.asarray(z["x"], dtype=np.float32)
@@ -408,20 +415,16 @@ def _evaluate(eng: TrtEngine, eval_data: str | None) -> dict:
         raise RunnerError(f"eval data {eval_data}: x has shape {x.shape}; the engine takes {eng.input_shape}",
                           EXIT_BAD_INPUT)
     if y is not None:
-        y, why = labels(y, len(x))
-        if why:
-            raise RunnerError(f"eval data {eval_data}: {why}", EXIT_BAD_INPUT)
+        y = checks.labels(y, len(x), f"eval data {eval_data}")
     scores = []
     for i in range(0, len(x), 64):
-        chunk, why = class_scores(np.asarray(eng.infer(x[i:i + 64])))
+        chunk, why = checks.class_scores(np.asarray(eng.infer(x[i:i + 64])))
         if why:
             if y is not None:
                 raise RunnerError(f"eval data {eval_data} has labels (y) but {why}", EXIT_BAD_INPUT)
             return {"accuracy": None, "accuracy_not_measured": why, "eval_samples": int(len(x))}
         scores.append(chunk)
-    why = check_classes(y, scores[0].shape[1])
-    if why:
-        raise RunnerError(f"eval data {eval_data}: {why}", EXIT_BAD_INPUT)
+    checks.check_classes(y, scores[0].shape[1], f"eval data {eval_data}")
     preds = np.concatenate([s.argmax(1) for s in scores]).astype(np.int64)
     out: dict = {"eval_samples": int(len(x)), "predictions": [int(p) for p in preds],
                  "predictions_sha256": hashlib.sha256(preds.astype("<i8").tobytes()).hexdigest()}
