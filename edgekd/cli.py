@@ -19,6 +19,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown arguments are named with the command they were given to (argparse names the root)."""
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = f"{self.prog} {known.command}" if getattr(known, "command", None) else self.prog
+            self.exit(EXIT_BAD_INPUT, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        return known
+
 
 def seed_arg(text: str) -> int:
     """--seed: what torch, numpy and random all take, 0 to 2**32 - 1."""

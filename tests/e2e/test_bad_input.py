@@ -298,7 +298,7 @@ def test_generate_refuses_a_thread_count_no_runtime_can_start(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, said", [
     (["compress", "--seed", "-1"], "edgekd compress: error: argument --seed: expected an integer from 0 to 4294967295"),
-    (["compress", "--bogus"], "edgekd: error: unrecognized arguments: --bogus"),
+    (["compress", "--bogus"], "edgekd compress: error: unrecognized arguments: --bogus"),
     (["bench"], "edgekd bench: error: the following arguments are required: ARTIFACT, --target"),
     (["report", "show"], "edgekd report: error: argument {render,validate,compare}: invalid choice: 'show'"),
 ])
