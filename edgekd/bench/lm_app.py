@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -263,8 +264,28 @@ def generate(bundle: dict, loaded: dict, ids: list, max_new_tokens: int, draft_t
     return out
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line, exit 2 (argparse prints its usage too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_json_out(path: str) -> None:
+    """--json must be writable before minutes of generation: a real write in its folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise AppError(f"--json {path}: is a directory; give a file path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".generate-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AppError(f"--json {path}: {folder} is not writable ({e.strerror})") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="generate.py", description="Generation (greedy, or sampled with --temperature) "
+    p = _OneLineParser(prog="generate.py", description="Generation (greedy, or sampled with --temperature) "
                                 "with the final decoder of an edgekd causal-lm run, on this machine's runtime.")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="the text to continue")
@@ -391,6 +412,8 @@ def run(args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.json:
+            _check_json_out(args.json)
         results = run(args)
     except AppError as e:
         print(f"generate: {e}", file=sys.stderr)

@@ -135,3 +135,15 @@ def test_a_true_answer_from_on_tokens_ends_both_decode_loops():
     seen.clear()
     res = speculative_greedy(target, draft, [3], 30, 3, on_tokens=until_ten)
     assert seen == res.tokens and full[:10] == res.tokens[:10] and 10 <= len(res.tokens) < 14  # ends with its round
+
+
+def test_the_board_app_says_argument_and_output_errors_in_one_line_before_any_work(capsys):
+    from edgekd.bench import lm_app
+
+    with pytest.raises(SystemExit) as e:
+        lm_app.main(["--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("generate.py: error:") and len(err.strip().splitlines()) == 1, err
+    assert lm_app.main(["--prompt", "x", "--json", "/proc/x.json"]) == 2  # before the bundle is even read
+    err = capsys.readouterr().err
+    assert err.startswith("generate: --json /proc/x.json: /proc is not writable") and len(err.splitlines()) == 1
