@@ -166,10 +166,14 @@ def check_output_file(path: str | Path, flag: str, inputs: tuple = ()) -> None:
         raise BadInputError(f"{flag}: an empty path; give a file path")
     if p.is_dir():
         raise BadInputError(f"{flag} {p}: is a directory; give a file path")
+    if p.is_symlink():  # a file is written beside and moved into place: that would replace the link itself
+        raise BadInputError(f"{flag} {p}: is a symbolic link; give the path of the file itself")
+    if p.exists() and not p.is_file():
+        raise BadInputError(f"{flag} {p}: is not a regular file (a device, pipe or socket); give a file path")
     for given in inputs:
         if given is not None and Path(given).exists() and p.exists() and os.path.samefile(p, given):
             raise BadInputError(f"{flag} {p}: is the input {given} this command reads; give another file")
-    if p.name in RUN_REPORTS and (p.parent / RUN_MARKER).is_file():
+    if p.name in RUN_REPORTS and ((p.parent / RUN_MARKER).is_file() or _holds_a_report(p.parent / "report.json")):
         raise BadInputError(f"{flag} {p}: would overwrite a run directory's {p.name}; give another file")
     existing = next(q for q in (p.parent, *p.parent.parents) if q.exists())
     if not existing.is_dir():
@@ -184,11 +188,23 @@ def check_output_file(path: str | Path, flag: str, inputs: tuple = ()) -> None:
         raise BadInputError(f"{flag} {p}: {existing} is not writable ({e.strerror})") from None
 
 
+def _holds_a_report(path: Path) -> bool:
+    """Whether `path` is an edgekd report.json (a run directory copied without its hidden marker)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'"schema_version"' in head and b'"edgekd_version"' in head
+
+
 def cache_dir() -> Path:
     """The user's edgekd cache folder (EDGEKD_CACHE overrides)."""
     root = os.environ.get("EDGEKD_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgekd"
     )
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise BadInputError(f"the user cache {root} (EDGEKD_CACHE, else $XDG_CACHE_HOME/edgekd) is a file, not a folder")
     return Path(root)
 
 

@@ -136,11 +136,11 @@ def run_gate(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.passed is False]
     unsure = [r.gate for r in results if r.passed is None]
     if unsure:
-        console.print(f"inconclusive (does not fail): {', '.join(unsure)}", highlight=False)
+        console.print(f"inconclusive (does not fail): {', '.join(unsure)}", highlight=False, soft_wrap=True)
     if not all_passed(results):
-        console.print(f"[bold red]gate failed:[/] {', '.join(r.gate for r in failed)}", highlight=False)
+        console.print(f"[bold red]gate failed:[/] {', '.join(r.gate for r in failed)}", highlight=False, soft_wrap=True)
         return EXIT_GATE_FAILED
-    console.print(f"[bold green]all {len(results)} gates passed[/]", highlight=False)
+    console.print(f"[bold green]all {len(results)} gates passed[/]", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -160,6 +160,7 @@ def _render(args: argparse.Namespace) -> int:
     from .to_html import write_html
     from .to_markdown import write_markdown
 
+    check_output_file(args.out, "report render: --out", (args.report,))
     out = Path(args.out)
     fmt = args.format or {".md": "md", ".html": "html", ".htm": "html"}.get(out.suffix.lower())
     if fmt is None:

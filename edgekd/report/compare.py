@@ -104,6 +104,8 @@ def comparison_table(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> T
                 (f"{name} perplexity", mine, stage, "perplexity", fmt_num, "percent"),
                 (f"{name} baseline perplexity", mine.get("baseline"), stage.get("baseline"), "perplexity", fmt_num,
                  "percent")):
+            if label in {row[0].text for row in table.rows}:  # the teacher stage's accuracy is the teacher's own
+                continue
             if isinstance(ha, dict) and key in ha or isinstance(hb, dict) and key in hb:
                 table.rows.append([Cell(label), figure(ha, key, fmt), figure(hb, key, fmt),
                                    _delta(_value(ha, key, None), _value(hb, key, None), kind)])

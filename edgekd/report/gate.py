@@ -129,7 +129,7 @@ def _lm_gate(report: dict, gate: str, t: float) -> GateResult:
     op = GATES[gate][0]
     ok = value >= t if op == "≥" else value <= t
     unit = GATES[gate][1]
-    shown = f"{value:.3f}{'' if unit in ('%', 'x', '') else ' '}{unit}"
+    shown = f"{_num(value, t)}{'' if unit in ('%', 'x', '') else ' '}{unit}"
     return GateResult(gate, t, round(float(value), 4), ok,
                       f"{what} {shown} {_cmp(ok, gate)} {t:g}{'' if unit in ('%', 'x', '') else ' '}{unit}")
 
@@ -151,9 +151,20 @@ def all_passed(results: list[GateResult]) -> bool:
 
 def _not_measured(gate: str, t: float, holder: dict | None, figure: str, default: str | None = None) -> GateResult:
     reason = not_measured_reason(holder, figure)
-    if default and reason in ("not in the report", "no reason recorded"):
+    if default and (reason == "not in the report" or reason.startswith("no reason recorded")):
         reason = default
     return GateResult(gate, t, None, False, f"not measured: {reason}")
+
+
+def _num(value: float, t: float, decimals: int = 3) -> str:
+    """`value` with `decimals` digits, or as many more as it takes for the printed number to stand on the
+    same side of the threshold `t` as the value (0.04339 against 0.0434, not 0.043 > 0.04339)."""
+    for d in range(decimals, 12):
+        text = f"{value:.{d}f}"
+        shown = float(text)
+        if (shown > t) == (value > t) and (shown < t) == (value < t):
+            return text
+    return repr(float(value))
 
 
 def _cmp(ok: bool, gate: str) -> str:
@@ -171,7 +182,7 @@ def _at_most(gate: str, final: dict, t: float) -> GateResult:
     ok = value <= t
     where = final.get("measured_on") or "host"
     return GateResult(gate, t, round(float(value), 4), ok,
-                      f"{what} {value:.3f} {unit} {_cmp(ok, gate)} {t:g} {unit}, measured on {where}")
+                      f"{what} {_num(value, t)} {unit} {_cmp(ok, gate)} {t:g} {unit}, measured on {where}")
 
 
 def _size(final: dict, t: float) -> GateResult:
@@ -181,7 +192,7 @@ def _size(final: dict, t: float) -> GateResult:
     mb = size / MB
     ok = mb <= t
     return GateResult("max_size_mb", t, round(mb, 4), ok,
-                      f"{mb:.3f} MB ({size:,} bytes) {_cmp(ok, 'max_size_mb')} {t:g} MB")
+                      f"{_num(mb, t)} MB ({size:,} bytes) {_cmp(ok, 'max_size_mb')} {t:g} MB")
 
 
 def _latency(report: dict, t: float, percentile: int) -> GateResult:
@@ -200,7 +211,7 @@ def _latency(report: dict, t: float, percentile: int) -> GateResult:
                           "to gate its latency")
     ok = value <= t
     return GateResult("max_latency_ms", t, value, ok,
-                      f"{key} {value:.3f} ms {_cmp(ok, 'max_latency_ms')} {t:g} ms, measured on {where or 'host'}")
+                      f"{key} {_num(value, t)} ms {_cmp(ok, 'max_latency_ms')} {t:g} ms, measured on {where or 'host'}")
 
 
 def _accuracy_note(final: dict) -> str:
@@ -215,7 +226,7 @@ def _at_least(gate: str, holder: dict, figure: str, t: float, note: str = "",
     if value is None:
         return _not_measured(gate, t, holder, figure, default)
     ok = value >= t
-    return GateResult(gate, t, value, ok, f"{value:.2f}%{note} {_cmp(ok, gate)} {t:g}%")
+    return GateResult(gate, t, value, ok, f"{_num(value, t, 2)}%{note} {_cmp(ok, gate)} {t:g}%")
 
 
 def _reference_accuracy(report: dict) -> tuple[float | None, str, dict | None]:
@@ -242,7 +253,7 @@ def _accuracy_drop(report: dict, t: float) -> GateResult:
     drop = ref - acc
     ok = drop <= t
     return GateResult("max_accuracy_drop", t, round(drop, 4), ok,
-                      f"{drop:.2f} points below the {ref_name} ({ref:.2f}% → {acc:.2f}%) "
+                      f"{_num(drop, t, 2)} points below the {ref_name} ({ref:.2f}% → {acc:.2f}%) "
                       f"{_cmp(ok, 'max_accuracy_drop')} {t:g} points")
 
 

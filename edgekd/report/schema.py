@@ -42,8 +42,12 @@ def read_report_json(path: str | Path) -> dict:
         raise BadInputError(f"report {path}: is a directory; expected a report.json file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BadInputError(f"report {path}: cannot be read: {e}") from None
+    def no_constant(name: str) -> Any:
+        raise BadInputError(f"report {path}: holds {name}, which is not a number (a figure that was not measured "
+                            "is null, with a not_measured reason)")
+
     try:
-        report = json.loads(text)
+        report = json.loads(text, parse_constant=no_constant)
     except json.JSONDecodeError as e:
         raise BadInputError(f"report {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(report, dict):
@@ -62,9 +66,8 @@ def load_report(path: str | Path, *, validate: bool = True) -> dict:
     if validate:
         problems = validate_report(report)
         if problems:
-            shown = "\n  ".join(problems[:10])
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise BadInputError(f"report {path} is not a valid edgekd report:\n  {shown}{more}")
+            more = f" (and {len(problems) - 1} more: edgekd report validate lists them)" if len(problems) > 1 else ""
+            raise BadInputError(f"report {path} is not a valid edgekd report: {problems[0]}{more}")
     return report
 
 

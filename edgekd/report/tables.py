@@ -270,8 +270,9 @@ def headline(report: dict) -> str:
     if p90 is None:
         parts.append(f"latency not measured ({not_measured_reason(final, 'latency_ms')})")
     else:
-        sp = final.get("speedup_vs_teacher")
-        text = f"p90 {fmt_ms(p90)}" + (f" ({fmt_ratio(sp)} faster than the teacher)" if isinstance(sp, (int, float)) else "")
+        sp, p50 = final.get("speedup_vs_teacher"), latency(final, "p50")
+        text = (f"p50 {fmt_ms(p50)}, " if p50 is not None else "") + f"p90 {fmt_ms(p90)}" + (
+            f" ({fmt_ratio(sp)} faster than the teacher at p50)" if isinstance(sp, (int, float)) else "")
         note = where_note(report, final)
         parts.append(text + (f", {note}" if note else f", measured on {final.get('measured_on') or 'host'}"))
     return "; ".join(parts)

@@ -167,13 +167,22 @@ def _rows_with_figures(report: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def _timed_with(holder: dict, report: dict) -> str:
+    """The runtime that timed `holder`'s latency: its own latency_runtime ("onnxruntime fp32, 2 threads"), else
+    the target's (the quantize candidates and the final artifact are timed with it)."""
+    runtime = holder.get("latency_runtime")
+    if isinstance(runtime, str) and runtime:
+        return runtime.split(" ")[0].rstrip(",")
+    return str((report.get("target") or {}).get("backend") or "the target's runtime")
+
+
 def _pareto(report: dict) -> str:
     points, skipped = [], []
     for label, holder in _rows_with_figures(report):
         x, y = latency(holder, "p50"), holder.get("accuracy")
         if x is not None and isinstance(y, (int, float)):
             where = holder.get("measured_on") or "host"
-            points.append(plots.Point(x, float(y), label, f"measured on {where}"))
+            points.append(plots.Point(x, float(y), label, f"{_timed_with(holder, report)} on {where}"))
         else:
             lat = holder.get("latency_ms")
             for key, unmeasured in (("latency_ms", x is None and "latency_ms" in holder and
@@ -182,8 +191,8 @@ def _pareto(report: dict) -> str:
                 if unmeasured:
                     skipped.append(f"{label}: {key} not measured ({not_measured_reason(holder, key)})")
     svg = plots.scatter(points, "Accuracy vs p50 latency", "p50 latency (ms)", "accuracy (%)")
-    caption = ("Up and to the left is better; the dashed line is the Pareto front. Colour says where each "
-               "latency was measured: compare points of one colour.")
+    caption = ("Up and to the left is better; the dashed line is the Pareto front. Colour says which runtime "
+               "timed each latency and where: compare points of one colour.")
     if skipped:
         caption += " Not plotted: " + "; ".join(skipped) + "."
     return _figure(svg, caption)

@@ -191,9 +191,10 @@ def _prune(report: dict) -> list[str]:
         b, a = before.get(key), after.get(key)
         if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b:
             out.append(f"- {'MACs' if key == 'macs' else key}: {fmt_count(b)} → {fmt_count(a)} ({100 * (1 - a / b):.1f}% removed)")
+    timed = p.get("latency_measured_on")  # the probe that timed the steps: "host (openvino, 2 threads)"
     steps = p.get("steps") or []
     if steps:
-        table = Table(["Step", "Params", "MACs", "Accuracy", "Latency"])
+        table = Table(["Step", "Params", "MACs", "Accuracy", f"p50 latency, {timed}" if timed else "p50 latency"])
         for s in steps:
             lat = s.get("latency_ms")
             lat_val = lat.get("p50") if isinstance(lat, dict) else lat
@@ -205,7 +206,7 @@ def _prune(report: dict) -> list[str]:
         out += [""] + _table(table)
     search = p.get("allocation_search") or []
     if search:
-        table = Table(["Allocation", "Params", "MACs", "Latency", "Speedup"])
+        table = Table(["Allocation", "Params", "MACs", f"p50 latency, {timed}" if timed else "p50 latency", "Speedup"])
         for r in search:
             name = f"**{r.get('allocation')}** (chosen)" if r.get("chosen") else str(r.get("allocation"))
             if r.get("near_target") is False:

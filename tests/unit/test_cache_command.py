@@ -74,3 +74,10 @@ def test_bad_arguments_exit_2(cache, args, capsys):
         raise SystemExit(code)
     assert e.value.code == 2
     assert cache["old_teacher"].exists()
+
+
+def test_a_cache_path_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "afile"))
+    assert main(["cache", "list"]) == 2
+    assert "afile (EDGEKD_CACHE, else $XDG_CACHE_HOME/edgekd) is a file, not a folder" in capsys.readouterr().err

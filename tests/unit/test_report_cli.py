@@ -138,6 +138,7 @@ def test_compare_side_by_side_with_deltas(tmp_path, capsys):
     assert run_report(_parse("report", "compare", a_dir / "report.json", b_dir / "report.json")) == 0
     out = capsys.readouterr().out
     assert "latency p50" in out and "note:" not in out  # the same target: no caveat
+    assert text.count("teacher accuracy") == 1  # the teacher stage's accuracy is the teacher's own row
     report["target"] = {**report["target"], "name": "intel-cpu", "backend": "openvino"}
     (b_dir / "report.json").write_text(json.dumps(report))
     assert run_report(_parse("report", "compare", a_dir / "report.json", b_dir / "report.json")) == 0
@@ -186,3 +187,44 @@ def test_example_workflow_compresses_gates_and_posts_the_report():
     assert post["if"].startswith("always()")  # the report is posted even when a gate fails
     # The board's host key comes pinned from a secret; scanning it at run time would trust any answer.
     assert "ssh-keyscan" not in scripts and "$PI_KNOWN_HOSTS" in scripts and "StrictHostKeyChecking" not in scripts
+
+
+def test_a_gate_prints_the_measured_figure_on_the_side_of_the_threshold_it_is(capsys):
+    p50 = json.loads(FIXTURE.read_text())["final"]["latency_ms"]["p50"]
+    threshold = round(p50 - 0.0004, 4)  # under the figure, yet equal to it at 3 decimals
+    assert run_gate(_parse("gate", FIXTURE, "--max-latency-ms", threshold, "--percentile", "50")) == 1
+    detail = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("max_latency_ms:"))
+    shown = float(detail.split("p50 ")[1].split(" ms")[0])
+    assert shown > threshold and f"> {threshold:g} ms" in detail, detail
+
+
+def test_reports_with_nan_or_that_break_the_schema_are_refused_in_one_line(tmp_path):
+    text = FIXTURE.read_text().replace('"accuracy": 98.61', '"accuracy": NaN', 1)
+    assert "NaN" in text
+    (tmp_path / "nan.json").write_text(text)
+    with pytest.raises(BadInputError, match="holds NaN, which is not a number") as e:
+        run_report(_parse("report", "render", tmp_path / "nan.json", "--out", tmp_path / "r.md"))
+    report = json.loads(FIXTURE.read_text())
+    report["final"]["accuracy"] = "high"
+    report["final"]["size_bytes"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(report))
+    with pytest.raises(BadInputError) as e:
+        run_gate(_parse("gate", tmp_path / "bad.json", "--min-accuracy", "1"))
+    assert "\n" not in str(e.value) and "(and 1 more: edgekd report validate lists them)" in str(e.value)
+
+
+def test_outputs_never_replace_a_link_a_device_or_a_copied_runs_report(tmp_path):
+    import os
+
+    (tmp_path / "real.md").write_text("mine")
+    (tmp_path / "link.md").symlink_to(tmp_path / "real.md")
+    os.mkfifo(tmp_path / "pipe.md")
+    copied = tmp_path / "copied-run"  # a run directory copied without its hidden marker
+    copied.mkdir()
+    (copied / "report.json").write_text(FIXTURE.read_text())
+    for out, said in ((tmp_path / "link.md", "is a symbolic link"), (tmp_path / "pipe.md", "is not a regular file"),
+                      (copied / "report.md", "would overwrite a run directory's report.md"), ("", "an empty path")):
+        with pytest.raises(BadInputError, match=said):
+            run_report(_parse("report", "render", FIXTURE, "--out", out, "--format", "md"))
+    assert (tmp_path / "real.md").read_text() == "mine" and (tmp_path / "link.md").is_symlink()
+    assert not (copied / "report.md").exists()

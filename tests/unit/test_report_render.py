@@ -207,3 +207,17 @@ def test_speculative_table_says_what_a_round_cost_and_gave():
     assert "teacher alone (14.1 ms a token)" in table.headers
     col = table.headers.index("a round")
     assert table.rows[0][col].text == "1.95 tokens: check 16.5 + draft 4.0 ms" and table.rows[1][col].text == "—"
+
+
+def test_the_pareto_view_colours_points_by_the_runtime_that_timed_them(report):
+    from edgekd.report.to_html import render_html
+
+    report = json.loads(json.dumps(report))
+    report["target"]["backend"] = "openvino"
+    report["teacher"]["latency_runtime"] = "openvino fp32, 4 threads"
+    for st in report["stages"]:
+        if st.get("latency_ms") is not None:
+            st["latency_runtime"] = "onnxruntime fp32, 4 threads"
+    html = render_html(report)
+    assert "onnxruntime on host" in html and "openvino on pi@pi5" in html  # the stages', the teacher's and final's
+    assert "which runtime timed each latency" in html
