@@ -258,12 +258,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its message
-        if "Weights only load failed" in text:
-            raise ModelError(f"checkpoint {p} holds pickled Python objects beyond tensors (a whole model saved with "
-                             "torch.save(model)?); edgekd reads checkpoints weights-only: save model.state_dict() "
-                             "instead, or give the file as teacher.model with --trust-checkpoint if you trust it"
-                             ) from None
-        first = text.splitlines()[0] if text else type(e).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise ModelError(f"checkpoint {p} holds a pickled {found.group(1)} object, not only tensors (a whole "
+                             "model saved with torch.save(model)?); edgekd reads checkpoints weights-only: save "
+                             "model.state_dict() instead, or give the file as teacher.model with --trust-checkpoint "
+                             "if you trust it") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        first = detail.group(1) if detail else (text.splitlines()[0] if text else type(e).__name__)
         raise ModelError(f"checkpoint {p}: not a loadable weights-only checkpoint ({first[:160]})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
