@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .backends.base import Artifact, Source
+from .collapse import chance_of, check_collapse, check_fp32_scores, check_teacher, reference_accuracy
 from .config import Config, onnx_entry_unread
 from .config.profiles import load_profile
 from .context import RunContext, usable_cores
-from .data import build_splits, load_npz
+from .data import build_splits, load_npz, shared_rows
 from .deploy import (
     Candidate,
     choose,
@@ -44,6 +45,8 @@ from .runs import (
     write_npz,
 )
 
+MIN_SELECTION = 10  # the fewest held-out calibration inputs that may judge the ONNX entry's accuracy budget
+
 
 class Pipeline:
     """distill -> prune -> export -> quantize -> compile -> bench -> report, for one config and target."""
@@ -66,6 +69,7 @@ class Pipeline:
         self.trust_checkpoint = trust_checkpoint
         self.progress = progress or NullProgress()
         self.teacher_artifact: Artifact | None = None
+        self.chance: float | None = None  # what always answering one class scores on the test split (percent)
         if (self.model_onnx is None) != (self.calib_data is None):
             raise BadInputError("--model and --calib-data go together (the ONNX entry needs both)")
         unread = onnx_entry_unread(config) if self.model_onnx is not None else None
@@ -124,7 +128,9 @@ class Pipeline:
             assemble.apply_boards(report, results, teacher_results)
         if self.verify_arm:
             assemble.apply_arm(report, self._verify_arm(ctx, chosen.artifact))
-        self._check_collapse(ctx, "final", report["final"].get("accuracy"), report["teacher"].get("accuracy"))
+        if self.chance is not None:
+            ref, ref_name = reference_accuracy(report)
+            check_collapse(ctx, "final", report["final"].get("accuracy"), ref, self.chance, ref_name)
         return assemble.finish(ctx, report, self.hosts)
 
     def _lm(self, ctx: RunContext, created: bool) -> dict:
@@ -166,6 +172,8 @@ class Pipeline:
         teacher_logits_torch = torch_logits(teacher, eval_x)
         stages.append(assemble.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
                                             extra={"source": tinfo["source"], "duration_s": teacher_seconds}))
+        self.chance = chance_of(eval_y, splits.num_classes)
+        check_teacher(ctx, stages[0]["accuracy"], self.chance)
 
         student_spec = cfg.student.model
         if student_spec == "search":  # which student for this board: timed there, proxy-trained, chosen
@@ -186,12 +194,12 @@ class Pipeline:
                 eval_x, calib_x, shape = self._student_inputs(ctx, transform, calib_ids)
             stages.append(assemble.model_entry(ctx, "distill", model, ctx.stage_dir("distill") / "model.onnx",
                                                 eval_x, eval_y, extra=entry, teacher_logits=teacher_logits_torch))
-            self._check_collapse(ctx, "distill", stages[-1]["accuracy"], stages[0]["accuracy"])
+            check_collapse(ctx, "distill", stages[-1]["accuracy"], stages[0]["accuracy"], self.chance)
         if "prune" in cfg.stages:
             model, entry = self._prune(ctx, teacher, model, upstream)
             stages.append(assemble.model_entry(ctx, "prune", model, ctx.stage_dir("prune") / "model.onnx",
                                                 eval_x, eval_y, extra=entry))
-            self._check_collapse(ctx, "prune", stages[-1]["accuracy"], stages[0]["accuracy"])
+            check_collapse(ctx, "prune", stages[-1]["accuracy"], stages[0]["accuracy"], self.chance)
         fp32 = run / "model.fp32.onnx"
         t0 = time.perf_counter()
         export_onnx(model, shape, fp32, self.profile.opset)
@@ -220,7 +228,9 @@ class Pipeline:
     def _onnx_entry(self, ctx: RunContext) -> tuple[dict, Candidate]:
         run = ctx.run_dir
         _, dims = check_onnx_file(self.model_onnx)  # type: ignore[arg-type]
-        calib_x, _ = load_npz(self.calib_data, "calibration data")  # type: ignore[arg-type]
+        calib_x, calib_y = load_npz(self.calib_data, "calibration data")  # type: ignore[arg-type]
+        if calib_y is not None:
+            ctx.notes.append(f"calibration data {self.calib_data}: its labels (y) are not read; calibration needs inputs")
         if calib_x.ndim != len(dims):
             raise BadInputError(f"calibration data {self.calib_data}: array 'x' has rank {calib_x.ndim}; the model's "
                                 f"input has rank {len(dims)}")
@@ -234,6 +244,10 @@ class Pipeline:
             if eval_x.shape[1:] != calib_x.shape[1:]:
                 raise BadInputError(f"eval data {self.eval_data}: 'x' has shape {eval_x.shape}, calibration has "
                                     f"{calib_x.shape}")
+            shared = shared_rows(calib_x, eval_x)
+            if shared > len(eval_x) // 10:  # accuracy is measured on held-out inputs
+                raise BadInputError(f"eval data {self.eval_data}: {shared} of its {len(eval_x)} inputs are also in the "
+                                    f"calibration data {self.calib_data}; give inputs held out from calibration")
         from .quantize.onnx_input import normalise_onnx, split_inputs
 
         with ctx.progress.task("reading the ONNX model", None):
@@ -244,9 +258,12 @@ class Pipeline:
         # Validation chooses, test reports: a seeded share of the calibration inputs decides the fallback
         # and the precision choice; without eval data another share, never used to choose, is reported.
         cal_ids, sel_ids, rep_ids = split_inputs(len(calib_x), self.config.seed, hold_report=eval_x is None)
+        if len(sel_ids) < MIN_SELECTION:  # a budget of a fraction of a percent judged on a handful says nothing
+            cal_ids, sel_ids = np.sort(np.concatenate([cal_ids, sel_ids])), sel_ids[:0]
         selection_source = (f"{len(sel_ids)} calibration inputs held out from calibration for selection, "
                             "never reported" if len(sel_ids) else
-                            "none: too few calibration inputs to hold any out (no accuracy-aware fallback)")
+                            f"none: too few calibration inputs to hold {MIN_SELECTION} out for selection (no "
+                            "accuracy-aware fallback; give a few hundred)")
         validation = Validation(calib_x[sel_ids], None, selection_source) if len(sel_ids) else None
         if eval_x is None:
             eval_x = calib_x[rep_ids] if len(rep_ids) else calib_x[cal_ids]
@@ -269,8 +286,12 @@ class Pipeline:
                                                "eval_inputs": int(len(eval_x)), "chosen_on": selection_source,
                                                "reported_on": eval_source},
                                    blocks={"onnx_input": onnx_input})
-        return self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, assemble.onnx_counts(
+        report, chosen = self._deploy(ctx, report, [], run / "model.fp32.onnx", eval_x, eval_y, assemble.onnx_counts(
             run / "model.fp32.onnx", tuple(eval_x.shape[1:])), validation)
+        if eval_y is not None:
+            self.chance = chance_of(eval_y, int(eval_y.max()) + 1)
+            check_fp32_scores(report, self.chance, f"--model {self.model_onnx}", f"--eval-data {self.eval_data}")
+        return report, chosen
 
     # ---------------------------------------------------------------- stages
     def _search(self, ctx: RunContext, teacher: nn.Module, teacher_key: str, teacher_onnx: Path) -> tuple[str, dict]:
@@ -306,35 +327,6 @@ class Pipeline:
         from .prune.stage import run_prune
 
         return run_prune(ctx, teacher, model, upstream)
-
-    def _check_collapse(self, ctx: RunContext, stage: str, accuracy: float | None, teacher: float | None) -> None:
-        """Stop the run (StageError, exit 3) when `stage`'s model ends near chance on the test split while
-        the teacher is well above it; with allow_collapse: true, a note instead.
-
-        Chance is what always answering one class scores: 1/C, or the largest class's share where the
-        test split is skewed. Near chance means keeping less than a fifth of the teacher's margin over
-        chance, judged only when that margin is 30 points or more (a weak teacher says little). A share of
-        the margin rather than a fixed max(2 x chance, chance + 10 points), which with two classes flags
-        every model below 100% and with three every one below 67%. Ten classes and a 99% teacher: below
-        27.8%; two classes and a 95% teacher: below 59%; 1000 classes and a 70% teacher: below 14%."""
-        splits = ctx.splits
-        if accuracy is None or teacher is None or splits is None:
-            return
-        y = splits.test.y.numpy()
-        y = y[y >= 0]
-        chance = max(100.0 / splits.num_classes, 100.0 * np.bincount(y).max() / len(y) if len(y) else 0.0)
-        margin = teacher - chance
-        if margin < 30 or accuracy >= chance + margin / 5:
-            return
-        hints = {"distill": "train longer (distill.epochs), try another student.model or a lower distill.temperature",
-                 "prune": "prune less (prune.ratio or its target) or fine-tune longer (prune.finetune_epochs)",
-                 "final": "check the distill and prune entries, or try another quantize.method"}
-        msg = (f"{stage}: the model ends near chance, {accuracy:.2f}% test accuracy against the teacher's "
-               f"{teacher:.2f}% (chance {chance:.2f}%); {hints[stage]}; allow_collapse: true keeps it")
-        if not self.config.allow_collapse:
-            raise StageError(msg)
-        ctx.notes.append(msg)
-        ctx.progress.note(msg)
 
     def _parity(self, ctx: RunContext, model: nn.Module, fp32: Path, eval_x: np.ndarray, seconds: float) -> dict:
         ref = torch_logits(model, eval_x)
@@ -412,3 +404,4 @@ class Pipeline:
         assemble.fill_final(ctx, report, name, cands[name], teacher_c, counts, why, measured, cands.get("fp32"))
         self.teacher_artifact = teacher_c.artifact if teacher_c is not None else None
         return report, cands[name]
+

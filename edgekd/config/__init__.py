@@ -253,7 +253,9 @@ class Config(Section):
 
 def onnx_entry_unread(cfg: Config) -> str | None:
     """The first key set in `cfg` that the ONNX entry (--model) does not read: it quantizes a given model,
-    so nothing of the data, the teacher, the student, distillation or pruning."""
+    so nothing of the data, the teacher, the student, distillation or pruning, and stages only as [quantize]."""
+    if list(cfg.stages) not in (list(STAGES), ["quantize"]):
+        return "stages"
     return first_set(cfg, {name: tuple(type(getattr(cfg, name)).model_fields)
                            for name in ("data", "teacher", "student", "distill", "prune")})
 

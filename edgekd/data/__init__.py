@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 UNIT_RANGE_DATASETS = ("digits", "fashion-mnist", "idx")  # normalised to [-1, 1]; image folders: ImageNet's
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SPLIT_SEED", "UNIT_RANGE_DATASETS", "ArrayDataset", "Images", "Splits",
-           "augment_batch", "build_splits", "digits_arrays", "load_image", "load_npz", "transfer_set"]
+           "augment_batch", "build_splits", "digits_arrays", "load_image", "load_npz", "shared_rows", "transfer_set"]
 
 
 class ArrayDataset(Dataset):
@@ -214,6 +214,10 @@ def load_npz(path: str | Path, what: str, need_labels: bool = False) -> tuple[np
             files = set(z.files)
             if "x" not in files:
                 raise DataError(f"{what} {p}: no array named 'x' (has: {', '.join(sorted(files)) or 'none'})")
+            unread = sorted(files - {"x", "y"})
+            if unread:
+                raise DataError(f"{what} {p}: holds arrays edgekd does not read ({', '.join(unread)}); it reads x (the "
+                                "inputs) and y (the labels)")
             x = z["x"]
             y = z["y"] if "y" in files else None
     except DataError:
@@ -251,6 +255,12 @@ def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     if len(y) and y.min() < 0:
         raise DataError(f"{where}: array 'y' holds a negative label ({int(y.min())})")
     return y.astype(np.int64)
+
+
+def shared_rows(a: np.ndarray, b: np.ndarray) -> int:
+    """How many rows of `b` are also rows of `a` (byte for byte)."""
+    seen = {row.tobytes() for row in np.ascontiguousarray(a).reshape(len(a), -1)}
+    return sum(row.tobytes() in seen for row in np.ascontiguousarray(b).reshape(len(b), -1))
 
 
 def transfer_set(splits: Splits) -> ArrayDataset:
