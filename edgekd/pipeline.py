@@ -173,14 +173,16 @@ class Pipeline:
         stages.append(assemble.model_entry(ctx, "teacher", teacher, run / "teacher.fp32.onnx", eval_x, eval_y,
                                             extra={"source": tinfo["source"], "duration_s": teacher_seconds}))
         self.chance = chance_of(eval_y, splits.num_classes)
-        check_teacher(ctx, stages[0]["accuracy"], self.chance)
 
         student_spec = cfg.student.model
         if student_spec == "search":  # which student for this board: timed there, proxy-trained, chosen
+            check_teacher(ctx, stages[0]["accuracy"], self.chance)
             student_spec, entry = self._search(ctx, teacher, teacher_key, run / "teacher.fp32.onnx")
             stages.append(entry)
         torch.manual_seed(cfg.seed)
         model = student_from(student_spec, teacher, splits.num_classes)
+        if cfg.student.model != "search":  # after the student's name is known to be good
+            check_teacher(ctx, stages[0]["accuracy"], self.chance)
         cross_modal = cfg.distill.strategy == "cross_modal"
         if cross_modal:  # the student takes a cheaper sensor's input: its first convolution is built for it
             from .distill.strategies.cross_modal import prepare_student
