@@ -45,7 +45,7 @@ from .runs import (
     write_npz,
 )
 
-MIN_SELECTION = 10  # the fewest held-out calibration inputs that may judge the ONNX entry's accuracy budget
+MIN_SELECTION = 5  # the fewest held-out calibration inputs that may judge the ONNX entry's accuracy budget
 
 
 class Pipeline:

@@ -154,7 +154,7 @@ def _bad(d: Path, kind: str) -> tuple[list[str], str]:
         return ["--model", "mlp.onnx", "--calib-data", "bad.npz"], "rank 2"
     if kind == "labels":  # a label the 5-class model cannot score: every accuracy would be wrong
         np.savez(d / "bad.npz", x=x)
-        np.savez(d / "badeval.npz", x=x, y=np.array([0, 1, 2, 3, 4, 7, 1, 2]))
+        np.savez(d / "badeval.npz", x=x + 1, y=np.array([0, 1, 2, 3, 4, 7, 1, 2]))  # held out: other inputs
         return ["--calib-data", "bad.npz", "--eval-data", "badeval.npz"], "label 7 is outside 0..4"
     if kind == "one-score":
         tiny_onnx(d / "one.onnx", classes=1)
