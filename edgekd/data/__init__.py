@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..bench.eval_data import EvalDataError, labels
 from ..config import DataConfig
 from ..errors import DataError
 from .idx import idx_dataset
@@ -237,24 +238,11 @@ def load_npz(path: str | Path, what: str, need_labels: bool = False) -> tuple[np
     if need_labels and y is None:
         raise DataError(f"{what} {p}: no array named 'y' (labels)")
     if y is not None:
-        y = _labels(y, len(x), f"{what} {p}")
+        try:  # the board runners' own check: one reading of what a label is
+            y = labels(y, len(x), f"{what} {p}")
+        except EvalDataError as e:
+            raise DataError(str(e)) from None
     return x, y
-
-
-def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
-    """`y` as one integer class index per sample, or one clear line on what it holds instead."""
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        hint = "; one-hot labels: save y.argmax(1)" if y.ndim == 2 else ""
-        raise DataError(f"{where}: array 'y' has shape {y.shape}; expected one class index per sample, ({n},){hint}")
-    if len(y) != n:
-        raise DataError(f"{where}: 'y' has {len(y)} labels for {n} inputs")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{where}: array 'y' has dtype {y.dtype}; expected integer labels")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{where}: array 'y' holds a negative label ({int(y.min())})")
-    return y.astype(np.int64)
 
 
 def shared_rows(a: np.ndarray, b: np.ndarray) -> int:

@@ -57,8 +57,8 @@ def test_streaming_reader_yields_all_rows_in_bounded_batches(tmp_path):
     ({"x": np.zeros((2, 3, 4, 4), np.int32)}, "dtype int32"),
     ({"x": np.float32(1.0)}, r"shape \(\); expected \(samples"),
     ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.eye(3)[[0, 2]]}, r"shape \(2, 3\).*y.argmax\(1\)"),
-    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.int64(1)}, r"'y' has shape \(\)"),
-    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.array([0, -1])}, "negative label"),
+    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.int64(1)}, r"y has shape \(\)"),
+    ({"x": np.zeros((2, 3, 4, 4), np.float32), "y": np.array([0, -1])}, "negative class index"),
 ])
 def test_npz_validation(tmp_path, arrays, message):
     p = tmp_path / "d.npz"
