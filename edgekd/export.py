@@ -113,6 +113,11 @@ def check_onnx_file(path: Path) -> tuple[str, tuple]:
     inputs = [i for i in proto.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise ModelError(f"ONNX model {path}: expected one input, found {len(inputs)}")
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise ModelError(f"ONNX model {path}: input {inputs[0].name!r} takes {onnx.TensorProto.DataType.Name(elem)}; "
+                         "edgekd calibrates and quantizes float32 inputs: export the model with a float32 input "
+                         "(any scaling from uint8 inside it)")
     dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                  for d in inputs[0].type.tensor_type.shape.dim)
     if len(dims) != 4:

@@ -137,6 +137,19 @@ def _setup(case: str, d: Path) -> list[str]:
     if case == "eval shape mismatch":
         np.savez(d / "ev.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
         return ["--model", str(_onnx(d / "m.onnx")), "--calib-data", str(good_calib), "--eval-data", str(d / "ev.npz")]
+    if case == "uint8 input":
+        import onnx
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("Cast", ["input"], ["f"], to=TensorProto.FLOAT),
+                                   helper.make_node("GlobalAveragePool", ["f"], ["g"]),
+                                   helper.make_node("Flatten", ["g"], ["logits"])], "u8",
+                                  [helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", 3, 32, 32])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, str(d / "u8.onnx"))
+        return ["--model", str(d / "u8.onnx"), "--calib-data", str(good_calib)]
     if case == "empty onnx":
         (d / "e.onnx").write_bytes(b"")
         return ["--model", str(d / "e.onnx"), "--calib-data", str(good_calib)]
@@ -178,6 +191,7 @@ CASES = [
     ("training key in the ONNX entry", "trains nothing: distill.epochs in the config is not read"),
     ("one-hot eval labels", "y.argmax(1)"), ("empty onnx", "e.onnx: the file is empty"),
     ("onnx without its external data", "external data file 'weights.bin', which is not in"),
+    ("uint8 input", "input 'input' takes UINT8; edgekd calibrates and quantizes float32 inputs"),
 ]
 
 
