@@ -45,8 +45,6 @@ from .runs import (
     write_npz,
 )
 
-MIN_SELECTION = 5  # the fewest held-out calibration inputs that may judge the ONNX entry's accuracy budget
-
 
 class Pipeline:
     """distill -> prune -> export -> quantize -> compile -> bench -> report, for one config and target."""
@@ -250,7 +248,7 @@ class Pipeline:
             if shared > len(eval_x) // 10:  # accuracy is measured on held-out inputs
                 raise BadInputError(f"eval data {self.eval_data}: {shared} of its {len(eval_x)} inputs are also in the "
                                     f"calibration data {self.calib_data}; give inputs held out from calibration")
-        from .quantize.onnx_input import normalise_onnx, split_inputs
+        from .quantize.onnx_input import MIN_SELECTION, normalise_onnx, split_inputs
 
         with ctx.progress.task("reading the ONNX model", None):
             onnx_input = normalise_onnx(self.model_onnx, run / "model.fp32.onnx", calib_x[:8],  # type: ignore[arg-type]
@@ -260,8 +258,6 @@ class Pipeline:
         # Validation chooses, test reports: a seeded share of the calibration inputs decides the fallback
         # and the precision choice; without eval data another share, never used to choose, is reported.
         cal_ids, sel_ids, rep_ids = split_inputs(len(calib_x), self.config.seed, hold_report=eval_x is None)
-        if len(sel_ids) < MIN_SELECTION:  # a budget of a fraction of a percent judged on a handful says nothing
-            cal_ids, sel_ids = np.sort(np.concatenate([cal_ids, sel_ids])), sel_ids[:0]
         selection_source = (f"{len(sel_ids)} calibration inputs held out from calibration for selection, "
                             "never reported" if len(sel_ids) else
                             f"none: too few calibration inputs to hold {MIN_SELECTION} out for selection (no "

@@ -178,8 +178,6 @@ def check_output_file(path: str | Path, flag: str, inputs: tuple = ()) -> None:
     existing = next(q for q in (p.parent, *p.parent.parents) if q.exists())
     if not existing.is_dir():
         raise BadInputError(f"{flag} {p}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInputError(f"{flag} {p}: {existing} is not writable")
     try:  # a real write: permission bits do not tell for root, read-only mounts or /proc
         fd, probe = tempfile.mkstemp(prefix=".edgekd-probe-", dir=existing)
         os.close(fd)

@@ -431,7 +431,7 @@ def input_shape(model_shape: list, batch: int, sample_shape: tuple | None) -> li
 def predict(session: Session, x: np.ndarray, batch: int, static_batch: bool) -> tuple:
     """(argmax class per sample, classes), in chunks of `batch` (the last one padded when the batch is fixed);
     (None, why) where the first output is not class scores."""
-    preds = []
+    checks, preds = _eval_data_module(), []
     for start in range(0, len(x), batch):
         chunk = np.ascontiguousarray(x[start:start + batch], dtype=session.dtype)
         n = len(chunk)
@@ -441,8 +441,7 @@ def predict(session: Session, x: np.ndarray, batch: int, static_batch: bool) -> 
             out = session.first_output(chunk)
         except Exception as e:  # noqa: BLE001
             raise RunnerError(f"inference failed on eval samples {start}..{start + n - 1}: {_first_line(e)}") from None
-        with eval_checks() as checks:
-            out, why = checks.class_scores(np.asarray(out))
+        out, why = checks.class_scores(np.asarray(out))  # raises nothing: (None, why) where not scores
         if why:
             return None, why
         classes = out.shape[1]

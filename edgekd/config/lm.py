@@ -148,4 +148,3 @@ def _check_lm_prune(prune) -> None:
     if prune.criterion not in ("activation", "l1", "l2", "random"):
         raise ValueError(f"prune.criterion {prune.criterion} is for image classifiers; task causal-lm takes "
                          "activation, l1, l2 or random")
-

@@ -254,15 +254,20 @@ def normalise_onnx(model_path: Path, out_path: Path, sample: np.ndarray, target_
     return info
 
 
+MIN_SELECTION = 5  # the fewest held-out calibration inputs that may judge the ONNX entry's accuracy budget
+
+
 def split_inputs(n: int, seed: int, hold_report: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded indices (calibration, selection, report) of `n` calibration inputs. With `hold_report` a
     third selects (the fallback and precision choice), a third is only reported and the rest calibrates;
     otherwise (the report has eval data of its own) half selects and half calibrates. Selection gets the
     larger share because it judges a disagreement budget of a fraction of a percent, which a few dozen
-    inputs cannot resolve, while static calibration settles on a hundred or so. Fewer than 3 inputs (2
-    without `hold_report`): all calibrate."""
+    inputs cannot resolve, while static calibration settles on a hundred or so. A share under MIN_SELECTION
+    inputs selects nothing (it calibrates): a budget of a fraction of a percent judged on a handful says
+    nothing."""
     perm = np.random.default_rng(seed).permutation(n)
     k = n // 3 if hold_report else n // 2
     n_report = k if hold_report else 0
-    selection, report = np.sort(perm[:k]), np.sort(perm[k:k + n_report])
-    return np.sort(perm[k + n_report:]), selection, report
+    n_select = k if k >= MIN_SELECTION else 0
+    report = np.sort(perm[k:k + n_report])
+    return np.sort(np.concatenate([perm[n_select:k], perm[k + n_report:]])), np.sort(perm[:n_select]), report

@@ -95,3 +95,6 @@ def test_split_is_seeded_disjoint_and_complete():
     assert (len(cal), len(sel), len(rep)) == (2, 0, 0)
     cal, sel, rep = split_inputs(1, 0, hold_report=False)
     assert (len(cal), len(sel), len(rep)) == (1, 0, 0)
+    cal, sel, rep = split_inputs(12, 0, hold_report=True)  # a selection share of 4 would judge nothing: it calibrates
+    assert (len(cal), len(sel), len(rep)) == (8, 0, 4)
+    assert sorted(np.concatenate([cal, rep]).tolist()) == list(range(12))
